@@ -1,0 +1,179 @@
+//! Data shared by every part of mainstay: WAL positions, member status as
+//! published in the DCS, the cluster view read back from it.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A PostgreSQL WAL position (`pg_lsn`), as a plain byte offset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// Parses PostgreSQL's `X/Y` text form.
+    pub fn parse(text: &str) -> Option<Lsn> {
+        let (hi, lo) = text.trim().split_once('/')?;
+        let hi = u64::from_str_radix(hi, 16).ok()?;
+        let lo = u64::from_str_radix(lo, 16).ok()?;
+        if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
+            return None;
+        }
+        Some(Lsn((hi << 32) | lo))
+    }
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// Monotonic time in milliseconds since an arbitrary origin. The agent derives
+/// it from tokio's clock, the simulator from its fake clock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    pub fn plus(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+    pub fn since(self, earlier: Millis) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// Per-node tags that change how the cluster treats the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tags {
+    /// Never promote this node.
+    pub nofailover: bool,
+    /// Higher wins among equally advanced candidates.
+    pub priority: i32,
+}
+
+/// What a node's PostgreSQL is doing, as its agent reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PgRole {
+    Primary,
+    Replica,
+    /// Not running (stopped, crashed, starting, being cloned...).
+    Stopped,
+}
+
+/// The status one agent publishes in `members/<node>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub role: PgRole,
+    /// Free text for humans: "running", "starting", "cloning", "rewinding"...
+    pub state: String,
+    pub api_url: String,
+    /// Where other nodes and clients reach this node's PostgreSQL.
+    pub pg_host: String,
+    pub pg_port: u16,
+    pub timeline: u32,
+    /// Primary: current write/flush position. Replica: last received position.
+    pub received_lsn: Lsn,
+    pub replayed_lsn: Lsn,
+    pub flush_lsn: Lsn,
+    /// The leader this replica streams from, when it is streaming.
+    pub following: Option<String>,
+    pub streaming: bool,
+    pub tags: Tags,
+    pub version: String,
+}
+
+/// Content of the `initialize` key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitializeRecord {
+    /// `None` while the bootstrap is in progress.
+    pub system_id: Option<String>,
+    pub by: String,
+    /// Wall-clock time as an RFC 3339 string, for humans only.
+    pub at: String,
+}
+
+/// One timeline switch recorded in `history`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The new timeline after the switch.
+    pub timeline: u32,
+    /// Where the previous timeline ended.
+    pub switch_lsn: Lsn,
+    pub reason: String,
+    pub new_leader: String,
+    pub at: String,
+}
+
+/// The leader key as read from the DCS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderRecord {
+    pub name: String,
+    pub lease_id: i64,
+    pub mod_revision: i64,
+}
+
+/// A member key as read from the DCS, with the revision that wrote it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberRecord {
+    pub status: MemberStatus,
+    pub mod_revision: i64,
+}
+
+/// Everything under `/mainstay/<cluster>/` at one etcd revision.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterView {
+    /// The etcd revision at which this view was read.
+    pub revision: i64,
+    pub initialize: Option<InitializeRecord>,
+    pub initialize_revision: i64,
+    pub leader: Option<LeaderRecord>,
+    pub members: BTreeMap<String, MemberRecord>,
+    pub history: Vec<HistoryEntry>,
+}
+
+impl ClusterView {
+    pub fn leader_name(&self) -> Option<&str> {
+        self.leader.as_ref().map(|l| l.name.as_str())
+    }
+    pub fn leader_status(&self) -> Option<&MemberStatus> {
+        let name = self.leader_name()?;
+        self.members.get(name).map(|m| &m.status)
+    }
+}
+
+/// Physical replication slot name for a member: lower case, `[a-z0-9_]`.
+pub fn slot_name(member: &str) -> String {
+    let cleaned: String = member
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .collect();
+    format!("mainstay_{cleaned}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trips() {
+        for text in ["0/0", "0/3000148", "1A/FF", "FFFFFFFF/FFFFFFFF"] {
+            let lsn = Lsn::parse(text).unwrap();
+            assert_eq!(lsn.to_string(), text);
+        }
+        assert_eq!(Lsn::parse("0/3000148").unwrap().0, 0x3000148);
+        assert_eq!(Lsn::parse("1/0").unwrap().0, 1 << 32);
+        for bad in ["", "0", "x/1", "1/", "100000000/0"] {
+            assert_eq!(Lsn::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn slot_names_are_valid_identifiers() {
+        assert_eq!(slot_name("node-1"), "mainstay_node_1");
+        assert_eq!(slot_name("Ship.A"), "mainstay_ship_a");
+    }
+}
