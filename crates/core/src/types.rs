@@ -84,6 +84,12 @@ pub struct MemberStatus {
     pub streaming: bool,
     pub tags: Tags,
     pub version: String,
+    /// Revision of the DCS view the agent read just before observing its
+    /// PostgreSQL for this status, and whether that view had a leader. A status
+    /// read without a leader after the last leader was seen is final for the
+    /// election: the old primary had fenced itself before its key vanished.
+    pub view_revision: i64,
+    pub view_had_leader: bool,
 }
 
 /// Content of the `initialize` key.

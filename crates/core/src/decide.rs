@@ -1,0 +1,477 @@
+//! One turn of the HA loop: from what the agent observes to what it must do.
+//!
+//! The agent calls [`decide`] after reading the DCS and then probing its
+//! PostgreSQL (in that order: a status probed after a view without a leader is
+//! final for an election). It executes the returned actions in order, stopping
+//! at the first failure, and calls again at once if any action changed state,
+//! or at the latest at `wake_at` / after `loop_wait`.
+//!
+//! Safety rules (DESIGN.md section 4) that live here:
+//! - a node may run a writable PostgreSQL only while it holds the leader key
+//!   on a lease it has renewed recently enough (`lease.valid_until`);
+//! - a node takes the leader key only if no eligible member is further ahead;
+//! - nothing here ever removes a data directory: a failed bootstrap or an
+//!   impossible rejoin moves it aside.
+
+use crate::candidate::{self, Candidate};
+use crate::types::{ClusterView, Lsn, Millis, PgRole, Tags};
+
+/// The part of the configuration the decisions depend on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub ttl_ms: u64,
+    pub loop_wait_ms: u64,
+    /// How long a candidate waits for every other eligible member to publish a
+    /// status taken after the leader vanished, before ignoring the silent ones.
+    pub election_wait_ms: u64,
+    /// A replica that cannot stream from a running leader for this long is
+    /// stopped and rejoined (its WAL may have diverged).
+    pub stuck_replica_ms: u64,
+}
+
+/// The local data directory as the agent found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataDir {
+    /// Missing or empty: may be bootstrapped or cloned into.
+    Empty,
+    Initialized {
+        system_id: String,
+        /// `pg_controldata` says the cluster last ran as a primary (state
+        /// "in production" or "shut down"); such a node needs crash recovery
+        /// before its WAL position can be compared with a leader's.
+        was_primary: bool,
+    },
+}
+
+/// The local PostgreSQL as probed at the start of this turn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPg {
+    pub data: DataDir,
+    /// `Stopped` whenever it does not answer queries.
+    pub role: PgRole,
+    pub timeline: u32,
+    /// Primary: flush position. Replica: the furthest of received and replayed.
+    pub lsn: Lsn,
+    /// The leader named in this replica's `primary_conninfo`.
+    pub following: Option<String>,
+    /// The WAL receiver is connected and streaming.
+    pub streaming: bool,
+}
+
+impl LocalPg {
+    pub fn accepts_writes(&self) -> bool {
+        self.role == PgRole::Primary
+    }
+}
+
+/// This agent's lease, as its lease keeper last confirmed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub id: Option<i64>,
+    /// The moment (send time of the last successful keep-alive + ttl - fencing
+    /// margin) before which etcd cannot have expired the lease.
+    pub valid_until: Millis,
+}
+
+#[derive(Clone, Debug)]
+pub struct Observation<'a> {
+    pub now: Millis,
+    pub name: &'a str,
+    pub tags: &'a Tags,
+    pub settings: &'a Settings,
+    pub pg: &'a LocalPg,
+    /// `None` when the DCS could not be read this turn.
+    pub cluster: Option<&'a ClusterView>,
+    pub lease: Lease,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The DCS lost its keys but this node has data: record its system
+    /// identifier (create-if-absent) instead of ever re-initializing.
+    RegisterExistingData { system_id: String },
+    /// Claim the right to bootstrap (create-if-absent, no system id yet).
+    ClaimInitialize,
+    /// Someone's bootstrap was abandoned: delete `initialize` if unchanged.
+    AbandonBootstrap { initialize_revision: i64 },
+    /// initdb, start as primary, create roles. Requires the leader key.
+    Bootstrap,
+    /// Write the system identifier into `initialize` once bootstrap worked.
+    RecordSystemId { system_id: String, initialize_revision: i64 },
+    /// Rename the data directory out of the way (never delete).
+    MoveAside { reason: String },
+    /// Create-if-absent transaction on the leader key with this node's lease.
+    AcquireLeader,
+    /// Delete the leader key if it still holds this node's name and lease.
+    ReleaseLeader { reason: String },
+    /// Delete a leader key that names this node but sits on a lease of an
+    /// earlier session (the agent restarted before that lease expired).
+    ReleaseStaleLeader { lease_id: i64 },
+    StartPrimary,
+    StartReplica { leader: Option<String> },
+    /// Make a stopped node follow `leader`: finish crash recovery if it was a
+    /// primary, compare histories and WAL positions, pg_rewind if it diverged
+    /// (re-clone after moving the directory aside if rewind fails), then
+    /// start as a replica.
+    Rejoin { leader: String },
+    /// Clone from `leader` into the empty data directory, start as replica.
+    BaseBackup { leader: String },
+    /// Promote the local replica (the leader key is already ours).
+    Promote,
+    /// Re-point a running replica at `leader` by reload, no restart, after
+    /// the same divergence check as `Rejoin` (which it falls back to).
+    Follow { leader: String },
+    /// Stop accepting writes now: immediate shutdown, no checkpoint.
+    Fence { reason: String },
+    /// Stop a replica (fast shutdown) so that it can be rejoined.
+    StopReplica { reason: String },
+    /// Keep one physical slot per other member, drop the rest of ours.
+    SyncSlots { members: Vec<String> },
+    /// Stop the agent: continuing could damage data.
+    Fatal { reason: String },
+}
+
+impl Action {
+    /// Actions that only maintain a steady state do not call for another turn.
+    pub fn changes_state(&self) -> bool {
+        !matches!(self, Action::SyncSlots { .. })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub actions: Vec<Action>,
+    /// Call `decide` again no later than this, even if nothing happens.
+    pub wake_at: Option<Millis>,
+    /// Why, for the log.
+    pub note: String,
+}
+
+/// Memory kept between turns; owned by the agent, changed only here.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CoreState {
+    /// When this agent first saw the leader key missing, in this episode.
+    no_leader_since: Option<Millis>,
+    /// The highest mod revision of any leader key this agent has seen.
+    last_leader_revision: i64,
+    /// When this leader started its crashed PostgreSQL again.
+    primary_restart_at: Option<Millis>,
+    /// Since when this replica has failed to stream from its leader.
+    not_streaming_since: Option<Millis>,
+}
+
+fn decision(actions: Vec<Action>, note: impl Into<String>) -> Decision {
+    Decision { actions, wake_at: None, note: note.into() }
+}
+
+fn wait(note: impl Into<String>) -> Decision {
+    decision(Vec::new(), note)
+}
+
+/// The heart of mainstay: see the module documentation.
+pub fn decide(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
+    let mut result = decide_inner(state, obs);
+    // A writable primary must look again before its lease may lapse, even if
+    // nothing else wakes the agent.
+    if obs.pg.accepts_writes() {
+        let deadline = obs.lease.valid_until;
+        result.wake_at = Some(result.wake_at.map_or(deadline, |at| at.min(deadline)));
+    }
+    result
+}
+
+fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
+    let pg = obs.pg;
+    let Some(view) = obs.cluster else {
+        return dcs_unreachable(obs);
+    };
+    if let Some(leader) = &view.leader {
+        state.last_leader_revision = state.last_leader_revision.max(leader.mod_revision);
+        state.no_leader_since = None;
+    }
+
+    // Bootstrap and registration come before any leadership question.
+    let Some(init) = &view.initialize else {
+        return match &pg.data {
+            DataDir::Initialized { system_id, .. } => decision(
+                vec![Action::RegisterExistingData { system_id: system_id.clone() }],
+                "the DCS has no cluster record but local data exists: registering it",
+            ),
+            DataDir::Empty if view.leader.is_some() => {
+                wait("a leader exists but the cluster record is missing: waiting")
+            }
+            // Others judge an abandoned bootstrap by the claimant's member
+            // key, so it must be visible before the claim.
+            DataDir::Empty if !view.members.contains_key(obs.name) => {
+                wait("new cluster: publishing this member before claiming the bootstrap")
+            }
+            DataDir::Empty => decision(vec![Action::ClaimInitialize], "new cluster: claiming the bootstrap"),
+        };
+    };
+    let Some(cluster_system_id) = &init.system_id else {
+        return bootstrap_in_progress(obs, view, &init.by);
+    };
+    if let DataDir::Initialized { system_id, .. } = &pg.data
+        && system_id != cluster_system_id
+    {
+        return decision(
+            vec![Action::Fatal {
+                reason: format!(
+                    "the data directory belongs to PostgreSQL system {system_id} but cluster \
+                     records system {cluster_system_id}: this node's data is from another \
+                     cluster; move it aside to let this node clone, or fix the cluster name"
+                ),
+            }],
+            "system identifier mismatch",
+        );
+    }
+
+    let holds_key = |name: &str, lease: i64| name == obs.name && Some(lease) == obs.lease.id;
+    match &view.leader {
+        Some(leader) if holds_key(&leader.name, leader.lease_id) => {
+            state.no_leader_since = None;
+            lead(state, obs, view)
+        }
+        Some(leader) if leader.name == obs.name => {
+            state.primary_restart_at = None;
+            if pg.accepts_writes() {
+                return decision(
+                    vec![Action::Fence { reason: "the leader key is on a lease this agent no longer holds".into() }],
+                    "fencing: stale leadership",
+                );
+            }
+            decision(
+                vec![Action::ReleaseStaleLeader { lease_id: leader.lease_id }],
+                "the leader key still names this node on an earlier lease: releasing it",
+            )
+        }
+        Some(leader) => {
+            state.primary_restart_at = None;
+            follow(state, obs, view, &leader.name)
+        }
+        None => {
+            state.primary_restart_at = None;
+            leaderless(state, obs, view)
+        }
+    }
+}
+
+fn dcs_unreachable(obs: &Observation<'_>) -> Decision {
+    if obs.pg.accepts_writes() && obs.now >= obs.lease.valid_until {
+        return decision(
+            vec![Action::Fence {
+                reason: "the DCS is unreachable and the leader lease may have expired".into(),
+            }],
+            "fencing: lease deadline passed without a renewal",
+        );
+    }
+    wait("the DCS is unreachable: no change")
+}
+
+fn bootstrap_in_progress(obs: &Observation<'_>, view: &ClusterView, by: &str) -> Decision {
+    let pg = obs.pg;
+    let leader_is_me = view
+        .leader
+        .as_ref()
+        .is_some_and(|l| l.name == obs.name && Some(l.lease_id) == obs.lease.id);
+    if by != obs.name {
+        if !view.members.contains_key(by) && view.leader.is_none() {
+            return decision(
+                vec![Action::AbandonBootstrap { initialize_revision: view.initialize_revision }],
+                format!("{by} started a bootstrap and vanished: releasing the claim"),
+            );
+        }
+        return wait(format!("waiting for {by} to bootstrap the cluster"));
+    }
+    match (&pg.data, leader_is_me) {
+        (DataDir::Empty, true) if obs.now < obs.lease.valid_until => {
+            decision(vec![Action::Bootstrap], "bootstrapping the cluster")
+        }
+        (DataDir::Empty, true) => wait("bootstrap waits for a lease renewal"),
+        (DataDir::Empty, false) if view.leader.is_none() => {
+            decision(vec![Action::AcquireLeader], "taking leadership to bootstrap")
+        }
+        (DataDir::Empty, false) => wait("bootstrap claimed but another node holds the leader key"),
+        (DataDir::Initialized { system_id, .. }, true) if pg.accepts_writes() => decision(
+            vec![Action::RecordSystemId {
+                system_id: system_id.clone(),
+                initialize_revision: view.initialize_revision,
+            }],
+            "bootstrap finished: recording the system identifier",
+        ),
+        (DataDir::Initialized { .. }, _) => {
+            let mut actions = Vec::new();
+            if pg.role != PgRole::Stopped {
+                actions.push(Action::Fence { reason: "an interrupted bootstrap is being retried".into() });
+            }
+            actions.push(Action::MoveAside { reason: "interrupted bootstrap".into() });
+            decision(actions, "an earlier bootstrap of this node did not finish: moving it aside to retry")
+        }
+    }
+}
+
+fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Decision {
+    let pg = obs.pg;
+    if obs.now >= obs.lease.valid_until {
+        if pg.role != PgRole::Stopped {
+            return decision(
+                vec![Action::Fence { reason: "the leader lease was not renewed in time".into() }],
+                "fencing: lease deadline passed",
+            );
+        }
+        return wait("leader key held but the lease is not confirmed: waiting for a renewal");
+    }
+    let others: Vec<String> = view.members.keys().filter(|m| *m != obs.name).cloned().collect();
+    match (&pg.data, pg.role) {
+        (_, PgRole::Primary) => {
+            state.primary_restart_at = None;
+            decision(vec![Action::SyncSlots { members: others }], "leader with a running primary")
+        }
+        (_, PgRole::Replica) => decision(vec![Action::Promote], "this node holds the leader key: promoting"),
+        (DataDir::Empty, PgRole::Stopped) => decision(
+            vec![Action::ReleaseLeader { reason: "leader without a data directory".into() }],
+            "cannot lead without data",
+        ),
+        (DataDir::Initialized { .. }, PgRole::Stopped) => match state.primary_restart_at {
+            None => {
+                state.primary_restart_at = Some(obs.now);
+                decision(vec![Action::StartPrimary], "the primary is down: restarting it (crash recovery)")
+            }
+            Some(_) => {
+                state.primary_restart_at = None;
+                decision(
+                    vec![Action::ReleaseLeader {
+                        reason: "PostgreSQL did not come back as primary".into(),
+                    }],
+                    "giving leadership away: the primary could not be restarted",
+                )
+            }
+        },
+    }
+}
+
+fn follow(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView, leader: &str) -> Decision {
+    let pg = obs.pg;
+    if pg.streaming {
+        state.not_streaming_since = None;
+    }
+    if pg.accepts_writes() {
+        return decision(
+            vec![Action::Fence { reason: format!("{leader} holds the leader key") }],
+            "demoting: another node leads",
+        );
+    }
+    let leader_ready = view
+        .members
+        .get(leader)
+        .is_some_and(|m| m.status.role == PgRole::Primary);
+    match (&pg.data, pg.role) {
+        (DataDir::Empty, _) if leader_ready => decision(
+            vec![Action::BaseBackup { leader: leader.to_string() }],
+            format!("cloning from the leader {leader}"),
+        ),
+        (DataDir::Empty, _) => wait(format!("waiting for the leader {leader} to run before cloning")),
+        // Timeline numbers alone cannot tell whether local WAL is a prefix
+        // of the leader's (two nodes may promote to the same number), so
+        // every start under a leader goes through the divergence check.
+        (DataDir::Initialized { .. }, PgRole::Stopped) if leader_ready => decision(
+            vec![Action::Rejoin { leader: leader.to_string() }],
+            format!("joining {leader} after a divergence check"),
+        ),
+        (DataDir::Initialized { .. }, PgRole::Stopped) => {
+            wait(format!("waiting for the leader {leader} to run before joining it"))
+        }
+        (_, PgRole::Replica) if pg.following.as_deref() != Some(leader) && leader_ready => decision(
+            vec![Action::Follow { leader: leader.to_string() }],
+            format!("re-pointing replication to the new leader {leader}"),
+        ),
+        (_, PgRole::Replica) if leader_ready && !pg.streaming => {
+            let since = *state.not_streaming_since.get_or_insert(obs.now);
+            let deadline = since.plus(obs.settings.stuck_replica_ms);
+            if obs.now < deadline {
+                let mut result = wait(format!("replica of {leader}, not streaming yet"));
+                result.wake_at = Some(deadline);
+                return result;
+            }
+            state.not_streaming_since = None;
+            decision(
+                vec![Action::StopReplica {
+                    reason: format!(
+                        "not streaming from {leader} for {} ms; its WAL may have diverged",
+                        obs.settings.stuck_replica_ms
+                    ),
+                }],
+                "stopping a stuck replica to rejoin it with a divergence check",
+            )
+        }
+        (_, _) => wait(format!("replica of {leader}")),
+    }
+}
+
+fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Decision {
+    let pg = obs.pg;
+    let since = *state.no_leader_since.get_or_insert(obs.now);
+    if pg.accepts_writes() {
+        return decision(
+            vec![Action::Fence { reason: "the leader key is gone while this node was primary".into() }],
+            "fencing: no leader key",
+        );
+    }
+    match (&pg.data, pg.role) {
+        (DataDir::Empty, _) => return wait("no leader to clone from"),
+        (DataDir::Initialized { .. }, PgRole::Stopped) => {
+            return decision(
+                vec![Action::StartReplica { leader: None }],
+                "no leader: starting as a standby to take part in the election",
+            );
+        }
+        _ => {}
+    }
+    if obs.tags.nofailover {
+        return wait("no leader, and this node is tagged nofailover");
+    }
+    let me = Candidate { name: obs.name, timeline: pg.timeline, lsn: pg.lsn, tags: obs.tags };
+    let mut fresh = Vec::new();
+    let mut silent = Vec::new();
+    for (name, member) in &view.members {
+        let status = &member.status;
+        if name == obs.name || status.tags.nofailover {
+            continue;
+        }
+        // A status read before the leader vanished may predate the last WAL
+        // the old primary sent, and a member that restarted may not be a
+        // replica yet: wait for a final word from each of them.
+        let final_status = !status.view_had_leader && status.view_revision > state.last_leader_revision;
+        if !final_status {
+            silent.push(name.as_str());
+            continue;
+        }
+        if status.role == PgRole::Replica {
+            fresh.push(Candidate {
+                name,
+                timeline: status.timeline,
+                lsn: status.received_lsn.max(status.replayed_lsn),
+                tags: &status.tags,
+            });
+        }
+    }
+    if let Some(better) = candidate::better_than(&me, &fresh) {
+        return wait(format!(
+            "no leader: {} is a better candidate (timeline {}, {})",
+            better.name, better.timeline, better.lsn
+        ));
+    }
+    let deadline = since.plus(obs.settings.election_wait_ms);
+    if !silent.is_empty() && obs.now < deadline {
+        let mut result = wait(format!("no leader: waiting for a fresh status from {}", silent.join(", ")));
+        result.wake_at = Some(deadline);
+        return result;
+    }
+    if obs.now >= obs.lease.valid_until {
+        return wait("no leader: this node would be the best candidate but its lease is not confirmed");
+    }
+    decision(
+        vec![Action::AcquireLeader],
+        format!("no leader: this node is the best candidate (timeline {}, {})", pg.timeline, pg.lsn),
+    )
+}
