@@ -1,1 +1,137 @@
-fn main() {}
+//! The `mainstay` command line: `agent`, `config check`, `demo`.
+
+use clap::{Parser, Subcommand};
+use mainstay::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "mainstay", version, about = "High availability for PostgreSQL and the services beside it")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent that manages this node's PostgreSQL.
+    Agent {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Start etcd and N agents with PostgreSQL on this machine (loopback).
+    Demo(mainstay::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file; exit 2 with the reason if it is bad.
+    Check { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
+        Command::Config { command: ConfigCommand::Check { file } } => match Config::load(&file) {
+            Ok(config) => {
+                let t = config.timing.effective();
+                println!(
+                    "{}: ok (cluster {}, node {}, ttl {:?}, loop_wait {:?}, renew every {:?}, fencing margin {:?})",
+                    file.display(),
+                    config.cluster,
+                    config.name,
+                    t.ttl,
+                    t.loop_wait,
+                    t.renew_interval,
+                    t.fencing_margin
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Agent { config } => {
+            let config = match Config::load(&config) {
+                Ok(config) => config,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging();
+            runtime().block_on(run_agent(config))
+        }
+        Command::Demo(args) => {
+            init_logging();
+            runtime().block_on(mainstay::demo::run(args))
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot start the async runtime")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAINSTAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+async fn run_agent(config: Config) -> ExitCode {
+    let timing = config.timing.effective();
+    let mut settings = mainstay_dcs::EtcdSettings::new(config.etcd.endpoints.clone(), config.cluster.clone());
+    settings.request_timeout = timing.dcs_timeout;
+    settings.connect_timeout = timing.dcs_timeout;
+    settings.username = config.etcd.username.clone();
+    settings.password = config.etcd.password.clone();
+    if config.etcd.ca_file.is_some() || config.etcd.cert_file.is_some() {
+        settings.tls = Some(mainstay_dcs::EtcdTls {
+            ca_file: config.etcd.ca_file.clone(),
+            cert_file: config.etcd.cert_file.clone(),
+            key_file: config.etcd.key_file.clone(),
+        });
+    }
+    let dcs = match mainstay_dcs::EtcdDcs::connect(settings).await {
+        Ok(dcs) => dcs,
+        Err(err) => {
+            eprintln!("error: cannot set up the etcd client: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let agent = mainstay::agent::Agent::new(&config, dcs);
+    match agent.run(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("error: {reason}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,1 +1,26 @@
-//! placeholder
+//! The only code in mainstay that touches PostgreSQL: creating and cloning
+//! data directories (initdb, pg_basebackup), running the postmaster as a
+//! child that dies with the agent, fencing, promotion, re-pointing replicas,
+//! pg_rewind, replication slots and roles, and the SQL health probe.
+//!
+//! **Invariant:** nothing here deletes a data directory; unusable ones are
+//! moved aside (`Postgres::move_aside`).
+//! **Invariant:** passwords never appear in command lines, logs or errors:
+//! tools get them from a password file, the server gets SCRAM verifiers.
+
+mod account;
+mod conf;
+mod controldata;
+mod error;
+mod pidfile;
+mod postgres;
+mod settings;
+mod spawner;
+mod sql;
+mod tool;
+
+pub use controldata::{ClusterState, ControlData, DataDirState, parse_controldata};
+pub use error::{Error, Result};
+pub use postgres::{Fencer, Postgres, RewindOutcome};
+pub use settings::{ConnTarget, Credentials, PgSettings, StartRole, StopMode};
+pub use sql::{Health, ReplicationPeer, SlotChanges, WalReceiver};

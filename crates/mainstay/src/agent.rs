@@ -1,0 +1,756 @@
+//! The imperative shell around the decision core: it keeps the lease alive,
+//! fences PostgreSQL when the lease may lapse, reads the DCS and the local
+//! PostgreSQL, asks `mainstay_core::decide` what to do, does it, and publishes
+//! this member's status. Three tasks, each with one job:
+//! - the lease keeper renews the node's lease every `renew_interval` and
+//!   computes the fencing deadline (send time of the last confirmed renewal +
+//!   ttl - fencing margin);
+//! - the watchdog stops a writable PostgreSQL the moment that deadline passes,
+//!   independent of how busy the HA loop is;
+//! - the HA loop runs on every DCS watch event, every `loop_wait`, and at the
+//!   deadlines the core asks for.
+
+use crate::config::{Config, EffectiveTiming};
+use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
+use mainstay_core::timeline::{Divergence, LeaderWal, LocalWal, divergence, parse_history};
+use mainstay_core::{
+    Action, ClusterView, CoreState, HistoryEntry, InitializeRecord, Lsn, MemberStatus, Millis, Observation,
+    PgRole, decide,
+};
+use mainstay_dcs::{Dcs, KeyKind, WatchEvent};
+use mainstay_pg::{ClusterState, ConnTarget, Credentials, DataDirState, Health, PgSettings, Postgres, StartRole, StopMode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+/// What the lease keeper last confirmed.
+#[derive(Clone, Copy, Debug)]
+struct LeaseState {
+    id: Option<i64>,
+    /// Before this instant etcd cannot have expired the lease.
+    valid_until: Instant,
+}
+
+pub struct Agent<D: Dcs> {
+    name: String,
+    tags: mainstay_core::Tags,
+    timing: EffectiveTiming,
+    settings: Settings,
+    api_url: String,
+    dcs: Arc<D>,
+    pg: Postgres,
+    core: CoreState,
+    lease: watch::Receiver<LeaseState>,
+    /// This node's PostgreSQL may accept writes: the watchdog's business.
+    writable: Arc<AtomicBool>,
+    /// The HA loop saw no leader: member changes matter for the election.
+    leaderless: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+    origin: Instant,
+    following: Option<String>,
+    last_health: Option<Health>,
+    last_note: String,
+}
+
+pub fn pg_settings(config: &Config) -> PgSettings {
+    let pg = &config.postgresql;
+    let mut settings = PgSettings::new(&pg.bin_dir, &pg.data_dir, &config.name);
+    settings.listen_host = pg.listen.clone();
+    settings.connect_host = config.pg_connect_host();
+    settings.port = pg.port;
+    let credentials = |c: &crate::config::Credentials| Credentials::new(&c.username, &c.password);
+    settings.superuser = credentials(&pg.superuser);
+    settings.replication = credentials(&pg.replication);
+    settings.rewind = credentials(config.rewind_credentials());
+    // PostgreSQL refuses to run as root; as any other user it runs as us.
+    settings.run_as = (unsafe { libc::geteuid() } == 0).then(|| pg.run_as.clone());
+    settings.parameters = pg
+        .parameters
+        .iter()
+        .map(|(k, v)| {
+            let value = match v {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), value)
+        })
+        .collect();
+    settings
+}
+
+impl<D: Dcs> Agent<D> {
+    pub fn new(config: &Config, dcs: D) -> Agent<D> {
+        let timing = config.timing.effective();
+        let ms = |d: Duration| d.as_millis() as u64;
+        let settings = Settings {
+            ttl_ms: ms(timing.ttl),
+            loop_wait_ms: ms(timing.loop_wait),
+            election_wait_ms: 2 * ms(timing.loop_wait) + ms(timing.dcs_timeout),
+            stuck_replica_ms: 30_000,
+        };
+        let origin = Instant::now();
+        let (_, lease) = watch::channel(LeaseState { id: None, valid_until: origin });
+        Agent {
+            name: config.name.clone(),
+            tags: config.tags.clone(),
+            timing,
+            settings,
+            api_url: config.api_url(),
+            dcs: Arc::new(dcs),
+            pg: Postgres::new(pg_settings(config)),
+            core: CoreState::default(),
+            lease,
+            writable: Arc::new(AtomicBool::new(false)),
+            leaderless: Arc::new(AtomicBool::new(true)),
+            wake: Arc::new(Notify::new()),
+            origin,
+            following: None,
+            last_health: None,
+            last_note: String::new(),
+        }
+    }
+
+    fn millis(&self, at: Instant) -> Millis {
+        Millis(at.saturating_duration_since(self.origin).as_millis() as u64)
+    }
+
+    /// Runs until `shutdown` resolves (SIGTERM/SIGINT) or a fatal error.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+        info!(node = %self.name, ttl = ?self.timing.ttl, loop_wait = ?self.timing.loop_wait, "agent starting");
+        self.pg.write_pgpass().await.map_err(|e| format!("cannot write the password file: {e}"))?;
+        let (lease_tx, lease_rx) = watch::channel(LeaseState { id: None, valid_until: self.origin });
+        self.lease = lease_rx.clone();
+        let keeper = tokio::spawn(keep_lease(
+            self.dcs.clone(),
+            self.name.clone(),
+            self.timing,
+            lease_tx,
+            self.writable.clone(),
+            self.wake.clone(),
+        ));
+        let watchdog = tokio::spawn(watchdog(lease_rx, self.writable.clone(), self.pg.fencer()));
+        let watcher = tokio::spawn(forward_watch(self.dcs.clone(), self.leaderless.clone(), self.wake.clone()));
+        tokio::pin!(shutdown);
+        let result = loop {
+            let mut next = Instant::now() + self.timing.loop_wait;
+            let mut fatal = None;
+            // A turn that changed something is followed at once by another,
+            // so that e.g. taking the leader key and promoting happen together.
+            for _ in 0..6 {
+                match self.turn().await {
+                    Ok((changed, wake_at)) => {
+                        if let Some(at) = wake_at {
+                            next = next.min(self.origin + Duration::from_millis(at.0));
+                        }
+                        if !changed {
+                            break;
+                        }
+                    }
+                    Err(TurnError::Fatal(reason)) => {
+                        fatal = Some(reason);
+                        break;
+                    }
+                    Err(TurnError::Failed(reason)) => {
+                        warn!("{reason}");
+                        break;
+                    }
+                }
+            }
+            if let Some(reason) = fatal {
+                error!("stopping the agent: {reason}");
+                break Err(reason);
+            }
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(5))) => {}
+            }
+        };
+        self.shut_down().await;
+        keeper.abort();
+        watchdog.abort();
+        watcher.abort();
+        result
+    }
+}
+
+enum TurnError {
+    /// Logged; the loop goes on.
+    Failed(String),
+    /// Continuing could damage data: the agent stops.
+    Fatal(String),
+}
+
+impl<D: Dcs> Agent<D> {
+    /// One observe/decide/act round. Returns whether state changed and when
+    /// the core wants to look again.
+    async fn turn(&mut self) -> Result<(bool, Option<Millis>), TurnError> {
+        // The DCS first, PostgreSQL second: a status probed after a view
+        // without a leader is final for the election (see core::decide).
+        let view = match tokio::time::timeout(self.timing.dcs_timeout, self.dcs.read_cluster()).await {
+            Ok(Ok(view)) => Some(view),
+            Ok(Err(err)) => {
+                warn!("cannot read the DCS: {err}");
+                None
+            }
+            Err(_) => {
+                warn!("cannot read the DCS: no answer within {:?}", self.timing.dcs_timeout);
+                None
+            }
+        };
+        if let Some(view) = &view {
+            self.leaderless.store(view.leader.is_none(), Ordering::Relaxed);
+        }
+        let local = self.observe_pg().await.map_err(TurnError::Failed)?;
+        let lease = *self.lease.borrow();
+        let obs = Observation {
+            now: self.millis(Instant::now()),
+            name: &self.name,
+            tags: &self.tags,
+            settings: &self.settings,
+            pg: &local,
+            cluster: view.as_ref(),
+            lease: Lease { id: lease.id, valid_until: self.millis(lease.valid_until) },
+        };
+        let decision = decide(&mut self.core, &obs);
+        if decision.note != self.last_note {
+            info!("{}", decision.note);
+            self.last_note = decision.note.clone();
+        }
+        let mut changed = false;
+        let mut failure = None;
+        for action in &decision.actions {
+            if action.changes_state() {
+                info!(?action, "acting");
+            }
+            match self.execute(action, view.as_ref(), &local, lease.id).await {
+                Ok(()) => changed |= action.changes_state(),
+                Err(TurnError::Failed(reason)) => {
+                    failure = Some(format!("{action:?} failed: {reason}"));
+                    changed = false;
+                    break;
+                }
+                Err(fatal) => return Err(fatal),
+            }
+        }
+        if let (Some(view), Some(lease_id)) = (&view, lease.id) {
+            self.publish(view, lease_id).await;
+        }
+        match failure {
+            Some(reason) => Err(TurnError::Failed(reason)),
+            None => Ok((changed, decision.wake_at)),
+        }
+    }
+
+    async fn observe_pg(&mut self) -> Result<LocalPg, String> {
+        let data = match self.pg.data_dir_state() {
+            DataDirState::Missing | DataDirState::Empty => DataDir::Empty,
+            DataDirState::Initialized(control) => DataDir::Initialized {
+                system_id: control.system_identifier.to_string(),
+                was_primary: matches!(
+                    control.state,
+                    ClusterState::InProduction
+                        | ClusterState::ShutDown
+                        | ClusterState::ShuttingDown
+                        | ClusterState::InCrashRecovery
+                ),
+            },
+            DataDirState::Unusable(reason) => {
+                return Err(format!(
+                    "the data directory {} is unusable ({reason}); mainstay will not touch it: \
+                     move it away by hand to let this node clone",
+                    self.pg.settings().data_dir.display()
+                ));
+            }
+        };
+        let mut local = LocalPg {
+            data,
+            role: PgRole::Stopped,
+            timeline: 0,
+            lsn: Lsn(0),
+            following: None,
+            streaming: false,
+        };
+        if !self.pg.is_running() {
+            self.writable.store(false, Ordering::SeqCst);
+            self.last_health = None;
+            return Ok(local);
+        }
+        match self.pg.probe().await {
+            Ok(health) => {
+                local.role = if health.in_recovery { PgRole::Replica } else { PgRole::Primary };
+                local.timeline = health.timeline;
+                local.lsn = health.wal_position();
+                local.streaming = health.is_streaming();
+                self.writable.store(!health.in_recovery, Ordering::SeqCst);
+                self.last_health = Some(health);
+            }
+            Err(err) => {
+                // Running but not answering (busy, recovering): assume the
+                // worst for safety. A possibly writable server counts as a
+                // primary so that nothing starts a second one.
+                warn!("PostgreSQL runs but does not answer: {err}");
+                local.role = if self.writable.load(Ordering::SeqCst) { PgRole::Primary } else { PgRole::Replica };
+                if let Some(health) = &self.last_health {
+                    local.timeline = health.timeline;
+                    local.lsn = health.wal_position();
+                }
+            }
+        }
+        if local.role == PgRole::Replica {
+            local.following = self.following.clone();
+        }
+        Ok(local)
+    }
+
+    fn target(&self, view: Option<&ClusterView>, leader: &str) -> Result<(ConnTarget, MemberStatus), TurnError> {
+        let status = view
+            .and_then(|v| v.members.get(leader))
+            .map(|m| m.status.clone())
+            .ok_or_else(|| TurnError::Failed(format!("no member status for the leader {leader}")))?;
+        Ok((ConnTarget { host: status.pg_host.clone(), port: status.pg_port, name: leader.to_string() }, status))
+    }
+
+    async fn execute(
+        &mut self,
+        action: &Action,
+        view: Option<&ClusterView>,
+        local: &LocalPg,
+        lease: Option<i64>,
+    ) -> Result<(), TurnError> {
+        let failed = |what: &str, err: &dyn std::fmt::Display| TurnError::Failed(format!("{what}: {err}"));
+        let dcs_failed = |err: mainstay_dcs::DcsError| TurnError::Failed(format!("DCS: {err}"));
+        let lease_id = || lease.ok_or_else(|| TurnError::Failed("no lease yet".into()));
+        let now_text = || now_rfc3339();
+        match action {
+            Action::RegisterExistingData { system_id } => {
+                warn!(system_id, "the DCS holds no cluster record: registering the existing data, never re-initializing");
+                let record = InitializeRecord { system_id: Some(system_id.clone()), by: self.name.clone(), at: now_text() };
+                self.dcs.create_initialize(&record).await.map_err(dcs_failed)?;
+            }
+            Action::ClaimInitialize => {
+                let record = InitializeRecord { system_id: None, by: self.name.clone(), at: now_text() };
+                if !self.dcs.create_initialize(&record).await.map_err(dcs_failed)? {
+                    return Err(TurnError::Failed("another node claimed the bootstrap first".into()));
+                }
+            }
+            Action::AbandonBootstrap { initialize_revision } => {
+                self.dcs.delete_initialize(*initialize_revision).await.map_err(dcs_failed)?;
+            }
+            Action::Bootstrap => self.bootstrap(view).await?,
+            Action::RecordSystemId { system_id, initialize_revision } => {
+                let record = InitializeRecord { system_id: Some(system_id.clone()), by: self.name.clone(), at: now_text() };
+                if !self.dcs.update_initialize(&record, *initialize_revision).await.map_err(dcs_failed)? {
+                    return Err(TurnError::Failed("the cluster record changed under us".into()));
+                }
+                info!(system_id, "cluster bootstrapped");
+            }
+            Action::MoveAside { reason } => {
+                let moved = self.pg.move_aside(reason).map_err(|e| failed("moving the data directory aside", &e))?;
+                warn!(to = %moved.display(), reason, "moved the data directory aside");
+            }
+            Action::AcquireLeader => {
+                if !self.dcs.acquire_leader(&self.name, lease_id()?).await.map_err(dcs_failed)? {
+                    return Err(TurnError::Failed("another node took the leader key first".into()));
+                }
+                info!("took the leader key");
+            }
+            Action::ReleaseLeader { reason } => {
+                // Writes stop before the key goes, or two nodes could write.
+                if self.pg.is_running() {
+                    warn!(reason, "stopping PostgreSQL (immediate) before releasing leadership");
+                    self.stop(StopMode::Immediate).await?;
+                }
+                self.dcs.release_leader(&self.name, lease_id()?).await.map_err(dcs_failed)?;
+                warn!(reason, "released the leader key");
+            }
+            Action::ReleaseStaleLeader { lease_id } => {
+                self.dcs.release_leader(&self.name, *lease_id).await.map_err(dcs_failed)?;
+                info!(lease_id, "released a leader key left by an earlier run of this agent");
+            }
+            Action::StartPrimary => {
+                let before = local.timeline;
+                self.pg.start(StartRole::Primary).await.map_err(|e| failed("starting as primary", &e))?;
+                self.writable.store(true, Ordering::SeqCst);
+                self.following = None;
+                self.record_promotion(before, local.lsn, "restarted as primary").await;
+            }
+            Action::StartReplica { leader } => {
+                let target = match leader {
+                    Some(name) => Some(self.target(view, name)?.0),
+                    None => None,
+                };
+                self.pg.start(StartRole::Replica { leader: target }).await.map_err(|e| failed("starting as replica", &e))?;
+                self.following = leader.clone();
+            }
+            Action::Rejoin { leader } => {
+                let (target, status) = self.target(view, leader)?;
+                self.rejoin(&target, &status).await?;
+            }
+            Action::BaseBackup { leader } => {
+                let (target, _) = self.target(view, leader)?;
+                info!(from = leader, "cloning with pg_basebackup");
+                self.pg.basebackup(&target).await.map_err(|e| failed("pg_basebackup", &e))?;
+                self.pg
+                    .start(StartRole::Replica { leader: Some(target) })
+                    .await
+                    .map_err(|e| failed("starting the clone", &e))?;
+                self.following = Some(leader.clone());
+            }
+            Action::Promote => {
+                self.pg.promote().await.map_err(|e| failed("promoting", &e))?;
+                self.writable.store(true, Ordering::SeqCst);
+                self.following = None;
+                self.record_promotion(local.timeline, local.lsn, "failover").await;
+            }
+            Action::Follow { leader } => {
+                let (target, status) = self.target(view, leader)?;
+                if let Divergence::Diverged { reason } = self.running_divergence(&target, &status).await? {
+                    warn!(reason, "this replica diverged from the new leader: stopping it to rewind");
+                    self.stop(StopMode::Fast).await?;
+                    return self.rejoin(&target, &status).await;
+                }
+                self.pg.follow(Some(&target)).await.map_err(|e| failed("re-pointing replication", &e))?;
+                self.following = Some(leader.clone());
+                info!(leader, "now following the new leader (reload, no restart)");
+            }
+            Action::Fence { reason } => {
+                warn!(reason, "fencing: immediate shutdown of PostgreSQL");
+                self.stop(StopMode::Immediate).await?;
+            }
+            Action::StopReplica { reason } => {
+                warn!(reason, "stopping the replica");
+                self.stop(StopMode::Fast).await?;
+            }
+            Action::SyncSlots { members } => {
+                let changes = self.pg.sync_slots(members).await.map_err(|e| failed("replication slots", &e))?;
+                if !changes.created.is_empty() || !changes.dropped.is_empty() {
+                    info!(created = ?changes.created, dropped = ?changes.dropped, "replication slots changed");
+                }
+            }
+            Action::Fatal { reason } => return Err(TurnError::Fatal(reason.clone())),
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self, mode: StopMode) -> Result<(), TurnError> {
+        if mode == StopMode::Immediate {
+            // The watchdog's path is synchronous and cannot wait on anything.
+            self.pg.fencer().fence_now();
+        }
+        let result = self.pg.stop(mode).await;
+        if !self.pg.is_running() {
+            self.writable.store(false, Ordering::SeqCst);
+            self.following = None;
+        }
+        result.map_err(|e| TurnError::Failed(format!("stopping PostgreSQL: {e}")))
+    }
+
+    async fn bootstrap(&mut self, view: Option<&ClusterView>) -> Result<(), TurnError> {
+        info!("initializing a new cluster (initdb with data checksums)");
+        let result = async {
+            self.pg.initdb().await.map_err(|e| format!("initdb: {e}"))?;
+            self.pg.start(StartRole::Primary).await.map_err(|e| format!("first start: {e}"))?;
+            self.writable.store(true, Ordering::SeqCst);
+            self.pg.create_roles().await.map_err(|e| format!("creating roles: {e}"))
+        }
+        .await;
+        let Err(reason) = result else { return Ok(()) };
+        error!(reason, "bootstrap failed: moving the attempt aside and giving the claim back");
+        if self.pg.is_running() {
+            let _ = self.stop(StopMode::Immediate).await;
+        }
+        if !matches!(self.pg.data_dir_state(), DataDirState::Missing | DataDirState::Empty) {
+            match self.pg.move_aside("failed bootstrap") {
+                Ok(path) => warn!(to = %path.display(), "moved the failed bootstrap aside"),
+                Err(err) => error!("cannot move the failed bootstrap aside: {err}"),
+            }
+        }
+        if let Some(lease) = self.lease.borrow().id {
+            let _ = self.dcs.release_leader(&self.name, lease).await;
+        }
+        if let Some(view) = view {
+            let _ = self.dcs.delete_initialize(view.initialize_revision).await;
+        }
+        Err(TurnError::Failed(format!("bootstrap failed: {reason}")))
+    }
+
+    async fn record_promotion(&mut self, before: u32, switch_lsn: Lsn, reason: &str) {
+        let timeline = match self.pg.probe().await {
+            Ok(health) => health.timeline,
+            Err(_) => return,
+        };
+        if timeline == before || before == 0 {
+            return;
+        }
+        info!(timeline, %switch_lsn, reason, "now primary on a new timeline");
+        let entry = HistoryEntry {
+            timeline,
+            switch_lsn,
+            reason: reason.into(),
+            new_leader: self.name.clone(),
+            at: now_rfc3339(),
+        };
+        if let Err(err) = self.dcs.append_history(&entry).await {
+            warn!("cannot record the timeline switch in the DCS history: {err}");
+        }
+    }
+
+    async fn leader_wal(&self, target: &ConnTarget, status: &MemberStatus) -> Result<LeaderWal, TurnError> {
+        let text = self
+            .pg
+            .timeline_history(target, status.timeline)
+            .await
+            .map_err(|e| TurnError::Failed(format!("reading the leader's timeline history: {e}")))?;
+        let history = parse_history(&text).map_err(|e| TurnError::Failed(format!("the leader's history file: {e}")))?;
+        Ok(LeaderWal { timeline: status.timeline, flush_lsn: status.flush_lsn.max(status.received_lsn), history })
+    }
+
+    fn local_history(&self, timeline: u32) -> Result<Vec<mainstay_core::timeline::TimelineSwitch>, TurnError> {
+        let text = self
+            .pg
+            .local_timeline_history(timeline)
+            .map_err(|e| TurnError::Failed(format!("reading the local timeline history: {e}")))?;
+        parse_history(&text).map_err(|e| TurnError::Failed(format!("the local history file: {e}")))
+    }
+
+    async fn running_divergence(&self, target: &ConnTarget, status: &MemberStatus) -> Result<Divergence, TurnError> {
+        let Some(health) = &self.last_health else { return Ok(Divergence::None) };
+        let local = LocalWal {
+            timeline: health.timeline,
+            end_lsn: health.wal_position(),
+            history: self.local_history(health.timeline)?,
+        };
+        Ok(divergence(&local, &self.leader_wal(target, status).await?))
+    }
+
+    /// Makes a stopped node a replica of `target`, rewinding it first if its
+    /// WAL is not a prefix of the leader's.
+    async fn rejoin(&mut self, target: &ConnTarget, status: &MemberStatus) -> Result<(), TurnError> {
+        let failed = |what: &str, err: &dyn std::fmt::Display| TurnError::Failed(format!("{what}: {err}"));
+        if self.pg.ensure_clean_shutdown().await.map_err(|e| failed("crash recovery", &e))? {
+            info!("finished crash recovery in single-user mode before comparing histories");
+        }
+        let control = self.pg.control_data().map_err(|e| failed("pg_controldata", &e))?;
+        let (timeline, end_lsn) = if control.state == ClusterState::ShutDownInRecovery {
+            let timeline = if control.min_recovery_end_timeline > 0 { control.min_recovery_end_timeline } else { control.timeline };
+            (timeline, control.min_recovery_end_lsn.max(control.checkpoint_lsn))
+        } else {
+            (control.timeline, control.checkpoint_lsn)
+        };
+        let local = LocalWal { timeline, end_lsn, history: self.local_history(timeline)? };
+        let leader = self.leader_wal(target, status).await?;
+        match divergence(&local, &leader) {
+            Divergence::None => info!(leader = target.name, "local WAL is a prefix of the leader's: no rewind needed"),
+            Divergence::Diverged { reason } => {
+                warn!(leader = target.name, reason, "diverged from the leader: running pg_rewind");
+                if let Err(err) = self.pg.rewind(target).await {
+                    warn!("pg_rewind failed ({err}): moving the data directory aside and cloning afresh");
+                    let moved = self.pg.move_aside("rewind failed").map_err(|e| failed("moving aside", &e))?;
+                    warn!(to = %moved.display(), "moved the old data directory aside");
+                    self.pg.basebackup(target).await.map_err(|e| failed("pg_basebackup", &e))?;
+                }
+            }
+        }
+        self.pg
+            .start(StartRole::Replica { leader: Some(target.clone()) })
+            .await
+            .map_err(|e| failed("starting as replica", &e))?;
+        self.following = Some(target.name.clone());
+        Ok(())
+    }
+
+    async fn publish(&self, view: &ClusterView, lease: i64) {
+        let health = self.last_health.as_ref();
+        let role = match health {
+            Some(h) if self.pg.is_running() => {
+                if h.in_recovery {
+                    PgRole::Replica
+                } else {
+                    PgRole::Primary
+                }
+            }
+            _ => PgRole::Stopped,
+        };
+        let status = MemberStatus {
+            name: self.name.clone(),
+            role,
+            state: if role == PgRole::Stopped { "stopped".into() } else { "running".into() },
+            api_url: self.api_url.clone(),
+            pg_host: self.pg.settings().connect_host.clone(),
+            pg_port: self.pg.settings().port,
+            timeline: health.map_or(0, |h| h.timeline),
+            received_lsn: health.map_or(Lsn(0), |h| h.wal_position()),
+            replayed_lsn: health.and_then(|h| h.replay_lsn).unwrap_or_default(),
+            flush_lsn: health.and_then(|h| h.flush_lsn).unwrap_or_default(),
+            following: if role == PgRole::Replica { self.following.clone() } else { None },
+            streaming: health.is_some_and(|h| h.is_streaming()),
+            tags: self.tags.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            view_revision: view.revision,
+            view_had_leader: view.leader.is_some(),
+        };
+        match tokio::time::timeout(self.timing.dcs_timeout, self.dcs.put_member(&status, lease)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!("cannot publish the member status: {err}"),
+            Err(_) => warn!("cannot publish the member status: DCS timeout"),
+        }
+    }
+
+    /// SIGTERM: a primary stops cleanly (replicas receive everything) and
+    /// gives the leader key up so the best replica takes over at once.
+    async fn shut_down(&mut self) {
+        let lease = self.lease.borrow().id;
+        let leading = match (self.dcs.read_cluster().await, lease) {
+            (Ok(view), Some(lease)) => view.leader.is_some_and(|l| l.name == self.name && l.lease_id == lease),
+            _ => false,
+        };
+        info!(leading, "shutting down: stopping PostgreSQL");
+        if self.pg.is_running()
+            && let Err(err) = self.pg.stop(StopMode::Fast).await
+        {
+            warn!("fast shutdown failed ({err}): immediate shutdown");
+            self.pg.fencer().fence_now();
+            let _ = self.pg.stop(StopMode::Immediate).await;
+        }
+        self.writable.store(false, Ordering::SeqCst);
+        if let Some(lease) = lease {
+            if leading {
+                match self.dcs.release_leader(&self.name, lease).await {
+                    Ok(_) => info!("released the leader key: the best replica takes over"),
+                    Err(err) => warn!("cannot release the leader key: {err}"),
+                }
+            }
+            let _ = self.dcs.revoke_lease(lease).await;
+        }
+        info!("agent stopped");
+    }
+}
+
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("@{secs}")
+}
+
+/// Renews the node's lease and tells the others when leadership may lapse.
+async fn keep_lease<D: Dcs>(
+    dcs: Arc<D>,
+    name: String,
+    timing: EffectiveTiming,
+    tx: watch::Sender<LeaseState>,
+    writable: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+) {
+    let ttl_secs = timing.ttl.as_secs() as i64;
+    let mut ticker = tokio::time::interval(timing.renew_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lease: Option<i64> = None;
+    loop {
+        ticker.tick().await;
+        let sent = Instant::now();
+        let deadline = sent + timing.ttl - timing.fencing_margin;
+        let outcome = match lease {
+            None => tokio::time::timeout(timing.dcs_timeout, dcs.grant_lease(ttl_secs)).await.map(|r| r.map(Some)),
+            Some(id) => tokio::time::timeout(timing.dcs_timeout, dcs.keep_alive(id))
+                .await
+                .map(|r| r.map(|ttl| (ttl > 0).then_some(id))),
+        };
+        match outcome {
+            Ok(Ok(Some(id))) => {
+                let mut valid_until = deadline;
+                if lease != Some(id) {
+                    info!(lease = id, "lease granted");
+                    wake.notify_one();
+                }
+                if writable.load(Ordering::SeqCst) {
+                    // A keep-alive cannot sit in a transaction: check
+                    // separately that the leader key is still ours.
+                    match tokio::time::timeout(timing.dcs_timeout, dcs.leader_held_by(&name, id)).await {
+                        Ok(Ok(true)) => {}
+                        Ok(Ok(false)) => {
+                            warn!("the leader key is no longer this node's: fencing");
+                            valid_until = Instant::now();
+                            wake.notify_one();
+                        }
+                        _ => valid_until = tx.borrow().valid_until,
+                    }
+                }
+                lease = Some(id);
+                tx.send_replace(LeaseState { id: lease, valid_until });
+            }
+            Ok(Ok(None)) => {
+                warn!("the lease expired in etcd: requesting a new one");
+                lease = None;
+                tx.send_replace(LeaseState { id: None, valid_until: Instant::now() });
+                wake.notify_one();
+            }
+            Ok(Err(err)) => warn!("lease renewal failed: {err}"),
+            Err(_) => warn!("lease renewal failed: no answer within {:?}", timing.dcs_timeout),
+        }
+    }
+}
+
+/// Stops a writable PostgreSQL the moment the lease may lapse, whatever the
+/// HA loop is doing.
+async fn watchdog(mut lease: watch::Receiver<LeaseState>, writable: Arc<AtomicBool>, fencer: mainstay_pg::Fencer) {
+    loop {
+        let valid_until = lease.borrow().valid_until;
+        tokio::select! {
+            changed = lease.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(valid_until) => {}
+        }
+        if writable.load(Ordering::SeqCst) && Instant::now() >= lease.borrow().valid_until {
+            error!("lease deadline passed without a confirmed renewal: fencing PostgreSQL now");
+            fencer.fence_now();
+            writable.store(false, Ordering::SeqCst);
+        }
+        // Past the deadline: look again soon or on the next renewal.
+        tokio::select! {
+            _ = lease.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// Turns DCS watch events into wake-ups of the HA loop. Member changes only
+/// matter while there is no leader (an election is waiting for statuses).
+async fn forward_watch<D: Dcs>(dcs: Arc<D>, leaderless: Arc<AtomicBool>, wake: Arc<Notify>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match dcs.watch().await {
+            Ok(mut events) => {
+                debug!("DCS watch open");
+                while let Some(event) = events.recv().await {
+                    match event {
+                        WatchEvent::Changed { key: KeyKind::Leader | KeyKind::Initialize, .. } => {
+                            backoff = Duration::from_millis(100);
+                            wake.notify_one();
+                        }
+                        WatchEvent::Changed { key: KeyKind::Member(_), .. } if leaderless.load(Ordering::Relaxed) => {
+                            wake.notify_one();
+                        }
+                        WatchEvent::Changed { .. } => {}
+                        WatchEvent::Error(reason) => {
+                            warn!("DCS watch failed: {reason}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(err) => warn!("cannot open the DCS watch: {err}"),
+        }
+        wake.notify_one();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,426 @@
+//! The node's TOML configuration: parsing, defaults, and the validation that
+//! refuses a file before anything touches the disk. Every error names the key
+//! and says how to fix it; timing is checked so that a leader can always fence
+//! itself before its lease can expire in etcd.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// etcd refuses leases shorter than 1.5 × its election timeout (1.5 s with
+/// its defaults) by silently lengthening them; leases are whole seconds.
+const ETCD_MIN_TTL_SECS: u64 = 2;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Cluster name: keys live under `/mainstay/<cluster>/`.
+    pub cluster: String,
+    /// This node's name, unique in the cluster.
+    pub name: String,
+    pub etcd: EtcdConfig,
+    pub postgresql: PgConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub timing: Timing,
+    #[serde(default)]
+    pub tags: mainstay_core::Tags,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials {{ username: {:?}, password: *** }}", self.username)
+    }
+}
+
+fn default_bin_dir() -> PathBuf {
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+fn default_listen() -> String {
+    "127.0.0.1".into()
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_run_as() -> String {
+    "postgres".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgConfig {
+    #[serde(default = "default_bin_dir")]
+    pub bin_dir: PathBuf,
+    pub data_dir: PathBuf,
+    /// `listen_addresses`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The address other nodes and clients use; defaults to `listen` unless
+    /// that is a wildcard.
+    pub connect_address: Option<String>,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// OS user that runs PostgreSQL when the agent runs as root.
+    #[serde(default = "default_run_as")]
+    pub run_as: String,
+    pub superuser: Credentials,
+    pub replication: Credentials,
+    /// pg_rewind's user; defaults to the superuser.
+    pub rewind: Option<Credentials>,
+    /// Extra postgresql.conf parameters (values as strings).
+    #[serde(default)]
+    pub parameters: BTreeMap<String, toml::Value>,
+}
+
+fn default_api_listen() -> String {
+    "127.0.0.1:8008".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    #[serde(default = "default_api_listen")]
+    pub listen: String,
+    /// URL other agents and tools use; defaults to `http://<listen>`.
+    pub connect_url: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { listen: default_api_listen(), connect_url: None }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// LAN defaults: failover in about 4 s.
+    #[default]
+    Default,
+    /// About 2 s; needs etcd with a short election timeout (see docs).
+    Fast,
+}
+
+/// Timing, in seconds (fractions allowed except for `ttl`). Unset values come
+/// from the profile.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timing {
+    #[serde(default)]
+    pub profile: Profile,
+    /// Lifetime of the leader lease in etcd (whole seconds).
+    pub ttl: Option<u64>,
+    /// Period of the HA loop when nothing happens.
+    pub loop_wait: Option<f64>,
+    /// Period of lease keep-alives.
+    pub renew_interval: Option<f64>,
+    /// Upper bound of one etcd request.
+    pub dcs_timeout: Option<f64>,
+    /// A leader that has not renewed stops writing this long before its lease
+    /// can expire in etcd.
+    pub fencing_margin: Option<f64>,
+}
+
+/// The timing in force, after profile defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EffectiveTiming {
+    pub ttl: Duration,
+    pub loop_wait: Duration,
+    pub renew_interval: Duration,
+    pub dcs_timeout: Duration,
+    pub fencing_margin: Duration,
+}
+
+impl Timing {
+    pub fn effective(&self) -> EffectiveTiming {
+        let (ttl, loop_wait, renew, timeout, margin) = match self.profile {
+            Profile::Default => (4, 1.0, 1.0, 1.0, 1.0),
+            Profile::Fast => (2, 0.5, 0.5, 0.4, 0.5),
+        };
+        let secs = |value: Option<f64>, default: f64| Duration::from_secs_f64(value.unwrap_or(default).max(0.0));
+        EffectiveTiming {
+            ttl: Duration::from_secs(self.ttl.unwrap_or(ttl)),
+            loop_wait: secs(self.loop_wait, loop_wait),
+            renew_interval: secs(self.renew_interval, renew),
+            dcs_timeout: secs(self.dcs_timeout, timeout),
+            fencing_margin: secs(self.fencing_margin, margin),
+        }
+    }
+}
+
+/// A refused configuration: where, what, and how to fix it.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{}: key `{key}`: {}", self.path.display(), self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a file. Touches nothing on disk.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            path: path.to_path_buf(),
+            key: None,
+            message: format!("cannot read the file: {err}; check the path and its permissions"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|err| ConfigError {
+            path: path.to_path_buf(),
+            key: None,
+            message: format!(
+                "{}\nfix: see docs/configuration.md for the keys, their types and an example",
+                err.to_string().trim_end()
+            ),
+        })?;
+        config.validate().map_err(|(key, message)| ConfigError {
+            path: path.to_path_buf(),
+            key: Some(key.to_string()),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        check_name("cluster", &self.cluster)?;
+        check_name("name", &self.name)?;
+        if self.etcd.endpoints.is_empty() {
+            return Err(("etcd.endpoints", "is empty: list at least one etcd client URL, e.g. [\"http://10.0.0.1:2379\"]".into()));
+        }
+        for endpoint in &self.etcd.endpoints {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(("etcd.endpoints", format!("{endpoint:?} is not a URL: write it as http://HOST:PORT or https://HOST:PORT")));
+            }
+            if endpoint.starts_with("https://") && self.etcd.ca_file.is_none() {
+                return Err(("etcd.ca_file", format!("{endpoint:?} uses https but no CA is configured: set etcd.ca_file to the PEM of the CA that signed etcd's certificate")));
+            }
+        }
+        if self.etcd.username.is_some() != self.etcd.password.is_some() {
+            return Err(("etcd.password", "etcd.username and etcd.password go together: set both or neither".into()));
+        }
+        if self.etcd.cert_file.is_some() != self.etcd.key_file.is_some() {
+            return Err(("etcd.key_file", "a client certificate needs its key: set both etcd.cert_file and etcd.key_file, or neither".into()));
+        }
+        for (key, file) in [
+            ("etcd.ca_file", &self.etcd.ca_file),
+            ("etcd.cert_file", &self.etcd.cert_file),
+            ("etcd.key_file", &self.etcd.key_file),
+        ] {
+            if let Some(file) = file
+                && let Err(err) = std::fs::metadata(file)
+            {
+                return Err((key, format!("cannot read {}: {err}", file.display())));
+            }
+        }
+        let pg = &self.postgresql;
+        if !pg.data_dir.is_absolute() {
+            return Err(("postgresql.data_dir", format!("{} is relative: give an absolute path", pg.data_dir.display())));
+        }
+        if pg.data_dir.parent().is_none_or(|p| p.as_os_str().is_empty() || p == Path::new("/")) {
+            return Err(("postgresql.data_dir", "must be below a directory of its own (mainstay keeps its password file and logs beside it), e.g. /var/lib/mainstay/data".into()));
+        }
+        if !pg.bin_dir.join("postgres").exists() {
+            return Err(("postgresql.bin_dir", format!("{} has no `postgres` binary: point it at PostgreSQL 15's bin directory, e.g. /usr/lib/postgresql/15/bin", pg.bin_dir.display())));
+        }
+        if pg.port == 0 {
+            return Err(("postgresql.port", "must be between 1 and 65535".into()));
+        }
+        if pg.connect_address.is_none() && (pg.listen.contains('*') || pg.listen.contains("0.0.0.0") || pg.listen.contains(',')) {
+            return Err(("postgresql.connect_address", format!("postgresql.listen is {:?}, which other nodes cannot dial: set connect_address to this node's address", pg.listen)));
+        }
+        for (key, credentials) in [("postgresql.superuser", &pg.superuser), ("postgresql.replication", &pg.replication)] {
+            if credentials.username.is_empty() || credentials.password.is_empty() {
+                return Err((key, "needs a non-empty username and password".into()));
+            }
+        }
+        if pg.superuser.username == pg.replication.username {
+            return Err(("postgresql.replication.username", "must differ from the superuser's: replication gets a role of its own".into()));
+        }
+        for (name, value) in &pg.parameters {
+            if !matches!(value, toml::Value::String(_) | toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)) {
+                return Err(("postgresql.parameters", format!("{name} must be a string, number or boolean")));
+            }
+        }
+        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(("api.listen", format!("{:?} is not an address: write IP:PORT, e.g. 0.0.0.0:8008", self.api.listen)));
+        }
+        self.check_timing()
+    }
+
+    fn check_timing(&self) -> Result<(), (&'static str, String)> {
+        let t = self.timing.effective();
+        let s = |d: Duration| d.as_secs_f64();
+        if t.ttl.as_secs() < ETCD_MIN_TTL_SECS {
+            return Err(("timing.ttl", format!("{} s is below etcd's minimum lease ({ETCD_MIN_TTL_SECS} s): raise it", t.ttl.as_secs())));
+        }
+        for (key, value) in [
+            ("timing.loop_wait", t.loop_wait),
+            ("timing.renew_interval", t.renew_interval),
+            ("timing.dcs_timeout", t.dcs_timeout),
+            ("timing.fencing_margin", t.fencing_margin),
+        ] {
+            if value < Duration::from_millis(50) {
+                return Err((key, format!("{} s is too short: use at least 0.05", s(value))));
+            }
+        }
+        if t.renew_interval > t.ttl / 3 {
+            return Err(("timing.renew_interval", format!("{} s is more than ttl/3 ({:.2} s): renew at least three times per lease", s(t.renew_interval), s(t.ttl) / 3.0)));
+        }
+        if t.fencing_margin >= t.ttl {
+            return Err(("timing.fencing_margin", "must be shorter than ttl".into()));
+        }
+        // A keep-alive sent just before the previous confirmation ran out must
+        // be able to come back (or time out) before the fencing deadline.
+        if t.renew_interval + t.dcs_timeout >= t.ttl - t.fencing_margin {
+            return Err((
+                "timing",
+                format!(
+                    "renew_interval ({}) + dcs_timeout ({}) must be less than ttl ({}) - fencing_margin ({}): \
+                     otherwise a leader could lose its lease before it notices; lower the first two or raise ttl",
+                    s(t.renew_interval),
+                    s(t.dcs_timeout),
+                    s(t.ttl),
+                    s(t.fencing_margin)
+                ),
+            ));
+        }
+        if t.loop_wait > t.ttl {
+            return Err(("timing.loop_wait", "must not exceed ttl".into()));
+        }
+        Ok(())
+    }
+
+    pub fn rewind_credentials(&self) -> &Credentials {
+        self.postgresql.rewind.as_ref().unwrap_or(&self.postgresql.superuser)
+    }
+
+    pub fn pg_connect_host(&self) -> String {
+        self.postgresql.connect_address.clone().unwrap_or_else(|| self.postgresql.listen.clone())
+    }
+
+    pub fn api_url(&self) -> String {
+        self.api.connect_url.clone().unwrap_or_else(|| format!("http://{}", self.api.listen))
+    }
+}
+
+fn check_name(key: &'static str, value: &str) -> Result<(), (&'static str, String)> {
+    let valid = !value.is_empty()
+        && value.len() <= 63
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if valid {
+        Ok(())
+    } else {
+        Err((key, format!("{value:?} is not a valid name: use 1-63 letters, digits, '-', '_' or '.'")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster = "ship"
+name = "node1"
+[etcd]
+endpoints = ["http://127.0.0.1:2379"]
+[postgresql]
+data_dir = "/var/lib/mainstay/data"
+port = 5432
+superuser = { username = "postgres", password = "s3cret" }
+replication = { username = "replicator", password = "r3pl" }
+"#;
+
+    fn check(extra: &str, key: Option<&str>, needle: &str) {
+        let text = format!("{GOOD}{extra}");
+        match Config::parse(Path::new("test.toml"), &text) {
+            Ok(_) => panic!("accepted: {extra}"),
+            Err(err) => {
+                assert_eq!(err.key.as_deref(), key, "{err}");
+                assert!(err.to_string().contains(needle), "{err} lacks {needle}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_good_file_parses_with_defaults() {
+        if !default_bin_dir().join("postgres").exists() {
+            return;
+        }
+        let config = Config::parse(Path::new("t"), GOOD).unwrap();
+        let t = config.timing.effective();
+        assert_eq!(t.ttl, Duration::from_secs(4));
+        assert_eq!(config.postgresql.run_as, "postgres");
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_files_name_the_key() {
+        if !default_bin_dir().join("postgres").exists() {
+            return;
+        }
+        check("[timing]\nttl = 1\n", Some("timing.ttl"), "etcd's minimum");
+        check("[timing]\nttl = 4\nrenew_interval = 2\n", Some("timing.renew_interval"), "ttl/3");
+        check("[timing]\nrenew_interval = 1\ndcs_timeout = 2\n", Some("timing"), "fencing_margin");
+        check("[timing]\nttl = \"4s\"\n", None, "invalid type");
+        check("bogus = 1\n", None, "unknown field");
+        check("[tags]\npriority = \"high\"\n", None, "invalid type");
+        check("[api]\nlisten = \"nowhere\"\n", Some("api.listen"), "IP:PORT");
+    }
+
+    #[test]
+    fn missing_and_malformed_keys_are_refused() {
+        for text in ["cluster = \"a\"\n", "cluster = \"a\" name = \"b\"", "name = \"b\"\ncluster = \"a\"\n[etcd]\nendpoints = []\n"] {
+            assert!(Config::parse(Path::new("t"), text).is_err(), "{text}");
+        }
+        let bad_name = GOOD.replace("\"node1\"", "\"node 1\"");
+        assert_eq!(Config::parse(Path::new("t"), &bad_name).unwrap_err().key.as_deref(), Some("name"));
+    }
+}

@@ -1,0 +1,347 @@
+//! A whole cluster on one machine: one etcd and N agents, each with its own
+//! PostgreSQL on free loopback ports. `mainstay demo` shows it to a human;
+//! the integration tests and benchmarks drive the same `LocalCluster`.
+
+use mainstay_core::{ClusterView, PgRole};
+use mainstay_dcs::{Dcs, EtcdDcs, EtcdSettings};
+use mainstay_testkit::{Etcd, free_port};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::Duration;
+
+pub const SUPERUSER: &str = "postgres";
+pub const SUPERUSER_PASSWORD: &str = "demo-superuser-secret";
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub nodes: u16,
+    /// Where etcd, the configurations and the data directories go (must be
+    /// new or empty). Default: a new directory under /tmp.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Timing profile of the agents: default or fast.
+    #[arg(long, default_value = "default")]
+    pub profile: String,
+}
+
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub pg_port: u16,
+    pub api_port: u16,
+    agent: Option<Child>,
+}
+
+impl Node {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+    pub fn conninfo(&self) -> String {
+        format!("host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres", self.pg_port)
+    }
+    /// The postmaster's PID from `postmaster.pid`, if one runs.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+    }
+}
+
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    pub cluster: String,
+    pub etcd: Etcd,
+    pub nodes: Vec<Node>,
+    exe: PathBuf,
+}
+
+fn make_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
+    // PostgreSQL runs as `postgres` when we are root; it writes beside its
+    // data directory (password file, log, socket).
+    if unsafe { libc::geteuid() } == 0 {
+        let user = c"postgres";
+        let pw = unsafe { libc::getpwnam(user.as_ptr()) };
+        if !pw.is_null() {
+            let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+impl LocalCluster {
+    /// Writes the configurations and starts etcd and every agent.
+    pub fn start(dir: &Path, nodes: usize, exe: &Path, profile: &str) -> io::Result<LocalCluster> {
+        make_dir(dir)?;
+        let etcd = Etcd::start(&dir.join("etcd"))?;
+        let mut cluster = LocalCluster {
+            dir: dir.to_path_buf(),
+            cluster: "demo".into(),
+            etcd,
+            nodes: Vec::new(),
+            exe: exe.to_path_buf(),
+        };
+        for i in 1..=nodes {
+            let name = format!("node{i}");
+            let node_dir = dir.join(&name);
+            make_dir(&node_dir)?;
+            let node = Node {
+                config: node_dir.join("mainstay.toml"),
+                dir: node_dir,
+                pg_port: free_port(),
+                api_port: free_port(),
+                name,
+                agent: None,
+            };
+            fs::write(&node.config, cluster.config_text(&node, profile))?;
+            cluster.nodes.push(node);
+        }
+        for i in 0..nodes {
+            cluster.start_agent(i)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn config_text(&self, node: &Node, profile: &str) -> String {
+        format!(
+            r#"# Written by `mainstay demo`; see docs/configuration.md.
+cluster = "{cluster}"
+name = "{name}"
+
+[etcd]
+endpoints = ["{endpoint}"]
+
+[postgresql]
+data_dir = "{data}"
+listen = "127.0.0.1"
+port = {port}
+superuser = {{ username = "{SUPERUSER}", password = "{SUPERUSER_PASSWORD}" }}
+replication = {{ username = "replicator", password = "demo-replication-secret" }}
+parameters = {{ shared_buffers = "32MB", max_connections = "50" }}
+
+[api]
+listen = "127.0.0.1:{api}"
+
+[timing]
+profile = "{profile}"
+"#,
+            cluster = self.cluster,
+            name = node.name,
+            endpoint = self.etcd.endpoint(),
+            data = node.data_dir().display(),
+            port = node.pg_port,
+            api = node.api_port,
+        )
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> io::Result<()> {
+        let node = &mut self.nodes[i];
+        let log = fs::OpenOptions::new().create(true).append(true).open(node.agent_log())?;
+        let mut command = Command::new(&self.exe);
+        // If whoever started the cluster dies, its agents shut down cleanly
+        // instead of running on unattended.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command
+            .args(["agent", "--config"])
+            .arg(&node.config)
+            .env("MAINSTAY_LOG", std::env::var("MAINSTAY_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        node.agent = Some(child);
+        Ok(())
+    }
+
+    pub fn agent_running(&mut self, i: usize) -> bool {
+        match &mut self.nodes[i].agent {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGKILL the agent and its postmaster together, as a crash would.
+    pub fn kill_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let postmaster = node.postmaster_pid();
+        if let Some(mut child) = node.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(pid) = postmaster {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    /// SIGTERM the agent and wait (bounded) for its clean exit.
+    pub fn stop_agent(&mut self, i: usize, timeout: Duration) -> bool {
+        let Some(mut child) = self.nodes[i].agent.take() else { return true };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    pub fn stop_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop_agent(i, Duration::from_secs(30));
+        }
+        let _ = self.etcd.stop();
+    }
+
+    pub async fn dcs(&self) -> Result<EtcdDcs, String> {
+        let mut settings = EtcdSettings::new(vec![self.etcd.endpoint()], self.cluster.clone());
+        settings.request_timeout = Duration::from_secs(2);
+        EtcdDcs::connect(settings).await.map_err(|e| e.to_string())
+    }
+
+    /// libpq multi-host string that always lands on the writable node.
+    pub fn multi_host_conninfo(&self) -> String {
+        let hosts = vec!["127.0.0.1"; self.nodes.len()].join(",");
+        let ports: Vec<String> = self.nodes.iter().map(|n| n.pg_port.to_string()).collect();
+        format!(
+            "postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@{hosts}/postgres?port={}&target_session_attrs=read-write&connect_timeout=2",
+            ports.join(",")
+        )
+    }
+
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // Agents take their postmasters with them (parent-death signal);
+        // kill stragglers by PID anyway so that nothing outlives a test.
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+    }
+}
+
+/// One line describing who is what.
+pub fn describe(view: &ClusterView) -> String {
+    let leader = view.leader_name().unwrap_or("none");
+    let members: Vec<String> = view
+        .members
+        .values()
+        .map(|m| {
+            let s = &m.status;
+            let role = match s.role {
+                PgRole::Primary => "primary",
+                PgRole::Replica if s.streaming => "replica(streaming)",
+                PgRole::Replica => "replica",
+                PgRole::Stopped => "stopped",
+            };
+            format!("{}={} tl{} {}", s.name, role, s.timeline, s.received_lsn)
+        })
+        .collect();
+    format!("leader={leader} | {}", members.join(" | "))
+}
+
+pub async fn run(args: DemoArgs) -> ExitCode {
+    if args.profile != "default" && args.profile != "fast" {
+        eprintln!("error: --profile {:?}: use `default` or `fast`", args.profile);
+        return ExitCode::from(2);
+    }
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        std::env::temp_dir().join(format!("mainstay-demo-{stamp}"))
+    });
+    if fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
+        eprintln!(
+            "error: --dir {}: the directory is not empty; mainstay never reuses or overwrites data: pick a new directory",
+            dir.display()
+        );
+        return ExitCode::from(2);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(err) => {
+            eprintln!("error: cannot find the mainstay binary: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut cluster = match LocalCluster::start(&dir, args.nodes as usize, &exe, &args.profile) {
+        Ok(cluster) => cluster,
+        Err(err) => {
+            eprintln!("error: cannot start the demo cluster in {}: {err}", dir.display());
+            return ExitCode::from(1);
+        }
+    };
+    println!("mainstay demo: {} nodes, etcd at {}, files in {}", args.nodes, cluster.etcd.endpoint(), dir.display());
+    for node in &cluster.nodes {
+        println!("  {}: psql \"{}\"   (agent log: {})", node.name, node.conninfo(), node.agent_log().display());
+    }
+    println!("  read-write, whichever node is primary:\n    psql \"{}\"", cluster.multi_host_conninfo());
+    println!("Press Ctrl-C to stop everything.\n");
+    let dcs = match cluster.dcs().await {
+        Ok(dcs) => dcs,
+        Err(err) => {
+            eprintln!("error: cannot reach the demo's etcd: {err}");
+            cluster.stop_all();
+            return ExitCode::from(1);
+        }
+    };
+    let mut last = String::new();
+    let (Ok(mut int), Ok(mut term)) = (
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+    ) else {
+        eprintln!("error: cannot install signal handlers");
+        cluster.stop_all();
+        return ExitCode::from(1);
+    };
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        let line = match dcs.read_cluster().await {
+            Ok(view) => describe(&view),
+            Err(err) => format!("etcd: {err}"),
+        };
+        // Positions change all the time; print when roles change.
+        let roles: String = line.split(" | ").map(|p| p.split(" tl").next().unwrap_or(p)).collect::<Vec<_>>().join("|");
+        if roles != last {
+            println!("{} {line}", chrono_now());
+            last = roles;
+        }
+    }
+    println!("\nstopping agents (each stops its PostgreSQL) and etcd...");
+    cluster.stop_all();
+    println!("stopped. Data, configurations and logs are kept in {}", dir.display());
+    ExitCode::SUCCESS
+}
+
+fn chrono_now() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = now.as_secs() % 86_400;
+    format!("{:02}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60, now.subsec_millis())
+}

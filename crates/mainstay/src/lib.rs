@@ -1,0 +1,6 @@
+//! mainstay as a library: the pieces the binary wires together, exposed so
+//! that integration tests and benchmarks drive the same code.
+
+pub mod agent;
+pub mod config;
+pub mod demo;
