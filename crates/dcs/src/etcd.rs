@@ -222,11 +222,13 @@ impl EtcdDcs {
     }
 
     /// Runs one request, bounded by the request timeout, on the member in
-    /// use. A request that certainly did not reach etcd's state machine
-    /// (connection refused, member without leader) is retried on the next
-    /// member while time remains; any other failure moves later requests to
-    /// the next member.
-    async fn call<T, F, Fut>(&self, mut request: F) -> Result<T>
+    /// use. Any failure to reach a member moves later requests to the next
+    /// one. Within the time left, the request is sent again (to the member
+    /// now in use) when that cannot apply it twice: it certainly never
+    /// reached etcd (connection refused, member without leader), or it is
+    /// `Idempotent`, which also covers the one failure tonic reports on a
+    /// connection that died since the last request (e.g. etcd restarted).
+    async fn call<T, F, Fut>(&self, kind: Request, mut request: F) -> Result<T>
     where
         F: FnMut(Client, usize) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -234,6 +236,7 @@ impl EtcdDcs {
         let inner = &*self.inner;
         let in_use = AtomicUsize::new(inner.current.load(Ordering::Relaxed));
         let attempts = async {
+            let members = inner.members.len();
             let mut tried = 0;
             let mut reauthenticated = false;
             loop {
@@ -256,7 +259,12 @@ impl EtcdDcs {
                 tried += 1;
                 if matches!(error, DcsError::Unreachable(_) | DcsError::Timeout) {
                     let next = inner.fail_over(member, &error);
-                    if unsent && tried < inner.members.len() {
+                    let again = match kind {
+                        Request::Idempotent => tried < members.max(2),
+                        Request::Once => unsent && tried < members,
+                    };
+                    if again {
+                        tracing::debug!(%error, "sending the etcd request again");
                         in_use.store(next, Ordering::Relaxed);
                         continue;
                     }
@@ -276,7 +284,7 @@ impl EtcdDcs {
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<bool> {
         let txn = Txn::new().when(compares).and_then(ops);
         let response = self
-            .call(|mut client, _| {
+            .call(Request::Once, |mut client, _| {
                 let txn = txn.clone();
                 async move { client.txn(txn).await }
             })
@@ -288,7 +296,7 @@ impl EtcdDcs {
     async fn get_one(&self, relative: &str) -> Result<Option<(Vec<u8>, i64, i64)>> {
         let key = self.key(relative);
         let mut response = self
-            .call(|mut client, _| {
+            .call(Request::Idempotent, |mut client, _| {
                 let key = key.clone();
                 async move { client.get(key, None).await }
             })
@@ -342,6 +350,15 @@ impl EtcdDcs {
             self.inner.keepers().insert(lease, keeper);
         }
     }
+}
+
+/// Whether a request may be sent twice without changing the outcome.
+#[derive(Clone, Copy)]
+enum Request {
+    /// Reads, renewals, revocations, opening a watch.
+    Idempotent,
+    /// Writes and grants: sent again only if certainly not received.
+    Once,
 }
 
 impl Inner {
@@ -412,7 +429,9 @@ impl Keeper {
 impl Dcs for EtcdDcs {
     async fn grant_lease(&self, ttl_secs: i64) -> Result<i64> {
         let response = self
-            .call(|mut client, _| async move { client.lease_grant(ttl_secs, None).await })
+            .call(Request::Once, |mut client, _| async move {
+                client.lease_grant(ttl_secs, None).await
+            })
             .await?;
         if !response.error().is_empty() {
             return Err(DcsError::Other(format!(
@@ -431,14 +450,18 @@ impl Dcs for EtcdDcs {
     }
 
     async fn keep_alive(&self, lease: i64) -> Result<i64> {
-        self.call(|client, member| self.renew(client, member, lease))
-            .await
+        self.call(Request::Idempotent, |client, member| {
+            self.renew(client, member, lease)
+        })
+        .await
     }
 
     async fn revoke_lease(&self, lease: i64) -> Result<()> {
         self.inner.keepers().remove(&lease);
         let revoked = self
-            .call(|mut client, _| async move { client.lease_revoke(lease).await })
+            .call(Request::Idempotent, |mut client, _| async move {
+                client.lease_revoke(lease).await
+            })
             .await;
         match revoked {
             Ok(_) | Err(DcsError::Conflict(_)) => Ok(()),
@@ -449,7 +472,7 @@ impl Dcs for EtcdDcs {
     async fn read_cluster(&self) -> Result<ClusterView> {
         let prefix = &self.inner.prefix;
         let mut response = self
-            .call(|mut client, _| async move {
+            .call(Request::Idempotent, |mut client, _| async move {
                 client
                     .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
                     .await
@@ -473,7 +496,8 @@ impl Dcs for EtcdDcs {
         check_name("member", &status.name)?;
         let value = to_json(status)?;
         let key = self.key(&keys::member(&status.name));
-        self.call(|mut client, _| {
+        // Writing the same status twice only bumps its revision.
+        self.call(Request::Idempotent, |mut client, _| {
             let (key, value) = (key.clone(), value.clone());
             async move {
                 client
@@ -633,7 +657,7 @@ impl Dcs for EtcdDcs {
     async fn watch(&self) -> Result<mpsc::Receiver<WatchEvent>> {
         let prefix = &self.inner.prefix;
         let (watcher, stream, member) = self
-            .call(|mut client, member| async move {
+            .call(Request::Idempotent, |mut client, member| async move {
                 let options = WatchOptions::new().with_prefix();
                 let (watcher, stream) = client.watch(prefix.as_str(), Some(options)).await?;
                 Ok((watcher, stream, member))
@@ -812,9 +836,18 @@ fn status_error(status: &tonic::Status) -> DcsError {
             "the etcd member has no leader, it may be cut off from its quorum ({message})"
         )),
         Code::Unavailable | Code::Cancelled => DcsError::Unreachable(describe_status(status)),
+        // tonic makes a status with a source out of a local transport
+        // failure (e.g. a connection that died since the last request); etcd
+        // never sends one.
+        _ if std::error::Error::source(status).is_some() => {
+            DcsError::Unreachable(describe_status(status))
+        }
         Code::NotFound if message.contains("lease not found") => {
             DcsError::Conflict("the lease no longer exists: it expired or was revoked".into())
         }
+        Code::InvalidArgument if message.contains("authentication failed") => DcsError::Other(
+            format!("etcd refused the login ({message}): check the etcd username and password"),
+        ),
         Code::Unauthenticated | Code::PermissionDenied => DcsError::Other(format!(
             "etcd refused access ({message}): check the etcd username, password and certificates"
         )),

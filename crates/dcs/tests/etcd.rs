@@ -358,7 +358,10 @@ async fn authentication_survives_etcd_restart() {
     let wrong = EtcdDcs::connect(settings("wrong")).await.unwrap();
     let err = wrong.read_cluster().await.unwrap_err();
     eprintln!("wrong password: {err}");
-    assert!(matches!(err, DcsError::Other(ref m) if m.contains("password")), "{err:?}");
+    assert!(
+        matches!(err, DcsError::Other(ref m) if m.contains("password")),
+        "{err:?}"
+    );
 
     let dcs = EtcdDcs::connect(settings("secret")).await.unwrap();
     let lease = dcs.grant_lease(30).await.unwrap();
@@ -366,6 +369,8 @@ async fn authentication_survives_etcd_restart() {
 
     f.etcd.stop().unwrap();
     f.etcd.restart().unwrap();
+    // The first request after the restart meets a dead connection, then a
+    // forgotten auth token: both are handled inside the call.
     let view = dcs.read_cluster().await.unwrap();
     assert_eq!(view.leader_name(), Some("a"));
     assert_eq!(dcs.keep_alive(lease).await.unwrap(), 30);

@@ -531,11 +531,17 @@ impl<D: Dcs> Agent<D> {
     /// WAL is not a prefix of the leader's.
     async fn rejoin(&mut self, target: &ConnTarget, status: &MemberStatus) -> Result<(), TurnError> {
         let failed = |what: &str, err: &dyn std::fmt::Display| TurnError::Failed(format!("{what}: {err}"));
-        if self.pg.ensure_clean_shutdown().await.map_err(|e| failed("crash recovery", &e))? {
+        let state = self.pg.control_data().map_err(|e| failed("pg_controldata", &e))?.state;
+        // Only a crashed primary needs crash recovery before its WAL end can
+        // be read; single-user mode on a standby would end its recovery.
+        if matches!(state, ClusterState::InProduction | ClusterState::InCrashRecovery | ClusterState::ShuttingDown)
+            && self.pg.ensure_clean_shutdown().await.map_err(|e| failed("crash recovery", &e))?
+        {
             info!("finished crash recovery in single-user mode before comparing histories");
         }
         let control = self.pg.control_data().map_err(|e| failed("pg_controldata", &e))?;
-        let (timeline, end_lsn) = if control.state == ClusterState::ShutDownInRecovery {
+        let standby = matches!(control.state, ClusterState::ShutDownInRecovery | ClusterState::InArchiveRecovery);
+        let (timeline, end_lsn) = if standby {
             let timeline = if control.min_recovery_end_timeline > 0 { control.min_recovery_end_timeline } else { control.timeline };
             (timeline, control.min_recovery_end_lsn.max(control.checkpoint_lsn))
         } else {

@@ -733,6 +733,12 @@ impl Postgres {
     /// After a crash (state in production / in recovery / shutting down),
     /// runs crash recovery in single-user mode so that the data directory is
     /// cleanly shut down, as pg_rewind requires. Returns whether it had to.
+    ///
+    /// Meant for the step before `rewind`. Single-user mode cannot run as a
+    /// standby, so a crashed *replica* ends recovery here and writes a
+    /// shutdown checkpoint on its timeline that the leader does not have;
+    /// a crashed replica that only needs to rejoin should simply be started
+    /// as a replica again instead.
     pub async fn ensure_clean_shutdown(&self) -> Result<bool> {
         if self.is_running() {
             return Err(Error::Refused("postgres is running; stop it first".into()));
