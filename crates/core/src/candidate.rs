@@ -25,7 +25,10 @@ pub fn compare(a: &Candidate<'_>, b: &Candidate<'_>) -> Ordering {
 }
 
 /// The best candidate other than `me` that beats `me`, if any.
-pub fn better_than<'a>(me: &Candidate<'_>, others: &'a [Candidate<'a>]) -> Option<&'a Candidate<'a>> {
+pub fn better_than<'a>(
+    me: &Candidate<'_>,
+    others: &'a [Candidate<'a>],
+) -> Option<&'a Candidate<'a>> {
     others
         .iter()
         .filter(|other| other.name != me.name && !other.tags.nofailover)
@@ -38,23 +41,46 @@ mod tests {
     use super::*;
 
     fn cand<'a>(name: &'a str, timeline: u32, lsn: u64, tags: &'a Tags) -> Candidate<'a> {
-        Candidate { name, timeline, lsn: Lsn(lsn), tags }
+        Candidate {
+            name,
+            timeline,
+            lsn: Lsn(lsn),
+            tags,
+        }
     }
 
     #[test]
     fn order_is_timeline_then_lsn_then_priority_then_name() {
         let plain = Tags::default();
-        let high = Tags { priority: 5, ..Tags::default() };
-        assert_eq!(compare(&cand("a", 2, 1, &plain), &cand("b", 1, 9, &plain)), Ordering::Greater);
-        assert_eq!(compare(&cand("a", 1, 9, &plain), &cand("b", 1, 8, &high)), Ordering::Greater);
-        assert_eq!(compare(&cand("b", 1, 9, &high), &cand("a", 1, 9, &plain)), Ordering::Greater);
-        assert_eq!(compare(&cand("a", 1, 9, &plain), &cand("b", 1, 9, &plain)), Ordering::Greater);
+        let high = Tags {
+            priority: 5,
+            ..Tags::default()
+        };
+        assert_eq!(
+            compare(&cand("a", 2, 1, &plain), &cand("b", 1, 9, &plain)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            compare(&cand("a", 1, 9, &plain), &cand("b", 1, 8, &high)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            compare(&cand("b", 1, 9, &high), &cand("a", 1, 9, &plain)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            compare(&cand("a", 1, 9, &plain), &cand("b", 1, 9, &plain)),
+            Ordering::Greater
+        );
     }
 
     #[test]
     fn nofailover_members_never_win() {
         let plain = Tags::default();
-        let never = Tags { nofailover: true, ..Tags::default() };
+        let never = Tags {
+            nofailover: true,
+            ..Tags::default()
+        };
         let others = [cand("b", 1, 100, &never), cand("c", 1, 50, &plain)];
         let me = cand("a", 1, 60, &plain);
         assert_eq!(better_than(&me, &others), None);

@@ -89,46 +89,75 @@ pub struct Observation<'a> {
 pub enum Action {
     /// The DCS lost its keys but this node has data: record its system
     /// identifier (create-if-absent) instead of ever re-initializing.
-    RegisterExistingData { system_id: String },
+    RegisterExistingData {
+        system_id: String,
+    },
     /// Claim the right to bootstrap (create-if-absent, no system id yet).
     ClaimInitialize,
     /// Someone's bootstrap was abandoned: delete `initialize` if unchanged.
-    AbandonBootstrap { initialize_revision: i64 },
+    AbandonBootstrap {
+        initialize_revision: i64,
+    },
     /// initdb, start as primary, create roles. Requires the leader key.
     Bootstrap,
     /// Write the system identifier into `initialize` once bootstrap worked.
-    RecordSystemId { system_id: String, initialize_revision: i64 },
+    RecordSystemId {
+        system_id: String,
+        initialize_revision: i64,
+    },
     /// Rename the data directory out of the way (never delete).
-    MoveAside { reason: String },
+    MoveAside {
+        reason: String,
+    },
     /// Create-if-absent transaction on the leader key with this node's lease.
     AcquireLeader,
     /// Delete the leader key if it still holds this node's name and lease.
-    ReleaseLeader { reason: String },
+    ReleaseLeader {
+        reason: String,
+    },
     /// Delete a leader key that names this node but sits on a lease of an
     /// earlier session (the agent restarted before that lease expired).
-    ReleaseStaleLeader { lease_id: i64 },
+    ReleaseStaleLeader {
+        lease_id: i64,
+    },
     StartPrimary,
-    StartReplica { leader: Option<String> },
+    StartReplica {
+        leader: Option<String>,
+    },
     /// Make a stopped node follow `leader`: finish crash recovery if it was a
     /// primary, compare histories and WAL positions, pg_rewind if it diverged
     /// (re-clone after moving the directory aside if rewind fails), then
     /// start as a replica.
-    Rejoin { leader: String },
+    Rejoin {
+        leader: String,
+    },
     /// Clone from `leader` into the empty data directory, start as replica.
-    BaseBackup { leader: String },
+    BaseBackup {
+        leader: String,
+    },
     /// Promote the local replica (the leader key is already ours).
     Promote,
     /// Re-point a running replica at `leader` by reload, no restart, after
     /// the same divergence check as `Rejoin` (which it falls back to).
-    Follow { leader: String },
+    Follow {
+        leader: String,
+    },
     /// Stop accepting writes now: immediate shutdown, no checkpoint.
-    Fence { reason: String },
+    Fence {
+        reason: String,
+    },
     /// Stop a replica (fast shutdown) so that it can be rejoined.
-    StopReplica { reason: String },
+    StopReplica {
+        reason: String,
+    },
     /// Keep one physical slot per other member, drop the rest of ours.
-    SyncSlots { members: Vec<String> },
+    SyncSlots {
+        members: Vec<String>,
+    },
     /// Stop the agent: continuing could damage data.
-    Fatal { reason: String },
+    Fatal {
+        reason: String,
+    },
 }
 
 impl Action {
@@ -161,7 +190,11 @@ pub struct CoreState {
 }
 
 fn decision(actions: Vec<Action>, note: impl Into<String>) -> Decision {
-    Decision { actions, wake_at: None, note: note.into() }
+    Decision {
+        actions,
+        wake_at: None,
+        note: note.into(),
+    }
 }
 
 fn wait(note: impl Into<String>) -> Decision {
@@ -194,7 +227,9 @@ fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
     let Some(init) = &view.initialize else {
         return match &pg.data {
             DataDir::Initialized { system_id, .. } => decision(
-                vec![Action::RegisterExistingData { system_id: system_id.clone() }],
+                vec![Action::RegisterExistingData {
+                    system_id: system_id.clone(),
+                }],
                 "the DCS has no cluster record but local data exists: registering it",
             ),
             DataDir::Empty if view.leader.is_some() => {
@@ -205,7 +240,10 @@ fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
             DataDir::Empty if !view.members.contains_key(obs.name) => {
                 wait("new cluster: publishing this member before claiming the bootstrap")
             }
-            DataDir::Empty => decision(vec![Action::ClaimInitialize], "new cluster: claiming the bootstrap"),
+            DataDir::Empty => decision(
+                vec![Action::ClaimInitialize],
+                "new cluster: claiming the bootstrap",
+            ),
         };
     };
     let Some(cluster_system_id) = &init.system_id else {
@@ -236,12 +274,16 @@ fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
             state.primary_restart_at = None;
             if pg.accepts_writes() {
                 return decision(
-                    vec![Action::Fence { reason: "the leader key is on a lease this agent no longer holds".into() }],
+                    vec![Action::Fence {
+                        reason: "the leader key is on a lease this agent no longer holds".into(),
+                    }],
                     "fencing: stale leadership",
                 );
             }
             decision(
-                vec![Action::ReleaseStaleLeader { lease_id: leader.lease_id }],
+                vec![Action::ReleaseStaleLeader {
+                    lease_id: leader.lease_id,
+                }],
                 "the leader key still names this node on an earlier lease: releasing it",
             )
         }
@@ -277,7 +319,9 @@ fn bootstrap_in_progress(obs: &Observation<'_>, view: &ClusterView, by: &str) ->
     if by != obs.name {
         if !view.members.contains_key(by) && view.leader.is_none() {
             return decision(
-                vec![Action::AbandonBootstrap { initialize_revision: view.initialize_revision }],
+                vec![Action::AbandonBootstrap {
+                    initialize_revision: view.initialize_revision,
+                }],
                 format!("{by} started a bootstrap and vanished: releasing the claim"),
             );
         }
@@ -288,9 +332,10 @@ fn bootstrap_in_progress(obs: &Observation<'_>, view: &ClusterView, by: &str) ->
             decision(vec![Action::Bootstrap], "bootstrapping the cluster")
         }
         (DataDir::Empty, true) => wait("bootstrap waits for a lease renewal"),
-        (DataDir::Empty, false) if view.leader.is_none() => {
-            decision(vec![Action::AcquireLeader], "taking leadership to bootstrap")
-        }
+        (DataDir::Empty, false) if view.leader.is_none() => decision(
+            vec![Action::AcquireLeader],
+            "taking leadership to bootstrap",
+        ),
         (DataDir::Empty, false) => wait("bootstrap claimed but another node holds the leader key"),
         (DataDir::Initialized { system_id, .. }, true) if pg.accepts_writes() => decision(
             vec![Action::RecordSystemId {
@@ -302,10 +347,17 @@ fn bootstrap_in_progress(obs: &Observation<'_>, view: &ClusterView, by: &str) ->
         (DataDir::Initialized { .. }, _) => {
             let mut actions = Vec::new();
             if pg.role != PgRole::Stopped {
-                actions.push(Action::Fence { reason: "an interrupted bootstrap is being retried".into() });
+                actions.push(Action::Fence {
+                    reason: "an interrupted bootstrap is being retried".into(),
+                });
             }
-            actions.push(Action::MoveAside { reason: "interrupted bootstrap".into() });
-            decision(actions, "an earlier bootstrap of this node did not finish: moving it aside to retry")
+            actions.push(Action::MoveAside {
+                reason: "interrupted bootstrap".into(),
+            });
+            decision(
+                actions,
+                "an earlier bootstrap of this node did not finish: moving it aside to retry",
+            )
         }
     }
 }
@@ -315,27 +367,45 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
     if obs.now >= obs.lease.valid_until {
         if pg.role != PgRole::Stopped {
             return decision(
-                vec![Action::Fence { reason: "the leader lease was not renewed in time".into() }],
+                vec![Action::Fence {
+                    reason: "the leader lease was not renewed in time".into(),
+                }],
                 "fencing: lease deadline passed",
             );
         }
         return wait("leader key held but the lease is not confirmed: waiting for a renewal");
     }
-    let others: Vec<String> = view.members.keys().filter(|m| *m != obs.name).cloned().collect();
+    let others: Vec<String> = view
+        .members
+        .keys()
+        .filter(|m| *m != obs.name)
+        .cloned()
+        .collect();
     match (&pg.data, pg.role) {
         (_, PgRole::Primary) => {
             state.primary_restart_at = None;
-            decision(vec![Action::SyncSlots { members: others }], "leader with a running primary")
+            decision(
+                vec![Action::SyncSlots { members: others }],
+                "leader with a running primary",
+            )
         }
-        (_, PgRole::Replica) => decision(vec![Action::Promote], "this node holds the leader key: promoting"),
+        (_, PgRole::Replica) => decision(
+            vec![Action::Promote],
+            "this node holds the leader key: promoting",
+        ),
         (DataDir::Empty, PgRole::Stopped) => decision(
-            vec![Action::ReleaseLeader { reason: "leader without a data directory".into() }],
+            vec![Action::ReleaseLeader {
+                reason: "leader without a data directory".into(),
+            }],
             "cannot lead without data",
         ),
         (DataDir::Initialized { .. }, PgRole::Stopped) => match state.primary_restart_at {
             None => {
                 state.primary_restart_at = Some(obs.now);
-                decision(vec![Action::StartPrimary], "the primary is down: restarting it (crash recovery)")
+                decision(
+                    vec![Action::StartPrimary],
+                    "the primary is down: restarting it (crash recovery)",
+                )
             }
             Some(_) => {
                 state.primary_restart_at = None;
@@ -350,14 +420,21 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
     }
 }
 
-fn follow(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView, leader: &str) -> Decision {
+fn follow(
+    state: &mut CoreState,
+    obs: &Observation<'_>,
+    view: &ClusterView,
+    leader: &str,
+) -> Decision {
     let pg = obs.pg;
     if pg.streaming {
         state.not_streaming_since = None;
     }
     if pg.accepts_writes() {
         return decision(
-            vec![Action::Fence { reason: format!("{leader} holds the leader key") }],
+            vec![Action::Fence {
+                reason: format!("{leader} holds the leader key"),
+            }],
             "demoting: another node leads",
         );
     }
@@ -367,24 +444,34 @@ fn follow(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView, lead
         .is_some_and(|m| m.status.role == PgRole::Primary);
     match (&pg.data, pg.role) {
         (DataDir::Empty, _) if leader_ready => decision(
-            vec![Action::BaseBackup { leader: leader.to_string() }],
+            vec![Action::BaseBackup {
+                leader: leader.to_string(),
+            }],
             format!("cloning from the leader {leader}"),
         ),
-        (DataDir::Empty, _) => wait(format!("waiting for the leader {leader} to run before cloning")),
+        (DataDir::Empty, _) => wait(format!(
+            "waiting for the leader {leader} to run before cloning"
+        )),
         // Timeline numbers alone cannot tell whether local WAL is a prefix
         // of the leader's (two nodes may promote to the same number), so
         // every start under a leader goes through the divergence check.
         (DataDir::Initialized { .. }, PgRole::Stopped) if leader_ready => decision(
-            vec![Action::Rejoin { leader: leader.to_string() }],
+            vec![Action::Rejoin {
+                leader: leader.to_string(),
+            }],
             format!("joining {leader} after a divergence check"),
         ),
-        (DataDir::Initialized { .. }, PgRole::Stopped) => {
-            wait(format!("waiting for the leader {leader} to run before joining it"))
+        (DataDir::Initialized { .. }, PgRole::Stopped) => wait(format!(
+            "waiting for the leader {leader} to run before joining it"
+        )),
+        (_, PgRole::Replica) if pg.following.as_deref() != Some(leader) && leader_ready => {
+            decision(
+                vec![Action::Follow {
+                    leader: leader.to_string(),
+                }],
+                format!("re-pointing replication to the new leader {leader}"),
+            )
         }
-        (_, PgRole::Replica) if pg.following.as_deref() != Some(leader) && leader_ready => decision(
-            vec![Action::Follow { leader: leader.to_string() }],
-            format!("re-pointing replication to the new leader {leader}"),
-        ),
         (_, PgRole::Replica) if leader_ready && !pg.streaming => {
             let since = *state.not_streaming_since.get_or_insert(obs.now);
             let deadline = since.plus(obs.settings.stuck_replica_ms);
@@ -413,7 +500,9 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
     let since = *state.no_leader_since.get_or_insert(obs.now);
     if pg.accepts_writes() {
         return decision(
-            vec![Action::Fence { reason: "the leader key is gone while this node was primary".into() }],
+            vec![Action::Fence {
+                reason: "the leader key is gone while this node was primary".into(),
+            }],
             "fencing: no leader key",
         );
     }
@@ -430,7 +519,12 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
     if obs.tags.nofailover {
         return wait("no leader, and this node is tagged nofailover");
     }
-    let me = Candidate { name: obs.name, timeline: pg.timeline, lsn: pg.lsn, tags: obs.tags };
+    let me = Candidate {
+        name: obs.name,
+        timeline: pg.timeline,
+        lsn: pg.lsn,
+        tags: obs.tags,
+    };
     let mut fresh = Vec::new();
     let mut silent = Vec::new();
     for (name, member) in &view.members {
@@ -441,7 +535,8 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
         // A status read before the leader vanished may predate the last WAL
         // the old primary sent, and a member that restarted may not be a
         // replica yet: wait for a final word from each of them.
-        let final_status = !status.view_had_leader && status.view_revision > state.last_leader_revision;
+        let final_status =
+            !status.view_had_leader && status.view_revision > state.last_leader_revision;
         if !final_status {
             silent.push(name.as_str());
             continue;
@@ -463,15 +558,23 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
     }
     let deadline = since.plus(obs.settings.election_wait_ms);
     if !silent.is_empty() && obs.now < deadline {
-        let mut result = wait(format!("no leader: waiting for a fresh status from {}", silent.join(", ")));
+        let mut result = wait(format!(
+            "no leader: waiting for a fresh status from {}",
+            silent.join(", ")
+        ));
         result.wake_at = Some(deadline);
         return result;
     }
     if obs.now >= obs.lease.valid_until {
-        return wait("no leader: this node would be the best candidate but its lease is not confirmed");
+        return wait(
+            "no leader: this node would be the best candidate but its lease is not confirmed",
+        );
     }
     decision(
         vec![Action::AcquireLeader],
-        format!("no leader: this node is the best candidate (timeline {}, {})", pg.timeline, pg.lsn),
+        format!(
+            "no leader: this node is the best candidate (timeline {}, {})",
+            pg.timeline, pg.lsn
+        ),
     )
 }

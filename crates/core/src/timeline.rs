@@ -29,8 +29,16 @@ pub fn parse_history(content: &str) -> Result<Vec<TimelineSwitch>, String> {
         let timeline = fields.next().and_then(|f| f.parse::<u32>().ok());
         let lsn = fields.next().and_then(Lsn::parse);
         match (timeline, lsn) {
-            (Some(timeline), Some(switch_lsn)) => switches.push(TimelineSwitch { timeline, switch_lsn }),
-            _ => return Err(format!("line {}: expected `<timeline> <X/Y> <reason>`, got {line:?}", index + 1)),
+            (Some(timeline), Some(switch_lsn)) => switches.push(TimelineSwitch {
+                timeline,
+                switch_lsn,
+            }),
+            _ => {
+                return Err(format!(
+                    "line {}: expected `<timeline> <X/Y> <reason>`, got {line:?}",
+                    index + 1
+                ));
+            }
         }
     }
     Ok(switches)
@@ -121,32 +129,66 @@ mod tests {
         Lsn::parse(text).unwrap()
     }
     fn switch(timeline: u32, at: &str) -> TimelineSwitch {
-        TimelineSwitch { timeline, switch_lsn: lsn(at) }
+        TimelineSwitch {
+            timeline,
+            switch_lsn: lsn(at),
+        }
     }
-    fn check(local: (u32, &str, Vec<TimelineSwitch>), leader: (u32, &str, Vec<TimelineSwitch>), expect_diverged: bool) {
-        let local = LocalWal { timeline: local.0, end_lsn: lsn(local.1), history: local.2 };
-        let leader = LeaderWal { timeline: leader.0, flush_lsn: lsn(leader.1), history: leader.2 };
+    fn check(
+        local: (u32, &str, Vec<TimelineSwitch>),
+        leader: (u32, &str, Vec<TimelineSwitch>),
+        expect_diverged: bool,
+    ) {
+        let local = LocalWal {
+            timeline: local.0,
+            end_lsn: lsn(local.1),
+            history: local.2,
+        };
+        let leader = LeaderWal {
+            timeline: leader.0,
+            flush_lsn: lsn(leader.1),
+            history: leader.2,
+        };
         let result = divergence(&local, &leader);
-        assert_eq!(matches!(result, Divergence::Diverged { .. }), expect_diverged, "{result:?}");
+        assert_eq!(
+            matches!(result, Divergence::Diverged { .. }),
+            expect_diverged,
+            "{result:?}"
+        );
     }
 
     #[test]
     fn parses_postgres_history_files() {
         let content = "1\t0/3000148\tno recovery target specified\n\n2\t0/5000000\tno recovery target specified\n";
-        assert_eq!(parse_history(content).unwrap(), vec![switch(1, "0/3000148"), switch(2, "0/5000000")]);
+        assert_eq!(
+            parse_history(content).unwrap(),
+            vec![switch(1, "0/3000148"), switch(2, "0/5000000")]
+        );
         assert!(parse_history("1 nonsense").is_err());
         assert_eq!(parse_history("").unwrap(), vec![]);
     }
 
     #[test]
     fn former_primary_that_stopped_at_the_switch_point_just_follows() {
-        check((1, "0/3000148", vec![]), (2, "0/4000000", vec![switch(1, "0/3000148")]), false);
-        check((1, "0/3000000", vec![]), (2, "0/4000000", vec![switch(1, "0/3000148")]), false);
+        check(
+            (1, "0/3000148", vec![]),
+            (2, "0/4000000", vec![switch(1, "0/3000148")]),
+            false,
+        );
+        check(
+            (1, "0/3000000", vec![]),
+            (2, "0/4000000", vec![switch(1, "0/3000148")]),
+            false,
+        );
     }
 
     #[test]
     fn former_primary_with_writes_past_the_switch_point_needs_rewind() {
-        check((1, "0/3000200", vec![]), (2, "0/4000000", vec![switch(1, "0/3000148")]), true);
+        check(
+            (1, "0/3000200", vec![]),
+            (2, "0/4000000", vec![switch(1, "0/3000148")]),
+            true,
+        );
     }
 
     #[test]
@@ -158,14 +200,30 @@ mod tests {
             true,
         );
         // Same branch, behind: fine.
-        check((2, "0/3500000", vec![switch(1, "0/3000148")]), (2, "0/4000000", vec![switch(1, "0/3000148")]), false);
+        check(
+            (2, "0/3500000", vec![switch(1, "0/3000148")]),
+            (2, "0/4000000", vec![switch(1, "0/3000148")]),
+            false,
+        );
         // Same branch, ahead of the leader: diverged.
-        check((2, "0/4500000", vec![switch(1, "0/3000148")]), (2, "0/4000000", vec![switch(1, "0/3000148")]), true);
+        check(
+            (2, "0/4500000", vec![switch(1, "0/3000148")]),
+            (2, "0/4000000", vec![switch(1, "0/3000148")]),
+            true,
+        );
     }
 
     #[test]
     fn timeline_missing_from_leader_history_or_newer_is_divergence() {
-        check((3, "0/3000000", vec![switch(1, "0/1"), switch(2, "0/2")]), (2, "0/9000000", vec![switch(1, "0/1")]), true);
-        check((2, "0/3000000", vec![switch(1, "0/1")]), (4, "0/9000000", vec![switch(1, "0/1"), switch(3, "0/5")]), true);
+        check(
+            (3, "0/3000000", vec![switch(1, "0/1"), switch(2, "0/2")]),
+            (2, "0/9000000", vec![switch(1, "0/1")]),
+            true,
+        );
+        check(
+            (2, "0/3000000", vec![switch(1, "0/1")]),
+            (4, "0/9000000", vec![switch(1, "0/1"), switch(3, "0/5")]),
+            true,
+        );
     }
 }

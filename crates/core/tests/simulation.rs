@@ -11,8 +11,8 @@
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
 use mainstay_core::timeline::{Divergence, LeaderWal, LocalWal, TimelineSwitch, divergence};
 use mainstay_core::{
-    Action, ClusterView, CoreState, HistoryEntry, InitializeRecord, LeaderRecord, Lsn, MemberRecord,
-    MemberStatus, Millis, Observation, PgRole, Tags, decide,
+    Action, ClusterView, CoreState, HistoryEntry, InitializeRecord, LeaderRecord, Lsn,
+    MemberRecord, MemberStatus, Millis, Observation, PgRole, Tags, decide,
 };
 use std::collections::BTreeMap;
 
@@ -54,10 +54,18 @@ struct Wal {
 
 impl Wal {
     fn local(&self) -> LocalWal {
-        LocalWal { timeline: self.timeline, end_lsn: Lsn(self.end), history: self.history.clone() }
+        LocalWal {
+            timeline: self.timeline,
+            end_lsn: Lsn(self.end),
+            history: self.history.clone(),
+        }
     }
     fn leader(&self) -> LeaderWal {
-        LeaderWal { timeline: self.timeline, flush_lsn: Lsn(self.end), history: self.history.clone() }
+        LeaderWal {
+            timeline: self.timeline,
+            flush_lsn: Lsn(self.end),
+            history: self.history.clone(),
+        }
     }
 }
 
@@ -79,7 +87,12 @@ impl Dcs {
     }
     /// Deletes expired leases and their keys; true when the leader key went.
     fn expire(&mut self, now: u64) -> bool {
-        let expired: Vec<i64> = self.leases.iter().filter(|(_, at)| **at <= now).map(|(id, _)| *id).collect();
+        let expired: Vec<i64> = self
+            .leases
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| *id)
+            .collect();
         let mut leader_gone = false;
         for id in expired {
             self.leases.remove(&id);
@@ -88,7 +101,12 @@ impl Dcs {
                 self.bump();
                 leader_gone = true;
             }
-            let gone: Vec<String> = self.members.iter().filter(|m| m.1.1 == id).map(|m| m.0.clone()).collect();
+            let gone: Vec<String> = self
+                .members
+                .iter()
+                .filter(|m| m.1.1 == id)
+                .map(|m| m.0.clone())
+                .collect();
             for name in gone {
                 self.members.remove(&name);
                 self.bump();
@@ -101,16 +119,25 @@ impl Dcs {
             revision: self.revision,
             initialize: self.initialize.as_ref().map(|i| i.0.clone()),
             initialize_revision: self.initialize.as_ref().map_or(0, |i| i.1),
-            leader: self.leader.as_ref().map(|(name, lease_id, mod_revision)| LeaderRecord {
-                name: name.clone(),
-                lease_id: *lease_id,
-                mod_revision: *mod_revision,
-            }),
+            leader: self
+                .leader
+                .as_ref()
+                .map(|(name, lease_id, mod_revision)| LeaderRecord {
+                    name: name.clone(),
+                    lease_id: *lease_id,
+                    mod_revision: *mod_revision,
+                }),
             members: self
                 .members
                 .iter()
                 .map(|(name, (status, _, rev))| {
-                    (name.clone(), MemberRecord { status: status.clone(), mod_revision: *rev })
+                    (
+                        name.clone(),
+                        MemberRecord {
+                            status: status.clone(),
+                            mod_revision: *rev,
+                        },
+                    )
                 })
                 .collect(),
             history: self.history.clone(),
@@ -243,7 +270,12 @@ impl Sim {
             dcs: Dcs::default(),
             nodes,
             renewals: Vec::new(),
-            settings: Settings { ttl_ms: TTL_MS, loop_wait_ms: LOOP_WAIT_MS, election_wait_ms: 2 * LOOP_WAIT_MS, stuck_replica_ms: 10 * LOOP_WAIT_MS },
+            settings: Settings {
+                ttl_ms: TTL_MS,
+                loop_wait_ms: LOOP_WAIT_MS,
+                election_wait_ms: 2 * LOOP_WAIT_MS,
+                stuck_replica_ms: 10 * LOOP_WAIT_MS,
+            },
             trace,
             next_system_id: 7_000_000_000_000_000_000,
             promotions: 0,
@@ -310,7 +342,9 @@ impl Sim {
             let now = self.now;
             if self.nodes[i].agent_alive && self.rng.chance(1_500) {
                 let down = 500 + self.rng.below(10_000);
-                self.log(|| format!("FAULT agent {i} crashes for {down} ms (PostgreSQL dies with it)"));
+                self.log(|| {
+                    format!("FAULT agent {i} crashes for {down} ms (PostgreSQL dies with it)")
+                });
                 let node = &mut self.nodes[i];
                 node.agent_alive = false;
                 node.restart_at = now + down;
@@ -328,7 +362,9 @@ impl Sim {
             if self.rng.chance(2_000) {
                 let loss = self.rng.below(600_000);
                 let delay = self.rng.below(REQUEST_TIMEOUT_MS * 3 / 2);
-                self.log(|| format!("FAULT node {i} renewals: loss {loss}/1e6, delay up to {delay} ms"));
+                self.log(|| {
+                    format!("FAULT node {i} renewals: loss {loss}/1e6, delay up to {delay} ms")
+                });
                 self.nodes[i].renew_loss_per_million = loss;
                 self.nodes[i].renew_delay_max = delay.max(1);
             }
@@ -342,7 +378,7 @@ impl Sim {
         self.log(|| "faults stop".into());
         let now = self.now;
         for node in &mut self.nodes {
-            node.partitioned_until = 0;
+            node.partitioned_until = node.partitioned_until.min(now);
             node.renew_loss_per_million = 0;
             node.renew_delay_max = 20;
             node.lag_until = 0;
@@ -453,7 +489,9 @@ impl Sim {
     }
 
     fn replicate_and_write(&mut self) {
-        let primaries: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].role == Role::Primary).collect();
+        let primaries: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].role == Role::Primary)
+            .collect();
         for &p in &primaries {
             let grow = self.rng.below(400);
             if let Some(wal) = &mut self.nodes[p].data {
@@ -465,14 +503,28 @@ impl Sim {
             if self.nodes[i].role != Role::Replica {
                 continue;
             }
-            let Some(source) = self.nodes[i].following.clone() else { continue };
-            let Some(p) = self.nodes.iter().position(|n| n.name == source) else { continue };
+            let Some(source) = self.nodes[i].following.clone() else {
+                continue;
+            };
+            let Some(p) = self.nodes.iter().position(|n| n.name == source) else {
+                continue;
+            };
             if self.nodes[p].role != Role::Primary {
                 continue;
             }
-            let rate = if self.now < self.nodes[i].lag_until { self.rng.below(100) } else { 100_000 };
-            let upstream = self.nodes[p].data.clone().expect("a running primary has data");
-            let wal = self.nodes[i].data.as_mut().expect("a running replica has data");
+            let rate = if self.now < self.nodes[i].lag_until {
+                self.rng.below(100)
+            } else {
+                100_000
+            };
+            let upstream = self.nodes[p]
+                .data
+                .clone()
+                .expect("a running primary has data");
+            let wal = self.nodes[i]
+                .data
+                .as_mut()
+                .expect("a running replica has data");
             if divergence(&wal.local(), &upstream.leader()) != Divergence::None {
                 continue;
             }
@@ -499,13 +551,18 @@ impl Sim {
                 settings: &self.settings,
                 pg: &pg,
                 cluster: view.as_ref(),
-                lease: Lease { id: node.lease_id, valid_until: Millis(node.valid_until) },
+                lease: Lease {
+                    id: node.lease_id,
+                    valid_until: Millis(node.valid_until),
+                },
             };
             let mut core = node.core.clone();
             let decision = decide(&mut core, &obs);
             self.nodes[i].core = core;
             let next = self.now + LOOP_WAIT_MS;
-            self.nodes[i].next_turn = decision.wake_at.map_or(next, |at| at.0.clamp(self.now + 1, next));
+            self.nodes[i].next_turn = decision
+                .wake_at
+                .map_or(next, |at| at.0.clamp(self.now + 1, next));
             self.log(|| format!("{name}: {} -> {:?}", decision.note, decision.actions));
             let mut changed = false;
             for action in &decision.actions {
@@ -526,7 +583,9 @@ impl Sim {
 
     fn publish(&mut self, i: usize, view: &ClusterView) {
         let node = &self.nodes[i];
-        let Some(lease) = node.lease_id.filter(|id| self.dcs.leases.contains_key(id)) else { return };
+        let Some(lease) = node.lease_id.filter(|id| self.dcs.leases.contains_key(id)) else {
+            return;
+        };
         let lsn = Lsn(node.data.as_ref().map_or(0, |w| w.end));
         let status = MemberStatus {
             name: node.name.clone(),
@@ -547,7 +606,9 @@ impl Sim {
             view_had_leader: view.leader.is_some(),
         };
         let revision = self.dcs.bump();
-        self.dcs.members.insert(node.name.clone(), (status, lease, revision));
+        self.dcs
+            .members
+            .insert(node.name.clone(), (status, lease, revision));
     }
 
     /// Returns false when the action failed (the rest of the turn is skipped).
@@ -571,7 +632,11 @@ impl Sim {
             Action::RegisterExistingData { system_id } => {
                 if self.dcs.initialize.is_none() {
                     let rev = self.dcs.bump();
-                    let record = InitializeRecord { system_id: Some(system_id.clone()), by: name, at: String::new() };
+                    let record = InitializeRecord {
+                        system_id: Some(system_id.clone()),
+                        by: name,
+                        at: String::new(),
+                    };
                     self.dcs.initialize = Some((record, rev));
                 }
             }
@@ -580,15 +645,32 @@ impl Sim {
                     return false;
                 }
                 let rev = self.dcs.bump();
-                self.dcs.initialize = Some((InitializeRecord { system_id: None, by: name, at: String::new() }, rev));
+                self.dcs.initialize = Some((
+                    InitializeRecord {
+                        system_id: None,
+                        by: name,
+                        at: String::new(),
+                    },
+                    rev,
+                ));
             }
-            Action::AbandonBootstrap { initialize_revision } => {
-                if self.dcs.initialize.as_ref().is_some_and(|i| i.1 == *initialize_revision) {
+            Action::AbandonBootstrap {
+                initialize_revision,
+            } => {
+                if self
+                    .dcs
+                    .initialize
+                    .as_ref()
+                    .is_some_and(|i| i.1 == *initialize_revision)
+                {
                     self.dcs.initialize = None;
                     self.dcs.bump();
                 }
             }
-            Action::RecordSystemId { system_id, initialize_revision } => {
+            Action::RecordSystemId {
+                system_id,
+                initialize_revision,
+            } => {
                 match &mut self.dcs.initialize {
                     Some((record, rev)) if *rev == *initialize_revision => {
                         record.system_id = Some(system_id.clone());
@@ -606,21 +688,30 @@ impl Sim {
                 }
                 self.next_system_id += 1;
                 let node = &mut self.nodes[i];
-                node.data = Some(Wal { system_id: self.next_system_id, timeline: 1, end: 100, history: vec![] });
+                node.data = Some(Wal {
+                    system_id: self.next_system_id,
+                    timeline: 1,
+                    end: 100,
+                    history: vec![],
+                });
                 node.role = Role::Primary;
                 node.was_primary = true;
             }
             Action::MoveAside { .. } => {
                 let node = &mut self.nodes[i];
                 if node.role != Role::Stopped {
-                    self.fail(format!("{name} moved a data directory aside while PostgreSQL ran"));
+                    self.fail(format!(
+                        "{name} moved a data directory aside while PostgreSQL ran"
+                    ));
                 }
                 node.data = None;
                 node.was_primary = false;
                 node.moved_aside += 1;
             }
             Action::AcquireLeader => {
-                let Some(id) = lease.filter(|id| self.dcs.leases.contains_key(id)) else { return false };
+                let Some(id) = lease.filter(|id| self.dcs.leases.contains_key(id)) else {
+                    return false;
+                };
                 if self.dcs.leader.is_some() {
                     return false;
                 }
@@ -629,14 +720,24 @@ impl Sim {
                 self.wake_all();
             }
             Action::ReleaseStaleLeader { lease_id } => {
-                if self.dcs.leader.as_ref().is_some_and(|l| l.0 == name && l.1 == *lease_id) {
+                if self
+                    .dcs
+                    .leader
+                    .as_ref()
+                    .is_some_and(|l| l.0 == name && l.1 == *lease_id)
+                {
                     self.dcs.leader = None;
                     self.dcs.bump();
                     self.wake_all();
                 }
             }
             Action::ReleaseLeader { .. } => {
-                if self.dcs.leader.as_ref().is_some_and(|l| l.0 == name && Some(l.1) == lease) {
+                if self
+                    .dcs
+                    .leader
+                    .as_ref()
+                    .is_some_and(|l| l.0 == name && Some(l.1) == lease)
+                {
                     self.dcs.leader = None;
                     self.dcs.bump();
                     self.wake_all();
@@ -650,10 +751,14 @@ impl Sim {
                     // PostgreSQL promotes at the end of recovery without
                     // standby.signal; the shell records the switch like a
                     // promotion.
-                    wal.history.push(TimelineSwitch { timeline: wal.timeline, switch_lsn: Lsn(wal.end) });
+                    wal.history.push(TimelineSwitch {
+                        timeline: wal.timeline,
+                        switch_lsn: Lsn(wal.end),
+                    });
                     wal.timeline += 1;
                 }
-                let (timeline, switch_lsn) = (wal.timeline, wal.history.last().map(|s| s.switch_lsn));
+                let (timeline, switch_lsn) =
+                    (wal.timeline, wal.history.last().map(|s| s.switch_lsn));
                 node.role = Role::Primary;
                 node.was_primary = true;
                 node.following = None;
@@ -673,7 +778,9 @@ impl Sim {
                 node.following = leader.clone();
             }
             Action::Rejoin { leader } | Action::BaseBackup { leader } => {
-                let Some(source) = self.nodes.iter().find(|n| &n.name == leader) else { return false };
+                let Some(source) = self.nodes.iter().find(|n| &n.name == leader) else {
+                    return false;
+                };
                 if source.role != Role::Primary {
                     return false;
                 }
@@ -687,7 +794,9 @@ impl Sim {
                     node.data = Some(upstream);
                 } else {
                     let wal = node.data.as_mut().expect("rejoin needs data");
-                    if let Divergence::Diverged { .. } = divergence(&wal.local(), &upstream.leader()) {
+                    if let Divergence::Diverged { .. } =
+                        divergence(&wal.local(), &upstream.leader())
+                    {
                         if rewind_fails {
                             node.moved_aside += 1;
                         }
@@ -708,7 +817,10 @@ impl Sim {
                 }
                 let wal = node.data.as_mut().expect("replica has data");
                 let switch = Lsn(wal.end);
-                wal.history.push(TimelineSwitch { timeline: wal.timeline, switch_lsn: switch });
+                wal.history.push(TimelineSwitch {
+                    timeline: wal.timeline,
+                    switch_lsn: switch,
+                });
                 wal.timeline += 1;
                 let timeline = wal.timeline;
                 node.role = Role::Primary;
@@ -724,7 +836,9 @@ impl Sim {
                 });
             }
             Action::Follow { leader } => {
-                let Some(source) = self.nodes.iter().find(|n| &n.name == leader) else { return false };
+                let Some(source) = self.nodes.iter().find(|n| &n.name == leader) else {
+                    return false;
+                };
                 if source.role != Role::Primary {
                     return false;
                 }
@@ -740,7 +854,9 @@ impl Sim {
             }
             Action::Fence { .. } | Action::StopReplica { .. } => self.nodes[i].role = Role::Stopped,
             Action::SyncSlots { .. } => {}
-            Action::Fatal { reason } => self.fail(format!("{name} stopped with a fatal error: {reason}")),
+            Action::Fatal { reason } => {
+                self.fail(format!("{name} stopped with a fatal error: {reason}"))
+            }
         }
         let _ = now;
         true
@@ -754,12 +870,16 @@ impl Sim {
         let me = &self.nodes[i];
         let Some(mine) = &me.data else { return };
         for other in &self.nodes {
-            if other.name == me.name
-                || !other.visible_for_election(self.now)
-                || !self.dcs.members.get(&other.name).is_some_and(|m| Some(m.1) == other.lease_id)
-                || other.role != Role::Replica
-                || other.tags.nofailover
-            {
+            let published = self
+                .dcs
+                .members
+                .get(&other.name)
+                .is_some_and(|m| Some(m.1) == other.lease_id);
+            let eligible = other.visible_for_election(self.now)
+                && published
+                && other.role == Role::Replica
+                && !other.tags.nofailover;
+            if other.name == me.name || !eligible {
                 continue;
             }
             let Some(theirs) = &other.data else { continue };
@@ -773,29 +893,44 @@ impl Sim {
     }
 
     fn check_invariants(&self) {
-        let writers: Vec<&Node> = self.nodes.iter().filter(|n| n.role == Role::Primary).collect();
+        let writers: Vec<&Node> = self
+            .nodes
+            .iter()
+            .filter(|n| n.role == Role::Primary)
+            .collect();
         if writers.len() > 1 {
             let names: Vec<&str> = writers.iter().map(|n| n.name.as_str()).collect();
             self.fail(format!("two nodes accept writes: {names:?}"));
         }
         for writer in writers {
             if !writer.agent_alive {
-                self.fail(format!("{} accepts writes without a live agent", writer.name));
+                self.fail(format!(
+                    "{} accepts writes without a live agent",
+                    writer.name
+                ));
             }
             if self.now >= writer.earliest_expiry_base + TTL_MS {
-                self.fail(format!("{} accepts writes although its lease may have expired", writer.name));
+                self.fail(format!(
+                    "{} accepts writes although its lease may have expired",
+                    writer.name
+                ));
             }
         }
     }
 
     fn check_converged(&self) {
-        let electable = self.nodes.iter().any(|n| n.data.is_some() && !n.tags.nofailover);
+        let electable = self
+            .nodes
+            .iter()
+            .any(|n| n.data.is_some() && !n.tags.nofailover);
         if self.dcs.leader.is_none() && !electable {
             // Only nofailover nodes hold data: nobody may lead, by the
             // operator's own choice.
             return;
         }
-        let Some((leader, _, _)) = &self.dcs.leader else { self.fail("no leader after the faults stopped".into()) };
+        let Some((leader, _, _)) = &self.dcs.leader else {
+            self.fail("no leader after the faults stopped".into())
+        };
         let primary = self.nodes.iter().find(|n| &n.name == leader).unwrap();
         if primary.role != Role::Primary {
             self.fail(format!("leader {leader} is not running as primary"));
@@ -805,11 +940,15 @@ impl Sim {
             if &node.name == leader {
                 continue;
             }
-            let Some(wal) = &node.data else { self.fail(format!("{} has no data", node.name)) };
+            let Some(wal) = &node.data else {
+                self.fail(format!("{} has no data", node.name))
+            };
             if node.role != Role::Replica || node.following.as_ref() != Some(leader) {
                 self.fail(format!("{} is not a replica of {leader}", node.name));
             }
-            if wal.system_id != top.system_id || divergence(&wal.local(), &top.leader()) != Divergence::None {
+            if wal.system_id != top.system_id
+                || divergence(&wal.local(), &top.leader()) != Divergence::None
+            {
                 self.fail(format!("{} cannot stream from {leader}", node.name));
             }
         }
@@ -823,7 +962,10 @@ fn clusters_stay_safe_and_converge_under_random_faults() {
         Sim::new(seed, true).run();
         return;
     }
-    let seeds: u64 = std::env::var("MAINSTAY_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
+    let seeds: u64 = std::env::var("MAINSTAY_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
     let mut promotions = 0;
     let mut moved_aside = 0;
     for seed in 0..seeds {
@@ -833,5 +975,8 @@ fn clusters_stay_safe_and_converge_under_random_faults() {
         moved_aside += sim.nodes.iter().map(|n| n.moved_aside).sum::<usize>();
     }
     eprintln!("{seeds} seeds: {promotions} promotions, {moved_aside} data directories moved aside");
-    assert!(promotions > seeds as usize / 2, "the faults should cause failovers");
+    assert!(
+        promotions > seeds as usize / 2,
+        "the faults should cause failovers"
+    );
 }

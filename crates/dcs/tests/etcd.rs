@@ -14,7 +14,7 @@ use tokio::time::Instant;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Slack over a bound for a loaded 2-core machine.
-const SLACK: Duration = Duration::from_millis(500);
+const SLACK: Duration = Duration::from_millis(1000);
 
 struct Fixture {
     dcs: EtcdDcs,
@@ -179,8 +179,17 @@ async fn frozen_etcd_fails_fast() {
     // The same client recovers once etcd answers again.
     assert_eq!(f.dcs.keep_alive(lease).await.unwrap(), 10);
     let mut watch = f.dcs.watch().await.unwrap();
-    assert!(f.dcs.acquire_leader("a", lease).await.unwrap());
-    common::wait_for_key(&mut watch, KeyKind::Leader, false, REQUEST_TIMEOUT).await;
+    f.dcs.put_member(&common::member("b"), lease).await.unwrap();
+    let b = KeyKind::Member("b".into());
+    common::wait_for_key(&mut watch, b, false, REQUEST_TIMEOUT).await;
+    // The acquire that timed out sat in etcd's socket buffer; when etcd
+    // thaws it applies or not, depending on whether etcd sees the client's
+    // cancellation first. That is why a timeout means "outcome unknown".
+    let view = f.dcs.read_cluster().await.unwrap();
+    eprintln!(
+        "timed-out acquire applied after thaw: {}",
+        view.leader.is_some()
+    );
 }
 
 /// etcd killed and restarted: calls fail fast while it is down, the watch

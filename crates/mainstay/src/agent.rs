@@ -14,11 +14,14 @@ use crate::config::{Config, EffectiveTiming};
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
 use mainstay_core::timeline::{Divergence, LeaderWal, LocalWal, divergence, parse_history};
 use mainstay_core::{
-    Action, ClusterView, CoreState, HistoryEntry, InitializeRecord, Lsn, MemberStatus, Millis, Observation,
-    PgRole, decide,
+    Action, ClusterView, CoreState, HistoryEntry, InitializeRecord, Lsn, MemberStatus, Millis,
+    Observation, PgRole, decide,
 };
 use mainstay_dcs::{Dcs, KeyKind, WatchEvent};
-use mainstay_pg::{ClusterState, ConnTarget, Credentials, DataDirState, Health, PgSettings, Postgres, StartRole, StopMode};
+use mainstay_pg::{
+    ClusterState, ConnTarget, Credentials, DataDirState, Health, PgSettings, Postgres, StartRole,
+    StopMode,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -92,7 +95,10 @@ impl<D: Dcs> Agent<D> {
             stuck_replica_ms: 30_000,
         };
         let origin = Instant::now();
-        let (_, lease) = watch::channel(LeaseState { id: None, valid_until: origin });
+        let (_, lease) = watch::channel(LeaseState {
+            id: None,
+            valid_until: origin,
+        });
         Agent {
             name: config.name.clone(),
             tags: config.tags.clone(),
@@ -120,8 +126,14 @@ impl<D: Dcs> Agent<D> {
     /// Runs until `shutdown` resolves (SIGTERM/SIGINT) or a fatal error.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
         info!(node = %self.name, ttl = ?self.timing.ttl, loop_wait = ?self.timing.loop_wait, "agent starting");
-        self.pg.write_pgpass().await.map_err(|e| format!("cannot write the password file: {e}"))?;
-        let (lease_tx, lease_rx) = watch::channel(LeaseState { id: None, valid_until: self.origin });
+        self.pg
+            .write_pgpass()
+            .await
+            .map_err(|e| format!("cannot write the password file: {e}"))?;
+        let (lease_tx, lease_rx) = watch::channel(LeaseState {
+            id: None,
+            valid_until: self.origin,
+        });
         self.lease = lease_rx.clone();
         let keeper = tokio::spawn(keep_lease(
             self.dcs.clone(),
@@ -132,7 +144,11 @@ impl<D: Dcs> Agent<D> {
             self.wake.clone(),
         ));
         let watchdog = tokio::spawn(watchdog(lease_rx, self.writable.clone(), self.pg.fencer()));
-        let watcher = tokio::spawn(forward_watch(self.dcs.clone(), self.leaderless.clone(), self.wake.clone()));
+        let watcher = tokio::spawn(forward_watch(
+            self.dcs.clone(),
+            self.leaderless.clone(),
+            self.wake.clone(),
+        ));
         tokio::pin!(shutdown);
         let result = loop {
             let mut next = Instant::now() + self.timing.loop_wait;
@@ -190,19 +206,24 @@ impl<D: Dcs> Agent<D> {
     async fn turn(&mut self) -> Result<(bool, Option<Millis>), TurnError> {
         // The DCS first, PostgreSQL second: a status probed after a view
         // without a leader is final for the election (see core::decide).
-        let view = match tokio::time::timeout(self.timing.dcs_timeout, self.dcs.read_cluster()).await {
-            Ok(Ok(view)) => Some(view),
-            Ok(Err(err)) => {
-                warn!("cannot read the DCS: {err}");
-                None
-            }
-            Err(_) => {
-                warn!("cannot read the DCS: no answer within {:?}", self.timing.dcs_timeout);
-                None
-            }
-        };
+        let view =
+            match tokio::time::timeout(self.timing.dcs_timeout, self.dcs.read_cluster()).await {
+                Ok(Ok(view)) => Some(view),
+                Ok(Err(err)) => {
+                    warn!("cannot read the DCS: {err}");
+                    None
+                }
+                Err(_) => {
+                    warn!(
+                        "cannot read the DCS: no answer within {:?}",
+                        self.timing.dcs_timeout
+                    );
+                    None
+                }
+            };
         if let Some(view) = &view {
-            self.leaderless.store(view.leader.is_none(), Ordering::Relaxed);
+            self.leaderless
+                .store(view.leader.is_none(), Ordering::Relaxed);
         }
         let local = self.observe_pg().await.map_err(TurnError::Failed)?;
         let lease = *self.lease.borrow();
@@ -213,7 +234,10 @@ impl<D: Dcs> Agent<D> {
             settings: &self.settings,
             pg: &local,
             cluster: view.as_ref(),
-            lease: Lease { id: lease.id, valid_until: self.millis(lease.valid_until) },
+            lease: Lease {
+                id: lease.id,
+                valid_until: self.millis(lease.valid_until),
+            },
         };
         let decision = decide(&mut self.core, &obs);
         if decision.note != self.last_note {
@@ -281,7 +305,11 @@ impl<D: Dcs> Agent<D> {
         }
         match self.pg.probe().await {
             Ok(health) => {
-                local.role = if health.in_recovery { PgRole::Replica } else { PgRole::Primary };
+                local.role = if health.in_recovery {
+                    PgRole::Replica
+                } else {
+                    PgRole::Primary
+                };
                 local.timeline = health.timeline;
                 local.lsn = health.wal_position();
                 local.streaming = health.is_streaming();
@@ -293,7 +321,11 @@ impl<D: Dcs> Agent<D> {
                 // worst for safety. A possibly writable server counts as a
                 // primary so that nothing starts a second one.
                 warn!("PostgreSQL runs but does not answer: {err}");
-                local.role = if self.writable.load(Ordering::SeqCst) { PgRole::Primary } else { PgRole::Replica };
+                local.role = if self.writable.load(Ordering::SeqCst) {
+                    PgRole::Primary
+                } else {
+                    PgRole::Replica
+                };
                 if let Some(health) = &self.last_health {
                     local.timeline = health.timeline;
                     local.lsn = health.wal_position();
@@ -306,12 +338,25 @@ impl<D: Dcs> Agent<D> {
         Ok(local)
     }
 
-    fn target(&self, view: Option<&ClusterView>, leader: &str) -> Result<(ConnTarget, MemberStatus), TurnError> {
+    fn target(
+        &self,
+        view: Option<&ClusterView>,
+        leader: &str,
+    ) -> Result<(ConnTarget, MemberStatus), TurnError> {
         let status = view
             .and_then(|v| v.members.get(leader))
             .map(|m| m.status.clone())
-            .ok_or_else(|| TurnError::Failed(format!("no member status for the leader {leader}")))?;
-        Ok((ConnTarget { host: status.pg_host.clone(), port: status.pg_port, name: leader.to_string() }, status))
+            .ok_or_else(|| {
+                TurnError::Failed(format!("no member status for the leader {leader}"))
+            })?;
+        Ok((
+            ConnTarget {
+                host: status.pg_host.clone(),
+                port: status.pg_port,
+                name: leader.to_string(),
+            },
+            status,
+        ))
     }
 
     async fn execute(
@@ -321,69 +366,139 @@ impl<D: Dcs> Agent<D> {
         local: &LocalPg,
         lease: Option<i64>,
     ) -> Result<(), TurnError> {
-        let failed = |what: &str, err: &dyn std::fmt::Display| TurnError::Failed(format!("{what}: {err}"));
+        let failed =
+            |what: &str, err: &dyn std::fmt::Display| TurnError::Failed(format!("{what}: {err}"));
         let dcs_failed = |err: mainstay_dcs::DcsError| TurnError::Failed(format!("DCS: {err}"));
         let lease_id = || lease.ok_or_else(|| TurnError::Failed("no lease yet".into()));
         let now_text = || now_rfc3339();
         match action {
             Action::RegisterExistingData { system_id } => {
-                warn!(system_id, "the DCS holds no cluster record: registering the existing data, never re-initializing");
-                let record = InitializeRecord { system_id: Some(system_id.clone()), by: self.name.clone(), at: now_text() };
-                self.dcs.create_initialize(&record).await.map_err(dcs_failed)?;
+                warn!(
+                    system_id,
+                    "the DCS holds no cluster record: registering the existing data, never re-initializing"
+                );
+                let record = InitializeRecord {
+                    system_id: Some(system_id.clone()),
+                    by: self.name.clone(),
+                    at: now_text(),
+                };
+                self.dcs
+                    .create_initialize(&record)
+                    .await
+                    .map_err(dcs_failed)?;
             }
             Action::ClaimInitialize => {
-                let record = InitializeRecord { system_id: None, by: self.name.clone(), at: now_text() };
-                if !self.dcs.create_initialize(&record).await.map_err(dcs_failed)? {
-                    return Err(TurnError::Failed("another node claimed the bootstrap first".into()));
+                let record = InitializeRecord {
+                    system_id: None,
+                    by: self.name.clone(),
+                    at: now_text(),
+                };
+                if !self
+                    .dcs
+                    .create_initialize(&record)
+                    .await
+                    .map_err(dcs_failed)?
+                {
+                    return Err(TurnError::Failed(
+                        "another node claimed the bootstrap first".into(),
+                    ));
                 }
             }
-            Action::AbandonBootstrap { initialize_revision } => {
-                self.dcs.delete_initialize(*initialize_revision).await.map_err(dcs_failed)?;
+            Action::AbandonBootstrap {
+                initialize_revision,
+            } => {
+                self.dcs
+                    .delete_initialize(*initialize_revision)
+                    .await
+                    .map_err(dcs_failed)?;
             }
             Action::Bootstrap => self.bootstrap(view).await?,
-            Action::RecordSystemId { system_id, initialize_revision } => {
-                let record = InitializeRecord { system_id: Some(system_id.clone()), by: self.name.clone(), at: now_text() };
-                if !self.dcs.update_initialize(&record, *initialize_revision).await.map_err(dcs_failed)? {
-                    return Err(TurnError::Failed("the cluster record changed under us".into()));
+            Action::RecordSystemId {
+                system_id,
+                initialize_revision,
+            } => {
+                let record = InitializeRecord {
+                    system_id: Some(system_id.clone()),
+                    by: self.name.clone(),
+                    at: now_text(),
+                };
+                if !self
+                    .dcs
+                    .update_initialize(&record, *initialize_revision)
+                    .await
+                    .map_err(dcs_failed)?
+                {
+                    return Err(TurnError::Failed(
+                        "the cluster record changed under us".into(),
+                    ));
                 }
                 info!(system_id, "cluster bootstrapped");
             }
             Action::MoveAside { reason } => {
-                let moved = self.pg.move_aside(reason).map_err(|e| failed("moving the data directory aside", &e))?;
+                let moved = self
+                    .pg
+                    .move_aside(reason)
+                    .map_err(|e| failed("moving the data directory aside", &e))?;
                 warn!(to = %moved.display(), reason, "moved the data directory aside");
             }
             Action::AcquireLeader => {
-                if !self.dcs.acquire_leader(&self.name, lease_id()?).await.map_err(dcs_failed)? {
-                    return Err(TurnError::Failed("another node took the leader key first".into()));
+                if !self
+                    .dcs
+                    .acquire_leader(&self.name, lease_id()?)
+                    .await
+                    .map_err(dcs_failed)?
+                {
+                    return Err(TurnError::Failed(
+                        "another node took the leader key first".into(),
+                    ));
                 }
                 info!("took the leader key");
             }
             Action::ReleaseLeader { reason } => {
                 // Writes stop before the key goes, or two nodes could write.
                 if self.pg.is_running() {
-                    warn!(reason, "stopping PostgreSQL (immediate) before releasing leadership");
+                    warn!(
+                        reason,
+                        "stopping PostgreSQL (immediate) before releasing leadership"
+                    );
                     self.stop(StopMode::Immediate).await?;
                 }
-                self.dcs.release_leader(&self.name, lease_id()?).await.map_err(dcs_failed)?;
+                self.dcs
+                    .release_leader(&self.name, lease_id()?)
+                    .await
+                    .map_err(dcs_failed)?;
                 warn!(reason, "released the leader key");
             }
             Action::ReleaseStaleLeader { lease_id } => {
-                self.dcs.release_leader(&self.name, *lease_id).await.map_err(dcs_failed)?;
-                info!(lease_id, "released a leader key left by an earlier run of this agent");
+                self.dcs
+                    .release_leader(&self.name, *lease_id)
+                    .await
+                    .map_err(dcs_failed)?;
+                info!(
+                    lease_id,
+                    "released a leader key left by an earlier run of this agent"
+                );
             }
             Action::StartPrimary => {
                 let before = local.timeline;
-                self.pg.start(StartRole::Primary).await.map_err(|e| failed("starting as primary", &e))?;
+                self.pg
+                    .start(StartRole::Primary)
+                    .await
+                    .map_err(|e| failed("starting as primary", &e))?;
                 self.writable.store(true, Ordering::SeqCst);
                 self.following = None;
-                self.record_promotion(before, local.lsn, "restarted as primary").await;
+                self.record_promotion(before, local.lsn, "restarted as primary")
+                    .await;
             }
             Action::StartReplica { leader } => {
                 let target = match leader {
                     Some(name) => Some(self.target(view, name)?.0),
                     None => None,
                 };
-                self.pg.start(StartRole::Replica { leader: target }).await.map_err(|e| failed("starting as replica", &e))?;
+                self.pg
+                    .start(StartRole::Replica { leader: target })
+                    .await
+                    .map_err(|e| failed("starting as replica", &e))?;
                 self.following = leader.clone();
             }
             Action::Rejoin { leader } => {
@@ -393,27 +508,44 @@ impl<D: Dcs> Agent<D> {
             Action::BaseBackup { leader } => {
                 let (target, _) = self.target(view, leader)?;
                 info!(from = leader, "cloning with pg_basebackup");
-                self.pg.basebackup(&target).await.map_err(|e| failed("pg_basebackup", &e))?;
                 self.pg
-                    .start(StartRole::Replica { leader: Some(target) })
+                    .basebackup(&target)
+                    .await
+                    .map_err(|e| failed("pg_basebackup", &e))?;
+                self.pg
+                    .start(StartRole::Replica {
+                        leader: Some(target),
+                    })
                     .await
                     .map_err(|e| failed("starting the clone", &e))?;
                 self.following = Some(leader.clone());
             }
             Action::Promote => {
-                self.pg.promote().await.map_err(|e| failed("promoting", &e))?;
+                self.pg
+                    .promote()
+                    .await
+                    .map_err(|e| failed("promoting", &e))?;
                 self.writable.store(true, Ordering::SeqCst);
                 self.following = None;
-                self.record_promotion(local.timeline, local.lsn, "failover").await;
+                self.record_promotion(local.timeline, local.lsn, "failover")
+                    .await;
             }
             Action::Follow { leader } => {
                 let (target, status) = self.target(view, leader)?;
-                if let Divergence::Diverged { reason } = self.running_divergence(&target, &status).await? {
-                    warn!(reason, "this replica diverged from the new leader: stopping it to rewind");
+                if let Divergence::Diverged { reason } =
+                    self.running_divergence(&target, &status).await?
+                {
+                    warn!(
+                        reason,
+                        "this replica diverged from the new leader: stopping it to rewind"
+                    );
                     self.stop(StopMode::Fast).await?;
                     return self.rejoin(&target, &status).await;
                 }
-                self.pg.follow(Some(&target)).await.map_err(|e| failed("re-pointing replication", &e))?;
+                self.pg
+                    .follow(Some(&target))
+                    .await
+                    .map_err(|e| failed("re-pointing replication", &e))?;
                 self.following = Some(leader.clone());
                 info!(leader, "now following the new leader (reload, no restart)");
             }
@@ -426,7 +558,11 @@ impl<D: Dcs> Agent<D> {
                 self.stop(StopMode::Fast).await?;
             }
             Action::SyncSlots { members } => {
-                let changes = self.pg.sync_slots(members).await.map_err(|e| failed("replication slots", &e))?;
+                let changes = self
+                    .pg
+                    .sync_slots(members)
+                    .await
+                    .map_err(|e| failed("replication slots", &e))?;
                 if !changes.created.is_empty() || !changes.dropped.is_empty() {
                     info!(created = ?changes.created, dropped = ?changes.dropped, "replication slots changed");
                 }
@@ -453,17 +589,29 @@ impl<D: Dcs> Agent<D> {
         info!("initializing a new cluster (initdb with data checksums)");
         let result = async {
             self.pg.initdb().await.map_err(|e| format!("initdb: {e}"))?;
-            self.pg.start(StartRole::Primary).await.map_err(|e| format!("first start: {e}"))?;
+            self.pg
+                .start(StartRole::Primary)
+                .await
+                .map_err(|e| format!("first start: {e}"))?;
             self.writable.store(true, Ordering::SeqCst);
-            self.pg.create_roles().await.map_err(|e| format!("creating roles: {e}"))
+            self.pg
+                .create_roles()
+                .await
+                .map_err(|e| format!("creating roles: {e}"))
         }
         .await;
         let Err(reason) = result else { return Ok(()) };
-        error!(reason, "bootstrap failed: moving the attempt aside and giving the claim back");
+        error!(
+            reason,
+            "bootstrap failed: moving the attempt aside and giving the claim back"
+        );
         if self.pg.is_running() {
             let _ = self.stop(StopMode::Immediate).await;
         }
-        if !matches!(self.pg.data_dir_state(), DataDirState::Missing | DataDirState::Empty) {
+        if !matches!(
+            self.pg.data_dir_state(),
+            DataDirState::Missing | DataDirState::Empty
+        ) {
             match self.pg.move_aside("failed bootstrap") {
                 Ok(path) => warn!(to = %path.display(), "moved the failed bootstrap aside"),
                 Err(err) => error!("cannot move the failed bootstrap aside: {err}"),
@@ -499,17 +647,31 @@ impl<D: Dcs> Agent<D> {
         }
     }
 
-    async fn leader_wal(&self, target: &ConnTarget, status: &MemberStatus) -> Result<LeaderWal, TurnError> {
+    async fn leader_wal(
+        &self,
+        target: &ConnTarget,
+        status: &MemberStatus,
+    ) -> Result<LeaderWal, TurnError> {
         let text = self
             .pg
             .timeline_history(target, status.timeline)
             .await
-            .map_err(|e| TurnError::Failed(format!("reading the leader's timeline history: {e}")))?;
-        let history = parse_history(&text).map_err(|e| TurnError::Failed(format!("the leader's history file: {e}")))?;
-        Ok(LeaderWal { timeline: status.timeline, flush_lsn: status.flush_lsn.max(status.received_lsn), history })
+            .map_err(|e| {
+                TurnError::Failed(format!("reading the leader's timeline history: {e}"))
+            })?;
+        let history = parse_history(&text)
+            .map_err(|e| TurnError::Failed(format!("the leader's history file: {e}")))?;
+        Ok(LeaderWal {
+            timeline: status.timeline,
+            flush_lsn: status.flush_lsn.max(status.received_lsn),
+            history,
+        })
     }
 
-    fn local_history(&self, timeline: u32) -> Result<Vec<mainstay_core::timeline::TimelineSwitch>, TurnError> {
+    fn local_history(
+        &self,
+        timeline: u32,
+    ) -> Result<Vec<mainstay_core::timeline::TimelineSwitch>, TurnError> {
         let text = self
             .pg
             .local_timeline_history(timeline)
@@ -517,8 +679,14 @@ impl<D: Dcs> Agent<D> {
         parse_history(&text).map_err(|e| TurnError::Failed(format!("the local history file: {e}")))
     }
 
-    async fn running_divergence(&self, target: &ConnTarget, status: &MemberStatus) -> Result<Divergence, TurnError> {
-        let Some(health) = &self.last_health else { return Ok(Divergence::None) };
+    async fn running_divergence(
+        &self,
+        target: &ConnTarget,
+        status: &MemberStatus,
+    ) -> Result<Divergence, TurnError> {
+        let Some(health) = &self.last_health else {
+            return Ok(Divergence::None);
+        };
         let local = LocalWal {
             timeline: health.timeline,
             end_lsn: health.wal_position(),
@@ -529,40 +697,88 @@ impl<D: Dcs> Agent<D> {
 
     /// Makes a stopped node a replica of `target`, rewinding it first if its
     /// WAL is not a prefix of the leader's.
-    async fn rejoin(&mut self, target: &ConnTarget, status: &MemberStatus) -> Result<(), TurnError> {
-        let failed = |what: &str, err: &dyn std::fmt::Display| TurnError::Failed(format!("{what}: {err}"));
-        let state = self.pg.control_data().map_err(|e| failed("pg_controldata", &e))?.state;
+    async fn rejoin(
+        &mut self,
+        target: &ConnTarget,
+        status: &MemberStatus,
+    ) -> Result<(), TurnError> {
+        let failed =
+            |what: &str, err: &dyn std::fmt::Display| TurnError::Failed(format!("{what}: {err}"));
+        let state = self
+            .pg
+            .control_data()
+            .map_err(|e| failed("pg_controldata", &e))?
+            .state;
         // Only a crashed primary needs crash recovery before its WAL end can
         // be read; single-user mode on a standby would end its recovery.
-        if matches!(state, ClusterState::InProduction | ClusterState::InCrashRecovery | ClusterState::ShuttingDown)
-            && self.pg.ensure_clean_shutdown().await.map_err(|e| failed("crash recovery", &e))?
+        if matches!(
+            state,
+            ClusterState::InProduction | ClusterState::InCrashRecovery | ClusterState::ShuttingDown
+        ) && self
+            .pg
+            .ensure_clean_shutdown()
+            .await
+            .map_err(|e| failed("crash recovery", &e))?
         {
             info!("finished crash recovery in single-user mode before comparing histories");
         }
-        let control = self.pg.control_data().map_err(|e| failed("pg_controldata", &e))?;
-        let standby = matches!(control.state, ClusterState::ShutDownInRecovery | ClusterState::InArchiveRecovery);
+        let control = self
+            .pg
+            .control_data()
+            .map_err(|e| failed("pg_controldata", &e))?;
+        let standby = matches!(
+            control.state,
+            ClusterState::ShutDownInRecovery | ClusterState::InArchiveRecovery
+        );
         let (timeline, end_lsn) = if standby {
-            let timeline = if control.min_recovery_end_timeline > 0 { control.min_recovery_end_timeline } else { control.timeline };
-            (timeline, control.min_recovery_end_lsn.max(control.checkpoint_lsn))
+            let timeline = if control.min_recovery_end_timeline > 0 {
+                control.min_recovery_end_timeline
+            } else {
+                control.timeline
+            };
+            (
+                timeline,
+                control.min_recovery_end_lsn.max(control.checkpoint_lsn),
+            )
         } else {
             (control.timeline, control.checkpoint_lsn)
         };
-        let local = LocalWal { timeline, end_lsn, history: self.local_history(timeline)? };
+        let local = LocalWal {
+            timeline,
+            end_lsn,
+            history: self.local_history(timeline)?,
+        };
         let leader = self.leader_wal(target, status).await?;
         match divergence(&local, &leader) {
-            Divergence::None => info!(leader = target.name, "local WAL is a prefix of the leader's: no rewind needed"),
+            Divergence::None => info!(
+                leader = target.name,
+                "local WAL is a prefix of the leader's: no rewind needed"
+            ),
             Divergence::Diverged { reason } => {
-                warn!(leader = target.name, reason, "diverged from the leader: running pg_rewind");
+                warn!(
+                    leader = target.name,
+                    reason, "diverged from the leader: running pg_rewind"
+                );
                 if let Err(err) = self.pg.rewind(target).await {
-                    warn!("pg_rewind failed ({err}): moving the data directory aside and cloning afresh");
-                    let moved = self.pg.move_aside("rewind failed").map_err(|e| failed("moving aside", &e))?;
+                    warn!(
+                        "pg_rewind failed ({err}): moving the data directory aside and cloning afresh"
+                    );
+                    let moved = self
+                        .pg
+                        .move_aside("rewind failed")
+                        .map_err(|e| failed("moving aside", &e))?;
                     warn!(to = %moved.display(), "moved the old data directory aside");
-                    self.pg.basebackup(target).await.map_err(|e| failed("pg_basebackup", &e))?;
+                    self.pg
+                        .basebackup(target)
+                        .await
+                        .map_err(|e| failed("pg_basebackup", &e))?;
                 }
             }
         }
         self.pg
-            .start(StartRole::Replica { leader: Some(target.clone()) })
+            .start(StartRole::Replica {
+                leader: Some(target.clone()),
+            })
             .await
             .map_err(|e| failed("starting as replica", &e))?;
         self.following = Some(target.name.clone());
@@ -584,7 +800,11 @@ impl<D: Dcs> Agent<D> {
         let status = MemberStatus {
             name: self.name.clone(),
             role,
-            state: if role == PgRole::Stopped { "stopped".into() } else { "running".into() },
+            state: if role == PgRole::Stopped {
+                "stopped".into()
+            } else {
+                "running".into()
+            },
             api_url: self.api_url.clone(),
             pg_host: self.pg.settings().connect_host.clone(),
             pg_port: self.pg.settings().port,
@@ -592,14 +812,20 @@ impl<D: Dcs> Agent<D> {
             received_lsn: health.map_or(Lsn(0), |h| h.wal_position()),
             replayed_lsn: health.and_then(|h| h.replay_lsn).unwrap_or_default(),
             flush_lsn: health.and_then(|h| h.flush_lsn).unwrap_or_default(),
-            following: if role == PgRole::Replica { self.following.clone() } else { None },
+            following: if role == PgRole::Replica {
+                self.following.clone()
+            } else {
+                None
+            },
             streaming: health.is_some_and(|h| h.is_streaming()),
             tags: self.tags.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             view_revision: view.revision,
             view_had_leader: view.leader.is_some(),
         };
-        match tokio::time::timeout(self.timing.dcs_timeout, self.dcs.put_member(&status, lease)).await {
+        match tokio::time::timeout(self.timing.dcs_timeout, self.dcs.put_member(&status, lease))
+            .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(err)) => warn!("cannot publish the member status: {err}"),
             Err(_) => warn!("cannot publish the member status: DCS timeout"),
@@ -611,7 +837,9 @@ impl<D: Dcs> Agent<D> {
     async fn shut_down(&mut self) {
         let lease = self.lease.borrow().id;
         let leading = match (self.dcs.read_cluster().await, lease) {
-            (Ok(view), Some(lease)) => view.leader.is_some_and(|l| l.name == self.name && l.lease_id == lease),
+            (Ok(view), Some(lease)) => view
+                .leader
+                .is_some_and(|l| l.name == self.name && l.lease_id == lease),
             _ => false,
         };
         info!(leading, "shutting down: stopping PostgreSQL");
@@ -661,7 +889,9 @@ async fn keep_lease<D: Dcs>(
         let sent = Instant::now();
         let deadline = sent + timing.ttl - timing.fencing_margin;
         let outcome = match lease {
-            None => tokio::time::timeout(timing.dcs_timeout, dcs.grant_lease(ttl_secs)).await.map(|r| r.map(Some)),
+            None => tokio::time::timeout(timing.dcs_timeout, dcs.grant_lease(ttl_secs))
+                .await
+                .map(|r| r.map(Some)),
             Some(id) => tokio::time::timeout(timing.dcs_timeout, dcs.keep_alive(id))
                 .await
                 .map(|r| r.map(|ttl| (ttl > 0).then_some(id))),
@@ -676,7 +906,9 @@ async fn keep_lease<D: Dcs>(
                 if writable.load(Ordering::SeqCst) {
                     // A keep-alive cannot sit in a transaction: check
                     // separately that the leader key is still ours.
-                    match tokio::time::timeout(timing.dcs_timeout, dcs.leader_held_by(&name, id)).await {
+                    match tokio::time::timeout(timing.dcs_timeout, dcs.leader_held_by(&name, id))
+                        .await
+                    {
                         Ok(Ok(true)) => {}
                         Ok(Ok(false)) => {
                             warn!("the leader key is no longer this node's: fencing");
@@ -687,23 +919,36 @@ async fn keep_lease<D: Dcs>(
                     }
                 }
                 lease = Some(id);
-                tx.send_replace(LeaseState { id: lease, valid_until });
+                tx.send_replace(LeaseState {
+                    id: lease,
+                    valid_until,
+                });
             }
             Ok(Ok(None)) => {
                 warn!("the lease expired in etcd: requesting a new one");
                 lease = None;
-                tx.send_replace(LeaseState { id: None, valid_until: Instant::now() });
+                tx.send_replace(LeaseState {
+                    id: None,
+                    valid_until: Instant::now(),
+                });
                 wake.notify_one();
             }
             Ok(Err(err)) => warn!("lease renewal failed: {err}"),
-            Err(_) => warn!("lease renewal failed: no answer within {:?}", timing.dcs_timeout),
+            Err(_) => warn!(
+                "lease renewal failed: no answer within {:?}",
+                timing.dcs_timeout
+            ),
         }
     }
 }
 
 /// Stops a writable PostgreSQL the moment the lease may lapse, whatever the
 /// HA loop is doing.
-async fn watchdog(mut lease: watch::Receiver<LeaseState>, writable: Arc<AtomicBool>, fencer: mainstay_pg::Fencer) {
+async fn watchdog(
+    mut lease: watch::Receiver<LeaseState>,
+    writable: Arc<AtomicBool>,
+    fencer: mainstay_pg::Fencer,
+) {
     loop {
         let valid_until = lease.borrow().valid_until;
         tokio::select! {
@@ -738,11 +983,17 @@ async fn forward_watch<D: Dcs>(dcs: Arc<D>, leaderless: Arc<AtomicBool>, wake: A
                 debug!("DCS watch open");
                 while let Some(event) = events.recv().await {
                     match event {
-                        WatchEvent::Changed { key: KeyKind::Leader | KeyKind::Initialize, .. } => {
+                        WatchEvent::Changed {
+                            key: KeyKind::Leader | KeyKind::Initialize,
+                            ..
+                        } => {
                             backoff = Duration::from_millis(100);
                             wake.notify_one();
                         }
-                        WatchEvent::Changed { key: KeyKind::Member(_), .. } if leaderless.load(Ordering::Relaxed) => {
+                        WatchEvent::Changed {
+                            key: KeyKind::Member(_),
+                            ..
+                        } if leaderless.load(Ordering::Relaxed) => {
                             wake.notify_one();
                         }
                         WatchEvent::Changed { .. } => {}

@@ -63,7 +63,11 @@ pub struct Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credentials {{ username: {:?}, password: *** }}", self.username)
+        write!(
+            f,
+            "Credentials {{ username: {:?}, password: *** }}",
+            self.username
+        )
     }
 }
 
@@ -121,7 +125,10 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: default_api_listen(), connect_url: None }
+        ApiConfig {
+            listen: default_api_listen(),
+            connect_url: None,
+        }
     }
 }
 
@@ -171,7 +178,9 @@ impl Timing {
             Profile::Default => (4, 1.0, 1.0, 1.0, 1.0),
             Profile::Fast => (2, 0.5, 0.5, 0.4, 0.5),
         };
-        let secs = |value: Option<f64>, default: f64| Duration::from_secs_f64(value.unwrap_or(default).max(0.0));
+        let secs = |value: Option<f64>, default: f64| {
+            Duration::from_secs_f64(value.unwrap_or(default).max(0.0))
+        };
         EffectiveTiming {
             ttl: Duration::from_secs(self.ttl.unwrap_or(ttl)),
             loop_wait: secs(self.loop_wait, loop_wait),
@@ -233,18 +242,35 @@ impl Config {
         check_name("cluster", &self.cluster)?;
         check_name("name", &self.name)?;
         if self.etcd.endpoints.is_empty() {
-            return Err(("etcd.endpoints", "is empty: list at least one etcd client URL, e.g. [\"http://10.0.0.1:2379\"]".into()));
+            return Err((
+                "etcd.endpoints",
+                "is empty: list at least one etcd client URL, e.g. [\"http://10.0.0.1:2379\"]"
+                    .into(),
+            ));
         }
         for endpoint in &self.etcd.endpoints {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(("etcd.endpoints", format!("{endpoint:?} is not a URL: write it as http://HOST:PORT or https://HOST:PORT")));
+                return Err((
+                    "etcd.endpoints",
+                    format!(
+                        "{endpoint:?} is not a URL: write it as http://HOST:PORT or https://HOST:PORT"
+                    ),
+                ));
             }
             if endpoint.starts_with("https://") && self.etcd.ca_file.is_none() {
-                return Err(("etcd.ca_file", format!("{endpoint:?} uses https but no CA is configured: set etcd.ca_file to the PEM of the CA that signed etcd's certificate")));
+                return Err((
+                    "etcd.ca_file",
+                    format!(
+                        "{endpoint:?} uses https but no CA is configured: set etcd.ca_file to the PEM of the CA that signed etcd's certificate"
+                    ),
+                ));
             }
         }
         if self.etcd.username.is_some() != self.etcd.password.is_some() {
-            return Err(("etcd.password", "etcd.username and etcd.password go together: set both or neither".into()));
+            return Err((
+                "etcd.password",
+                "etcd.username and etcd.password go together: set both or neither".into(),
+            ));
         }
         if self.etcd.cert_file.is_some() != self.etcd.key_file.is_some() {
             return Err(("etcd.key_file", "a client certificate needs its key: set both etcd.cert_file and etcd.key_file, or neither".into()));
@@ -262,35 +288,80 @@ impl Config {
         }
         let pg = &self.postgresql;
         if !pg.data_dir.is_absolute() {
-            return Err(("postgresql.data_dir", format!("{} is relative: give an absolute path", pg.data_dir.display())));
+            return Err((
+                "postgresql.data_dir",
+                format!(
+                    "{} is relative: give an absolute path",
+                    pg.data_dir.display()
+                ),
+            ));
         }
-        if pg.data_dir.parent().is_none_or(|p| p.as_os_str().is_empty() || p == Path::new("/")) {
+        if pg
+            .data_dir
+            .parent()
+            .is_none_or(|p| p.as_os_str().is_empty() || p == Path::new("/"))
+        {
             return Err(("postgresql.data_dir", "must be below a directory of its own (mainstay keeps its password file and logs beside it), e.g. /var/lib/mainstay/data".into()));
         }
         if !pg.bin_dir.join("postgres").exists() {
-            return Err(("postgresql.bin_dir", format!("{} has no `postgres` binary: point it at PostgreSQL 15's bin directory, e.g. /usr/lib/postgresql/15/bin", pg.bin_dir.display())));
+            return Err((
+                "postgresql.bin_dir",
+                format!(
+                    "{} has no `postgres` binary: point it at PostgreSQL 15's bin directory, e.g. /usr/lib/postgresql/15/bin",
+                    pg.bin_dir.display()
+                ),
+            ));
         }
         if pg.port == 0 {
             return Err(("postgresql.port", "must be between 1 and 65535".into()));
         }
-        if pg.connect_address.is_none() && (pg.listen.contains('*') || pg.listen.contains("0.0.0.0") || pg.listen.contains(',')) {
-            return Err(("postgresql.connect_address", format!("postgresql.listen is {:?}, which other nodes cannot dial: set connect_address to this node's address", pg.listen)));
+        if pg.connect_address.is_none()
+            && (pg.listen.contains('*') || pg.listen.contains("0.0.0.0") || pg.listen.contains(','))
+        {
+            return Err((
+                "postgresql.connect_address",
+                format!(
+                    "postgresql.listen is {:?}, which other nodes cannot dial: set connect_address to this node's address",
+                    pg.listen
+                ),
+            ));
         }
-        for (key, credentials) in [("postgresql.superuser", &pg.superuser), ("postgresql.replication", &pg.replication)] {
+        for (key, credentials) in [
+            ("postgresql.superuser", &pg.superuser),
+            ("postgresql.replication", &pg.replication),
+        ] {
             if credentials.username.is_empty() || credentials.password.is_empty() {
                 return Err((key, "needs a non-empty username and password".into()));
             }
         }
         if pg.superuser.username == pg.replication.username {
-            return Err(("postgresql.replication.username", "must differ from the superuser's: replication gets a role of its own".into()));
+            return Err((
+                "postgresql.replication.username",
+                "must differ from the superuser's: replication gets a role of its own".into(),
+            ));
         }
         for (name, value) in &pg.parameters {
-            if !matches!(value, toml::Value::String(_) | toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)) {
-                return Err(("postgresql.parameters", format!("{name} must be a string, number or boolean")));
+            if !matches!(
+                value,
+                toml::Value::String(_)
+                    | toml::Value::Integer(_)
+                    | toml::Value::Float(_)
+                    | toml::Value::Boolean(_)
+            ) {
+                return Err((
+                    "postgresql.parameters",
+                    format!("{name} must be a string, number or boolean"),
+                ));
             }
         }
         if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(("api.listen", format!("{:?} is not an address: write IP:PORT, e.g. 0.0.0.0:8008", self.api.listen)));
+            return Err((
+                "api.listen",
+                format!(
+                    "{:?} is not an address: write IP:PORT, e.g. 0.0.0.0:8008",
+                    self.api.listen
+                ),
+            ));
         }
         self.check_timing()
     }
@@ -299,7 +370,13 @@ impl Config {
         let t = self.timing.effective();
         let s = |d: Duration| d.as_secs_f64();
         if t.ttl.as_secs() < ETCD_MIN_TTL_SECS {
-            return Err(("timing.ttl", format!("{} s is below etcd's minimum lease ({ETCD_MIN_TTL_SECS} s): raise it", t.ttl.as_secs())));
+            return Err((
+                "timing.ttl",
+                format!(
+                    "{} s is below etcd's minimum lease ({ETCD_MIN_TTL_SECS} s): raise it",
+                    t.ttl.as_secs()
+                ),
+            ));
         }
         for (key, value) in [
             ("timing.loop_wait", t.loop_wait),
@@ -308,11 +385,21 @@ impl Config {
             ("timing.fencing_margin", t.fencing_margin),
         ] {
             if value < Duration::from_millis(50) {
-                return Err((key, format!("{} s is too short: use at least 0.05", s(value))));
+                return Err((
+                    key,
+                    format!("{} s is too short: use at least 0.05", s(value)),
+                ));
             }
         }
         if t.renew_interval > t.ttl / 3 {
-            return Err(("timing.renew_interval", format!("{} s is more than ttl/3 ({:.2} s): renew at least three times per lease", s(t.renew_interval), s(t.ttl) / 3.0)));
+            return Err((
+                "timing.renew_interval",
+                format!(
+                    "{} s is more than ttl/3 ({:.2} s): renew at least three times per lease",
+                    s(t.renew_interval),
+                    s(t.ttl) / 3.0
+                ),
+            ));
         }
         if t.fencing_margin >= t.ttl {
             return Err(("timing.fencing_margin", "must be shorter than ttl".into()));
@@ -339,26 +426,40 @@ impl Config {
     }
 
     pub fn rewind_credentials(&self) -> &Credentials {
-        self.postgresql.rewind.as_ref().unwrap_or(&self.postgresql.superuser)
+        self.postgresql
+            .rewind
+            .as_ref()
+            .unwrap_or(&self.postgresql.superuser)
     }
 
     pub fn pg_connect_host(&self) -> String {
-        self.postgresql.connect_address.clone().unwrap_or_else(|| self.postgresql.listen.clone())
+        self.postgresql
+            .connect_address
+            .clone()
+            .unwrap_or_else(|| self.postgresql.listen.clone())
     }
 
     pub fn api_url(&self) -> String {
-        self.api.connect_url.clone().unwrap_or_else(|| format!("http://{}", self.api.listen))
+        self.api
+            .connect_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.api.listen))
     }
 }
 
 fn check_name(key: &'static str, value: &str) -> Result<(), (&'static str, String)> {
     let valid = !value.is_empty()
         && value.len() <= 63
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if valid {
         Ok(())
     } else {
-        Err((key, format!("{value:?} is not a valid name: use 1-63 letters, digits, '-', '_' or '.'")))
+        Err((
+            key,
+            format!("{value:?} is not a valid name: use 1-63 letters, digits, '-', '_' or '.'"),
+        ))
     }
 }
 
@@ -407,20 +508,42 @@ replication = { username = "replicator", password = "r3pl" }
             return;
         }
         check("[timing]\nttl = 1\n", Some("timing.ttl"), "etcd's minimum");
-        check("[timing]\nttl = 4\nrenew_interval = 2\n", Some("timing.renew_interval"), "ttl/3");
-        check("[timing]\nrenew_interval = 1\ndcs_timeout = 2\n", Some("timing"), "fencing_margin");
+        check(
+            "[timing]\nttl = 4\nrenew_interval = 2\n",
+            Some("timing.renew_interval"),
+            "ttl/3",
+        );
+        check(
+            "[timing]\nrenew_interval = 1\ndcs_timeout = 2\n",
+            Some("timing"),
+            "fencing_margin",
+        );
         check("[timing]\nttl = \"4s\"\n", None, "invalid type");
         check("bogus = 1\n", None, "unknown field");
         check("[tags]\npriority = \"high\"\n", None, "invalid type");
-        check("[api]\nlisten = \"nowhere\"\n", Some("api.listen"), "IP:PORT");
+        check(
+            "[api]\nlisten = \"nowhere\"\n",
+            Some("api.listen"),
+            "IP:PORT",
+        );
     }
 
     #[test]
     fn missing_and_malformed_keys_are_refused() {
-        for text in ["cluster = \"a\"\n", "cluster = \"a\" name = \"b\"", "name = \"b\"\ncluster = \"a\"\n[etcd]\nendpoints = []\n"] {
+        for text in [
+            "cluster = \"a\"\n",
+            "cluster = \"a\" name = \"b\"",
+            "name = \"b\"\ncluster = \"a\"\n[etcd]\nendpoints = []\n",
+        ] {
             assert!(Config::parse(Path::new("t"), text).is_err(), "{text}");
         }
         let bad_name = GOOD.replace("\"node1\"", "\"node 1\"");
-        assert_eq!(Config::parse(Path::new("t"), &bad_name).unwrap_err().key.as_deref(), Some("name"));
+        assert_eq!(
+            Config::parse(Path::new("t"), &bad_name)
+                .unwrap_err()
+                .key
+                .as_deref(),
+            Some("name")
+        );
     }
 }

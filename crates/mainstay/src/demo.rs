@@ -45,7 +45,10 @@ impl Node {
         self.dir.join("agent.log")
     }
     pub fn conninfo(&self) -> String {
-        format!("host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres", self.pg_port)
+        format!(
+            "host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres",
+            self.pg_port
+        )
     }
     /// The postmaster's PID from `postmaster.pid`, if one runs.
     pub fn postmaster_pid(&self) -> Option<i32> {
@@ -147,7 +150,10 @@ profile = "{profile}"
 
     pub fn start_agent(&mut self, i: usize) -> io::Result<()> {
         let node = &mut self.nodes[i];
-        let log = fs::OpenOptions::new().create(true).append(true).open(node.agent_log())?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.agent_log())?;
         let mut command = Command::new(&self.exe);
         // If whoever started the cluster dies, its agents shut down cleanly
         // instead of running on unattended.
@@ -161,13 +167,20 @@ profile = "{profile}"
         let child = command
             .args(["agent", "--config"])
             .arg(&node.config)
-            .env("MAINSTAY_LOG", std::env::var("MAINSTAY_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "MAINSTAY_LOG",
+                std::env::var("MAINSTAY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
         node.agent = Some(child);
         Ok(())
+    }
+
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].agent.as_ref().map(|c| c.id())
     }
 
     pub fn agent_running(&mut self, i: usize) -> bool {
@@ -180,19 +193,20 @@ profile = "{profile}"
     /// SIGKILL the agent and its postmaster together, as a crash would.
     pub fn kill_node(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let postmaster = node.postmaster_pid();
+        if let Some(pid) = node.postmaster_pid() {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         if let Some(mut child) = node.agent.take() {
             let _ = child.kill();
             let _ = child.wait();
-        }
-        if let Some(pid) = postmaster {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 
     /// SIGTERM the agent and wait (bounded) for its clean exit.
     pub fn stop_agent(&mut self, i: usize, timeout: Duration) -> bool {
-        let Some(mut child) = self.nodes[i].agent.take() else { return true };
+        let Some(mut child) = self.nodes[i].agent.take() else {
+            return true;
+        };
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
@@ -224,7 +238,7 @@ profile = "{profile}"
         let hosts = vec!["127.0.0.1"; self.nodes.len()].join(",");
         let ports: Vec<String> = self.nodes.iter().map(|n| n.pg_port.to_string()).collect();
         format!(
-            "postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@{hosts}/postgres?port={}&target_session_attrs=read-write&connect_timeout=2",
+            "host={hosts} port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres target_session_attrs=read-write connect_timeout=2",
             ports.join(",")
         )
     }
@@ -266,11 +280,16 @@ pub fn describe(view: &ClusterView) -> String {
 
 pub async fn run(args: DemoArgs) -> ExitCode {
     if args.profile != "default" && args.profile != "fast" {
-        eprintln!("error: --profile {:?}: use `default` or `fast`", args.profile);
+        eprintln!(
+            "error: --profile {:?}: use `default` or `fast`",
+            args.profile
+        );
         return ExitCode::from(2);
     }
     let dir = args.dir.clone().unwrap_or_else(|| {
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         std::env::temp_dir().join(format!("mainstay-demo-{stamp}"))
     });
     if fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
@@ -290,15 +309,31 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     let mut cluster = match LocalCluster::start(&dir, args.nodes as usize, &exe, &args.profile) {
         Ok(cluster) => cluster,
         Err(err) => {
-            eprintln!("error: cannot start the demo cluster in {}: {err}", dir.display());
+            eprintln!(
+                "error: cannot start the demo cluster in {}: {err}",
+                dir.display()
+            );
             return ExitCode::from(1);
         }
     };
-    println!("mainstay demo: {} nodes, etcd at {}, files in {}", args.nodes, cluster.etcd.endpoint(), dir.display());
+    println!(
+        "mainstay demo: {} nodes, etcd at {}, files in {}",
+        args.nodes,
+        cluster.etcd.endpoint(),
+        dir.display()
+    );
     for node in &cluster.nodes {
-        println!("  {}: psql \"{}\"   (agent log: {})", node.name, node.conninfo(), node.agent_log().display());
+        println!(
+            "  {}: psql \"{}\"   (agent log: {})",
+            node.name,
+            node.conninfo(),
+            node.agent_log().display()
+        );
     }
-    println!("  read-write, whichever node is primary:\n    psql \"{}\"", cluster.multi_host_conninfo());
+    println!(
+        "  read-write, whichever node is primary:\n    psql \"{}\"",
+        cluster.multi_host_conninfo()
+    );
     println!("Press Ctrl-C to stop everything.\n");
     let dcs = match cluster.dcs().await {
         Ok(dcs) => dcs,
@@ -328,7 +363,11 @@ pub async fn run(args: DemoArgs) -> ExitCode {
             Err(err) => format!("etcd: {err}"),
         };
         // Positions change all the time; print when roles change.
-        let roles: String = line.split(" | ").map(|p| p.split(" tl").next().unwrap_or(p)).collect::<Vec<_>>().join("|");
+        let roles: String = line
+            .split(" | ")
+            .map(|p| p.split(" tl").next().unwrap_or(p))
+            .collect::<Vec<_>>()
+            .join("|");
         if roles != last {
             println!("{} {line}", chrono_now());
             last = roles;
@@ -336,12 +375,23 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     }
     println!("\nstopping agents (each stops its PostgreSQL) and etcd...");
     cluster.stop_all();
-    println!("stopped. Data, configurations and logs are kept in {}", dir.display());
+    println!(
+        "stopped. Data, configurations and logs are kept in {}",
+        dir.display()
+    );
     ExitCode::SUCCESS
 }
 
 fn chrono_now() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = now.as_secs() % 86_400;
-    format!("{:02}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60, now.subsec_millis())
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        now.subsec_millis()
+    )
 }

@@ -2,5 +2,6 @@
 //! that integration tests and benchmarks drive the same code.
 
 pub mod agent;
+pub mod bench;
 pub mod config;
 pub mod demo;

@@ -1,4 +1,4 @@
-//! The `mainstay` command line: `agent`, `config check`, `demo`.
+//! The `mainstay` command line: `agent`, `config check`, `demo`, `bench`.
 
 use clap::{Parser, Subcommand};
 use mainstay::config::Config;
@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "mainstay", version, about = "High availability for PostgreSQL and the services beside it")]
+#[command(
+    name = "mainstay",
+    version,
+    about = "High availability for PostgreSQL and the services beside it"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,6 +30,11 @@ enum Command {
     },
     /// Start etcd and N agents with PostgreSQL on this machine (loopback).
     Demo(mainstay::demo::DemoArgs),
+    /// Benchmarks on a local cluster (see README for the figures).
+    Bench {
+        #[command(subcommand)]
+        command: mainstay::bench::BenchCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -39,11 +48,17 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
-            return if err.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if err.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match cli.command {
-        Command::Config { command: ConfigCommand::Check { file } } => match Config::load(&file) {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::load(&file) {
             Ok(config) => {
                 let t = config.timing.effective();
                 println!(
@@ -78,6 +93,7 @@ fn main() -> ExitCode {
             init_logging();
             runtime().block_on(mainstay::demo::run(args))
         }
+        Command::Bench { command } => runtime().block_on(mainstay::bench::run(command)),
     }
 }
 
@@ -92,12 +108,16 @@ fn runtime() -> tokio::runtime::Runtime {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAINSTAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 async fn run_agent(config: Config) -> ExitCode {
     let timing = config.timing.effective();
-    let mut settings = mainstay_dcs::EtcdSettings::new(config.etcd.endpoints.clone(), config.cluster.clone());
+    let mut settings =
+        mainstay_dcs::EtcdSettings::new(config.etcd.endpoints.clone(), config.cluster.clone());
     settings.request_timeout = timing.dcs_timeout;
     settings.connect_timeout = timing.dcs_timeout;
     settings.username = config.etcd.username.clone();

@@ -15,18 +15,46 @@ use tokio_postgres::{Client, NoTls};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Runs one cluster test: alone (see the module comment), on its own runtime,
+/// and only when etcd and PostgreSQL are installed.
+fn cluster_test(test: impl Future<Output = ()>) {
+    if !prerequisites() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(test);
+}
+
 fn prerequisites() -> bool {
-    let ok = Path::new("/usr/lib/postgresql/15/bin/postgres").exists() && Path::new("/usr/bin/etcd").exists();
+    let ok = Path::new("/usr/lib/postgresql/15/bin/postgres").exists()
+        && Path::new("/usr/bin/etcd").exists();
     if !ok {
-        eprintln!("SKIPPED: needs PostgreSQL 15 and etcd: run the README's install step (scripts/setup.sh)");
+        eprintln!(
+            "SKIPPED: needs PostgreSQL 15 and etcd: run the README's install step (scripts/setup.sh)"
+        );
     }
     ok
 }
 
 fn test_dir(name: &str) -> PathBuf {
-    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    base.join(format!("mainstay-test-{name}-{}-{stamp}", std::process::id()))
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    base.join(format!(
+        "mainstay-test-{name}-{}-{stamp}",
+        std::process::id()
+    ))
 }
 
 struct Harness {
@@ -38,9 +66,18 @@ struct Harness {
 impl Harness {
     fn start(name: &str, nodes: usize) -> Harness {
         let dir = test_dir(name);
-        let cluster = LocalCluster::start(&dir, nodes, Path::new(env!("CARGO_BIN_EXE_mainstay")), "default")
-            .expect("starting the cluster");
-        Harness { cluster, dir, passed: false }
+        let cluster = LocalCluster::start(
+            &dir,
+            nodes,
+            Path::new(env!("CARGO_BIN_EXE_mainstay")),
+            "default",
+        )
+        .expect("starting the cluster");
+        Harness {
+            cluster,
+            dir,
+            passed: false,
+        }
     }
 
     async fn view(&self) -> ClusterView {
@@ -49,7 +86,12 @@ impl Harness {
     }
 
     /// Polls until `check` holds, at most `timeout`.
-    async fn wait_for<T>(&self, what: &str, timeout: Duration, mut check: impl AsyncFnMut(&ClusterView) -> Option<T>) -> T {
+    async fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl AsyncFnMut(&ClusterView) -> Option<T>,
+    ) -> T {
         let dcs = self.cluster.dcs().await.expect("etcd client");
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
@@ -69,25 +111,31 @@ impl Harness {
     /// The primary and every other node streaming from it.
     async fn healthy(&self, timeout: Duration) -> String {
         let total = self.cluster.nodes.len();
-        self.wait_for("a primary with every other node streaming", timeout, async |view: &ClusterView| {
-            let leader = view.leader_status()?;
-            if leader.role != PgRole::Primary {
-                return None;
-            }
-            let streaming = view
-                .members
-                .values()
-                .filter(|m| m.status.role == PgRole::Replica && m.status.streaming)
-                .filter(|m| m.status.following.as_deref() == Some(&leader.name))
-                .count();
-            (streaming + 1 == total).then(|| leader.name.clone())
-        })
+        self.wait_for(
+            "a primary with every other node streaming",
+            timeout,
+            async |view: &ClusterView| {
+                let leader = view.leader_status()?;
+                if leader.role != PgRole::Primary {
+                    return None;
+                }
+                let streaming = view
+                    .members
+                    .values()
+                    .filter(|m| m.status.role == PgRole::Replica && m.status.streaming)
+                    .filter(|m| m.status.following.as_deref() == Some(&leader.name))
+                    .count();
+                (streaming + 1 == total).then(|| leader.name.clone())
+            },
+        )
         .await
     }
 
     async fn client(&self, node: &str) -> Client {
         let i = self.cluster.node_index(node).unwrap();
-        connect(&self.cluster.nodes[i].conninfo()).await.expect("connecting")
+        connect(&self.cluster.nodes[i].conninfo())
+            .await
+            .expect("connecting")
     }
 
     fn agent_log(&self, node: &str) -> String {
@@ -126,222 +174,354 @@ async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
 }
 
 async fn count_rows(client: &Client, table: &str) -> i64 {
-    client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0)
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 async fn wait_rows(h: &Harness, node: &str, table: &str, expected: i64) {
     let client = h.client(node).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let n = client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.map(|r| r.get::<_, i64>(0));
+        let n = client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .map(|r| r.get::<_, i64>(0));
         if n.as_ref().is_ok_and(|n| *n == expected) {
             return;
         }
-        assert!(Instant::now() < deadline, "{node} has {n:?} rows in {table}, expected {expected}");
+        assert!(
+            Instant::now() < deadline,
+            "{node} has {n:?} rows in {table}, expected {expected}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_bootstrap_and_replicate() {
-    if !prerequisites() {
-        return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut h = Harness::start("bootstrap", 3);
-    let leader = h.healthy(Duration::from_secs(60)).await;
-    let view = h.view().await;
-    let init = view.initialize.expect("initialize key");
-    assert!(init.system_id.is_some(), "system identifier recorded");
-    let primary = h.client(&leader).await;
-    let checksums: String = primary.query_one("SHOW data_checksums", &[]).await.unwrap().get(0);
-    assert_eq!(checksums, "on");
-    primary.batch_execute("CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 100)").await.unwrap();
-    for node in h.cluster.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>() {
-        wait_rows(&h, &node, "t", 100).await;
-        if node != leader {
-            let c = h.client(&node).await;
-            let in_recovery: bool = c.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0);
-            assert!(in_recovery, "{node} is a replica");
+#[test]
+fn three_nodes_bootstrap_and_replicate() {
+    cluster_test(async {
+        let mut h = Harness::start("bootstrap", 3);
+        let leader = h.healthy(Duration::from_secs(60)).await;
+        let view = h.view().await;
+        let init = view.initialize.expect("initialize key");
+        assert!(init.system_id.is_some(), "system identifier recorded");
+        let primary = h.client(&leader).await;
+        let checksums: String = primary
+            .query_one("SHOW data_checksums", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(checksums, "on");
+        primary
+            .batch_execute(
+                "CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 100)",
+            )
+            .await
+            .unwrap();
+        for node in h
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .collect::<Vec<_>>()
+        {
+            wait_rows(&h, &node, "t", 100).await;
+            if node != leader {
+                let c = h.client(&node).await;
+                let in_recovery: bool = c
+                    .query_one("SELECT pg_is_in_recovery()", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert!(in_recovery, "{node} is a replica");
+            }
         }
-    }
-    // One slot per replica on the primary.
-    let slots: i64 = primary
+        // One slot per replica on the primary.
+        let slots: i64 = primary
         .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'mainstay_%' AND active", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(slots, 2);
-    // The password file the agent writes is private.
-    use std::os::unix::fs::PermissionsExt;
-    for node in &h.cluster.nodes {
-        let pgpass = node.dir.join(format!("{}.pgpass", node.name));
-        let mode = std::fs::metadata(&pgpass).expect("pgpass written").permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{}", pgpass.display());
-        let log = std::fs::read_to_string(node.agent_log()).unwrap();
-        assert!(!log.contains(mainstay::demo::SUPERUSER_PASSWORD) && !log.contains("demo-replication-secret"));
-    }
-    let raw = serde_json::to_string(&h.view().await.members.values().map(|m| &m.status).collect::<Vec<_>>()).unwrap();
-    assert!(!raw.contains("secret"), "no secret in the DCS");
-    h.passed = true;
+        assert_eq!(slots, 2);
+        // The password file the agent writes is private.
+        use std::os::unix::fs::PermissionsExt;
+        for node in &h.cluster.nodes {
+            let pgpass = node.dir.join(format!("{}.pgpass", node.name));
+            let mode = std::fs::metadata(&pgpass)
+                .expect("pgpass written")
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, 0o600, "{}", pgpass.display());
+            let log = std::fs::read_to_string(node.agent_log()).unwrap();
+            assert!(
+                !log.contains(mainstay::demo::SUPERUSER_PASSWORD)
+                    && !log.contains("demo-replication-secret")
+            );
+        }
+        let raw = serde_json::to_string(
+            &h.view()
+                .await
+                .members
+                .values()
+                .map(|m| &m.status)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        assert!(!raw.contains("secret"), "no secret in the DCS");
+        h.passed = true;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_of_the_primary_fails_over_and_the_old_primary_rejoins() {
-    if !prerequisites() {
-        return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut h = Harness::start("failover", 3);
-    let old = h.healthy(Duration::from_secs(60)).await;
-    let primary = h.client(&old).await;
-    primary.batch_execute("CREATE TABLE w (id int primary key, lsn pg_lsn)").await.unwrap();
-    // Each row remembers a WAL position at or after its commit.
-    let mut acknowledged = Vec::new();
-    for id in 0..300 {
-        primary.execute("INSERT INTO w VALUES ($1, NULL)", &[&id]).await.unwrap();
-        let lsn: String = primary.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
-        acknowledged.push((id, Lsn::parse(&lsn).unwrap()));
-    }
-    // Sample what each replica holds, then crash the primary's server.
-    let mut received = std::collections::BTreeMap::new();
-    for node in h.cluster.nodes.iter().map(|n| n.name.clone()).filter(|n| *n != old).collect::<Vec<_>>() {
-        let c = h.client(&node).await;
-        let lsn: String = c.query_one("SELECT pg_last_wal_receive_lsn()::text", &[]).await.unwrap().get(0);
-        received.insert(node, Lsn::parse(&lsn).unwrap());
-    }
-    let old_index = h.cluster.node_index(&old).unwrap();
-    let killed_at = Instant::now();
-    h.cluster.kill_node(old_index);
-    let new = h
-        .wait_for("a new primary", Duration::from_secs(30), async |view: &ClusterView| {
-            let leader = view.leader_status()?;
-            (leader.name != old && leader.role == PgRole::Primary).then(|| leader.name.clone())
-        })
-        .await;
-    let client = h.client(&new).await;
-    client.execute("INSERT INTO w VALUES (1000, NULL)", &[]).await.expect("the new primary accepts writes");
-    let took = killed_at.elapsed();
-    eprintln!("failover: {new} accepted a write {took:?} after the kill");
-    assert!(took < Duration::from_secs(15), "failover took {took:?}");
-    let sampled = received[&new];
-    for (id, lsn) in acknowledged.iter().filter(|(_, lsn)| *lsn <= sampled) {
-        let found: i64 = client.query_one("SELECT count(*) FROM w WHERE id = $1", &[id]).await.unwrap().get(0);
-        assert_eq!(found, 1, "row {id} (committed by {lsn}, replica had {sampled}) is missing");
-    }
-    // The old primary comes back as a replica of the new one, without a clone.
-    h.cluster.start_agent(old_index).unwrap();
-    h.healthy(Duration::from_secs(60)).await;
-    let rows = count_rows(&client, "w").await;
-    wait_rows(&h, &old, "w", rows).await;
-    let log = h.agent_log(&old);
-    let second_run = log.rsplit("agent starting").next().unwrap();
-    assert!(!second_run.contains("pg_basebackup starting"), "the old primary was re-cloned");
-    h.passed = true;
+#[test]
+fn kill9_of_the_primary_fails_over_and_the_old_primary_rejoins() {
+    cluster_test(async {
+        let mut h = Harness::start("failover", 3);
+        let old = h.healthy(Duration::from_secs(60)).await;
+        let primary = h.client(&old).await;
+        primary
+            .batch_execute("CREATE TABLE w (id int primary key, lsn pg_lsn)")
+            .await
+            .unwrap();
+        // Each row remembers a WAL position at or after its commit.
+        let mut acknowledged = Vec::new();
+        for id in 0..300 {
+            primary
+                .execute("INSERT INTO w VALUES ($1, NULL)", &[&id])
+                .await
+                .unwrap();
+            let lsn: String = primary
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            acknowledged.push((id, Lsn::parse(&lsn).unwrap()));
+        }
+        // Sample what each replica holds, then crash the primary's server.
+        let mut received = std::collections::BTreeMap::new();
+        for node in h
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .filter(|n| *n != old)
+            .collect::<Vec<_>>()
+        {
+            let c = h.client(&node).await;
+            let lsn: String = c
+                .query_one("SELECT pg_last_wal_receive_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            received.insert(node, Lsn::parse(&lsn).unwrap());
+        }
+        let old_index = h.cluster.node_index(&old).unwrap();
+        let killed_at = Instant::now();
+        h.cluster.kill_node(old_index);
+        let new = h
+            .wait_for(
+                "a new primary",
+                Duration::from_secs(30),
+                async |view: &ClusterView| {
+                    let leader = view.leader_status()?;
+                    (leader.name != old && leader.role == PgRole::Primary)
+                        .then(|| leader.name.clone())
+                },
+            )
+            .await;
+        let client = h.client(&new).await;
+        client
+            .execute("INSERT INTO w VALUES (1000, NULL)", &[])
+            .await
+            .expect("the new primary accepts writes");
+        let took = killed_at.elapsed();
+        eprintln!("failover: {new} accepted a write {took:?} after the kill");
+        assert!(took < Duration::from_secs(15), "failover took {took:?}");
+        let sampled = received[&new];
+        for (id, lsn) in acknowledged.iter().filter(|(_, lsn)| *lsn <= sampled) {
+            let found: i64 = client
+                .query_one("SELECT count(*) FROM w WHERE id = $1", &[id])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                found, 1,
+                "row {id} (committed by {lsn}, replica had {sampled}) is missing"
+            );
+        }
+        // The old primary comes back as a replica of the new one, without a clone.
+        h.cluster.start_agent(old_index).unwrap();
+        h.healthy(Duration::from_secs(60)).await;
+        let rows = count_rows(&client, "w").await;
+        wait_rows(&h, &old, "w", rows).await;
+        let log = h.agent_log(&old);
+        let second_run = log.rsplit("agent starting").next().unwrap();
+        assert!(
+            !second_run.contains("pg_basebackup starting"),
+            "the old primary was re-cloned"
+        );
+        h.passed = true;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_diverged_former_primary_is_rewound() {
-    if !prerequisites() {
-        return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut h = Harness::start("rewind", 3);
-    let old = h.healthy(Duration::from_secs(60)).await;
-    let primary = h.client(&old).await;
-    primary.batch_execute("CREATE TABLE r (id int primary key, origin text)").await.unwrap();
-    primary.execute("INSERT INTO r SELECT g, 'shared' FROM generate_series(1, 50) g", &[]).await.unwrap();
-    let replicas: Vec<String> = h.cluster.nodes.iter().map(|n| n.name.clone()).filter(|n| *n != old).collect();
-    for node in &replicas {
-        wait_rows(&h, node, "r", 50).await;
-    }
-    // Freeze the primary's WAL senders: what it writes now, no replica
-    // receives. That is the divergence pg_rewind must undo.
-    let senders: Vec<i32> = primary
-        .query("SELECT pid FROM pg_stat_replication", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert_eq!(senders.len(), 2);
-    for pid in &senders {
-        unsafe { libc::kill(*pid, libc::SIGSTOP) };
-    }
-    primary.execute("INSERT INTO r SELECT g, 'lost' FROM generate_series(1000, 1100) g", &[]).await.unwrap();
-    primary.batch_execute("CHECKPOINT").await.unwrap();
-    let old_index = h.cluster.node_index(&old).unwrap();
-    h.cluster.kill_node(old_index);
-    for pid in &senders {
-        unsafe { libc::kill(*pid, libc::SIGKILL) };
-    }
-    let new = h
-        .wait_for("a new primary", Duration::from_secs(30), async |view: &ClusterView| {
-            let leader = view.leader_status()?;
-            (leader.name != old && leader.role == PgRole::Primary).then(|| leader.name.clone())
-        })
-        .await;
-    let client = h.client(&new).await;
-    client.execute("INSERT INTO r VALUES (5000, 'new primary')", &[]).await.unwrap();
-    assert_eq!(count_rows(&client, "r").await, 51);
-    h.cluster.start_agent(old_index).unwrap();
-    h.healthy(Duration::from_secs(90)).await;
-    wait_rows(&h, &old, "r", 51).await;
-    let log = h.agent_log(&old);
-    assert!(log.contains("running pg_rewind"), "pg_rewind did not run:\n{log}");
-    let moved: Vec<_> = std::fs::read_dir(&h.cluster.nodes[old_index].dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("data."))
-        .collect();
-    assert!(moved.is_empty(), "rewind should not need a re-clone");
-    h.passed = true;
+#[test]
+fn a_diverged_former_primary_is_rewound() {
+    cluster_test(async {
+        let mut h = Harness::start("rewind", 3);
+        let old = h.healthy(Duration::from_secs(60)).await;
+        let primary = h.client(&old).await;
+        primary
+            .batch_execute("CREATE TABLE r (id int primary key, origin text)")
+            .await
+            .unwrap();
+        primary
+            .execute(
+                "INSERT INTO r SELECT g, 'shared' FROM generate_series(1, 50) g",
+                &[],
+            )
+            .await
+            .unwrap();
+        let replicas: Vec<String> = h
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .filter(|n| *n != old)
+            .collect();
+        for node in &replicas {
+            wait_rows(&h, node, "r", 50).await;
+        }
+        // Freeze the primary's WAL senders: what it writes now, no replica
+        // receives. That is the divergence pg_rewind must undo.
+        let senders: Vec<i32> = primary
+            .query("SELECT pid FROM pg_stat_replication", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(senders.len(), 2);
+        for pid in &senders {
+            unsafe { libc::kill(*pid, libc::SIGSTOP) };
+        }
+        primary
+            .execute(
+                "INSERT INTO r SELECT g, 'lost' FROM generate_series(1000, 1100) g",
+                &[],
+            )
+            .await
+            .unwrap();
+        primary.batch_execute("CHECKPOINT").await.unwrap();
+        let old_index = h.cluster.node_index(&old).unwrap();
+        h.cluster.kill_node(old_index);
+        for pid in &senders {
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        let new = h
+            .wait_for(
+                "a new primary",
+                Duration::from_secs(30),
+                async |view: &ClusterView| {
+                    let leader = view.leader_status()?;
+                    (leader.name != old && leader.role == PgRole::Primary)
+                        .then(|| leader.name.clone())
+                },
+            )
+            .await;
+        let client = h.client(&new).await;
+        client
+            .execute("INSERT INTO r VALUES (5000, 'new primary')", &[])
+            .await
+            .unwrap();
+        assert_eq!(count_rows(&client, "r").await, 51);
+        h.cluster.start_agent(old_index).unwrap();
+        h.healthy(Duration::from_secs(90)).await;
+        wait_rows(&h, &old, "r", 51).await;
+        let log = h.agent_log(&old);
+        assert!(
+            log.contains("running pg_rewind"),
+            "pg_rewind did not run:\n{log}"
+        );
+        let moved: Vec<_> = std::fs::read_dir(&h.cluster.nodes[old_index].dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("data."))
+            .collect();
+        assert!(moved.is_empty(), "rewind should not need a re-clone");
+        h.passed = true;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_replica_rejoins_without_a_basebackup() {
-    if !prerequisites() {
-        return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut h = Harness::start("replica-restart", 2);
-    let leader = h.healthy(Duration::from_secs(60)).await;
-    let replica = h.cluster.nodes.iter().map(|n| n.name.clone()).find(|n| *n != leader).unwrap();
-    let index = h.cluster.node_index(&replica).unwrap();
-    assert!(h.cluster.stop_agent(index, Duration::from_secs(30)), "clean stop");
-    assert!(h.cluster.nodes[index].postmaster_pid().is_none(), "PostgreSQL stops with its agent");
-    let primary = h.client(&leader).await;
-    primary.batch_execute("CREATE TABLE later (id int); INSERT INTO later VALUES (1), (2)").await.unwrap();
-    h.cluster.start_agent(index).unwrap();
-    h.healthy(Duration::from_secs(60)).await;
-    wait_rows(&h, &replica, "later", 2).await;
-    let log = h.agent_log(&replica);
-    assert_eq!(log.matches("pg_basebackup starting").count(), 1, "cloned only once");
-    h.passed = true;
+#[test]
+fn a_restarted_replica_rejoins_without_a_basebackup() {
+    cluster_test(async {
+        let mut h = Harness::start("replica-restart", 2);
+        let leader = h.healthy(Duration::from_secs(60)).await;
+        let replica = h
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .find(|n| *n != leader)
+            .unwrap();
+        let index = h.cluster.node_index(&replica).unwrap();
+        assert!(
+            h.cluster.stop_agent(index, Duration::from_secs(30)),
+            "clean stop"
+        );
+        assert!(
+            h.cluster.nodes[index].postmaster_pid().is_none(),
+            "PostgreSQL stops with its agent"
+        );
+        let primary = h.client(&leader).await;
+        primary
+            .batch_execute("CREATE TABLE later (id int); INSERT INTO later VALUES (1), (2)")
+            .await
+            .unwrap();
+        h.cluster.start_agent(index).unwrap();
+        h.healthy(Duration::from_secs(60)).await;
+        wait_rows(&h, &replica, "later", 2).await;
+        let log = h.agent_log(&replica);
+        assert_eq!(
+            log.matches("pg_basebackup starting").count(),
+            1,
+            "cloned only once"
+        );
+        h.passed = true;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_of_the_primary_agent_hands_leadership_over() {
-    if !prerequisites() {
-        return;
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut h = Harness::start("handover", 3);
-    let old = h.healthy(Duration::from_secs(60)).await;
-    let index = h.cluster.node_index(&old).unwrap();
-    let stopped_at = Instant::now();
-    assert!(h.cluster.stop_agent(index, Duration::from_secs(30)), "clean stop");
-    let new = h
-        .wait_for("a new primary", Duration::from_secs(20), async |view: &ClusterView| {
-            let leader = view.leader_status()?;
-            (leader.name != old && leader.role == PgRole::Primary).then(|| leader.name.clone())
-        })
-        .await;
-    let took = stopped_at.elapsed();
-    eprintln!("handover to {new} took {took:?}");
-    // No waiting for the lease to run out.
-    assert!(took < Duration::from_secs(4), "handover took {took:?}");
-    h.passed = true;
+#[test]
+fn sigterm_of_the_primary_agent_hands_leadership_over() {
+    cluster_test(async {
+        let mut h = Harness::start("handover", 3);
+        let old = h.healthy(Duration::from_secs(60)).await;
+        let index = h.cluster.node_index(&old).unwrap();
+        let stopped_at = Instant::now();
+        assert!(
+            h.cluster.stop_agent(index, Duration::from_secs(30)),
+            "clean stop"
+        );
+        let new = h
+            .wait_for(
+                "a new primary",
+                Duration::from_secs(20),
+                async |view: &ClusterView| {
+                    let leader = view.leader_status()?;
+                    (leader.name != old && leader.role == PgRole::Primary)
+                        .then(|| leader.name.clone())
+                },
+            )
+            .await;
+        let took = stopped_at.elapsed();
+        eprintln!("handover to {new} took {took:?}");
+        // No waiting for the lease to run out.
+        assert!(took < Duration::from_secs(4), "handover took {took:?}");
+        h.passed = true;
+    });
 }
 
 #[test]
@@ -358,26 +538,55 @@ fn bad_configuration_files_are_refused_and_change_nothing() {
         ("this is not toml", "expected"),
         ("cluster = \"c\"\n", "missing field"),
         ("[timing]\nttl = 1\n", "timing.ttl"),
-        ("[timing]\nttl = 6\nrenew_interval = 1.5\ndcs_timeout = 2.5\nfencing_margin = 2\n", "`timing`"),
+        (
+            "[timing]\nttl = 6\nrenew_interval = 1.5\ndcs_timeout = 2.5\nfencing_margin = 2\n",
+            "`timing`",
+        ),
         ("[timing]\nloop_wait = \"fast\"\n", "invalid type"),
         ("surprise = true\n", "unknown field"),
     ];
     let exe = env!("CARGO_BIN_EXE_mainstay");
     for (i, (extra, needle)) in cases.iter().enumerate() {
-        let text = if i == 0 { extra.to_string() } else if i == 1 { extra.to_string() } else { format!("{base}{extra}") };
+        // The first two cases are whole files of their own.
+        let text = if i < 2 {
+            extra.to_string()
+        } else {
+            format!("{base}{extra}")
+        };
         let file = dir.join(format!("bad{i}.toml"));
         std::fs::write(&file, &text).unwrap();
         for args in [vec!["config", "check"], vec!["agent", "--config"]] {
-            let out = std::process::Command::new(exe).args(&args).arg(&file).output().unwrap();
+            let out = std::process::Command::new(exe)
+                .args(&args)
+                .arg(&file)
+                .output()
+                .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{args:?} {text:?}: {stderr}");
-            assert!(stderr.contains(needle), "{args:?} {text:?}: {stderr} lacks {needle}");
-            assert_eq!(stderr.trim().lines().filter(|l| l.starts_with("error")).count(), 1, "{stderr}");
+            assert!(
+                stderr.contains(needle),
+                "{args:?} {text:?}: {stderr} lacks {needle}"
+            );
+            assert_eq!(
+                stderr
+                    .trim()
+                    .lines()
+                    .filter(|l| l.starts_with("error"))
+                    .count(),
+                1,
+                "{stderr}"
+            );
         }
     }
-    let missing = std::process::Command::new(exe).args(["config", "check", "/nonexistent/mainstay.toml"]).output().unwrap();
+    let missing = std::process::Command::new(exe)
+        .args(["config", "check", "/nonexistent/mainstay.toml"])
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read"));
-    assert!(!data.exists() && !dir.join("node").exists(), "nothing created on disk");
+    assert!(
+        !data.exists() && !dir.join("node").exists(),
+        "nothing created on disk"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

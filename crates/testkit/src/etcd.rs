@@ -149,11 +149,26 @@ impl Etcd {
     /// Freezes etcd with SIGSTOP: its sockets stay open and accept
     /// connections, but nothing answers, like a host that hangs or a
     /// network that silently drops packets.
+    ///
+    /// Returns once every thread of etcd is stopped: SIGSTOP is delivered
+    /// asynchronously, and a thread running on another core could otherwise
+    /// still answer a request sent just after this returns.
     pub fn pause(&mut self) -> io::Result<()> {
-        match &self.child {
-            Some(child) => signal(child, libc::SIGSTOP),
-            None => Err(not_running()),
+        let Some(child) = &self.child else {
+            return Err(not_running());
+        };
+        signal(child, libc::SIGSTOP)?;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !all_threads_stopped(child.id())? {
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "etcd did not stop within 2 s of SIGSTOP",
+                ));
+            }
+            sleep(Duration::from_millis(1));
         }
+        Ok(())
     }
 
     /// Undoes [`Etcd::pause`].
@@ -326,6 +341,27 @@ fn signal(child: &Child, sig: libc::c_int) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Whether every thread of `pid` is in state `T` (stopped), per
+/// `/proc/<pid>/task/<tid>/stat`.
+fn all_threads_stopped(pid: u32) -> io::Result<bool> {
+    for task in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = match fs::read_to_string(task?.path().join("stat")) {
+            Ok(stat) => stat,
+            // The thread exited meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        // "tid (comm) S ...": comm may hold spaces and parentheses.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if !matches!(state, Some('T' | 't')) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn not_running() -> io::Error {

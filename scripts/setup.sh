@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what mainstay needs on Debian 12 and nothing else, idempotently:
+# PostgreSQL 15 (without Debian's default cluster: mainstay manages its own),
+# etcd, and protoc (the etcd-client crate compiles etcd's protobufs).
+# Safe to run again and again; it only calls apt-get when something is missing.
+set -euo pipefail
+
+packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    # Debian would create and start a cluster on port 5432; mainstay runs its
+    # own PostgreSQL, so tell postgresql-common not to.
+    $sudo mkdir -p /etc/postgresql-common
+    if ! grep -qs '^create_main_cluster *= *false' /etc/postgresql-common/createcluster.conf; then
+        echo "create_main_cluster = false" | $sudo tee -a /etc/postgresql-common/createcluster.conf >/dev/null
+    fi
+    echo "setup: installing ${missing[*]}"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The packages may start their own services where an init system runs them;
+# mainstay starts etcd and PostgreSQL itself.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    for unit in etcd postgresql; do
+        if systemctl is-enabled --quiet "$unit" 2>/dev/null; then
+            echo "setup: note: the distribution's $unit service is enabled; disable it on mainstay nodes (systemctl disable --now $unit)"
+        fi
+    done
+fi
+
+for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc; do
+    [ -x "$tool" ] || { echo "setup: $tool is still missing after the install" >&2; exit 1; }
+done
+id postgres >/dev/null 2>&1 || { echo "setup: the postgres OS user is missing" >&2; exit 1; }
+echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}') and protoc are in place"
