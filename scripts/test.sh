@@ -9,5 +9,5 @@ export CARGO_TERM_COLOR=never
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Simulation seeds per run (each seed is a whole cluster under random faults).
-export MAINSTAY_SIM_SEEDS="${MAINSTAY_SIM_SEEDS:-5000}"
+export MAINSTAY_SIM_SEEDS="${MAINSTAY_SIM_SEEDS:-10000}"
 cargo test --workspace -- --test-threads=2

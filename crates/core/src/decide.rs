@@ -578,3 +578,347 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    //! One observation in, the exact actions out.
+    use super::*;
+    use crate::types::{InitializeRecord, LeaderRecord, MemberRecord, MemberStatus};
+
+    const SETTINGS: Settings = Settings {
+        ttl_ms: 4000,
+        loop_wait_ms: 1000,
+        election_wait_ms: 2000,
+        stuck_replica_ms: 30_000,
+    };
+
+    fn status(
+        name: &str,
+        role: PgRole,
+        lsn: u64,
+        view_revision: i64,
+        view_had_leader: bool,
+    ) -> MemberRecord {
+        MemberRecord {
+            status: MemberStatus {
+                name: name.into(),
+                role,
+                state: "running".into(),
+                api_url: String::new(),
+                pg_host: "127.0.0.1".into(),
+                pg_port: 5432,
+                timeline: 1,
+                received_lsn: Lsn(lsn),
+                replayed_lsn: Lsn(lsn),
+                flush_lsn: Lsn(lsn),
+                following: None,
+                streaming: true,
+                tags: Tags::default(),
+                version: String::new(),
+                view_revision,
+                view_had_leader,
+            },
+            mod_revision: view_revision + 1,
+        }
+    }
+
+    fn view(leader: Option<(&str, i64)>, members: Vec<MemberRecord>) -> ClusterView {
+        ClusterView {
+            revision: 100,
+            initialize: Some(InitializeRecord {
+                system_id: Some("42".into()),
+                by: "a".into(),
+                at: String::new(),
+            }),
+            initialize_revision: 1,
+            leader: leader.map(|(name, lease_id)| LeaderRecord {
+                name: name.into(),
+                lease_id,
+                mod_revision: 10,
+            }),
+            members: members
+                .into_iter()
+                .map(|m| (m.status.name.clone(), m))
+                .collect(),
+            history: Vec::new(),
+        }
+    }
+
+    fn pg(role: PgRole, lsn: u64) -> LocalPg {
+        LocalPg {
+            data: DataDir::Initialized {
+                system_id: "42".into(),
+                was_primary: role == PgRole::Primary,
+            },
+            role,
+            timeline: 1,
+            lsn: Lsn(lsn),
+            following: None,
+            streaming: false,
+        }
+    }
+
+    fn check(
+        state: &mut CoreState,
+        now: u64,
+        pg: &LocalPg,
+        cluster: Option<&ClusterView>,
+        valid_until: u64,
+    ) -> Vec<Action> {
+        let tags = Tags::default();
+        let obs = Observation {
+            now: Millis(now),
+            name: "a",
+            tags: &tags,
+            settings: &SETTINGS,
+            pg,
+            cluster,
+            lease: Lease {
+                id: Some(7),
+                valid_until: Millis(valid_until),
+            },
+        };
+        decide(state, &obs).actions
+    }
+
+    fn is_fence(actions: &[Action]) -> bool {
+        matches!(actions, [Action::Fence { .. }])
+    }
+
+    #[test]
+    fn a_leader_fences_at_its_lease_deadline_even_without_the_dcs() {
+        let primary = pg(PgRole::Primary, 100);
+        let v = view(Some(("a", 7)), vec![]);
+        let mut state = CoreState::default();
+        assert!(matches!(
+            check(&mut state, 2999, &primary, Some(&v), 3000)[..],
+            [Action::SyncSlots { .. }]
+        ));
+        assert!(is_fence(&check(&mut state, 3000, &primary, Some(&v), 3000)));
+        assert!(check(&mut state, 2999, &primary, None, 3000).is_empty());
+        assert!(is_fence(&check(&mut state, 3000, &primary, None, 3000)));
+    }
+
+    #[test]
+    fn a_writable_primary_always_asks_to_wake_at_its_deadline() {
+        let primary = pg(PgRole::Primary, 100);
+        let v = view(Some(("a", 7)), vec![]);
+        let tags = Tags::default();
+        let obs = Observation {
+            now: Millis(10),
+            name: "a",
+            tags: &tags,
+            settings: &SETTINGS,
+            pg: &primary,
+            cluster: Some(&v),
+            lease: Lease {
+                id: Some(7),
+                valid_until: Millis(2500),
+            },
+        };
+        assert_eq!(
+            decide(&mut CoreState::default(), &obs).wake_at,
+            Some(Millis(2500))
+        );
+    }
+
+    #[test]
+    fn a_primary_that_sees_another_leader_or_none_fences() {
+        let primary = pg(PgRole::Primary, 100);
+        assert!(is_fence(&check(
+            &mut CoreState::default(),
+            0,
+            &primary,
+            Some(&view(Some(("b", 9)), vec![])),
+            5000
+        )));
+        assert!(is_fence(&check(
+            &mut CoreState::default(),
+            0,
+            &primary,
+            Some(&view(None, vec![])),
+            5000
+        )));
+        // Its own name on an older lease is not leadership either.
+        assert!(is_fence(&check(
+            &mut CoreState::default(),
+            0,
+            &primary,
+            Some(&view(Some(("a", 3)), vec![])),
+            5000
+        )));
+    }
+
+    #[test]
+    fn the_most_advanced_replica_takes_over_and_promotes() {
+        let replica = pg(PgRole::Replica, 500);
+        let mut state = CoreState::default();
+        // Saw the leader first, then it vanished.
+        check(
+            &mut state,
+            0,
+            &replica,
+            Some(&view(Some(("c", 1)), vec![])),
+            5000,
+        );
+        let behind = status("b", PgRole::Replica, 400, 50, false);
+        assert_eq!(
+            check(
+                &mut state,
+                10,
+                &replica,
+                Some(&view(None, vec![behind])),
+                5000
+            ),
+            vec![Action::AcquireLeader]
+        );
+        let ahead = status("b", PgRole::Replica, 600, 50, false);
+        assert!(
+            check(
+                &mut state,
+                20,
+                &replica,
+                Some(&view(None, vec![ahead])),
+                5000
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            check(
+                &mut state,
+                30,
+                &replica,
+                Some(&view(Some(("a", 7)), vec![])),
+                5000
+            ),
+            vec![Action::Promote]
+        );
+    }
+
+    #[test]
+    fn a_candidate_waits_for_final_statuses_but_not_forever() {
+        let replica = pg(PgRole::Replica, 500);
+        let mut state = CoreState::default();
+        check(
+            &mut state,
+            0,
+            &replica,
+            Some(&view(Some(("c", 1)), vec![])),
+            9000,
+        );
+        // b's status was read while the leader was still there.
+        let stale = status("b", PgRole::Replica, 100, 5, true);
+        assert!(
+            check(
+                &mut state,
+                100,
+                &replica,
+                Some(&view(None, vec![stale.clone()])),
+                9000
+            )
+            .is_empty()
+        );
+        assert!(
+            check(
+                &mut state,
+                2000,
+                &replica,
+                Some(&view(None, vec![stale.clone()])),
+                9000
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            check(
+                &mut state,
+                2100,
+                &replica,
+                Some(&view(None, vec![stale])),
+                9000
+            ),
+            vec![Action::AcquireLeader]
+        );
+    }
+
+    #[test]
+    fn no_candidate_acts_without_a_confirmed_lease() {
+        let replica = pg(PgRole::Replica, 500);
+        let mut state = CoreState::default();
+        assert!(check(&mut state, 5000, &replica, Some(&view(None, vec![])), 5000).is_empty());
+    }
+
+    #[test]
+    fn a_replica_is_re_pointed_to_a_new_leader_once_it_runs() {
+        let replica = pg(PgRole::Replica, 500);
+        let not_yet = status("b", PgRole::Replica, 500, 50, true);
+        assert!(
+            check(
+                &mut CoreState::default(),
+                0,
+                &replica,
+                Some(&view(Some(("b", 2)), vec![not_yet])),
+                0
+            )
+            .is_empty()
+        );
+        let running = status("b", PgRole::Primary, 500, 50, true);
+        assert_eq!(
+            check(
+                &mut CoreState::default(),
+                0,
+                &replica,
+                Some(&view(Some(("b", 2)), vec![running])),
+                0
+            ),
+            vec![Action::Follow { leader: "b".into() }]
+        );
+    }
+
+    #[test]
+    fn a_crashed_primary_is_restarted_once_then_leadership_is_released() {
+        let stopped = pg(PgRole::Stopped, 0);
+        let v = view(Some(("a", 7)), vec![]);
+        let mut state = CoreState::default();
+        assert_eq!(
+            check(&mut state, 0, &stopped, Some(&v), 3000),
+            vec![Action::StartPrimary]
+        );
+        assert!(matches!(
+            check(&mut state, 10, &stopped, Some(&v), 3000)[..],
+            [Action::ReleaseLeader { .. }]
+        ));
+    }
+
+    #[test]
+    fn foreign_data_stops_the_agent_and_wiped_dcs_is_re_registered() {
+        let mut foreign = pg(PgRole::Stopped, 0);
+        foreign.data = DataDir::Initialized {
+            system_id: "999".into(),
+            was_primary: false,
+        };
+        assert!(matches!(
+            check(
+                &mut CoreState::default(),
+                0,
+                &foreign,
+                Some(&view(None, vec![])),
+                0
+            )[..],
+            [Action::Fatal { .. }]
+        ));
+        let mut wiped = view(None, vec![]);
+        wiped.initialize = None;
+        assert_eq!(
+            check(
+                &mut CoreState::default(),
+                0,
+                &pg(PgRole::Stopped, 0),
+                Some(&wiped),
+                0
+            ),
+            vec![Action::RegisterExistingData {
+                system_id: "42".into()
+            }]
+        );
+    }
+}
