@@ -47,6 +47,8 @@ pub struct Agent<D: Dcs> {
     pg: Postgres,
     core: CoreState,
     lease: watch::Receiver<LeaseState>,
+    /// Handed to the lease keeper when the agent runs.
+    lease_tx: Option<watch::Sender<LeaseState>>,
     /// This node's PostgreSQL may accept writes: the watchdog's business.
     writable: Arc<AtomicBool>,
     /// The HA loop saw no leader: member changes matter for the election.
@@ -95,7 +97,7 @@ impl<D: Dcs> Agent<D> {
             stuck_replica_ms: 30_000,
         };
         let origin = Instant::now();
-        let (_, lease) = watch::channel(LeaseState {
+        let (lease_tx, lease) = watch::channel(LeaseState {
             id: None,
             valid_until: origin,
         });
@@ -109,6 +111,7 @@ impl<D: Dcs> Agent<D> {
             pg: Postgres::new(pg_settings(config)),
             core: CoreState::default(),
             lease,
+            lease_tx: Some(lease_tx),
             writable: Arc::new(AtomicBool::new(false)),
             leaderless: Arc::new(AtomicBool::new(true)),
             wake: Arc::new(Notify::new()),
@@ -130,11 +133,7 @@ impl<D: Dcs> Agent<D> {
             .write_pgpass()
             .await
             .map_err(|e| format!("cannot write the password file: {e}"))?;
-        let (lease_tx, lease_rx) = watch::channel(LeaseState {
-            id: None,
-            valid_until: self.origin,
-        });
-        self.lease = lease_rx.clone();
+        let lease_tx = self.lease_tx.take().ok_or("the agent runs only once")?;
         let keeper = tokio::spawn(keep_lease(
             self.dcs.clone(),
             self.name.clone(),
@@ -143,7 +142,11 @@ impl<D: Dcs> Agent<D> {
             self.writable.clone(),
             self.wake.clone(),
         ));
-        let watchdog = tokio::spawn(watchdog(lease_rx, self.writable.clone(), self.pg.fencer()));
+        let watchdog = tokio::spawn(watchdog(
+            self.lease.clone(),
+            self.writable.clone(),
+            self.pg.fencer(),
+        ));
         let watcher = tokio::spawn(forward_watch(
             self.dcs.clone(),
             self.leaderless.clone(),
@@ -225,7 +228,7 @@ impl<D: Dcs> Agent<D> {
             self.leaderless
                 .store(view.leader.is_none(), Ordering::Relaxed);
         }
-        let local = self.observe_pg().await.map_err(TurnError::Failed)?;
+        let local = self.observe_pg().await?;
         let lease = *self.lease.borrow();
         let obs = Observation {
             now: self.millis(Instant::now()),
@@ -269,7 +272,7 @@ impl<D: Dcs> Agent<D> {
         }
     }
 
-    async fn observe_pg(&mut self) -> Result<LocalPg, String> {
+    async fn observe_pg(&mut self) -> Result<LocalPg, TurnError> {
         let data = match self.pg.data_dir_state() {
             DataDirState::Missing | DataDirState::Empty => DataDir::Empty,
             DataDirState::Initialized(control) => DataDir::Initialized {
@@ -283,11 +286,11 @@ impl<D: Dcs> Agent<D> {
                 ),
             },
             DataDirState::Unusable(reason) => {
-                return Err(format!(
+                return Err(TurnError::Fatal(format!(
                     "the data directory {} is unusable ({reason}); mainstay will not touch it: \
                      move it away by hand to let this node clone",
                     self.pg.settings().data_dir.display()
-                ));
+                )));
             }
         };
         let mut local = LocalPg {
@@ -316,20 +319,21 @@ impl<D: Dcs> Agent<D> {
                 self.writable.store(!health.in_recovery, Ordering::SeqCst);
                 self.last_health = Some(health);
             }
-            Err(err) => {
-                // Running but not answering (busy, recovering): assume the
-                // worst for safety. A possibly writable server counts as a
-                // primary so that nothing starts a second one.
-                warn!("PostgreSQL runs but does not answer: {err}");
-                local.role = if self.writable.load(Ordering::SeqCst) {
-                    PgRole::Primary
-                } else {
-                    PgRole::Replica
-                };
+            // Running but not answering (busy, starting, shutting down after
+            // a fence). A possibly writable server counts as a primary, so
+            // that the core can fence it; anything else waits for an answer.
+            Err(err) if self.writable.load(Ordering::SeqCst) => {
+                warn!("PostgreSQL (writable) runs but does not answer: {err}");
+                local.role = PgRole::Primary;
                 if let Some(health) = &self.last_health {
                     local.timeline = health.timeline;
                     local.lsn = health.wal_position();
                 }
+            }
+            Err(err) => {
+                return Err(TurnError::Failed(format!(
+                    "PostgreSQL runs but does not answer yet: {err}"
+                )));
             }
         }
         if local.role == PgRole::Replica {
