@@ -15,6 +15,7 @@
 
 use crate::candidate::{self, Candidate};
 use crate::types::{ClusterView, Lsn, Millis, PgRole, Tags};
+use std::collections::BTreeMap;
 
 /// The part of the configuration the decisions depend on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,9 +25,15 @@ pub struct Settings {
     /// How long a candidate waits for every other eligible member to publish a
     /// status taken after the leader vanished, before ignoring the silent ones.
     pub election_wait_ms: u64,
-    /// A replica that cannot stream from a running leader for this long is
-    /// stopped and rejoined (its WAL may have diverged).
+    /// A replica that cannot stream from a running leader for this long
+    /// checks its WAL against the leader's history again, and is rewound if it
+    /// diverged (e.g. it had replayed WAL of a timeline the leader never saw).
     pub stuck_replica_ms: u64,
+    /// The leader keeps the replication slot of a member whose key vanished
+    /// (agent down, host rebooting) this long, so that a member that comes
+    /// back within it streams on instead of needing a new clone. PostgreSQL's
+    /// `max_slot_wal_keep_size` bounds the WAL such a slot holds meanwhile.
+    pub slot_retention_ms: u64,
 }
 
 /// The local data directory as the agent found it.
@@ -146,10 +153,6 @@ pub enum Action {
     Fence {
         reason: String,
     },
-    /// Stop a replica (fast shutdown) so that it can be rejoined.
-    StopReplica {
-        reason: String,
-    },
     /// Keep one physical slot per other member, drop the rest of ours.
     SyncSlots {
         members: Vec<String>,
@@ -185,8 +188,10 @@ pub struct CoreState {
     last_leader_revision: i64,
     /// When this leader started its crashed PostgreSQL again.
     primary_restart_at: Option<Millis>,
-    /// Since when this replica has failed to stream from its leader.
-    not_streaming_since: Option<Millis>,
+    /// Since when this replica has failed to stream from which leader.
+    not_streaming_since: Option<(String, Millis)>,
+    /// Members whose slots the leader keeps, with when each was last seen.
+    slot_members: BTreeMap<String, Millis>,
 }
 
 fn decision(actions: Vec<Action>, note: impl Into<String>) -> Decision {
@@ -375,17 +380,12 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
         }
         return wait("leader key held but the lease is not confirmed: waiting for a renewal");
     }
-    let others: Vec<String> = view
-        .members
-        .keys()
-        .filter(|m| *m != obs.name)
-        .cloned()
-        .collect();
     match (&pg.data, pg.role) {
         (_, PgRole::Primary) => {
             state.primary_restart_at = None;
+            let members = slot_members(state, obs, view);
             decision(
-                vec![Action::SyncSlots { members: others }],
+                vec![Action::SyncSlots { members }],
                 "leader with a running primary",
             )
         }
@@ -420,6 +420,19 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
     }
 }
 
+/// Every other member seen within the slot retention, so that a member that
+/// restarts keeps its slot (and the WAL it still needs).
+fn slot_members(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Vec<String> {
+    for name in view.members.keys().filter(|m| *m != obs.name) {
+        state.slot_members.insert(name.clone(), obs.now);
+    }
+    let retention = obs.settings.slot_retention_ms;
+    state
+        .slot_members
+        .retain(|name, seen| name != obs.name && obs.now < seen.plus(retention));
+    state.slot_members.keys().cloned().collect()
+}
+
 fn follow(
     state: &mut CoreState,
     obs: &Observation<'_>,
@@ -427,7 +440,12 @@ fn follow(
     leader: &str,
 ) -> Decision {
     let pg = obs.pg;
-    if pg.streaming {
+    if pg.streaming
+        || state
+            .not_streaming_since
+            .as_ref()
+            .is_some_and(|(of, _)| of != leader)
+    {
         state.not_streaming_since = None;
     }
     if pg.accepts_writes() {
@@ -473,22 +491,27 @@ fn follow(
             )
         }
         (_, PgRole::Replica) if leader_ready && !pg.streaming => {
-            let since = *state.not_streaming_since.get_or_insert(obs.now);
+            let since = state
+                .not_streaming_since
+                .get_or_insert_with(|| (leader.to_string(), obs.now))
+                .1;
             let deadline = since.plus(obs.settings.stuck_replica_ms);
             if obs.now < deadline {
                 let mut result = wait(format!("replica of {leader}, not streaming yet"));
                 result.wake_at = Some(deadline);
                 return result;
             }
+            // Restarting a replica that merely cannot reach its leader would
+            // not help; one whose WAL diverged is rewound by Follow's check.
             state.not_streaming_since = None;
             decision(
-                vec![Action::StopReplica {
-                    reason: format!(
-                        "not streaming from {leader} for {} ms; its WAL may have diverged",
-                        obs.settings.stuck_replica_ms
-                    ),
+                vec![Action::Follow {
+                    leader: leader.to_string(),
                 }],
-                "stopping a stuck replica to rejoin it with a divergence check",
+                format!(
+                    "not streaming from {leader} for {} ms: checking for a divergence",
+                    obs.settings.stuck_replica_ms
+                ),
             )
         }
         (_, _) => wait(format!("replica of {leader}")),
@@ -590,6 +613,7 @@ mod tests {
         loop_wait_ms: 1000,
         election_wait_ms: 2000,
         stuck_replica_ms: 30_000,
+        slot_retention_ms: 1_800_000,
     };
 
     fn status(
@@ -919,6 +943,70 @@ mod tests {
             vec![Action::RegisterExistingData {
                 system_id: "42".into()
             }]
+        );
+    }
+
+    #[test]
+    fn the_leader_keeps_a_vanished_members_slot_for_the_retention_period() {
+        let primary = pg(PgRole::Primary, 500);
+        let mut state = CoreState::default();
+        let with_b = view(
+            Some(("a", 7)),
+            vec![status("b", PgRole::Replica, 400, 50, true)],
+        );
+        let slots = |actions: Vec<Action>| match &actions[..] {
+            [Action::SyncSlots { members }] => members.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            slots(check(&mut state, 0, &primary, Some(&with_b), 3000)),
+            vec!["b"]
+        );
+        let without_b = view(Some(("a", 7)), vec![]);
+        let retained = SETTINGS.slot_retention_ms;
+        assert_eq!(
+            slots(check(
+                &mut state,
+                retained - 1,
+                &primary,
+                Some(&without_b),
+                retained + 3000
+            )),
+            vec!["b"]
+        );
+        assert!(
+            slots(check(
+                &mut state,
+                retained,
+                &primary,
+                Some(&without_b),
+                retained + 3000
+            ))
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_replica_that_cannot_stream_checks_for_divergence_and_the_timer_restarts_with_a_new_leader()
+    {
+        let mut replica = pg(PgRole::Replica, 100);
+        replica.following = Some("b".into());
+        let mut state = CoreState::default();
+        let led_by = |leader: &str| {
+            view(
+                Some((leader, 2)),
+                vec![status(leader, PgRole::Primary, 500, 50, true)],
+            )
+        };
+        assert!(check(&mut state, 0, &replica, Some(&led_by("b")), 0).is_empty());
+        // Another leader meanwhile: its own grace period starts.
+        replica.following = Some("c".into());
+        let stuck = SETTINGS.stuck_replica_ms;
+        assert!(check(&mut state, stuck - 10, &replica, Some(&led_by("c")), 0).is_empty());
+        assert!(check(&mut state, stuck + 10, &replica, Some(&led_by("c")), 0).is_empty());
+        assert_eq!(
+            check(&mut state, 2 * stuck, &replica, Some(&led_by("c")), 0),
+            vec![Action::Follow { leader: "c".into() }]
         );
     }
 }

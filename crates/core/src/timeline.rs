@@ -49,8 +49,10 @@ pub fn parse_history(content: &str) -> Result<Vec<TimelineSwitch>, String> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalWal {
     pub timeline: u32,
-    /// The last position this node has WAL for on `timeline`: the start of
-    /// the shutdown checkpoint record for a former primary.
+    /// The exclusive end of this node's WAL on `timeline`: for a running
+    /// replica the received or replayed end, for a stopped standby its
+    /// minimum recovery end, for a former primary one past the start of its
+    /// shutdown checkpoint record (the record is local WAL too).
     pub end_lsn: Lsn,
     /// The node's own history (switches before `timeline`).
     pub history: Vec<TimelineSwitch>,
@@ -174,6 +176,13 @@ mod tests {
             (1, "0/3000148", vec![]),
             (2, "0/4000000", vec![switch(1, "0/3000148")]),
             false,
+        );
+        // Its shutdown checkpoint starts at the switch point: the leader
+        // never received that record.
+        check(
+            (1, "0/3000149", vec![]),
+            (2, "0/4000000", vec![switch(1, "0/3000148")]),
+            true,
         );
         check(
             (1, "0/3000000", vec![]),

@@ -275,6 +275,7 @@ impl Sim {
                 loop_wait_ms: LOOP_WAIT_MS,
                 election_wait_ms: 2 * LOOP_WAIT_MS,
                 stuck_replica_ms: 10 * LOOP_WAIT_MS,
+                slot_retention_ms: 100 * LOOP_WAIT_MS,
             },
             trace,
             next_system_id: 7_000_000_000_000_000_000,
@@ -852,7 +853,7 @@ impl Sim {
                 }
                 self.nodes[i].following = Some(leader.clone());
             }
-            Action::Fence { .. } | Action::StopReplica { .. } => self.nodes[i].role = Role::Stopped,
+            Action::Fence { .. } => self.nodes[i].role = Role::Stopped,
             Action::SyncSlots { .. } => {}
             Action::Fatal { reason } => {
                 self.fail(format!("{name} stopped with a fatal error: {reason}"))

@@ -51,6 +51,8 @@ pub struct Agent<D: Dcs> {
     lease_tx: Option<watch::Sender<LeaseState>>,
     /// This node's PostgreSQL may accept writes: the watchdog's business.
     writable: Arc<AtomicBool>,
+    /// The lease deadline as the watchdog thread sees it.
+    fence_clock: Arc<FenceClock>,
     /// The HA loop saw no leader: member changes matter for the election.
     leaderless: Arc<AtomicBool>,
     wake: Arc<Notify>,
@@ -95,8 +97,10 @@ impl<D: Dcs> Agent<D> {
             loop_wait_ms: ms(timing.loop_wait),
             election_wait_ms: 2 * ms(timing.loop_wait) + ms(timing.dcs_timeout),
             stuck_replica_ms: 30_000,
+            slot_retention_ms: 30 * 60 * 1000,
         };
         let origin = Instant::now();
+        let pg = Postgres::new(pg_settings(config));
         let (lease_tx, lease) = watch::channel(LeaseState {
             id: None,
             valid_until: origin,
@@ -108,11 +112,14 @@ impl<D: Dcs> Agent<D> {
             settings,
             api_url: config.api_url(),
             dcs: Arc::new(dcs),
-            pg: Postgres::new(pg_settings(config)),
             core: CoreState::default(),
             lease,
             lease_tx: Some(lease_tx),
-            writable: Arc::new(AtomicBool::new(false)),
+            // A server left running by an earlier agent may be a primary:
+            // fenced unless the first turn finds it is a replica.
+            writable: Arc::new(AtomicBool::new(pg.is_running())),
+            pg,
+            fence_clock: Arc::new(FenceClock::new(origin.into_std())),
             leaderless: Arc::new(AtomicBool::new(true)),
             wake: Arc::new(Notify::new()),
             origin,
@@ -139,14 +146,21 @@ impl<D: Dcs> Agent<D> {
             self.name.clone(),
             self.timing,
             lease_tx,
+            self.fence_clock.clone(),
             self.writable.clone(),
             self.wake.clone(),
         ));
-        let watchdog = tokio::spawn(watchdog(
-            self.lease.clone(),
-            self.writable.clone(),
-            self.pg.fencer(),
-        ));
+        let watchdog = {
+            let (clock, writable, fencer) = (
+                self.fence_clock.clone(),
+                self.writable.clone(),
+                self.pg.fencer(),
+            );
+            std::thread::Builder::new()
+                .name("fencing-watchdog".into())
+                .spawn(move || watchdog(&clock, &writable, &fencer))
+                .map_err(|e| format!("cannot start the fencing watchdog thread: {e}"))?
+        };
         let watcher = tokio::spawn(forward_watch(
             self.dcs.clone(),
             self.leaderless.clone(),
@@ -178,6 +192,10 @@ impl<D: Dcs> Agent<D> {
                     }
                 }
             }
+            if keeper.is_finished() || watchdog.is_finished() {
+                // Without them nothing fences a primary whose lease lapses.
+                fatal = Some("the lease keeper or the fencing watchdog stopped".into());
+            }
             if let Some(reason) = fatal {
                 error!("stopping the agent: {reason}");
                 break Err(reason);
@@ -190,7 +208,8 @@ impl<D: Dcs> Agent<D> {
         };
         self.shut_down().await;
         keeper.abort();
-        watchdog.abort();
+        self.fence_clock.stop();
+        let _ = watchdog.join();
         watcher.abort();
         result
     }
@@ -485,11 +504,11 @@ impl<D: Dcs> Agent<D> {
             }
             Action::StartPrimary => {
                 let before = local.timeline;
-                self.pg
-                    .start(StartRole::Primary)
-                    .await
-                    .map_err(|e| failed("starting as primary", &e))?;
+                // The watchdog must guard the server from its first moment.
                 self.writable.store(true, Ordering::SeqCst);
+                let started = self.pg.start(StartRole::Primary).await;
+                self.forget_writable_if_stopped();
+                started.map_err(|e| failed("starting as primary", &e))?;
                 self.following = None;
                 self.record_promotion(before, local.lsn, "restarted as primary")
                     .await;
@@ -525,11 +544,12 @@ impl<D: Dcs> Agent<D> {
                 self.following = Some(leader.clone());
             }
             Action::Promote => {
+                // A promotion that times out may still complete: guard first.
+                self.writable.store(true, Ordering::SeqCst);
                 self.pg
                     .promote()
                     .await
                     .map_err(|e| failed("promoting", &e))?;
-                self.writable.store(true, Ordering::SeqCst);
                 self.following = None;
                 self.record_promotion(local.timeline, local.lsn, "failover")
                     .await;
@@ -557,10 +577,6 @@ impl<D: Dcs> Agent<D> {
                 warn!(reason, "fencing: immediate shutdown of PostgreSQL");
                 self.stop(StopMode::Immediate).await?;
             }
-            Action::StopReplica { reason } => {
-                warn!(reason, "stopping the replica");
-                self.stop(StopMode::Fast).await?;
-            }
             Action::SyncSlots { members } => {
                 let changes = self
                     .pg
@@ -574,6 +590,12 @@ impl<D: Dcs> Agent<D> {
             Action::Fatal { reason } => return Err(TurnError::Fatal(reason.clone())),
         }
         Ok(())
+    }
+
+    fn forget_writable_if_stopped(&self) {
+        if !self.pg.is_running() {
+            self.writable.store(false, Ordering::SeqCst);
+        }
     }
 
     async fn stop(&mut self, mode: StopMode) -> Result<(), TurnError> {
@@ -593,11 +615,10 @@ impl<D: Dcs> Agent<D> {
         info!("initializing a new cluster (initdb with data checksums)");
         let result = async {
             self.pg.initdb().await.map_err(|e| format!("initdb: {e}"))?;
-            self.pg
-                .start(StartRole::Primary)
-                .await
-                .map_err(|e| format!("first start: {e}"))?;
             self.writable.store(true, Ordering::SeqCst);
+            let started = self.pg.start(StartRole::Primary).await;
+            self.forget_writable_if_stopped();
+            started.map_err(|e| format!("first start: {e}"))?;
             self.pg
                 .create_roles()
                 .await
@@ -745,7 +766,10 @@ impl<D: Dcs> Agent<D> {
                 control.min_recovery_end_lsn.max(control.checkpoint_lsn),
             )
         } else {
-            (control.timeline, control.checkpoint_lsn)
+            // The shutdown checkpoint record that starts at checkpoint_lsn is
+            // local WAL too: a leader that switched timelines exactly there
+            // never had it, so the exclusive end lies past its first byte.
+            (control.timeline, Lsn(control.checkpoint_lsn.0 + 1))
         };
         let local = LocalWal {
             timeline,
@@ -854,8 +878,18 @@ impl<D: Dcs> Agent<D> {
             self.pg.fencer().fence_now();
             let _ = self.pg.stop(StopMode::Immediate).await;
         }
-        self.writable.store(false, Ordering::SeqCst);
+        let stopped = !self.pg.is_running();
+        if stopped {
+            self.writable.store(false, Ordering::SeqCst);
+        }
         if let Some(lease) = lease {
+            // A primary that may still accept writes keeps the key: the
+            // others take over only once the lease (and the watchdog's
+            // deadline before it) has run out.
+            if leading && !stopped {
+                error!("PostgreSQL did not stop: keeping the leader key until the lease expires");
+                return;
+            }
             if leading {
                 match self.dcs.release_leader(&self.name, lease).await {
                     Ok(_) => info!("released the leader key: the best replica takes over"),
@@ -881,9 +915,14 @@ async fn keep_lease<D: Dcs>(
     name: String,
     timing: EffectiveTiming,
     tx: watch::Sender<LeaseState>,
+    clock: Arc<FenceClock>,
     writable: Arc<AtomicBool>,
     wake: Arc<Notify>,
 ) {
+    let send = |state: LeaseState| {
+        clock.set(state.valid_until.into_std());
+        tx.send_replace(state);
+    };
     let ttl_secs = timing.ttl.as_secs() as i64;
     let mut ticker = tokio::time::interval(timing.renew_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -923,7 +962,7 @@ async fn keep_lease<D: Dcs>(
                     }
                 }
                 lease = Some(id);
-                tx.send_replace(LeaseState {
+                send(LeaseState {
                     id: lease,
                     valid_until,
                 });
@@ -931,7 +970,7 @@ async fn keep_lease<D: Dcs>(
             Ok(Ok(None)) => {
                 warn!("the lease expired in etcd: requesting a new one");
                 lease = None;
-                tx.send_replace(LeaseState {
+                send(LeaseState {
                     id: None,
                     valid_until: Instant::now(),
                 });
@@ -946,34 +985,78 @@ async fn keep_lease<D: Dcs>(
     }
 }
 
-/// Stops a writable PostgreSQL the moment the lease may lapse, whatever the
-/// HA loop is doing.
-async fn watchdog(
-    mut lease: watch::Receiver<LeaseState>,
-    writable: Arc<AtomicBool>,
-    fencer: mainstay_pg::Fencer,
-) {
-    loop {
-        let valid_until = lease.borrow().valid_until;
-        tokio::select! {
-            changed = lease.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                continue;
+/// The fencing deadline, shared by the lease keeper and the watchdog thread.
+struct FenceClock {
+    state: std::sync::Mutex<ClockState>,
+    changed: std::sync::Condvar,
+}
+
+struct ClockState {
+    deadline: std::time::Instant,
+    stopped: bool,
+}
+
+impl FenceClock {
+    fn new(deadline: std::time::Instant) -> FenceClock {
+        FenceClock {
+            state: std::sync::Mutex::new(ClockState {
+                deadline,
+                stopped: false,
+            }),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClockState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, deadline: std::time::Instant) {
+        self.lock().deadline = deadline;
+        self.changed.notify_all();
+    }
+
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Stops a writable PostgreSQL the moment the lease may lapse. It runs on its
+/// own OS thread so that a busy or starved async runtime cannot delay it, and
+/// it signals before it logs. It keeps signalling while the server is still
+/// considered writable: only the HA loop, seeing the postmaster gone, clears
+/// that.
+fn watchdog(clock: &FenceClock, writable: &AtomicBool, fencer: &mainstay_pg::Fencer) {
+    // Sleeps are capped so that a deadline moved earlier (leadership lost) or
+    // a server that became writable is noticed promptly without a notify.
+    const RECHECK: Duration = Duration::from_millis(100);
+    let mut fenced_for = None;
+    let mut state = clock.lock();
+    while !state.stopped {
+        let now = std::time::Instant::now();
+        if now >= state.deadline && writable.load(Ordering::SeqCst) {
+            let signalled = fencer.fence_now();
+            if fenced_for != Some(state.deadline) {
+                fenced_for = Some(state.deadline);
+                error!(
+                    signalled,
+                    "lease deadline passed without a confirmed renewal: fenced PostgreSQL"
+                );
             }
-            _ = tokio::time::sleep_until(valid_until) => {}
+            state = clock
+                .changed
+                .wait_timeout(state, RECHECK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
         }
-        if writable.load(Ordering::SeqCst) && Instant::now() >= lease.borrow().valid_until {
-            error!("lease deadline passed without a confirmed renewal: fencing PostgreSQL now");
-            fencer.fence_now();
-            writable.store(false, Ordering::SeqCst);
-        }
-        // Past the deadline: look again soon or on the next renewal.
-        tokio::select! {
-            _ = lease.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
+        let sleep = state.deadline.saturating_duration_since(now).min(RECHECK);
+        state = clock
+            .changed
+            .wait_timeout(state, sleep.max(Duration::from_millis(1)))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
 }
 
