@@ -5,8 +5,10 @@
 
 pub mod candidate;
 pub mod decide;
+pub mod dynamic;
 pub mod timeline;
 pub mod types;
 
 pub use decide::{Action, CoreState, Decision, Observation, decide};
+pub use dynamic::DynamicConfig;
 pub use types::*;

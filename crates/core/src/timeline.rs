@@ -4,7 +4,7 @@
 //! alone is wrong (two nodes can promote to the same number), so this compares
 //! the history files and WAL positions.
 
-use crate::types::Lsn;
+use crate::types::{HistoryEntry, Lsn};
 
 /// One line of a PostgreSQL `.history` file: `parent_tli  switch_lsn  reason`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,6 +123,44 @@ pub fn divergence(local: &LocalWal, leader: &LeaderWal) -> Divergence {
     }
 }
 
+/// Two nodes can create the same timeline number from the same switch point
+/// when the second never saw the first's history file (two failovers in
+/// quick succession). Their history files are then identical, so neither
+/// [`divergence`] nor pg_rewind can see that their WAL on that timeline
+/// differs. Each promoter records its claim twice before promoting: in its
+/// data directory (`claim`: timeline, node) and, while it holds the leader
+/// key, in the DCS history. If this data directory created `local_timeline`
+/// but the cluster's history gives that timeline to another node, the local
+/// WAL on it is not the leader's: the node needs a fresh clone.
+pub fn foreign_timeline(
+    me: &str,
+    claim: Option<(u32, &str)>,
+    local_timeline: u32,
+    leader: &LeaderWal,
+    history: &[HistoryEntry],
+) -> Option<String> {
+    let (claimed, by) = claim?;
+    if claimed != local_timeline || by != me {
+        return None;
+    }
+    let leader_has_it = leader.timeline == local_timeline
+        || leader.history.iter().any(|s| s.timeline == local_timeline);
+    if !leader_has_it {
+        return None;
+    }
+    let owner = history
+        .iter()
+        .rev()
+        .find(|e| e.timeline == local_timeline)?;
+    (owner.new_leader != me).then(|| {
+        format!(
+            "this node created timeline {local_timeline}, but the cluster's timeline \
+             {local_timeline} was created by {}: same number, different WAL",
+            owner.new_leader
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +258,38 @@ mod tests {
             (2, "0/4000000", vec![switch(1, "0/3000148")]),
             true,
         );
+    }
+
+    #[test]
+    fn a_timeline_number_created_twice_is_foreign_to_the_node_that_lost() {
+        let entry = |timeline: u32, by: &str| HistoryEntry {
+            timeline,
+            switch_lsn: lsn("0/3000148"),
+            reason: String::new(),
+            new_leader: by.into(),
+            at: String::new(),
+        };
+        let leader = LeaderWal {
+            timeline: 2,
+            flush_lsn: lsn("0/4000000"),
+            history: vec![switch(1, "0/3000148")],
+        };
+        let history = [entry(2, "a"), entry(2, "b")];
+        assert!(foreign_timeline("a", Some((2, "a")), 2, &leader, &history).is_some());
+        // The winner, a clone of the winner, a node without a claim.
+        assert!(foreign_timeline("b", Some((2, "b")), 2, &leader, &history).is_none());
+        assert!(foreign_timeline("a", Some((2, "b")), 2, &leader, &history).is_none());
+        assert!(foreign_timeline("a", None, 2, &leader, &history).is_none());
+        // a created timeline 2 and b followed it, then promoted to 3.
+        let later = LeaderWal {
+            timeline: 3,
+            flush_lsn: lsn("0/5000000"),
+            history: vec![switch(1, "0/3000148"), switch(2, "0/4000000")],
+        };
+        let history = [entry(2, "a"), entry(3, "b")];
+        assert!(foreign_timeline("a", Some((2, "a")), 2, &later, &history).is_none());
+        // a's claim without a DCS record of its own still loses to b's.
+        assert!(foreign_timeline("a", Some((2, "a")), 2, &leader, &[entry(2, "b")]).is_some());
     }
 
     #[test]

@@ -598,7 +598,11 @@ impl Dcs for EtcdDcs {
         .await
     }
 
-    async fn append_history(&self, entry: &HistoryEntry) -> Result<()> {
+    async fn append_history(
+        &self,
+        entry: &HistoryEntry,
+        holder: Option<(&str, i64)>,
+    ) -> Result<()> {
         let key = self.key(keys::HISTORY);
         for _ in 0..HISTORY_ATTEMPTS {
             let (mut history, mod_revision) = match self.get_one(keys::HISTORY).await? {
@@ -606,18 +610,27 @@ impl Dcs for EtcdDcs {
                 None => (Vec::new(), 0),
             };
             history.push(entry.clone());
+            let mut conditions = vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                mod_revision,
+            )];
+            if let Some((name, lease)) = holder {
+                conditions.extend(held_by(&self.key(keys::LEADER), name, lease));
+            }
             let written = self
                 .txn(
-                    vec![Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        mod_revision,
-                    )],
+                    conditions,
                     vec![TxnOp::put(key.clone(), to_json(&history)?, None)],
                 )
                 .await?;
             if written {
                 return Ok(());
+            }
+            if let Some((name, lease)) = holder
+                && !self.leader_held_by(name, lease).await?
+            {
+                return Err(crate::not_leader(name));
             }
         }
         Err(DcsError::Conflict(format!(

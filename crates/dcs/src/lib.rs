@@ -191,8 +191,15 @@ pub trait Dcs: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Appends to `history` with a compare-and-swap, retrying a few times
-    /// if another writer got in between.
-    fn append_history(&self, entry: &HistoryEntry) -> impl Future<Output = Result<()>> + Send;
+    /// if another writer got in between. With `holder`, the write happens
+    /// only while the leader key holds that name and lease (otherwise
+    /// [`DcsError::Conflict`]): a fenced former leader must not record a
+    /// timeline after the next leader recorded the same number.
+    fn append_history(
+        &self,
+        entry: &HistoryEntry,
+        holder: Option<(&str, i64)>,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Reads `config`; `None` if it has never been written.
     fn read_config(&self) -> impl Future<Output = Result<Option<ConfigValue>>> + Send;
@@ -238,6 +245,12 @@ fn corrupt(key: &str, reason: impl ToString) -> DcsError {
         key: key.to_string(),
         reason: reason.to_string(),
     }
+}
+
+fn not_leader(name: &str) -> DcsError {
+    DcsError::Conflict(format!(
+        "the leader key no longer holds {name} on this lease: only the leader records history"
+    ))
 }
 
 fn parse_history(full_key: &str, value: &[u8]) -> Result<Vec<HistoryEntry>> {

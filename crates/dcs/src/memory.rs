@@ -9,7 +9,7 @@
 
 use crate::{
     ConfigValue, Dcs, DcsError, HISTORY_ATTEMPTS, KeyKind, RawKey, Result, WATCH_CHANNEL,
-    WatchEvent, build_view, check_name, corrupt, keys, parse_history, to_json,
+    WatchEvent, build_view, check_name, corrupt, keys, not_leader, parse_history, to_json,
 };
 use mainstay_core::{ClusterView, HistoryEntry, InitializeRecord, MemberStatus};
 use std::collections::{BTreeMap, HashMap};
@@ -469,7 +469,11 @@ impl Dcs for MemoryDcs {
         )
     }
 
-    async fn append_history(&self, entry: &HistoryEntry) -> Result<()> {
+    async fn append_history(
+        &self,
+        entry: &HistoryEntry,
+        holder: Option<(&str, i64)>,
+    ) -> Result<()> {
         let full_key = format!("{PREFIX}{}", keys::HISTORY);
         // Same read-then-CAS loop as over etcd, so that the retry path is
         // exercised by the same tests.
@@ -479,11 +483,18 @@ impl Dcs for MemoryDcs {
                 None => (Vec::new(), 0),
             };
             history.push(entry.clone());
-            if self.txn(
-                &[Cmp::ModRevision(keys::HISTORY, mod_revision)],
-                vec![put(keys::HISTORY, to_json(&history)?, 0)],
-            )? {
+            let mut conditions = vec![Cmp::ModRevision(keys::HISTORY, mod_revision)];
+            if let Some((name, lease)) = holder {
+                conditions.push(Cmp::Value(keys::LEADER, name.as_bytes()));
+                conditions.push(Cmp::Lease(keys::LEADER, lease));
+            }
+            if self.txn(&conditions, vec![put(keys::HISTORY, to_json(&history)?, 0)])? {
                 return Ok(());
+            }
+            if let Some((name, lease)) = holder
+                && !self.leader_held_by(name, lease).await?
+            {
+                return Err(not_leader(name));
             }
         }
         Err(DcsError::Conflict(format!(

@@ -10,9 +10,12 @@
 //! - the HA loop runs on every DCS watch event, every `loop_wait`, and at the
 //!   deadlines the core asks for.
 
+use crate::api::{ApiState, NodeSnapshot};
 use crate::config::{Config, EffectiveTiming};
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
-use mainstay_core::timeline::{Divergence, LeaderWal, LocalWal, divergence, parse_history};
+use mainstay_core::timeline::{
+    Divergence, LeaderWal, LocalWal, divergence, foreign_timeline, parse_history,
+};
 use mainstay_core::{
     Action, ClusterView, CoreState, HistoryEntry, InitializeRecord, Lsn, MemberStatus, Millis,
     Observation, PgRole, decide,
@@ -59,7 +62,18 @@ pub struct Agent<D: Dcs> {
     origin: Instant,
     following: Option<String>,
     last_health: Option<Health>,
+    /// The last probe got an answer (`last_health` may be older).
+    pg_answering: bool,
     last_note: String,
+    /// The last DCS view read, when, and whether the last read worked.
+    last_view: Option<ClusterView>,
+    dcs_last_seen: Option<std::time::SystemTime>,
+    dcs_reachable: bool,
+    /// Round trip of the last confirmed renewal, in microseconds (0: none).
+    renew_latency_us: Arc<std::sync::atomic::AtomicU64>,
+    /// What the REST API serves; replaced after every turn.
+    snapshot: watch::Sender<Arc<NodeSnapshot>>,
+    api_listen: String,
 }
 
 pub fn pg_settings(config: &Config) -> PgSettings {
@@ -125,8 +139,54 @@ impl<D: Dcs> Agent<D> {
             origin,
             following: None,
             last_health: None,
+            pg_answering: false,
             last_note: String::new(),
+            last_view: None,
+            dcs_last_seen: None,
+            dcs_reachable: false,
+            renew_latency_us: Arc::default(),
+            snapshot: watch::Sender::new(Arc::new(NodeSnapshot::new(
+                &config.name,
+                &config.cluster,
+                &config.api_url(),
+                &config.tags,
+                timing.ttl,
+            ))),
+            api_listen: config.api.listen.clone(),
         }
+    }
+
+    /// The snapshot the REST API serves (tests read it too).
+    pub fn snapshot(&self) -> watch::Receiver<Arc<NodeSnapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    fn publish_snapshot(&self, turn_started: Instant) {
+        let lease = *self.lease.borrow();
+        let holds_leader = match (&self.last_view, lease.id) {
+            (Some(view), Some(id)) if Instant::now() < lease.valid_until => view
+                .leader
+                .as_ref()
+                .is_some_and(|l| l.name == self.name && l.lease_id == id),
+            _ => false,
+        };
+        let latency = self.renew_latency_us.load(Ordering::Relaxed);
+        let previous = self.snapshot.borrow().clone();
+        let snapshot = NodeSnapshot {
+            data_dir: self.pg.settings().data_dir.clone(),
+            running: self.pg.is_running(),
+            health: self.last_health.clone().filter(|_| self.pg_answering),
+            holds_leader,
+            view: self.last_view.clone(),
+            dcs_reachable: self.dcs_reachable,
+            dcs_last_seen: self.dcs_last_seen,
+            turn_finished_at: Some(std::time::Instant::now()),
+            turn_duration: turn_started.elapsed(),
+            note: self.last_note.clone(),
+            lease_renew_latency: (latency > 0).then(|| Duration::from_micros(latency)),
+            ..(*previous).clone()
+        };
+        self.snapshot.send_replace(Arc::new(snapshot));
     }
 
     fn millis(&self, at: Instant) -> Millis {
@@ -141,15 +201,26 @@ impl<D: Dcs> Agent<D> {
             .await
             .map_err(|e| format!("cannot write the password file: {e}"))?;
         let lease_tx = self.lease_tx.take().ok_or("the agent runs only once")?;
-        let keeper = tokio::spawn(keep_lease(
-            self.dcs.clone(),
-            self.name.clone(),
-            self.timing,
-            lease_tx,
-            self.fence_clock.clone(),
-            self.writable.clone(),
-            self.wake.clone(),
+        let listener = crate::api::bind(&self.api_listen).await?;
+        info!(listen = %self.api_listen, "REST API listening");
+        let api = tokio::spawn(crate::api::serve(
+            listener,
+            Arc::new(ApiState {
+                snapshot: self.snapshot.subscribe(),
+                dcs: self.dcs.clone(),
+                dcs_timeout: self.timing.dcs_timeout,
+            }),
         ));
+        let keeper = tokio::spawn(keep_lease(LeaseKeeper {
+            dcs: self.dcs.clone(),
+            name: self.name.clone(),
+            timing: self.timing,
+            tx: lease_tx,
+            clock: self.fence_clock.clone(),
+            writable: self.writable.clone(),
+            wake: self.wake.clone(),
+            latency_us: self.renew_latency_us.clone(),
+        }));
         let watchdog = {
             let (clock, writable, fencer) = (
                 self.fence_clock.clone(),
@@ -168,7 +239,8 @@ impl<D: Dcs> Agent<D> {
         ));
         tokio::pin!(shutdown);
         let result = loop {
-            let mut next = Instant::now() + self.timing.loop_wait;
+            let turn_started = Instant::now();
+            let mut next = turn_started + self.timing.loop_wait;
             let mut fatal = None;
             // A turn that changed something is followed at once by another,
             // so that e.g. taking the leader key and promoting happen together.
@@ -192,6 +264,7 @@ impl<D: Dcs> Agent<D> {
                     }
                 }
             }
+            self.publish_snapshot(turn_started);
             if keeper.is_finished() || watchdog.is_finished() {
                 // Without them nothing fences a primary whose lease lapses.
                 fatal = Some("the lease keeper or the fencing watchdog stopped".into());
@@ -208,6 +281,7 @@ impl<D: Dcs> Agent<D> {
         };
         self.shut_down().await;
         keeper.abort();
+        api.abort();
         self.fence_clock.stop();
         let _ = watchdog.join();
         watcher.abort();
@@ -243,9 +317,12 @@ impl<D: Dcs> Agent<D> {
                     None
                 }
             };
+        self.dcs_reachable = view.is_some();
         if let Some(view) = &view {
             self.leaderless
                 .store(view.leader.is_none(), Ordering::Relaxed);
+            self.last_view = Some(view.clone());
+            self.dcs_last_seen = Some(std::time::SystemTime::now());
         }
         let local = self.observe_pg().await?;
         let lease = *self.lease.borrow();
@@ -320,6 +397,7 @@ impl<D: Dcs> Agent<D> {
             following: None,
             streaming: false,
         };
+        self.pg_answering = false;
         if !self.pg.is_running() {
             self.writable.store(false, Ordering::SeqCst);
             self.last_health = None;
@@ -327,6 +405,7 @@ impl<D: Dcs> Agent<D> {
         }
         match self.pg.probe().await {
             Ok(health) => {
+                self.pg_answering = true;
                 local.role = if health.in_recovery {
                     PgRole::Replica
                 } else {
@@ -510,8 +589,15 @@ impl<D: Dcs> Agent<D> {
                 self.forget_writable_if_stopped();
                 started.map_err(|e| failed("starting as primary", &e))?;
                 self.following = None;
-                self.record_promotion(before, local.lsn, "restarted as primary")
+                if before != 0 {
+                    self.confirm_timeline(
+                        Some(before),
+                        local.lsn,
+                        "restarted as primary",
+                        lease_id()?,
+                    )
                     .await;
+                }
             }
             Action::StartReplica { leader } => {
                 let target = match leader {
@@ -526,7 +612,7 @@ impl<D: Dcs> Agent<D> {
             }
             Action::Rejoin { leader } => {
                 let (target, status) = self.target(view, leader)?;
-                self.rejoin(&target, &status).await?;
+                self.rejoin(&target, &status, history(view)).await?;
             }
             Action::BaseBackup { leader } => {
                 let (target, _) = self.target(view, leader)?;
@@ -544,6 +630,9 @@ impl<D: Dcs> Agent<D> {
                 self.following = Some(leader.clone());
             }
             Action::Promote => {
+                let claimed = local.timeline + 1;
+                self.claim_timeline(claimed, local.lsn, "failover", lease_id()?)
+                    .await?;
                 // A promotion that times out may still complete: guard first.
                 self.writable.store(true, Ordering::SeqCst);
                 self.pg
@@ -551,20 +640,21 @@ impl<D: Dcs> Agent<D> {
                     .await
                     .map_err(|e| failed("promoting", &e))?;
                 self.following = None;
-                self.record_promotion(local.timeline, local.lsn, "failover")
+                self.confirm_timeline(Some(claimed), local.lsn, "failover", lease_id()?)
                     .await;
             }
             Action::Follow { leader } => {
                 let (target, status) = self.target(view, leader)?;
-                if let Divergence::Diverged { reason } =
-                    self.running_divergence(&target, &status).await?
+                if let Divergence::Diverged { reason } = self
+                    .running_divergence(&target, &status, history(view))
+                    .await?
                 {
                     warn!(
                         reason,
                         "this replica diverged from the new leader: stopping it to rewind"
                     );
                     self.stop(StopMode::Fast).await?;
-                    return self.rejoin(&target, &status).await;
+                    return self.rejoin(&target, &status, history(view)).await;
                 }
                 self.pg
                     .follow(Some(&target))
@@ -651,15 +741,20 @@ impl<D: Dcs> Agent<D> {
         Err(TurnError::Failed(format!("bootstrap failed: {reason}")))
     }
 
-    async fn record_promotion(&mut self, before: u32, switch_lsn: Lsn, reason: &str) {
-        let timeline = match self.pg.probe().await {
-            Ok(health) => health.timeline,
-            Err(_) => return,
-        };
-        if timeline == before || before == 0 {
-            return;
-        }
-        info!(timeline, %switch_lsn, reason, "now primary on a new timeline");
+    /// Before promoting: claim the next timeline in the data directory and,
+    /// while this node holds the leader key, in the DCS history, so that a
+    /// node that creates the same number unseen can later tell the WAL apart
+    /// (see `timeline::foreign_timeline`). No promotion without both.
+    async fn claim_timeline(
+        &self,
+        timeline: u32,
+        switch_lsn: Lsn,
+        reason: &str,
+        lease: i64,
+    ) -> Result<(), TurnError> {
+        self.pg
+            .write_timeline_claim(&self.name, timeline)
+            .map_err(|e| TurnError::Failed(format!("recording the timeline claim: {e}")))?;
         let entry = HistoryEntry {
             timeline,
             switch_lsn,
@@ -667,8 +762,47 @@ impl<D: Dcs> Agent<D> {
             new_leader: self.name.clone(),
             at: now_rfc3339(),
         };
-        if let Err(err) = self.dcs.append_history(&entry).await {
-            warn!("cannot record the timeline switch in the DCS history: {err}");
+        match tokio::time::timeout(
+            self.timing.dcs_timeout,
+            self.dcs.append_history(&entry, Some((&self.name, lease))),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(TurnError::Failed(format!(
+                "recording timeline {timeline} in the DCS history: {err}"
+            ))),
+            Err(_) => Err(TurnError::Failed(format!(
+                "recording timeline {timeline} in the DCS history: no answer within {:?}",
+                self.timing.dcs_timeout
+            ))),
+        }
+    }
+
+    /// After a promotion or a restart as primary: if PostgreSQL ended on
+    /// another timeline than claimed, claim the real one.
+    async fn confirm_timeline(
+        &self,
+        claimed: Option<u32>,
+        switch_lsn: Lsn,
+        reason: &str,
+        lease: i64,
+    ) {
+        let Ok(health) = self.pg.probe().await else {
+            return;
+        };
+        if claimed == Some(health.timeline) {
+            info!(timeline = health.timeline, %switch_lsn, reason, "primary on the claimed timeline");
+            return;
+        }
+        if self.pg.timeline_claim().map(|(t, _)| t) == Some(health.timeline) {
+            return;
+        }
+        if let Err(TurnError::Failed(err) | TurnError::Fatal(err)) = self
+            .claim_timeline(health.timeline, switch_lsn, reason, lease)
+            .await
+        {
+            warn!("{err}");
         }
     }
 
@@ -708,6 +842,7 @@ impl<D: Dcs> Agent<D> {
         &self,
         target: &ConnTarget,
         status: &MemberStatus,
+        history: &[HistoryEntry],
     ) -> Result<Divergence, TurnError> {
         let Some(health) = &self.last_health else {
             return Ok(Divergence::None);
@@ -717,7 +852,22 @@ impl<D: Dcs> Agent<D> {
             end_lsn: health.wal_position(),
             history: self.local_history(health.timeline)?,
         };
-        Ok(divergence(&local, &self.leader_wal(target, status).await?))
+        let leader = self.leader_wal(target, status).await?;
+        if let Some(reason) = self.foreign_timeline(local.timeline, &leader, history) {
+            return Ok(Divergence::Diverged { reason });
+        }
+        Ok(divergence(&local, &leader))
+    }
+
+    fn foreign_timeline(
+        &self,
+        timeline: u32,
+        leader: &LeaderWal,
+        history: &[HistoryEntry],
+    ) -> Option<String> {
+        let claim = self.pg.timeline_claim();
+        let claim = claim.as_ref().map(|(t, node)| (*t, node.as_str()));
+        foreign_timeline(&self.name, claim, timeline, leader, history)
     }
 
     /// Makes a stopped node a replica of `target`, rewinding it first if its
@@ -726,6 +876,7 @@ impl<D: Dcs> Agent<D> {
         &mut self,
         target: &ConnTarget,
         status: &MemberStatus,
+        history: &[HistoryEntry],
     ) -> Result<(), TurnError> {
         let failed =
             |what: &str, err: &dyn std::fmt::Display| TurnError::Failed(format!("{what}: {err}"));
@@ -777,7 +928,33 @@ impl<D: Dcs> Agent<D> {
             history: self.local_history(timeline)?,
         };
         let leader = self.leader_wal(target, status).await?;
-        match divergence(&local, &leader) {
+        if let Some(reason) = self.foreign_timeline(local.timeline, &leader, history) {
+            // Identical history files: pg_rewind would find nothing to do.
+            warn!(
+                leader = target.name,
+                reason, "local WAL is not the leader's: moving the data directory aside to clone"
+            );
+            self.reclone(target, "timeline created twice").await?;
+        } else {
+            self.rewind_if_diverged(target, &local, &leader).await?;
+        }
+        self.pg
+            .start(StartRole::Replica {
+                leader: Some(target.clone()),
+            })
+            .await
+            .map_err(|e| failed("starting as replica", &e))?;
+        self.following = Some(target.name.clone());
+        Ok(())
+    }
+
+    async fn rewind_if_diverged(
+        &mut self,
+        target: &ConnTarget,
+        local: &LocalWal,
+        leader: &LeaderWal,
+    ) -> Result<(), TurnError> {
+        match divergence(local, leader) {
             Divergence::None => info!(
                 leader = target.name,
                 "local WAL is a prefix of the leader's: no rewind needed"
@@ -791,26 +968,27 @@ impl<D: Dcs> Agent<D> {
                     warn!(
                         "pg_rewind failed ({err}): moving the data directory aside and cloning afresh"
                     );
-                    let moved = self
-                        .pg
-                        .move_aside("rewind failed")
-                        .map_err(|e| failed("moving aside", &e))?;
-                    warn!(to = %moved.display(), "moved the old data directory aside");
-                    self.pg
-                        .basebackup(target)
-                        .await
-                        .map_err(|e| failed("pg_basebackup", &e))?;
+                    self.reclone(target, "rewind failed").await?;
                 }
             }
         }
-        self.pg
-            .start(StartRole::Replica {
-                leader: Some(target.clone()),
-            })
-            .await
-            .map_err(|e| failed("starting as replica", &e))?;
-        self.following = Some(target.name.clone());
         Ok(())
+    }
+
+    /// Moves the data directory aside (never deletes it) and clones afresh.
+    async fn reclone(&mut self, target: &ConnTarget, reason: &str) -> Result<(), TurnError> {
+        let failed =
+            |what: &str, err: &dyn std::fmt::Display| TurnError::Failed(format!("{what}: {err}"));
+        let moved = self
+            .pg
+            .move_aside(reason)
+            .map_err(|e| failed("moving aside", &e))?;
+        warn!(to = %moved.display(), reason, "moved the old data directory aside");
+        self.pg
+            .basebackup(target)
+            .await
+            .map_err(|e| failed("pg_basebackup", &e))
+            .map(|_| ())
     }
 
     async fn publish(&self, view: &ClusterView, lease: i64) {
@@ -902,6 +1080,10 @@ impl<D: Dcs> Agent<D> {
     }
 }
 
+fn history(view: Option<&ClusterView>) -> &[HistoryEntry] {
+    view.map_or(&[], |v| &v.history)
+}
+
 fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -910,7 +1092,7 @@ fn now_rfc3339() -> String {
 }
 
 /// Renews the node's lease and tells the others when leadership may lapse.
-async fn keep_lease<D: Dcs>(
+struct LeaseKeeper<D> {
     dcs: Arc<D>,
     name: String,
     timing: EffectiveTiming,
@@ -918,7 +1100,20 @@ async fn keep_lease<D: Dcs>(
     clock: Arc<FenceClock>,
     writable: Arc<AtomicBool>,
     wake: Arc<Notify>,
-) {
+    latency_us: Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
+    let LeaseKeeper {
+        dcs,
+        name,
+        timing,
+        tx,
+        clock,
+        writable,
+        wake,
+        latency_us,
+    } = keeper;
     let send = |state: LeaseState| {
         clock.set(state.valid_until.into_std());
         tx.send_replace(state);
@@ -941,6 +1136,8 @@ async fn keep_lease<D: Dcs>(
         };
         match outcome {
             Ok(Ok(Some(id))) => {
+                let micros = sent.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
+                latency_us.store(micros, Ordering::Relaxed);
                 let mut valid_until = deadline;
                 if lease != Some(id) {
                     info!(lease = id, "lease granted");

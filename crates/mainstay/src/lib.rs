@@ -2,6 +2,8 @@
 //! that integration tests and benchmarks drive the same code.
 
 pub mod agent;
+pub mod api;
 pub mod bench;
 pub mod config;
+pub mod ctl;
 pub mod demo;

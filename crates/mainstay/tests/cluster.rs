@@ -771,3 +771,171 @@ fn a_crashed_primary_postgres_is_recovered_without_waiting_for_the_lease() {
         h.passed = true;
     });
 }
+
+fn api(h: &Harness, node: &str) -> mainstay::ctl::client::ApiClient {
+    let i = h.cluster.node_index(node).unwrap();
+    mainstay::ctl::client::ApiClient::new(&format!(
+        "http://127.0.0.1:{}",
+        h.cluster.nodes[i].api_port
+    ))
+    .with_timeout(Duration::from_secs(5))
+}
+
+/// The status code of `method path` on `node`.
+async fn code(h: &Harness, node: &str, method: &str, path: &str) -> u16 {
+    let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
+    api(h, node)
+        .request(method, path, None)
+        .await
+        .unwrap_or_else(|e| panic!("{node}: {e}"))
+        .status
+        .as_u16()
+}
+
+/// Polls `path` on `node` until it answers `expected` (the API follows the
+/// HA loop, which follows PostgreSQL and the DCS).
+async fn wait_code(h: &Harness, node: &str, path: &str, expected: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut last = 0;
+    while Instant::now() < deadline {
+        last = code(h, node, "GET", path).await;
+        if last == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.dump_logs();
+    panic!("{node} {path}: {last}, expected {expected} within {timeout:?}");
+}
+
+#[test]
+fn rest_api_health_checks_answer_like_patroni() {
+    cluster_test(async {
+        let mut h = Harness::start("api", 3);
+        let leader = h.healthy(Duration::from_secs(60)).await;
+        let names: Vec<String> = h.cluster.nodes.iter().map(|n| n.name.clone()).collect();
+        let replicas: Vec<&String> = names.iter().filter(|n| **n != leader).collect();
+        let replica = replicas[0].as_str();
+        // The API follows the loop: wait until both sides have seen it.
+        wait_code(&h, &leader, "/primary", 200, Duration::from_secs(10)).await;
+        wait_code(&h, replica, "/replica", 200, Duration::from_secs(10)).await;
+
+        let expectations = [
+            ("/", 200, 503),
+            ("/primary", 200, 503),
+            ("/leader", 200, 503),
+            ("/master", 200, 503),
+            ("/read-write", 200, 503),
+            ("/replica", 503, 200),
+            ("/replica?lag=1GB", 503, 200),
+            ("/replica?tag_nofailover=false", 503, 200),
+            ("/replica?tag_nofailover=true", 503, 503),
+            ("/read-only", 200, 200),
+            ("/async", 503, 200),
+            ("/sync", 503, 503),
+            ("/health", 200, 200),
+            ("/liveness", 200, 200),
+            ("/readiness", 200, 200),
+            ("/patroni", 200, 200),
+            ("/cluster", 200, 200),
+            ("/history", 200, 200),
+            ("/config", 200, 200),
+            ("/metrics", 200, 200),
+        ];
+        for (path, on_primary, on_replica) in expectations {
+            for method in ["GET", "HEAD"] {
+                assert_eq!(
+                    code(&h, &leader, method, path).await,
+                    on_primary,
+                    "{method} {path} on the primary"
+                );
+                assert_eq!(
+                    code(&h, replica, method, path).await,
+                    on_replica,
+                    "{method} {path} on a replica"
+                );
+            }
+        }
+        // HAProxy's `option httpchk OPTIONS /primary`.
+        assert_eq!(code(&h, &leader, "OPTIONS", "/primary").await, 200);
+        assert_eq!(code(&h, replica, "OPTIONS", "/primary").await, 503);
+        assert_eq!(code(&h, replica, "OPTIONS", "/replica").await, 200);
+
+        // Bad queries are refused with a reason, unknown paths too.
+        let bad = api(&h, replica).get("/replica?lag=lots").await.unwrap();
+        assert_eq!(bad.status.as_u16(), 400);
+        assert!(
+            bad.body["error"].as_str().unwrap().contains("lag"),
+            "{}",
+            bad.text
+        );
+        let missing = api(&h, replica).get("/no-such-thing").await.unwrap();
+        assert_eq!(missing.status.as_u16(), 404);
+        assert!(missing.body["error"].is_string(), "{}", missing.text);
+
+        // Status documents with Patroni's field names.
+        let status = api(&h, &leader).get("/patroni").await.unwrap().body;
+        assert_eq!(status["state"], "running");
+        assert_eq!(status["role"], "primary");
+        assert!(status["server_version"].as_u64().unwrap() >= 150000);
+        assert!(status["xlog"]["location"].as_u64().unwrap() > 0);
+        assert_eq!(status["patroni"]["name"], leader.as_str());
+        assert_eq!(
+            status["replication"].as_array().unwrap().len(),
+            2,
+            "{status}"
+        );
+        let status = api(&h, replica).get("/patroni").await.unwrap().body;
+        assert_eq!(status["role"], "replica");
+        assert_eq!(status["replication_state"], "streaming");
+        assert!(status["xlog"]["received_location"].as_u64().unwrap() > 0);
+        let cluster = api(&h, replica).get("/cluster").await.unwrap().body;
+        let members = cluster["members"].as_array().unwrap();
+        assert_eq!(members.len(), 3, "{cluster}");
+        for member in members {
+            if member["name"] == leader.as_str() {
+                assert_eq!(member["role"], "leader");
+                assert_eq!(member["state"], "running");
+            } else {
+                assert_eq!(member["role"], "replica");
+                assert_eq!(member["state"], "streaming");
+                assert!(member["lag"].is_u64(), "{member}");
+            }
+        }
+        let metrics = api(&h, &leader).get("/metrics").await.unwrap().text;
+        assert!(metrics.contains("mainstay_is_leader 1"), "{metrics}");
+        assert!(metrics.contains("mainstay_primary 1"), "{metrics}");
+        assert!(
+            metrics.contains("mainstay_replication_lag_bytes{member="),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("mainstay_data_dir_free_bytes "),
+            "{metrics}"
+        );
+        let metrics = api(&h, replica).get("/metrics").await.unwrap().text;
+        assert!(metrics.contains("mainstay_is_leader 0"), "{metrics}");
+        assert!(metrics.contains("mainstay_replica 1"), "{metrics}");
+
+        // A replica whose PostgreSQL stops answering (SIGSTOP: running but
+        // hung) fails every check but liveness, and recovers.
+        let i = h.cluster.node_index(replica).unwrap();
+        let pid = h.cluster.nodes[i]
+            .postmaster_pid()
+            .expect("replica postmaster");
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        wait_code(&h, replica, "/health", 503, Duration::from_secs(20)).await;
+        assert_eq!(code(&h, replica, "GET", "/replica").await, 503);
+        assert_eq!(code(&h, replica, "GET", "/read-only").await, 503);
+        assert_eq!(code(&h, replica, "GET", "/liveness").await, 200);
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        wait_code(&h, replica, "/replica", 200, Duration::from_secs(20)).await;
+
+        // A dead node does not answer at all, and the others stop listing
+        // it as running once its key expires.
+        h.cluster.kill_node(i);
+        assert!(api(&h, replica).get("/health").await.is_err());
+        wait_code(&h, &leader, "/primary", 200, Duration::from_secs(5)).await;
+        h.passed = true;
+    });
+}

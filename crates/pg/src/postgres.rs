@@ -882,6 +882,23 @@ impl Postgres {
         Ok(target)
     }
 
+    /// Records, inside the data directory, that this node (`node`) is about
+    /// to create `timeline` by promotion. A clone copies the file but keeps
+    /// the creator's name, so only the creator's own directory claims it.
+    pub fn write_timeline_claim(&self, node: &str, timeline: u32) -> Result<()> {
+        let path = self.data_dir().join(TIMELINE_CLAIM_FILE);
+        self.account()?
+            .write_file(&path, format!("{timeline} {node}\n").as_bytes(), 0o600)
+    }
+
+    /// The claim written by [`Postgres::write_timeline_claim`], if any and
+    /// readable: `(timeline, node)`.
+    pub fn timeline_claim(&self) -> Option<(u32, String)> {
+        let text = std::fs::read_to_string(self.data_dir().join(TIMELINE_CLAIM_FILE)).ok()?;
+        let (timeline, node) = text.trim().split_once(' ')?;
+        Some((timeline.parse().ok()?, node.to_string()))
+    }
+
     /// Writes the libpq password file for the replication and rewind users.
     pub async fn write_pgpass(&self) -> Result<()> {
         let s = &self.settings;
@@ -894,6 +911,9 @@ impl Postgres {
             .write_file(&s.pgpass_file, text.as_bytes(), 0o600)
     }
 }
+
+/// Which timeline this data directory created by promotion, and on which node.
+const TIMELINE_CLAIM_FILE: &str = "mainstay.timeline";
 
 /// Rate-limits progress lines of long-running tools; other lines pass.
 #[derive(Default)]

@@ -270,15 +270,15 @@ pub async fn check_initialize(dcs: &impl Dcs) {
 /// Appends keep every entry in order, even when they race.
 pub async fn check_history(dcs: &impl Dcs) {
     assert!(dcs.read_cluster().await.unwrap().history.is_empty());
-    dcs.append_history(&history_entry(2)).await.unwrap();
-    dcs.append_history(&history_entry(3)).await.unwrap();
+    dcs.append_history(&history_entry(2), None).await.unwrap();
+    dcs.append_history(&history_entry(3), None).await.unwrap();
     // Racing appends: with etcd they interleave and the CAS retries.
     let racing: Vec<HistoryEntry> = (4..=7).map(history_entry).collect();
     let (r4, r5, r6, r7) = tokio::join!(
-        dcs.append_history(&racing[0]),
-        dcs.append_history(&racing[1]),
-        dcs.append_history(&racing[2]),
-        dcs.append_history(&racing[3]),
+        dcs.append_history(&racing[0], None),
+        dcs.append_history(&racing[1], None),
+        dcs.append_history(&racing[2], None),
+        dcs.append_history(&racing[3], None),
     );
     for r in [r4, r5, r6, r7] {
         r.unwrap();
@@ -288,6 +288,20 @@ pub async fn check_history(dcs: &impl Dcs) {
     let mut timelines: Vec<u32> = history.iter().map(|h| h.timeline).collect();
     timelines.sort_unstable();
     assert_eq!(timelines, [2, 3, 4, 5, 6, 7]);
+
+    // Guarded appends: only the holder of the leader key records.
+    let lease = dcs.grant_lease(30).await.unwrap();
+    assert!(dcs.acquire_leader("a", lease).await.unwrap());
+    dcs.append_history(&history_entry(8), Some(("a", lease)))
+        .await
+        .unwrap();
+    let refused = dcs
+        .append_history(&history_entry(9), Some(("b", lease)))
+        .await;
+    assert!(matches!(refused, Err(DcsError::Conflict(_))), "{refused:?}");
+    let history = dcs.read_cluster().await.unwrap().history;
+    assert_eq!(history.last(), Some(&history_entry(8)));
+    assert!(dcs.release_leader("a", lease).await.unwrap());
 }
 
 /// `config` is an opaque JSON value changed with compare-and-swap.
@@ -360,7 +374,10 @@ pub async fn check_corrupt_values(dcs: &impl Dcs, raw: &impl RawWriter) {
         DcsError::Corrupt { key, .. } => assert!(key.ends_with("/history"), "{key}"),
         other => panic!("expected Corrupt, got {other:?}"),
     }
-    let err = dcs.append_history(&history_entry(2)).await.unwrap_err();
+    let err = dcs
+        .append_history(&history_entry(2), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, DcsError::Corrupt { .. }), "{err:?}");
     raw.put_raw("history", b"[]").await;
 
@@ -437,8 +454,14 @@ pub async fn revision_trace(dcs: &impl Dcs) -> Vec<String> {
         "config",
         dcs.write_config(&serde_json::json!({"a": 1}), 0).await
     );
-    step!("history 1", dcs.append_history(&history_entry(2)).await);
-    step!("history 2", dcs.append_history(&history_entry(3)).await);
+    step!(
+        "history 1",
+        dcs.append_history(&history_entry(2), None).await
+    );
+    step!(
+        "history 2",
+        dcs.append_history(&history_entry(3), None).await
+    );
     step!("revoke lease without keys", dcs.revoke_lease(lc).await);
     step!("acquire a", dcs.acquire_leader("a", la).await);
     step!("revoke a", dcs.revoke_lease(la).await);

@@ -1,0 +1,169 @@
+//! Patroni's health checks, as pure functions of a node snapshot and the
+//! query string, so that a load balancer configured for Patroni
+//! (`option httpchk OPTIONS /primary`, `GET /replica?lag=10MB`) gets the same
+//! answers from mainstay.
+
+use super::NodeSnapshot;
+use mainstay_core::Lsn;
+use std::collections::BTreeMap;
+
+/// The health endpoints; each answers 200 when the node fits, else 503.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// `/`, `/primary`, `/leader`, `/master`, `/read-write`.
+    Primary,
+    /// `/replica`: a running, streaming replica within `lag`.
+    Replica,
+    /// `/read-only`: the primary or a replica as `/replica` would accept.
+    ReadOnly,
+    /// `/sync`, `/synchronous`: a replica listed as synchronous.
+    Sync,
+    /// `/async`, `/asynchronous`: a replica that is not synchronous.
+    Async,
+    /// `/health`: PostgreSQL is up.
+    Health,
+    /// `/liveness`: the HA loop is turning.
+    Liveness,
+    /// `/readiness`: leader with a primary, or a replica that streams.
+    Readiness,
+}
+
+/// A malformed query: the request is refused with 400, never answered 503
+/// (a typo in a load balancer's check must not look like a dead node).
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadQuery(pub String);
+
+/// What the query string asks on top of the role.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Filters {
+    /// Largest acceptable replication lag in bytes.
+    pub max_lag: Option<u64>,
+    /// `tag_<name>=<value>`: the node's tag must have this value.
+    pub tags: BTreeMap<String, String>,
+}
+
+impl Filters {
+    pub fn parse(query: &BTreeMap<String, String>) -> Result<Filters, BadQuery> {
+        let mut filters = Filters::default();
+        for (key, value) in query {
+            if key == "lag" {
+                filters.max_lag = Some(parse_size(value).ok_or_else(|| {
+                    BadQuery(format!(
+                        "lag={value:?} is not a size: give bytes (10485760) or a number \
+                         with a unit B, kB, MB, GB or TB (10MB)"
+                    ))
+                })?);
+            } else if let Some(tag) = key.strip_prefix("tag_") {
+                filters.tags.insert(tag.to_string(), value.clone());
+            }
+            // Patroni ignores other parameters; so does mainstay, so that
+            // checks written for newer Patroni versions keep working.
+        }
+        Ok(filters)
+    }
+}
+
+/// PostgreSQL's memory units, as Patroni accepts them in `lag`.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        "TB" => 1 << 40,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+/// Whether this node passes `check` with `filters`.
+pub fn passes(check: Check, node: &NodeSnapshot, filters: &Filters) -> bool {
+    if !tags_match(node, &filters.tags) {
+        return false;
+    }
+    match check {
+        Check::Primary => node.is_primary_leader(),
+        Check::Replica => replica_ok(node, filters),
+        Check::ReadOnly => node.is_primary_leader() || replica_ok(node, filters),
+        Check::Sync => replica_ok(node, filters) && node.is_sync_standby(),
+        Check::Async => replica_ok(node, filters) && !node.is_sync_standby(),
+        Check::Health => node.pg_running(),
+        Check::Liveness => node.loop_is_alive(),
+        Check::Readiness => node.is_primary_leader() || replica_ok(node, filters),
+    }
+}
+
+fn replica_ok(node: &NodeSnapshot, filters: &Filters) -> bool {
+    let Some(health) = node.health.as_ref().filter(|_| node.pg_running()) else {
+        return false;
+    };
+    if !health.in_recovery || !health.is_streaming() {
+        return false;
+    }
+    match filters.max_lag {
+        None => true,
+        Some(max) => node.lag_bytes().is_some_and(|lag| lag <= max),
+    }
+}
+
+fn tags_match(node: &NodeSnapshot, wanted: &BTreeMap<String, String>) -> bool {
+    wanted.iter().all(|(name, value)| {
+        let actual = match name.as_str() {
+            "nofailover" => node.tags.nofailover.to_string(),
+            "priority" => node.tags.priority.to_string(),
+            _ => return false,
+        };
+        actual.eq_ignore_ascii_case(value)
+    })
+}
+
+/// Bytes between the leader's last published WAL position and `lsn`.
+pub fn lag(leader: Lsn, lsn: Lsn) -> u64 {
+    leader.0.saturating_sub(lsn.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_patroni() {
+        assert_eq!(parse_size("10485760"), Some(10_485_760));
+        assert_eq!(parse_size("10MB"), Some(10 << 20));
+        assert_eq!(parse_size("16kB"), Some(16 << 10));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("ten"), None);
+        assert_eq!(parse_size("10 parsecs"), None);
+        assert_eq!(parse_size("-1"), None);
+        assert_eq!(parse_size("99999999999999TB"), None);
+    }
+
+    #[test]
+    fn a_bad_lag_is_a_bad_query_and_unknown_parameters_are_ignored() {
+        let query = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert!(Filters::parse(&query(&[("lag", "lots")])).is_err());
+        let filters = Filters::parse(&query(&[
+            ("lag", "1MB"),
+            ("tag_nofailover", "false"),
+            ("mode", "apply"),
+        ]))
+        .unwrap();
+        assert_eq!(filters.max_lag, Some(1 << 20));
+        assert_eq!(
+            filters.tags.get("nofailover").map(String::as_str),
+            Some("false")
+        );
+    }
+}

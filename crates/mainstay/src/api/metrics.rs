@@ -1,0 +1,220 @@
+//! Prometheus text exposition (format 0.0.4) of a node snapshot.
+
+use super::NodeSnapshot;
+use super::health::lag;
+use mainstay_core::PgRole;
+use std::fmt::Write;
+use std::path::Path;
+
+struct Out(String);
+
+impl Out {
+    fn metric(&mut self, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+        let _ = writeln!(self.0, "# HELP mainstay_{name} {help}");
+        let _ = writeln!(self.0, "# TYPE mainstay_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(self.0, "mainstay_{name}{labels} {value}");
+        }
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: f64) {
+        self.metric(name, "gauge", help, &[(String::new(), value)]);
+    }
+}
+
+/// Label values escaped as the exposition format requires.
+fn label(name: &str, value: &str) -> String {
+    let escaped = value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("{name}=\"{escaped}\"")
+}
+
+fn flag(b: bool) -> f64 {
+    if b { 1.0 } else { 0.0 }
+}
+
+pub fn render(node: &NodeSnapshot) -> String {
+    let mut out = Out(String::with_capacity(4096));
+    out.metric(
+        "info",
+        "gauge",
+        "Agent identity.",
+        &[(
+            format!(
+                "{{{},{},{}}}",
+                label("version", env!("CARGO_PKG_VERSION")),
+                label("scope", &node.scope),
+                label("name", &node.name)
+            ),
+            1.0,
+        )],
+    );
+    out.gauge(
+        "postgres_running",
+        "PostgreSQL runs and answers queries.",
+        flag(node.pg_running()),
+    );
+    out.gauge(
+        "primary",
+        "PostgreSQL runs as a primary.",
+        flag(node.is_primary()),
+    );
+    out.gauge(
+        "replica",
+        "PostgreSQL runs as a replica.",
+        flag(node.is_replica()),
+    );
+    out.gauge(
+        "is_leader",
+        "This node holds the leader key on a confirmed lease.",
+        flag(node.holds_leader),
+    );
+    out.gauge(
+        "cluster_unlocked",
+        "The cluster has no leader.",
+        flag(node.view.as_ref().is_some_and(|v| v.leader.is_none())),
+    );
+    out.gauge(
+        "pause",
+        "The cluster is in maintenance mode.",
+        flag(node.paused),
+    );
+    out.gauge(
+        "dcs_reachable",
+        "The last read of the DCS succeeded.",
+        flag(node.dcs_reachable),
+    );
+    if let Some(health) = node.health.as_ref().filter(|_| node.running) {
+        out.gauge(
+            "timeline",
+            "Timeline PostgreSQL runs on.",
+            f64::from(health.timeline),
+        );
+        let lsn = |l: Option<mainstay_core::Lsn>| l.map_or(0.0, |l| l.0 as f64);
+        if health.in_recovery {
+            out.gauge(
+                "wal_receive_lsn_bytes",
+                "Last WAL position received and flushed by this replica.",
+                lsn(health.receive_lsn),
+            );
+            out.gauge(
+                "wal_replay_lsn_bytes",
+                "Last WAL position replayed by this replica.",
+                lsn(health.replay_lsn),
+            );
+            if let Some(delay) = health.replay_delay_secs {
+                out.gauge(
+                    "replication_lag_seconds_self",
+                    "Seconds since the last replayed transaction committed on the primary.",
+                    delay,
+                );
+            }
+        } else {
+            out.gauge(
+                "wal_flush_lsn_bytes",
+                "WAL position flushed by this primary.",
+                lsn(health.flush_lsn),
+            );
+            out.gauge(
+                "wal_current_lsn_bytes",
+                "WAL position written by this primary.",
+                lsn(health.current_lsn),
+            );
+        }
+    }
+    if let (Some(view), Some(leader_lsn)) = (&node.view, node.leader_lsn()) {
+        let samples: Vec<(String, f64)> = view
+            .members
+            .values()
+            .filter(|m| {
+                m.status.role == PgRole::Replica
+                    && Some(m.status.name.as_str()) != view.leader_name()
+            })
+            .map(|m| {
+                let lsn = m.status.received_lsn.max(m.status.replayed_lsn);
+                (
+                    format!("{{{}}}", label("member", &m.status.name)),
+                    lag(leader_lsn, lsn) as f64,
+                )
+            })
+            .collect();
+        out.metric(
+            "replication_lag_bytes",
+            "gauge",
+            "Bytes each replica is behind the leader's last published position.",
+            &samples,
+        );
+    }
+    if let Some(view) = &node.view {
+        let count = |reason: &str| view.history.iter().filter(|e| e.reason == reason).count();
+        out.metric(
+            "failovers_total",
+            "counter",
+            "Automatic failovers recorded in the cluster history.",
+            &[(String::new(), count("failover") as f64)],
+        );
+        out.metric(
+            "switchovers_total",
+            "counter",
+            "Planned switchovers recorded in the cluster history.",
+            &[(String::new(), count("switchover") as f64)],
+        );
+        out.gauge(
+            "members",
+            "Members with a key in the DCS.",
+            view.members.len() as f64,
+        );
+    }
+    if let Some(latency) = node.lease_renew_latency {
+        out.gauge(
+            "lease_renew_seconds",
+            "Round trip of the last confirmed lease renewal.",
+            latency.as_secs_f64(),
+        );
+    }
+    out.gauge(
+        "loop_duration_seconds",
+        "Duration of the last HA loop turn.",
+        node.turn_duration.as_secs_f64(),
+    );
+    if let Some(free) = free_bytes(&node.data_dir) {
+        out.gauge(
+            "data_dir_free_bytes",
+            "Free space for unprivileged users on the data directory's file system.",
+            free as f64,
+        );
+    }
+    out.0
+}
+
+/// Free bytes on the file system holding `path` (its parent if it does not
+/// exist yet).
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let c_path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a valid
+    // out-pointer for the duration of the call.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("member", "a\"b\\c\nd"), "member=\"a\\\"b\\\\c\\nd\"");
+    }
+
+    #[test]
+    fn free_space_of_a_missing_path_is_its_parents() {
+        assert!(free_bytes(Path::new("/tmp/does/not/exist/yet")).is_some());
+    }
+}

@@ -1,0 +1,293 @@
+//! The REST API every agent serves: Patroni-compatible health checks, status
+//! documents, metrics. Handlers never talk to PostgreSQL: they read the
+//! snapshot the HA loop publishes after every turn, so a slow or hung server
+//! cannot make a health check hang (a check that times out looks like a dead
+//! node to a load balancer). Only `/config` reads the DCS.
+
+pub mod health;
+mod metrics;
+mod status;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use health::{Check, Filters};
+use mainstay_core::{ClusterView, Lsn, Tags};
+use mainstay_dcs::Dcs;
+use mainstay_pg::Health;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+
+/// What the HA loop knew at the end of its last turn.
+#[derive(Clone, Debug)]
+pub struct NodeSnapshot {
+    pub name: String,
+    pub scope: String,
+    pub api_url: String,
+    pub tags: Tags,
+    pub ttl: Duration,
+    pub data_dir: PathBuf,
+    /// A postmaster runs on the data directory.
+    pub running: bool,
+    /// The last probe of a running server; `None` if it did not answer.
+    pub health: Option<Health>,
+    /// The leader key holds this node's name and confirmed lease.
+    pub holds_leader: bool,
+    /// The last DCS view read successfully.
+    pub view: Option<ClusterView>,
+    /// The last read of the DCS worked.
+    pub dcs_reachable: bool,
+    pub dcs_last_seen: Option<SystemTime>,
+    /// When the HA loop last finished a turn, and how long it took.
+    pub turn_finished_at: Option<Instant>,
+    pub turn_duration: Duration,
+    /// Why the loop did what it did, as logged.
+    pub note: String,
+    /// Round trip of the last confirmed lease renewal.
+    pub lease_renew_latency: Option<Duration>,
+    pub paused: bool,
+    /// Members the leader guarantees hold every acknowledged commit.
+    pub sync_standbys: Vec<String>,
+}
+
+impl NodeSnapshot {
+    pub fn new(name: &str, scope: &str, api_url: &str, tags: &Tags, ttl: Duration) -> Self {
+        NodeSnapshot {
+            name: name.into(),
+            scope: scope.into(),
+            api_url: api_url.into(),
+            tags: tags.clone(),
+            ttl,
+            data_dir: PathBuf::new(),
+            running: false,
+            health: None,
+            holds_leader: false,
+            view: None,
+            dcs_reachable: false,
+            dcs_last_seen: None,
+            turn_finished_at: None,
+            turn_duration: Duration::ZERO,
+            note: String::new(),
+            lease_renew_latency: None,
+            paused: false,
+            sync_standbys: Vec::new(),
+        }
+    }
+
+    pub fn pg_running(&self) -> bool {
+        self.running && self.health.is_some()
+    }
+
+    pub fn is_primary(&self) -> bool {
+        self.pg_running() && self.health.as_ref().is_some_and(|h| !h.in_recovery)
+    }
+
+    /// Patroni's `/primary`: leadership and a writable server together.
+    pub fn is_primary_leader(&self) -> bool {
+        self.holds_leader && self.is_primary()
+    }
+
+    pub fn is_replica(&self) -> bool {
+        self.pg_running() && self.health.as_ref().is_some_and(|h| h.in_recovery)
+    }
+
+    pub fn is_sync_standby(&self) -> bool {
+        self.sync_standbys.contains(&self.name)
+    }
+
+    /// The loop finished a turn recently: within a ttl on the leader (which
+    /// must renew), within two elsewhere.
+    pub fn loop_is_alive(&self) -> bool {
+        let limit = if self.holds_leader {
+            self.ttl
+        } else {
+            2 * self.ttl
+        };
+        self.turn_finished_at
+            .is_some_and(|at| at.elapsed() <= limit)
+    }
+
+    /// The leader's last published WAL position.
+    pub fn leader_lsn(&self) -> Option<Lsn> {
+        let status = self.view.as_ref()?.leader_status()?;
+        Some(status.flush_lsn.max(status.received_lsn))
+    }
+
+    /// How far this replica is behind the leader's last published position.
+    pub fn lag_bytes(&self) -> Option<u64> {
+        let mine = self.health.as_ref()?.wal_position();
+        Some(health::lag(self.leader_lsn()?, mine))
+    }
+}
+
+pub struct ApiState<D> {
+    pub snapshot: watch::Receiver<Arc<NodeSnapshot>>,
+    pub dcs: Arc<D>,
+    pub dcs_timeout: Duration,
+}
+
+impl<D> ApiState<D> {
+    fn node(&self) -> Arc<NodeSnapshot> {
+        self.snapshot.borrow().clone()
+    }
+}
+
+type Shared<D> = State<Arc<ApiState<D>>>;
+
+pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
+    let mut router = Router::new();
+    for (paths, check) in [
+        (
+            &["/", "/primary", "/leader", "/master", "/read-write"][..],
+            Check::Primary,
+        ),
+        (&["/replica"][..], Check::Replica),
+        (&["/read-only"][..], Check::ReadOnly),
+        (&["/sync", "/synchronous"][..], Check::Sync),
+        (&["/async", "/asynchronous"][..], Check::Async),
+        (&["/health"][..], Check::Health),
+        (&["/liveness"][..], Check::Liveness),
+        (&["/readiness"][..], Check::Readiness),
+    ] {
+        let handler = move |state: Shared<D>, query: QueryResult| health_check(state, query, check);
+        for path in paths {
+            router = router.route(path, get(handler).options(handler));
+        }
+    }
+    router
+        .route("/patroni", get(patroni::<D>).options(patroni::<D>))
+        .route("/cluster", get(cluster::<D>))
+        .route("/history", get(history::<D>))
+        .route("/config", get(config::<D>))
+        .route("/metrics", get(metrics::<D>))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+type QueryResult =
+    Result<Query<BTreeMap<String, String>>, axum::extract::rejection::QueryRejection>;
+
+/// A JSON error with the reason: what was wrong and how to fix it.
+pub fn error(status: StatusCode, reason: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": reason.into() }))).into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no endpoint {}: see /openapi.json for the list", uri.path()),
+    )
+}
+
+async fn health_check<D>(State(state): Shared<D>, query: QueryResult, check: Check) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let filters = match Filters::parse(&query) {
+        Ok(filters) => filters,
+        Err(health::BadQuery(reason)) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    let node = state.node();
+    let code = if health::passes(check, &node, &filters) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(status::node_status(&node))).into_response()
+}
+
+async fn patroni<D>(State(state): Shared<D>) -> Response {
+    axum::Json(status::node_status(&state.node())).into_response()
+}
+
+impl<D: Dcs> ApiState<D> {
+    /// The node snapshot with a view read from the DCS now, so that `/cluster`
+    /// shows what the members published since this agent's last turn; the
+    /// snapshot's own view when the DCS does not answer in time.
+    async fn fresh(&self) -> Arc<NodeSnapshot> {
+        let node = self.node();
+        match tokio::time::timeout(self.dcs_timeout, self.dcs.read_cluster()).await {
+            Ok(Ok(view)) => Arc::new(NodeSnapshot {
+                view: Some(view),
+                ..(*node).clone()
+            }),
+            _ => node,
+        }
+    }
+}
+
+async fn cluster<D: Dcs>(State(state): Shared<D>) -> Response {
+    let node = state.fresh().await;
+    match status::cluster(&node) {
+        Some(body) => axum::Json(body).into_response(),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this agent has not read the DCS yet: ask another node or retry",
+        ),
+    }
+}
+
+async fn history<D: Dcs>(State(state): Shared<D>) -> Response {
+    let node = state.fresh().await;
+    let Some(view) = &node.view else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this agent has not read the DCS yet: ask another node or retry",
+        );
+    };
+    axum::Json(status::history(&view.history)).into_response()
+}
+
+async fn config<D: Dcs>(State(state): Shared<D>) -> Response {
+    match tokio::time::timeout(state.dcs_timeout, state.dcs.read_config()).await {
+        Ok(Ok(Some(config))) => axum::Json(config.value).into_response(),
+        Ok(Ok(None)) => axum::Json(Value::Object(Default::default())).into_response(),
+        Ok(Err(err)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the dynamic configuration from the DCS: {err}"),
+        ),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "cannot read the dynamic configuration: the DCS did not answer within {:?}",
+                state.dcs_timeout
+            ),
+        ),
+    }
+}
+
+async fn metrics<D>(State(state): Shared<D>) -> Response {
+    let text = metrics::render(&state.node());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Binds the API's address; a failure is a startup error for the agent.
+pub async fn bind(listen: &str) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        format!(
+            "cannot listen on api.listen = {listen:?}: {e}; choose a free address and port \
+             in the [api] section"
+        )
+    })
+}
+
+/// Serves until the task is aborted.
+pub async fn serve<D: Dcs + 'static>(listener: tokio::net::TcpListener, state: Arc<ApiState<D>>) {
+    if let Err(err) = axum::serve(listener, router(state)).await {
+        tracing::error!("the REST API stopped: {err}");
+    }
+}
