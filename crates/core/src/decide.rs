@@ -14,6 +14,8 @@
 //!   impossible rejoin moves it aside.
 
 use crate::candidate::{self, Candidate};
+use crate::dynamic::DynamicConfig;
+use crate::switchover::{LeaderVerdict, judge};
 use crate::types::{ClusterView, Lsn, Millis, PgRole, Tags};
 use std::collections::BTreeMap;
 
@@ -29,11 +31,6 @@ pub struct Settings {
     /// checks its WAL against the leader's history again, and is rewound if it
     /// diverged (e.g. it had replayed WAL of a timeline the leader never saw).
     pub stuck_replica_ms: u64,
-    /// The leader keeps the replication slot of a member whose key vanished
-    /// (agent down, host rebooting) this long, so that a member that comes
-    /// back within it streams on instead of needing a new clone. PostgreSQL's
-    /// `max_slot_wal_keep_size` bounds the WAL such a slot holds meanwhile.
-    pub slot_retention_ms: u64,
 }
 
 /// The local data directory as the agent found it.
@@ -90,6 +87,10 @@ pub struct Observation<'a> {
     /// `None` when the DCS could not be read this turn.
     pub cluster: Option<&'a ClusterView>,
     pub lease: Lease,
+    /// The cluster-wide dynamic configuration (the last valid one read).
+    pub config: &'a DynamicConfig,
+    /// Wall-clock Unix seconds, only for scheduled switchovers.
+    pub wall_secs: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,8 +143,24 @@ pub enum Action {
     BaseBackup {
         leader: String,
     },
-    /// Promote the local replica (the leader key is already ours).
-    Promote,
+    /// Promote the local replica (the leader key is already ours); `reason`
+    /// goes into the timeline history ("failover", "switchover").
+    Promote {
+        reason: String,
+    },
+    /// Planned handover to `candidate`: stop writes with a clean shutdown,
+    /// wait until the candidate has received everything, then move the
+    /// leader key to its lease in one transaction. If any step fails the
+    /// key stays here and the next turn restarts the primary.
+    Switchover {
+        candidate: String,
+        failover_revision: i64,
+    },
+    /// Delete the `failover` key (done, refused or unreadable), if unchanged.
+    ClearFailover {
+        failover_revision: i64,
+        reason: String,
+    },
     /// Re-point a running replica at `leader` by reload, no restart, after
     /// the same divergence check as `Rejoin` (which it falls back to).
     Follow {
@@ -170,6 +187,13 @@ impl Action {
     }
 }
 
+fn promote(view: &ClusterView) -> Action {
+    let planned = view.failover.as_ref().is_some_and(|f| f.request.is_ok());
+    Action::Promote {
+        reason: if planned { "switchover" } else { "failover" }.into(),
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Decision {
     pub actions: Vec<Action>,
@@ -192,6 +216,10 @@ pub struct CoreState {
     not_streaming_since: Option<(String, Millis)>,
     /// Members whose slots the leader keeps, with when each was last seen.
     slot_members: BTreeMap<String, Millis>,
+    /// The last WAL position the leader published (timeline, position): a
+    /// replica further behind it than `maximum_lag_on_failover` does not
+    /// take over automatically.
+    leader_position: Option<(u32, Lsn)>,
 }
 
 fn decision(actions: Vec<Action>, note: impl Into<String>) -> Decision {
@@ -384,15 +412,53 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
         (_, PgRole::Primary) => {
             state.primary_restart_at = None;
             let members = slot_members(state, obs, view);
-            decision(
-                vec![Action::SyncSlots { members }],
-                "leader with a running primary",
-            )
+            let mut actions = vec![Action::SyncSlots { members }];
+            let Some(record) = &view.failover else {
+                return decision(actions, "leader with a running primary");
+            };
+            let request = match &record.request {
+                Ok(request) => request,
+                Err(reason) => {
+                    actions.push(Action::ClearFailover {
+                        failover_revision: record.mod_revision,
+                        reason: format!("unreadable request: {reason}"),
+                    });
+                    return decision(actions, "dropping an unreadable failover request");
+                }
+            };
+            match judge(request, view, obs.name, pg.lsn, obs.wall_secs, obs.config) {
+                LeaderVerdict::HandOver(candidate) => decision(
+                    vec![Action::Switchover {
+                        candidate: candidate.clone(),
+                        failover_revision: record.mod_revision,
+                    }],
+                    format!("switchover to {candidate}"),
+                ),
+                LeaderVerdict::Wait { at } => {
+                    let mut result = decision(
+                        actions,
+                        format!("leader; switchover scheduled at Unix time {at}"),
+                    );
+                    let in_ms = at.saturating_sub(obs.wall_secs).saturating_mul(1000);
+                    result.wake_at = Some(obs.now.plus(in_ms.min(obs.settings.loop_wait_ms)));
+                    result
+                }
+                LeaderVerdict::Drop(reason) => {
+                    actions.push(Action::ClearFailover {
+                        failover_revision: record.mod_revision,
+                        reason: reason.clone(),
+                    });
+                    decision(actions, format!("failover request: {reason}"))
+                }
+            }
         }
         (_, PgRole::Replica) => decision(
-            vec![Action::Promote],
+            vec![promote(view)],
             "this node holds the leader key: promoting",
         ),
+        (_, PgRole::Stopped) if obs.config.pause => {
+            wait("leader without a running PostgreSQL; paused: not restarting it")
+        }
         (DataDir::Empty, PgRole::Stopped) => decision(
             vec![Action::ReleaseLeader {
                 reason: "leader without a data directory".into(),
@@ -426,7 +492,7 @@ fn slot_members(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView
     for name in view.members.keys().filter(|m| *m != obs.name) {
         state.slot_members.insert(name.clone(), obs.now);
     }
-    let retention = obs.settings.slot_retention_ms;
+    let retention = obs.config.member_slots_ttl.saturating_mul(1000);
     state
         .slot_members
         .retain(|name, seen| name != obs.name && obs.now < seen.plus(retention));
@@ -460,6 +526,16 @@ fn follow(
         .members
         .get(leader)
         .is_some_and(|m| m.status.role == PgRole::Primary);
+    if let Some(status) = view.members.get(leader).map(|m| &m.status)
+        && status.role == PgRole::Primary
+    {
+        state.leader_position = Some((status.timeline, status.flush_lsn.max(status.received_lsn)));
+    }
+    if obs.config.pause && pg.role == PgRole::Stopped {
+        return wait(format!(
+            "paused: PostgreSQL is stopped and stays so (leader {leader})"
+        ));
+    }
     match (&pg.data, pg.role) {
         (DataDir::Empty, _) if leader_ready => decision(
             vec![Action::BaseBackup {
@@ -490,7 +566,7 @@ fn follow(
                 format!("re-pointing replication to the new leader {leader}"),
             )
         }
-        (_, PgRole::Replica) if leader_ready && !pg.streaming => {
+        (_, PgRole::Replica) if leader_ready && !pg.streaming && !obs.config.pause => {
             let since = state
                 .not_streaming_since
                 .get_or_insert_with(|| (leader.to_string(), obs.now))
@@ -529,6 +605,15 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
             "fencing: no leader key",
         );
     }
+    let manual = view
+        .failover
+        .as_ref()
+        .and_then(|f| f.request.as_ref().ok())
+        .and_then(|r| r.candidate.as_deref())
+        .filter(|c| view.members.contains_key(*c));
+    if obs.config.pause && manual.is_none() {
+        return wait("no leader, and the cluster is paused: no automatic failover");
+    }
     match (&pg.data, pg.role) {
         (DataDir::Empty, _) => return wait("no leader to clone from"),
         (DataDir::Initialized { .. }, PgRole::Stopped) => {
@@ -539,8 +624,33 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
         }
         _ => {}
     }
+    match manual {
+        Some(candidate) if candidate == obs.name => {
+            if obs.now >= obs.lease.valid_until {
+                return wait("manual failover to this node: waiting for a lease renewal");
+            }
+            return decision(
+                vec![Action::AcquireLeader],
+                "no leader: taking over as the operator asked (manual failover)",
+            );
+        }
+        Some(candidate) => {
+            return wait(format!("no leader: manual failover to {candidate} pending"));
+        }
+        None => {}
+    }
     if obs.tags.nofailover {
         return wait("no leader, and this node is tagged nofailover");
+    }
+    if let Some((timeline, position)) = state.leader_position
+        && timeline == pg.timeline
+        && position.0.saturating_sub(pg.lsn.0) > obs.config.maximum_lag_on_failover
+    {
+        return wait(format!(
+            "no leader, but this node is {} bytes behind the last leader position {position}: \
+             more than maximum_lag_on_failover; a manual failover can override",
+            position.0 - pg.lsn.0
+        ));
     }
     let me = Candidate {
         name: obs.name,
@@ -613,7 +723,6 @@ mod tests {
         loop_wait_ms: 1000,
         election_wait_ms: 2000,
         stuck_replica_ms: 30_000,
-        slot_retention_ms: 1_800_000,
     };
 
     fn status(
@@ -643,6 +752,7 @@ mod tests {
                 view_had_leader,
             },
             mod_revision: view_revision + 1,
+            lease_id: 0,
         }
     }
 
@@ -664,7 +774,7 @@ mod tests {
                 .into_iter()
                 .map(|m| (m.status.name.clone(), m))
                 .collect(),
-            history: Vec::new(),
+            ..ClusterView::default()
         }
     }
 
@@ -701,6 +811,8 @@ mod tests {
                 id: Some(7),
                 valid_until: Millis(valid_until),
             },
+            config: &DynamicConfig::default(),
+            wall_secs: 0,
         };
         decide(state, &obs).actions
     }
@@ -739,6 +851,8 @@ mod tests {
                 id: Some(7),
                 valid_until: Millis(2500),
             },
+            config: &DynamicConfig::default(),
+            wall_secs: 0,
         };
         assert_eq!(
             decide(&mut CoreState::default(), &obs).wake_at,
@@ -815,7 +929,9 @@ mod tests {
                 Some(&view(Some(("a", 7)), vec![])),
                 5000
             ),
-            vec![Action::Promote]
+            vec![Action::Promote {
+                reason: "failover".into()
+            }]
         );
     }
 
@@ -963,7 +1079,7 @@ mod tests {
             vec!["b"]
         );
         let without_b = view(Some(("a", 7)), vec![]);
-        let retained = SETTINGS.slot_retention_ms;
+        let retained = DynamicConfig::default().member_slots_ttl * 1000;
         assert_eq!(
             slots(check(
                 &mut state,

@@ -131,6 +131,47 @@ pub struct LeaderRecord {
 pub struct MemberRecord {
     pub status: MemberStatus,
     pub mod_revision: i64,
+    /// The member's own lease: a switchover puts the leader key on it.
+    pub lease_id: i64,
+}
+
+/// Whether the current leader must agree (switchover) or not (failover).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverKind {
+    /// Planned: the leader checks the candidate, stops writes, waits until
+    /// the candidate has everything and hands the leader key over.
+    Switchover,
+    /// Manual: an operator names the node to promote, e.g. when there is no
+    /// healthy leader. With a healthy leader it runs as a switchover.
+    Failover,
+}
+
+/// Content of the `failover` key: a pending switchover or manual failover.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    pub kind: FailoverKind,
+    /// The node that must be leader when the request runs (switchover).
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// The node to promote; `None`: the best eligible replica.
+    #[serde(default)]
+    pub candidate: Option<String>,
+    /// Unix time (seconds) at which to run; `None`: at once.
+    #[serde(default)]
+    pub scheduled_at: Option<u64>,
+    /// Unix time of the request, for humans.
+    #[serde(default)]
+    pub requested_at: u64,
+}
+
+/// The `failover` key as read: a request, or why it cannot be read (someone
+/// wrote it by hand); the leader deletes an unreadable one with the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailoverRecord {
+    pub request: Result<FailoverRequest, String>,
+    pub mod_revision: i64,
 }
 
 /// Everything under `/mainstay/<cluster>/` at one etcd revision.
@@ -143,6 +184,11 @@ pub struct ClusterView {
     pub leader: Option<LeaderRecord>,
     pub members: BTreeMap<String, MemberRecord>,
     pub history: Vec<HistoryEntry>,
+    pub failover: Option<FailoverRecord>,
+    /// The `config` key (dynamic configuration) as stored, unvalidated:
+    /// agents keep their last valid configuration when it does not parse.
+    pub config: Option<serde_json::Value>,
+    pub config_revision: i64,
 }
 
 impl ClusterView {

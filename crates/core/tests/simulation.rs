@@ -11,8 +11,8 @@
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
 use mainstay_core::timeline::{Divergence, LeaderWal, LocalWal, TimelineSwitch, divergence};
 use mainstay_core::{
-    Action, ClusterView, CoreState, HistoryEntry, InitializeRecord, LeaderRecord, Lsn,
-    MemberRecord, MemberStatus, Millis, Observation, PgRole, Tags, decide,
+    Action, ClusterView, CoreState, DynamicConfig, HistoryEntry, InitializeRecord, LeaderRecord,
+    Lsn, MemberRecord, MemberStatus, Millis, Observation, PgRole, Tags, decide,
 };
 use std::collections::BTreeMap;
 
@@ -136,11 +136,13 @@ impl Dcs {
                         MemberRecord {
                             status: status.clone(),
                             mod_revision: *rev,
+                            lease_id: 0,
                         },
                     )
                 })
                 .collect(),
             history: self.history.clone(),
+            ..ClusterView::default()
         }
     }
 }
@@ -226,6 +228,10 @@ struct Sim {
     nodes: Vec<Node>,
     renewals: Vec<Renewal>,
     settings: Settings,
+    /// Lag limits off: the model's lag faults would otherwise leave the
+    /// cluster without an eligible candidate, which the convergence check
+    /// (rightly, for this model) calls a failure. Unit tests cover the limit.
+    config: DynamicConfig,
     trace: bool,
     next_system_id: u64,
     promotions: usize,
@@ -270,12 +276,16 @@ impl Sim {
             dcs: Dcs::default(),
             nodes,
             renewals: Vec::new(),
+            config: DynamicConfig {
+                maximum_lag_on_failover: u64::MAX,
+                member_slots_ttl: 100,
+                ..DynamicConfig::default()
+            },
             settings: Settings {
                 ttl_ms: TTL_MS,
                 loop_wait_ms: LOOP_WAIT_MS,
                 election_wait_ms: 2 * LOOP_WAIT_MS,
                 stuck_replica_ms: 10 * LOOP_WAIT_MS,
-                slot_retention_ms: 100 * LOOP_WAIT_MS,
             },
             trace,
             next_system_id: 7_000_000_000_000_000_000,
@@ -556,6 +566,8 @@ impl Sim {
                     id: node.lease_id,
                     valid_until: Millis(node.valid_until),
                 },
+                config: &self.config,
+                wall_secs: self.now / 1000,
             };
             let mut core = node.core.clone();
             let decision = decide(&mut core, &obs);
@@ -810,7 +822,7 @@ impl Sim {
                 node.role = Role::Replica;
                 node.following = Some(leader.clone());
             }
-            Action::Promote => {
+            Action::Promote { .. } => {
                 self.check_promotion(i);
                 let node = &mut self.nodes[i];
                 if node.role != Role::Replica {
@@ -855,6 +867,10 @@ impl Sim {
             }
             Action::Fence { .. } => self.nodes[i].role = Role::Stopped,
             Action::SyncSlots { .. } => {}
+            // The simulation files no requests.
+            Action::Switchover { .. } | Action::ClearFailover { .. } => {
+                self.fail(format!("{name} acted on a failover request nobody made"))
+            }
             Action::Fatal { reason } => {
                 self.fail(format!("{name} stopped with a fatal error: {reason}"))
             }

@@ -650,6 +650,44 @@ impl Dcs for EtcdDcs {
         }))
     }
 
+    async fn put_failover(
+        &self,
+        request: &mainstay_core::FailoverRequest,
+        expected_mod_revision: i64,
+    ) -> Result<bool> {
+        let key = self.key(keys::FAILOVER);
+        self.txn(
+            vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected_mod_revision,
+            )],
+            vec![TxnOp::put(key, to_json(request)?, None)],
+        )
+        .await
+    }
+
+    async fn delete_failover(&self, expected_mod_revision: i64) -> Result<bool> {
+        let key = self.key(keys::FAILOVER);
+        self.txn(
+            vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected_mod_revision,
+            )],
+            vec![TxnOp::delete(key, None)],
+        )
+        .await
+    }
+
+    async fn delete_member(&self, name: &str) -> Result<()> {
+        check_name("member", name)?;
+        let key = self.key(&keys::member(name));
+        self.txn(Vec::new(), vec![TxnOp::delete(key, None)])
+            .await
+            .map(|_| ())
+    }
+
     async fn write_config(
         &self,
         value: &serde_json::Value,

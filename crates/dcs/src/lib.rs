@@ -77,6 +77,7 @@ pub enum KeyKind {
     Member(String),
     History,
     Config,
+    Failover,
     /// A key this version of mainstay does not use.
     Other,
 }
@@ -89,6 +90,7 @@ impl KeyKind {
             keys::LEADER => KeyKind::Leader,
             keys::HISTORY => KeyKind::History,
             keys::CONFIG => KeyKind::Config,
+            keys::FAILOVER => KeyKind::Failover,
             _ => match key.strip_prefix(keys::MEMBERS) {
                 Some(name) if !name.is_empty() => KeyKind::Member(name.to_string()),
                 _ => KeyKind::Other,
@@ -111,6 +113,7 @@ pub mod keys {
     pub const MEMBERS: &str = "members/";
     pub const HISTORY: &str = "history";
     pub const CONFIG: &str = "config";
+    pub const FAILOVER: &str = "failover";
 
     pub fn member(name: &str) -> String {
         format!("{MEMBERS}{name}")
@@ -212,6 +215,24 @@ pub trait Dcs: Send + Sync + 'static {
         expected_mod_revision: i64,
     ) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Writes `failover` if its mod revision is still the expected one (0:
+    /// only if no request is pending).
+    fn put_failover(
+        &self,
+        request: &mainstay_core::FailoverRequest,
+        expected_mod_revision: i64,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Deletes `failover` if its mod revision is still the expected one.
+    fn delete_failover(
+        &self,
+        expected_mod_revision: i64,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Deletes `members/<name>` (`ctl remove`): the member's agent must be
+    /// gone, or it writes the key again on its next turn.
+    fn delete_member(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+
     /// Watches every key of the cluster from now on. Open the watch
     /// *before* reading the cluster so that no change falls between the
     /// two. The channel ends after a [`WatchEvent::Error`], or when the
@@ -300,6 +321,7 @@ fn build_view<'a>(
                         mainstay_core::MemberRecord {
                             status,
                             mod_revision: kv.mod_revision,
+                            lease_id: kv.lease,
                         },
                     );
                 }
@@ -309,7 +331,21 @@ fn build_view<'a>(
                 }
             },
             KeyKind::History => view.history = parse_history(&full_key(), kv.value)?,
-            KeyKind::Config | KeyKind::Other => {}
+            KeyKind::Config => {
+                // Validation is the agent's: a bad value must not blind it.
+                view.config = serde_json::from_slice(kv.value)
+                    .ok()
+                    .or(Some(serde_json::Value::Null));
+                view.config_revision = kv.mod_revision;
+            }
+            KeyKind::Failover => {
+                view.failover = Some(mainstay_core::FailoverRecord {
+                    request: serde_json::from_slice(kv.value)
+                        .map_err(|e| format!("{}: {e}", full_key())),
+                    mod_revision: kv.mod_revision,
+                });
+            }
+            KeyKind::Other => {}
         }
     }
     Ok(view)

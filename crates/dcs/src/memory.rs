@@ -525,6 +525,30 @@ impl Dcs for MemoryDcs {
         )
     }
 
+    async fn put_failover(
+        &self,
+        request: &mainstay_core::FailoverRequest,
+        expected_mod_revision: i64,
+    ) -> Result<bool> {
+        self.txn(
+            &[Cmp::ModRevision(keys::FAILOVER, expected_mod_revision)],
+            vec![put(keys::FAILOVER, to_json(request)?, 0)],
+        )
+    }
+
+    async fn delete_failover(&self, expected_mod_revision: i64) -> Result<bool> {
+        self.txn(
+            &[Cmp::ModRevision(keys::FAILOVER, expected_mod_revision)],
+            vec![Op::Delete(keys::FAILOVER)],
+        )
+    }
+
+    async fn delete_member(&self, name: &str) -> Result<()> {
+        check_name("member", name)?;
+        let key = keys::member(name);
+        self.txn(&[], vec![Op::Delete(&key)]).map(|_| ())
+    }
+
     async fn watch(&self) -> Result<mpsc::Receiver<WatchEvent>> {
         self.reachable()?;
         let changes = self.shared.events.subscribe();

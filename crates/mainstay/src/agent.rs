@@ -10,15 +10,16 @@
 //! - the HA loop runs on every DCS watch event, every `loop_wait`, and at the
 //!   deadlines the core asks for.
 
-use crate::api::{ApiState, NodeSnapshot};
+use crate::api::{ApiAuth, ApiState, Command, NodeSnapshot};
 use crate::config::{Config, EffectiveTiming};
+use axum::http::StatusCode;
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
 use mainstay_core::timeline::{
     Divergence, LeaderWal, LocalWal, divergence, foreign_timeline, parse_history,
 };
 use mainstay_core::{
-    Action, ClusterView, CoreState, HistoryEntry, InitializeRecord, Lsn, MemberStatus, Millis,
-    Observation, PgRole, decide,
+    Action, ClusterView, CoreState, DynamicConfig, HistoryEntry, InitializeRecord, Lsn,
+    MemberStatus, Millis, Observation, PgRole, decide,
 };
 use mainstay_dcs::{Dcs, KeyKind, WatchEvent};
 use mainstay_pg::{
@@ -74,6 +75,11 @@ pub struct Agent<D: Dcs> {
     /// What the REST API serves; replaced after every turn.
     snapshot: watch::Sender<Arc<NodeSnapshot>>,
     api_listen: String,
+    /// The last valid dynamic configuration read from the DCS, and the
+    /// revision of the `config` key last looked at.
+    dynamic: DynamicConfig,
+    dynamic_revision: Option<i64>,
+    api_auth: ApiAuth,
 }
 
 pub fn pg_settings(config: &Config) -> PgSettings {
@@ -111,7 +117,6 @@ impl<D: Dcs> Agent<D> {
             loop_wait_ms: ms(timing.loop_wait),
             election_wait_ms: 2 * ms(timing.loop_wait) + ms(timing.dcs_timeout),
             stuck_replica_ms: 30_000,
-            slot_retention_ms: 30 * 60 * 1000,
         };
         let origin = Instant::now();
         let pg = Postgres::new(pg_settings(config));
@@ -153,6 +158,150 @@ impl<D: Dcs> Agent<D> {
                 timing.ttl,
             ))),
             api_listen: config.api.listen.clone(),
+            dynamic: DynamicConfig::default(),
+            dynamic_revision: None,
+            api_auth: ApiAuth {
+                basic: config.api.username.clone().zip(config.api.password.clone()),
+                token: config.api.token.clone(),
+            },
+        }
+    }
+
+    /// `POST /restart` and `POST /reinitialize`, between two turns.
+    async fn run_command(&mut self, command: Command) -> Result<String, (StatusCode, String)> {
+        let refuse = |code: StatusCode, reason: &str| Err((code, reason.to_string()));
+        let view = self.last_view.clone();
+        let lease = *self.lease.borrow();
+        let leading = view.as_ref().is_some_and(|v| {
+            v.leader
+                .as_ref()
+                .is_some_and(|l| l.name == self.name && Some(l.lease_id) == lease.id)
+        });
+        let leader_target = match view.as_ref().and_then(|v| v.leader_name()) {
+            Some(leader) if leader != self.name => self.target(view.as_ref(), leader).ok(),
+            _ => None,
+        };
+        let internal = |e: TurnError| match e {
+            TurnError::Failed(r) | TurnError::Fatal(r) => (StatusCode::INTERNAL_SERVER_ERROR, r),
+        };
+        match command {
+            Command::Restart => {
+                if !self.pg.is_running() {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        "PostgreSQL is not running here: nothing to restart",
+                    );
+                }
+                let primary = self.writable.load(Ordering::SeqCst);
+                if primary && !leading {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        "this primary does not hold the leader key: it is being fenced",
+                    );
+                }
+                warn!(primary, "restart requested through the REST API");
+                self.stop(StopMode::Fast).await.map_err(internal)?;
+                let role = if primary {
+                    self.writable.store(true, Ordering::SeqCst);
+                    StartRole::Primary
+                } else {
+                    StartRole::Replica {
+                        leader: leader_target.as_ref().map(|(t, _)| t.clone()),
+                    }
+                };
+                let started = self.pg.start(role).await;
+                self.forget_writable_if_stopped();
+                started.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("start: {e}")))?;
+                if !primary {
+                    self.following = leader_target.map(|(t, _)| t.name);
+                }
+                self.wake.notify_one();
+                Ok("PostgreSQL restarted".into())
+            }
+            Command::Reinitialize => {
+                if leading || self.writable.load(Ordering::SeqCst) {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        "the leader cannot be reinitialized: switch over first",
+                    );
+                }
+                let Some((target, status)) = leader_target else {
+                    return refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "there is no leader to clone from",
+                    );
+                };
+                if status.role != PgRole::Primary {
+                    return refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the leader's PostgreSQL is not running as primary yet",
+                    );
+                }
+                warn!(
+                    from = target.name,
+                    "reinitialize requested through the REST API"
+                );
+                if self.pg.is_running() {
+                    self.stop(StopMode::Fast).await.map_err(internal)?;
+                }
+                if !matches!(
+                    self.pg.data_dir_state(),
+                    DataDirState::Missing | DataDirState::Empty
+                ) {
+                    self.reclone(&target, "reinitialize requested")
+                        .await
+                        .map_err(internal)?;
+                } else {
+                    self.pg.basebackup(&target).await.map_err(|e| {
+                        (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("pg_basebackup: {e}"),
+                        )
+                    })?;
+                }
+                self.pg
+                    .start(StartRole::Replica {
+                        leader: Some(target.clone()),
+                    })
+                    .await
+                    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("start: {e}")))?;
+                self.following = Some(target.name.clone());
+                self.wake.notify_one();
+                Ok(format!(
+                    "reinitialized from {}; the old data directory was moved aside",
+                    target.name
+                ))
+            }
+        }
+    }
+
+    /// Takes the view's dynamic configuration if it is valid; a bad one
+    /// (written by hand) is reported once and changes nothing.
+    fn absorb_dynamic_config(&mut self, view: &ClusterView) {
+        if self.dynamic_revision == Some(view.config_revision) {
+            return;
+        }
+        self.dynamic_revision = Some(view.config_revision);
+        let parsed = match &view.config {
+            None => Ok(DynamicConfig::default()),
+            Some(value) => DynamicConfig::from_json(value),
+        };
+        match parsed {
+            Ok(config) if config != self.dynamic => {
+                info!(
+                    revision = view.config_revision,
+                    pause = config.pause,
+                    maximum_lag_on_failover = config.maximum_lag_on_failover,
+                    "dynamic configuration changed"
+                );
+                self.dynamic = config;
+            }
+            Ok(_) => {}
+            Err(problem) => error!(
+                revision = view.config_revision,
+                "the dynamic configuration in the DCS is invalid ({problem}); keeping the last \
+                 valid one: fix it with `mainstay ctl edit-config`"
+            ),
         }
     }
 
@@ -184,6 +333,7 @@ impl<D: Dcs> Agent<D> {
             turn_duration: turn_started.elapsed(),
             note: self.last_note.clone(),
             lease_renew_latency: (latency > 0).then(|| Duration::from_micros(latency)),
+            paused: self.dynamic.pause,
             ..(*previous).clone()
         };
         self.snapshot.send_replace(Arc::new(snapshot));
@@ -202,6 +352,8 @@ impl<D: Dcs> Agent<D> {
             .map_err(|e| format!("cannot write the password file: {e}"))?;
         let lease_tx = self.lease_tx.take().ok_or("the agent runs only once")?;
         let listener = crate::api::bind(&self.api_listen).await?;
+        // One command at a time: a second caller waits its turn.
+        let (command_tx, mut commands) = tokio::sync::mpsc::channel(1);
         info!(listen = %self.api_listen, "REST API listening");
         let api = tokio::spawn(crate::api::serve(
             listener,
@@ -209,6 +361,9 @@ impl<D: Dcs> Agent<D> {
                 snapshot: self.snapshot.subscribe(),
                 dcs: self.dcs.clone(),
                 dcs_timeout: self.timing.dcs_timeout,
+                ttl: self.timing.ttl,
+                auth: self.api_auth.clone(),
+                commands: command_tx,
             }),
         ));
         let keeper = tokio::spawn(keep_lease(LeaseKeeper {
@@ -275,6 +430,10 @@ impl<D: Dcs> Agent<D> {
             }
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
+                Some((command, reply)) = commands.recv() => {
+                    let answer = self.run_command(command).await;
+                    let _ = reply.send(answer);
+                }
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(5))) => {}
             }
@@ -323,6 +482,7 @@ impl<D: Dcs> Agent<D> {
                 .store(view.leader.is_none(), Ordering::Relaxed);
             self.last_view = Some(view.clone());
             self.dcs_last_seen = Some(std::time::SystemTime::now());
+            self.absorb_dynamic_config(view);
         }
         let local = self.observe_pg().await?;
         let lease = *self.lease.borrow();
@@ -337,6 +497,8 @@ impl<D: Dcs> Agent<D> {
                 id: lease.id,
                 valid_until: self.millis(lease.valid_until),
             },
+            config: &self.dynamic,
+            wall_secs: unix_now(),
         };
         let decision = decide(&mut self.core, &obs);
         if decision.note != self.last_note {
@@ -629,9 +791,9 @@ impl<D: Dcs> Agent<D> {
                     .map_err(|e| failed("starting the clone", &e))?;
                 self.following = Some(leader.clone());
             }
-            Action::Promote => {
+            Action::Promote { reason } => {
                 let claimed = local.timeline + 1;
-                self.claim_timeline(claimed, local.lsn, "failover", lease_id()?)
+                self.claim_timeline(claimed, local.lsn, reason, lease_id()?)
                     .await?;
                 // A promotion that times out may still complete: guard first.
                 self.writable.store(true, Ordering::SeqCst);
@@ -640,7 +802,7 @@ impl<D: Dcs> Agent<D> {
                     .await
                     .map_err(|e| failed("promoting", &e))?;
                 self.following = None;
-                self.confirm_timeline(Some(claimed), local.lsn, "failover", lease_id()?)
+                self.confirm_timeline(Some(claimed), local.lsn, reason, lease_id()?)
                     .await;
             }
             Action::Follow { leader } => {
@@ -677,8 +839,88 @@ impl<D: Dcs> Agent<D> {
                     info!(created = ?changes.created, dropped = ?changes.dropped, "replication slots changed");
                 }
             }
+            Action::Switchover {
+                candidate,
+                failover_revision,
+            } => {
+                self.switchover(view, candidate, *failover_revision, lease_id()?)
+                    .await?
+            }
+            Action::ClearFailover {
+                failover_revision,
+                reason,
+            } => {
+                if self
+                    .dcs
+                    .delete_failover(*failover_revision)
+                    .await
+                    .map_err(dcs_failed)?
+                {
+                    info!(reason, "failover request cleared");
+                }
+            }
             Action::Fatal { reason } => return Err(TurnError::Fatal(reason.clone())),
         }
+        Ok(())
+    }
+
+    /// A planned handover (DESIGN.md section 4, "Switchover"): checkpoint
+    /// while still writable, stop cleanly so the walsenders ship everything
+    /// including the shutdown checkpoint, check that the candidate received
+    /// it, then move the leader key to the candidate's lease in one
+    /// transaction. On any failure the key is still ours and the next turn
+    /// restarts the primary.
+    async fn switchover(
+        &mut self,
+        view: Option<&ClusterView>,
+        candidate: &str,
+        failover_revision: i64,
+        lease: i64,
+    ) -> Result<(), TurnError> {
+        let (target, _) = self.target(view, candidate)?;
+        let candidate_lease = view
+            .and_then(|v| v.members.get(candidate))
+            .map(|m| m.lease_id)
+            .ok_or_else(|| TurnError::Failed(format!("{candidate} has no member key")))?;
+        let started = Instant::now();
+        info!(candidate, "switchover: checkpoint, then a clean shutdown");
+        if let Err(err) = self.pg.checkpoint().await {
+            warn!("switchover: the checkpoint before shutdown failed ({err}); going on");
+        }
+        self.stop(StopMode::Fast).await?;
+        let end = self
+            .pg
+            .control_data()
+            .map_err(|e| TurnError::Failed(format!("pg_controldata after shutdown: {e}")))?
+            .checkpoint_lsn;
+        let limit = self.timing.ttl;
+        let caught_up = self.pg.wait_until_received(&target, end, limit).await;
+        let refusal = match caught_up {
+            Err(err) => Some(format!("the candidate did not catch up: {err}")),
+            Ok(_) => match self
+                .dcs
+                .hand_over_leader(&self.name, lease, candidate, candidate_lease)
+                .await
+            {
+                Ok(true) => None,
+                Ok(false) => Some("the leader or the candidate's lease changed".into()),
+                Err(err) => Some(format!("handing the leader key over: {err}")),
+            },
+        };
+        if let Some(reason) = refusal {
+            error!(
+                candidate,
+                reason, "switchover aborted: this node stays leader and restarts its primary"
+            );
+            let _ = self.dcs.delete_failover(failover_revision).await;
+            return Err(TurnError::Failed(format!("switchover aborted: {reason}")));
+        }
+        info!(
+            candidate,
+            elapsed = ?started.elapsed(),
+            shutdown_checkpoint = %end,
+            "switchover: leadership handed over; following the new leader"
+        );
         Ok(())
     }
 
@@ -1084,11 +1326,14 @@ fn history(view: Option<&ClusterView>) -> &[HistoryEntry] {
     view.map_or(&[], |v| &v.history)
 }
 
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!("@{secs}")
+        .map_or(0, |d| d.as_secs())
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 /// Renews the node's lease and tells the others when leadership may lapse.
@@ -1268,7 +1513,11 @@ async fn forward_watch<D: Dcs>(dcs: Arc<D>, leaderless: Arc<AtomicBool>, wake: A
                 while let Some(event) = events.recv().await {
                     match event {
                         WatchEvent::Changed {
-                            key: KeyKind::Leader | KeyKind::Initialize,
+                            key:
+                                KeyKind::Leader
+                                | KeyKind::Initialize
+                                | KeyKind::Failover
+                                | KeyKind::Config,
                             ..
                         } => {
                             backoff = Duration::from_millis(100);

@@ -114,13 +114,31 @@ fn default_api_listen() -> String {
     "127.0.0.1:8008".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     #[serde(default = "default_api_listen")]
     pub listen: String,
     /// URL other agents and tools use; defaults to `http://<listen>`.
     pub connect_url: Option<String>,
+    /// HTTP basic credentials for unsafe methods (POST, PUT, PATCH, DELETE).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// A bearer token accepted for unsafe methods, instead of or besides
+    /// the basic credentials.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("connect_url", &self.connect_url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<secret>"))
+            .field("token", &self.token.as_ref().map(|_| "<secret>"))
+            .finish()
+    }
 }
 
 impl Default for ApiConfig {
@@ -128,6 +146,9 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: default_api_listen(),
             connect_url: None,
+            username: None,
+            password: None,
+            token: None,
         }
     }
 }
@@ -285,6 +306,31 @@ impl Config {
             {
                 return Err((key, format!("cannot read {}: {err}", file.display())));
             }
+        }
+        if self.api.username.is_some() != self.api.password.is_some() {
+            return Err((
+                "api.password",
+                "api.username and api.password go together: set both or neither".into(),
+            ));
+        }
+        if self.api.password.as_deref().is_some_and(str::is_empty)
+            || self.api.token.as_deref().is_some_and(|t| t.len() < 16)
+        {
+            return Err((
+                "api.token",
+                "an empty password or a token shorter than 16 characters guards nothing: \
+                 use a long random value (e.g. `openssl rand -hex 24`)"
+                    .into(),
+            ));
+        }
+        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err((
+                "api.listen",
+                format!(
+                    "{:?} is not an address: write it as IP:PORT, e.g. \"0.0.0.0:8008\"",
+                    self.api.listen
+                ),
+            ));
         }
         let pg = &self.postgresql;
         if !pg.data_dir.is_absolute() {

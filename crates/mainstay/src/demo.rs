@@ -13,6 +13,9 @@ use std::time::Duration;
 
 pub const SUPERUSER: &str = "postgres";
 pub const SUPERUSER_PASSWORD: &str = "demo-superuser-secret";
+/// Credentials of the demo agents' REST API for unsafe methods (`mainstay ctl`).
+pub const API_USER: &str = "mainstay";
+pub const API_PASSWORD: &str = "demo-api-secret";
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -135,6 +138,8 @@ parameters = {{ shared_buffers = "32MB", max_connections = "50" }}
 
 [api]
 listen = "127.0.0.1:{api}"
+username = "{API_USER}"
+password = "{API_PASSWORD}"
 
 [timing]
 profile = "{profile}"

@@ -1,4 +1,4 @@
-//! The `mainstay` command line: `agent`, `config check`, `demo`, `bench`.
+//! The `mainstay` command line: `agent`, `config check`, `ctl`, `demo`, `bench`.
 
 use clap::{Parser, Subcommand};
 use mainstay::config::Config;
@@ -28,6 +28,8 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Operate a running cluster through any agent's REST API.
+    Ctl(mainstay::ctl::CtlArgs),
     /// Start etcd and N agents with PostgreSQL on this machine (loopback).
     Demo(mainstay::demo::DemoArgs),
     /// Benchmarks on a local cluster (see README for the figures).
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
             runtime().block_on(mainstay::demo::run(args))
         }
         Command::Bench { command } => runtime().block_on(mainstay::bench::run(command)),
+        Command::Ctl(args) => runtime().block_on(mainstay::ctl::run(args)),
     }
 }
 

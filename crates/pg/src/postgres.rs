@@ -720,6 +720,50 @@ impl Postgres {
         Ok(changes)
     }
 
+    /// A CHECKPOINT on the running server, so that the shutdown checkpoint
+    /// that follows (switchover) has little left to write.
+    pub async fn checkpoint(&self) -> Result<()> {
+        let client = self.local_client().await?;
+        sql::bounded(
+            "CHECKPOINT",
+            sql::QUERY_TIMEOUT,
+            client.batch_execute("CHECKPOINT"),
+        )
+        .await
+    }
+
+    /// Polls `target` (a replica) until it has received and flushed WAL
+    /// past `lsn`, at most `limit`. Returns the last position seen.
+    pub async fn wait_until_received(
+        &self,
+        target: &ConnTarget,
+        lsn: Lsn,
+        limit: std::time::Duration,
+    ) -> Result<Lsn> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let client = self.client_of(target).await?;
+        let mut seen = Lsn(0);
+        // Bounded by the deadline; 10 ms keeps a switchover's pause short.
+        while tokio::time::Instant::now() < deadline {
+            let row = sql::bounded(
+                "pg_last_wal_receive_lsn()",
+                limit,
+                client.query_one("SELECT pg_last_wal_receive_lsn()::text", &[]),
+            )
+            .await?;
+            let text: Option<String> = row.get(0);
+            seen = text.as_deref().and_then(Lsn::parse).unwrap_or_default();
+            if seen > lsn {
+                return Ok(seen);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Err(Error::Timeout {
+            what: format!("{} to receive WAL past {lsn} (it has {seen})", target.name),
+            after: limit,
+        })
+    }
+
     /// The content of `from`'s history file for `timeline` (empty for 1).
     pub async fn timeline_history(&self, from: &ConnTarget, timeline: u32) -> Result<String> {
         if timeline <= 1 {

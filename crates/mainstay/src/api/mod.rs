@@ -4,15 +4,18 @@
 //! cannot make a health check hang (a check that times out looks like a dead
 //! node to a load balancer). Only `/config` reads the DCS.
 
+mod actions;
 pub mod health;
 mod metrics;
 mod status;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{Query, State};
+use axum::http::HeaderMap;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use health::{Check, Filters};
 use mainstay_core::{ClusterView, Lsn, Tags};
 use mainstay_dcs::Dcs;
@@ -126,10 +129,47 @@ impl NodeSnapshot {
     }
 }
 
+pub use actions::ApiAuth;
+
+/// Work the API hands to the HA loop, which alone touches PostgreSQL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Restart PostgreSQL in its current role.
+    Restart,
+    /// Replica only: move the data directory aside and clone afresh.
+    Reinitialize,
+}
+
+/// The HA loop's answer: a message, or the status code and reason of a
+/// refusal.
+pub type CommandReply = tokio::sync::oneshot::Sender<Result<String, (StatusCode, String)>>;
+
 pub struct ApiState<D> {
     pub snapshot: watch::Receiver<Arc<NodeSnapshot>>,
     pub dcs: Arc<D>,
     pub dcs_timeout: Duration,
+    pub ttl: Duration,
+    pub auth: ApiAuth,
+    pub commands: tokio::sync::mpsc::Sender<(Command, CommandReply)>,
+}
+
+impl<D: Dcs> ApiState<D> {
+    /// The dynamic configuration as stored now (defaults if unreadable:
+    /// only used to pre-check requests the leader checks again).
+    async fn config_now(&self) -> mainstay_core::DynamicConfig {
+        match tokio::time::timeout(self.dcs_timeout, self.dcs.read_config()).await {
+            Ok(Ok(Some(config))) => {
+                mainstay_core::DynamicConfig::from_json(&config.value).unwrap_or_default()
+            }
+            _ => mainstay_core::DynamicConfig::default(),
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl<D> ApiState<D> {
@@ -164,7 +204,33 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
         .route("/patroni", get(patroni::<D>).options(patroni::<D>))
         .route("/cluster", get(cluster::<D>))
         .route("/history", get(history::<D>))
-        .route("/config", get(config::<D>))
+        .route(
+            "/config",
+            get(config::<D>)
+                .patch(|State(s): Shared<D>, h: HeaderMap, b: Bytes| {
+                    actions::change_config(s, h, b, false)
+                })
+                .put(|State(s): Shared<D>, h: HeaderMap, b: Bytes| {
+                    actions::change_config(s, h, b, true)
+                }),
+        )
+        .route(
+            "/switchover",
+            post(actions::switchover::<D>).delete(actions::cancel::<D>),
+        )
+        .route("/failover", post(actions::failover::<D>))
+        .route(
+            "/restart",
+            post(|s: Shared<D>, h: HeaderMap, b: Bytes| {
+                actions::command(s, h, b, Command::Restart)
+            }),
+        )
+        .route(
+            "/reinitialize",
+            post(|s: Shared<D>, h: HeaderMap, b: Bytes| {
+                actions::command(s, h, b, Command::Reinitialize)
+            }),
+        )
         .route("/metrics", get(metrics::<D>))
         .fallback(not_found)
         .with_state(state)

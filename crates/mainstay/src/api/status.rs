@@ -169,7 +169,23 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
     if node.paused {
         doc["pause"] = json!(true);
     }
+    if let Some(record) = &view.failover {
+        doc["scheduled_switchover"] = match &record.request {
+            Ok(request) => json!({
+                "kind": request.kind,
+                "at": request.scheduled_at.map(rfc3339),
+                "from": request.leader,
+                "to": request.candidate,
+            }),
+            Err(reason) => json!({ "unreadable": reason }),
+        };
+    }
     Some(doc)
+}
+
+fn rfc3339(unix_secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(unix_secs))
+        .to_string()
 }
 
 /// `GET /history`: Patroni's rows `[timeline, lsn, reason, time, new_leader]`

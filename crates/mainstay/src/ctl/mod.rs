@@ -1,4 +1,571 @@
 //! `mainstay ctl`: the operator's command line, a client of any agent's REST
-//! API.
+//! API. Human tables by default, `--json` for scripts.
+//!
+//! Exit codes scripts can rely on:
+//! - 0: done;
+//! - 1: the cluster refused or the operation failed (the reason is printed);
+//! - 2: bad usage or configuration (nothing was sent);
+//! - 3: no agent could be reached.
 
 pub mod client;
+
+use crate::config::Config;
+use client::{Answer, ApiClient};
+use hyper::Method;
+use serde_json::{Value, json};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug)]
+pub struct CtlArgs {
+    /// A node's configuration file: its API address and credentials.
+    #[arg(long, short, global = true, env = "MAINSTAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// An agent's REST API, e.g. http://10.0.0.1:8008 (overrides --config).
+    #[arg(long, global = true, env = "MAINSTAY_URL")]
+    url: Option<String>,
+    /// HTTP basic user for unsafe methods (default: from --config).
+    #[arg(long, global = true, env = "MAINSTAY_API_USER")]
+    user: Option<String>,
+    /// HTTP basic password (default: from --config).
+    #[arg(
+        long,
+        global = true,
+        env = "MAINSTAY_API_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// Bearer token (default: from --config).
+    #[arg(
+        long,
+        global = true,
+        env = "MAINSTAY_API_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Machine-readable output: one JSON document on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum CtlCommand {
+    /// Members, roles, timelines and lag; who leads; pause.
+    List,
+    /// Planned switchover to the best replica or to --candidate.
+    Switchover {
+        /// The current leader (checked; default: whoever leads).
+        #[arg(long)]
+        leader: Option<String>,
+        #[arg(long)]
+        candidate: Option<String>,
+        /// When: RFC 3339 time (2026-12-24T03:00:00Z); default now.
+        #[arg(long)]
+        scheduled: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Manual failover: promote --candidate, with or without a leader.
+    Failover {
+        #[arg(long)]
+        candidate: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Restart PostgreSQL on NODE in its current role.
+    Restart {
+        node: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-clone NODE (a replica) from the leader; its data is moved aside.
+    Reinit {
+        node: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Maintenance mode: no automatic failover or restart.
+    Pause,
+    /// Leave maintenance mode.
+    Resume,
+    /// Timeline switches: when, where, why, who.
+    History,
+    /// The cluster-wide dynamic configuration.
+    ShowConfig,
+    /// Change the dynamic configuration: --set key=value (dotted keys for
+    /// nesting, e.g. postgresql.parameters.work_mem=16MB; value null deletes).
+    EditConfig {
+        #[arg(long = "set", value_name = "KEY=VALUE", required = true)]
+        set: Vec<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Cancel a scheduled switchover.
+    CancelSwitchover {
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+enum Failure {
+    Refused(String),
+    Usage(String),
+    Unreachable(String),
+}
+
+impl Failure {
+    fn exit(self, json: bool) -> ExitCode {
+        let (code, reason) = match self {
+            Failure::Refused(r) => (1, r),
+            Failure::Usage(r) => (2, r),
+            Failure::Unreachable(r) => (3, r),
+        };
+        if json {
+            println!("{}", json!({ "error": reason, "exit_code": code }));
+        } else {
+            eprintln!("error: {reason}");
+        }
+        ExitCode::from(code)
+    }
+}
+
+pub async fn run(args: CtlArgs) -> ExitCode {
+    let json_out = args.json;
+    match execute(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.exit(json_out),
+    }
+}
+
+struct Ctl {
+    api: ApiClient,
+    json: bool,
+    /// Credentials, to talk to other nodes' APIs too (restart, reinit).
+    auth: Option<Auth>,
+}
+
+#[derive(Clone)]
+enum Auth {
+    Basic(String, String),
+    Token(String),
+}
+
+fn authorize(client: ApiClient, auth: &Option<Auth>) -> ApiClient {
+    match auth {
+        Some(Auth::Basic(user, password)) => client.with_basic_auth(user, password),
+        Some(Auth::Token(token)) => client.with_token(token),
+        None => client,
+    }
+}
+
+async fn execute(args: CtlArgs) -> Result<(), Failure> {
+    let config = match &args.config {
+        Some(path) => Some(Config::load(path).map_err(|e| Failure::Usage(e.to_string()))?),
+        None => None,
+    };
+    let url = args
+        .url
+        .clone()
+        .or_else(|| config.as_ref().map(|c| c.api_url()))
+        .ok_or_else(|| {
+            Failure::Usage(
+                "which cluster? give --url http://HOST:PORT of any agent, or --config FILE of a \
+                 node (or set MAINSTAY_URL / MAINSTAY_CONFIG)"
+                    .into(),
+            )
+        })?;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(Failure::Usage(format!(
+            "--url {url:?} is not a URL: write http://HOST:PORT"
+        )));
+    }
+    let api_config = config.as_ref().map(|c| &c.api);
+    let auth = if let Some(token) = args
+        .token
+        .clone()
+        .or_else(|| api_config.and_then(|a| a.token.clone()))
+    {
+        Some(Auth::Token(token))
+    } else {
+        let user = args
+            .user
+            .clone()
+            .or_else(|| api_config.and_then(|a| a.username.clone()));
+        let password = args
+            .password
+            .clone()
+            .or_else(|| api_config.and_then(|a| a.password.clone()));
+        match (user, password) {
+            (Some(u), Some(p)) => Some(Auth::Basic(u, p)),
+            (None, None) => None,
+            _ => {
+                return Err(Failure::Usage("--user and --password go together".into()));
+            }
+        }
+    };
+    let ctl = Ctl {
+        api: authorize(
+            ApiClient::new(&url).with_timeout(Duration::from_secs(60)),
+            &auth,
+        ),
+        json: args.json,
+        auth,
+    };
+    match args.command {
+        CtlCommand::List => ctl.list().await,
+        CtlCommand::History => ctl.history().await,
+        CtlCommand::ShowConfig => {
+            let answer = ctl.call(Method::GET, "/config", None).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&answer.body).unwrap_or_default()
+            );
+            Ok(())
+        }
+        CtlCommand::Pause => ctl.set_pause(true).await,
+        CtlCommand::Resume => ctl.set_pause(false).await,
+        CtlCommand::EditConfig { set, force } => {
+            let patch = settings_patch(&set)?;
+            confirm(
+                force,
+                &format!(
+                    "Change the cluster configuration with {}?",
+                    serde_json::to_string(&patch).unwrap_or_default()
+                ),
+            )?;
+            let answer = ctl.call(Method::PATCH, "/config", Some(&patch)).await?;
+            ctl.report(&answer.body, "configuration changed");
+            Ok(())
+        }
+        CtlCommand::Switchover {
+            leader,
+            candidate,
+            scheduled,
+            force,
+        } => {
+            let mut body = json!({});
+            if let Some(leader) = &leader {
+                body["leader"] = json!(leader);
+            }
+            if let Some(candidate) = &candidate {
+                body["candidate"] = json!(candidate);
+            }
+            if let Some(at) = &scheduled {
+                body["scheduled_at"] = json!(at);
+            }
+            let target = candidate.as_deref().unwrap_or("the best replica");
+            let when = scheduled.as_deref().unwrap_or("now");
+            confirm(force, &format!("Switch over to {target} ({when})?"))?;
+            let answer = ctl.call(Method::POST, "/switchover", Some(&body)).await?;
+            ctl.report(&answer.body, "switchover requested");
+            Ok(())
+        }
+        CtlCommand::Failover { candidate, force } => {
+            confirm(
+                force,
+                &format!(
+                    "Fail over to {candidate}? Acknowledged writes it has not received are lost."
+                ),
+            )?;
+            let body = json!({ "candidate": candidate });
+            let answer = ctl.call(Method::POST, "/failover", Some(&body)).await?;
+            ctl.report(&answer.body, "failover requested");
+            Ok(())
+        }
+        CtlCommand::CancelSwitchover { force } => {
+            confirm(force, "Cancel the pending switchover?")?;
+            let answer = ctl.call(Method::DELETE, "/switchover", None).await?;
+            ctl.report(&answer.body, "cancelled");
+            Ok(())
+        }
+        CtlCommand::Restart { node, force } => {
+            confirm(force, &format!("Restart PostgreSQL on {node}?"))?;
+            ctl.on_node(&node, "/restart").await
+        }
+        CtlCommand::Reinit { node, force } => {
+            confirm(
+                force,
+                &format!("Re-clone {node} from the leader (its data directory is moved aside)?"),
+            )?;
+            ctl.on_node(&node, "/reinitialize").await
+        }
+    }
+}
+
+/// `--set a.b=c` pairs as one JSON merge patch; values parse as JSON when
+/// they can (numbers, booleans, null), else they are strings.
+fn settings_patch(pairs: &[String]) -> Result<Value, Failure> {
+    let mut patch = json!({});
+    for pair in pairs {
+        let Some((key, raw)) = pair.split_once('=') else {
+            return Err(Failure::Usage(format!(
+                "--set {pair:?}: write KEY=VALUE, e.g. --set maximum_lag_on_failover=1048576"
+            )));
+        };
+        let key = key.trim();
+        if key.is_empty() || key.split('.').any(str::is_empty) {
+            return Err(Failure::Usage(format!("--set {pair:?}: the key is empty")));
+        }
+        let value = serde_json::from_str::<Value>(raw.trim())
+            .ok()
+            .filter(|v| !v.is_object() && !v.is_array())
+            .unwrap_or_else(|| Value::String(raw.trim().to_string()));
+        let mut cursor = &mut patch;
+        let parts: Vec<&str> = key.split('.').collect();
+        for part in &parts[..parts.len() - 1] {
+            cursor = cursor
+                .as_object_mut()
+                .expect("built as objects")
+                .entry(part.to_string())
+                .or_insert_with(|| json!({}));
+            if !cursor.is_object() {
+                return Err(Failure::Usage(format!(
+                    "--set {pair:?}: {part} is set as a value and as an object"
+                )));
+            }
+        }
+        cursor
+            .as_object_mut()
+            .expect("built as objects")
+            .insert(parts[parts.len() - 1].to_string(), value);
+    }
+    Ok(patch)
+}
+
+fn confirm(force: bool, question: &str) -> Result<(), Failure> {
+    if force {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::Usage(format!(
+            "{question} Not asking on a non-interactive input: add --force"
+        )));
+    }
+    print!("{question} [y/N] ");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    if matches!(line.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(Failure::Refused(
+            "not confirmed: nothing was changed".into(),
+        ))
+    }
+}
+
+impl Ctl {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Answer, Failure> {
+        call(&self.api, method, path, body).await
+    }
+
+    fn report(&self, body: &Value, fallback: &str) {
+        if self.json {
+            println!("{body}");
+        } else {
+            println!("{}", body["message"].as_str().unwrap_or(fallback));
+        }
+    }
+
+    async fn set_pause(&self, pause: bool) -> Result<(), Failure> {
+        let answer = self
+            .call(Method::PATCH, "/config", Some(&json!({ "pause": pause })))
+            .await?;
+        let what = if pause {
+            "paused: no automatic failover or restart until `mainstay ctl resume`"
+        } else {
+            "resumed: automatic failover is on"
+        };
+        self.report(&json!({ "message": what, "config": answer.body }), what);
+        Ok(())
+    }
+
+    /// Sends an unsafe POST to NODE's own API, found in `/cluster`.
+    async fn on_node(&self, node: &str, path: &str) -> Result<(), Failure> {
+        let cluster = self.call(Method::GET, "/cluster", None).await?.body;
+        let url = cluster["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == node)
+            .and_then(|m| m["api_url"].as_str())
+            .ok_or_else(|| {
+                Failure::Refused(format!(
+                    "{node} is not a member of the cluster (see `ctl list`)"
+                ))
+            })?;
+        let api = authorize(
+            ApiClient::new(url).with_timeout(Duration::from_secs(600)),
+            &self.auth,
+        );
+        let answer = call(&api, Method::POST, path, Some(&json!({}))).await?;
+        self.report(&answer.body, "done");
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<(), Failure> {
+        let cluster = self.call(Method::GET, "/cluster", None).await?.body;
+        if self.json {
+            println!("{cluster}");
+            return Ok(());
+        }
+        let mut rows = vec![[
+            "Member".to_string(),
+            "Host".into(),
+            "Role".into(),
+            "State".into(),
+            "TL".into(),
+            "Lag (bytes)".into(),
+            "Tags".into(),
+        ]];
+        for m in cluster["members"].as_array().into_iter().flatten() {
+            let text = |v: &Value| match v {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            let tags = m["tags"]
+                .as_object()
+                .map(|t| {
+                    t.iter()
+                        .map(|(k, v)| format!("{k}={}", text(v)))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            rows.push([
+                text(&m["name"]),
+                format!("{}:{}", text(&m["host"]), text(&m["port"])),
+                text(&m["role"]),
+                text(&m["state"]),
+                text(&m["timeline"]),
+                text(&m["lag"]),
+                tags,
+            ]);
+        }
+        print_table(&rows);
+        let scope = cluster["scope"].as_str().unwrap_or("?");
+        let leader = cluster["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["role"] == "leader")
+            .and_then(|m| m["name"].as_str())
+            .unwrap_or("none");
+        println!("Cluster {scope}: leader {leader}");
+        if cluster["pause"] == true {
+            println!("Maintenance mode: on (no automatic failover; `mainstay ctl resume` to end)");
+        }
+        if let Some(s) = cluster.get("scheduled_switchover") {
+            println!("Switchover pending: {s}");
+        }
+        Ok(())
+    }
+
+    async fn history(&self) -> Result<(), Failure> {
+        let history = self.call(Method::GET, "/history", None).await?.body;
+        if self.json {
+            println!("{history}");
+            return Ok(());
+        }
+        let mut rows = vec![[
+            "TL".to_string(),
+            "LSN".into(),
+            "Reason".into(),
+            "Time".into(),
+            "New leader".into(),
+        ]];
+        for entry in history.as_array().into_iter().flatten() {
+            let field = |i: usize| match &entry[i] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let lsn = entry[1]
+                .as_u64()
+                .map(|l| mainstay_core::Lsn(l).to_string())
+                .unwrap_or_default();
+            rows.push([field(0), lsn, field(2), field(3), field(4)]);
+        }
+        print_table(&rows);
+        Ok(())
+    }
+}
+
+async fn call(
+    api: &ApiClient,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Answer, Failure> {
+    let answer = api
+        .request(method, path, body)
+        .await
+        .map_err(Failure::Unreachable)?;
+    if answer.status.is_success() {
+        return Ok(answer);
+    }
+    let reason = answer.body["error"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| answer.text.clone());
+    Err(Failure::Refused(format!("{} ({})", reason, answer.status)))
+}
+
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    for (r, row) in rows.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| format!("{cell:<width$}", width = widths[i]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+        if r == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            println!("{}", rule.join("  "));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_pairs_become_one_merge_patch() {
+        let patch = settings_patch(&[
+            "pause=true".into(),
+            "maximum_lag_on_failover=1048576".into(),
+            "postgresql.parameters.work_mem=16MB".into(),
+            "postgresql.parameters.jit=null".into(),
+        ])
+        .ok()
+        .unwrap();
+        assert_eq!(
+            patch,
+            json!({
+                "pause": true,
+                "maximum_lag_on_failover": 1048576,
+                "postgresql": {"parameters": {"work_mem": "16MB", "jit": null}}
+            })
+        );
+        assert!(settings_patch(&["novalue".into()]).is_err());
+        assert!(settings_patch(&["a..b=1".into()]).is_err());
+        assert!(settings_patch(&["a=1".into(), "a.b=2".into()]).is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! Planned switchovers and manual failovers: which replica may take over on
+//! request. The REST API checks a request with these functions before it
+//! stores it (so a bad one is refused with the reason at once), and the
+//! leader checks it again when it runs, against the state at that moment.
+
+use crate::candidate::{self, Candidate};
+use crate::dynamic::DynamicConfig;
+use crate::types::{ClusterView, FailoverKind, FailoverRequest, Lsn, MemberStatus, PgRole};
+
+/// Why `name` cannot take over from `leader` now; `None` when it can.
+/// `leader_lsn` is the leader's current WAL position.
+pub fn unfit_candidate(
+    view: &ClusterView,
+    leader: &str,
+    leader_lsn: Lsn,
+    name: &str,
+    config: &DynamicConfig,
+) -> Option<String> {
+    if name == leader {
+        return Some(format!("{name} is already the leader"));
+    }
+    let Some(member) = view.members.get(name) else {
+        return Some(format!(
+            "{name} is not a member of the cluster (members: {})",
+            member_list(view)
+        ));
+    };
+    let status = &member.status;
+    if status.tags.nofailover {
+        return Some(format!("{name} is tagged nofailover"));
+    }
+    if status.role != PgRole::Replica || !status.streaming {
+        return Some(format!(
+            "{name} is not a streaming replica (its PostgreSQL is {})",
+            match status.role {
+                PgRole::Replica => "a replica that is not streaming",
+                PgRole::Primary => "a primary",
+                PgRole::Stopped => "stopped",
+            }
+        ));
+    }
+    if status.following.as_deref() != Some(leader) {
+        return Some(format!("{name} does not stream from the leader {leader}"));
+    }
+    let lag = leader_lsn.0.saturating_sub(position(status).0);
+    if lag > config.maximum_lag_on_failover {
+        return Some(format!(
+            "{name} is {lag} bytes behind the leader, more than maximum_lag_on_failover \
+             ({} bytes): wait until it catches up",
+            config.maximum_lag_on_failover
+        ));
+    }
+    None
+}
+
+/// The best replica that may take over from `leader`, or why there is none.
+pub fn best_candidate(
+    view: &ClusterView,
+    leader: &str,
+    leader_lsn: Lsn,
+    config: &DynamicConfig,
+) -> Result<String, String> {
+    let fit: Vec<Candidate<'_>> = view
+        .members
+        .values()
+        .map(|m| &m.status)
+        .filter(|s| unfit_candidate(view, leader, leader_lsn, &s.name, config).is_none())
+        .map(|s| Candidate {
+            name: &s.name,
+            timeline: s.timeline,
+            lsn: position(s),
+            tags: &s.tags,
+        })
+        .collect();
+    fit.iter()
+        .max_by(|a, b| candidate::compare(a, b))
+        .map(|c| c.name.to_string())
+        .ok_or_else(|| {
+            "no replica can take over: none is streaming from the leader, caught up and \
+             without the nofailover tag"
+                .to_string()
+        })
+}
+
+/// What the leader should do with a pending request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaderVerdict {
+    /// Hand over to this member now.
+    HandOver(String),
+    /// Scheduled for later: look again at this Unix time.
+    Wait { at: u64 },
+    /// Drop the request; the reason goes to the log.
+    Drop(String),
+}
+
+/// The leader's judgement of `request` at wall-clock `now_secs`.
+pub fn judge(
+    request: &FailoverRequest,
+    view: &ClusterView,
+    me: &str,
+    my_lsn: Lsn,
+    now_secs: u64,
+    config: &DynamicConfig,
+) -> LeaderVerdict {
+    if let Some(expected) = &request.leader
+        && expected != me
+    {
+        return LeaderVerdict::Drop(format!(
+            "the request was for leader {expected}, but {me} leads now (done or overtaken)"
+        ));
+    }
+    if request.candidate.as_deref() == Some(me) {
+        return LeaderVerdict::Drop(format!("{me} leads: the request is done"));
+    }
+    if let Some(at) = request.scheduled_at
+        && at > now_secs
+    {
+        return LeaderVerdict::Wait { at };
+    }
+    match &request.candidate {
+        Some(name) => match unfit_candidate(view, me, my_lsn, name, config) {
+            None => LeaderVerdict::HandOver(name.clone()),
+            Some(reason) => LeaderVerdict::Drop(format!("refused: {reason}")),
+        },
+        None if request.kind == FailoverKind::Failover => {
+            LeaderVerdict::Drop("refused: a failover names its candidate".into())
+        }
+        None => match best_candidate(view, me, my_lsn, config) {
+            Ok(name) => LeaderVerdict::HandOver(name),
+            Err(reason) => LeaderVerdict::Drop(format!("refused: {reason}")),
+        },
+    }
+}
+
+fn position(status: &MemberStatus) -> Lsn {
+    status.received_lsn.max(status.replayed_lsn)
+}
+
+fn member_list(view: &ClusterView) -> String {
+    view.members.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{LeaderRecord, MemberRecord, Tags};
+
+    fn member(name: &str, role: PgRole, lsn: u64, following: Option<&str>) -> MemberRecord {
+        MemberRecord {
+            status: MemberStatus {
+                name: name.into(),
+                role,
+                state: "running".into(),
+                api_url: String::new(),
+                pg_host: "127.0.0.1".into(),
+                pg_port: 5432,
+                timeline: 1,
+                received_lsn: Lsn(lsn),
+                replayed_lsn: Lsn(lsn),
+                flush_lsn: Lsn(lsn),
+                following: following.map(Into::into),
+                streaming: role == PgRole::Replica,
+                tags: Tags::default(),
+                version: String::new(),
+                view_revision: 1,
+                view_had_leader: true,
+            },
+            mod_revision: 1,
+            lease_id: 1,
+        }
+    }
+
+    fn view() -> ClusterView {
+        let mut view = ClusterView {
+            leader: Some(LeaderRecord {
+                name: "a".into(),
+                lease_id: 1,
+                mod_revision: 1,
+            }),
+            ..ClusterView::default()
+        };
+        for m in [
+            member("a", PgRole::Primary, 5000, None),
+            member("b", PgRole::Replica, 5000, Some("a")),
+            member("c", PgRole::Replica, 4000, Some("a")),
+            member("d", PgRole::Stopped, 0, None),
+        ] {
+            view.members.insert(m.status.name.clone(), m);
+        }
+        view
+    }
+
+    fn request(candidate: Option<&str>, scheduled_at: Option<u64>) -> FailoverRequest {
+        FailoverRequest {
+            kind: FailoverKind::Switchover,
+            leader: Some("a".into()),
+            candidate: candidate.map(Into::into),
+            scheduled_at,
+            requested_at: 0,
+        }
+    }
+
+    #[test]
+    fn candidates_must_stream_from_the_leader_and_be_caught_up() {
+        let v = view();
+        let config = DynamicConfig::default();
+        let lsn = Lsn(5000);
+        assert_eq!(unfit_candidate(&v, "a", lsn, "b", &config), None);
+        assert!(
+            unfit_candidate(&v, "a", lsn, "a", &config)
+                .unwrap()
+                .contains("already")
+        );
+        assert!(
+            unfit_candidate(&v, "a", lsn, "d", &config)
+                .unwrap()
+                .contains("stopped")
+        );
+        assert!(
+            unfit_candidate(&v, "a", lsn, "zz", &config)
+                .unwrap()
+                .contains("not a member")
+        );
+        let strict = DynamicConfig {
+            maximum_lag_on_failover: 100,
+            ..DynamicConfig::default()
+        };
+        assert!(
+            unfit_candidate(&v, "a", lsn, "c", &strict)
+                .unwrap()
+                .contains("behind")
+        );
+        let mut tagged = view();
+        tagged.members.get_mut("b").unwrap().status.tags.nofailover = true;
+        assert!(
+            unfit_candidate(&tagged, "a", lsn, "b", &config)
+                .unwrap()
+                .contains("nofailover")
+        );
+        assert_eq!(best_candidate(&tagged, "a", lsn, &config), Ok("c".into()));
+    }
+
+    #[test]
+    fn the_leader_hands_over_waits_or_drops() {
+        let v = view();
+        let config = DynamicConfig::default();
+        let judge_at =
+            |r: &FailoverRequest, me: &str, now: u64| judge(r, &v, me, Lsn(5000), now, &config);
+        assert_eq!(
+            judge_at(&request(None, None), "a", 10),
+            LeaderVerdict::HandOver("b".into())
+        );
+        assert_eq!(
+            judge_at(&request(Some("c"), None), "a", 10),
+            LeaderVerdict::HandOver("c".into())
+        );
+        assert_eq!(
+            judge_at(&request(Some("c"), Some(100)), "a", 10),
+            LeaderVerdict::Wait { at: 100 }
+        );
+        assert!(matches!(
+            judge_at(&request(Some("d"), None), "a", 10),
+            LeaderVerdict::Drop(_)
+        ));
+        // Run by someone else, or done.
+        assert!(matches!(
+            judge_at(&request(Some("b"), None), "b", 10),
+            LeaderVerdict::Drop(_)
+        ));
+        let mut failover = request(None, None);
+        failover.kind = FailoverKind::Failover;
+        failover.leader = None;
+        assert!(matches!(
+            judge_at(&failover, "a", 10),
+            LeaderVerdict::Drop(_)
+        ));
+    }
+}

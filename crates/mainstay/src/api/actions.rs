@@ -1,0 +1,475 @@
+//! Unsafe endpoints: switchover, failover, configuration changes, restart,
+//! reinitialize. Each one authenticates, parses the body strictly (unknown
+//! fields, wrong types and malformed JSON are refused with the reason), checks
+//! the request against the cluster as it is now, and only then writes to the
+//! DCS with a conditional transaction; a refused request changes nothing.
+
+use super::{ApiState, Command, Shared, error};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mainstay_core::dynamic::{DynamicConfig, merge_patch};
+use mainstay_core::switchover::unfit_candidate;
+use mainstay_core::{ClusterView, FailoverKind, FailoverRequest, Lsn, PgRole};
+use mainstay_dcs::Dcs;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Who may call unsafe methods.
+#[derive(Clone, Default)]
+pub struct ApiAuth {
+    pub basic: Option<(String, String)>,
+    pub token: Option<String>,
+}
+
+impl ApiAuth {
+    fn check(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        if self.basic.is_none() && self.token.is_none() {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "unsafe methods are disabled: set api.username and api.password, or api.token, \
+                 in the agent's configuration",
+            ));
+        }
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let accepted = if let Some(token) = given.strip_prefix("Bearer ") {
+            self.token
+                .as_deref()
+                .is_some_and(|t| same(t.as_bytes(), token.trim().as_bytes()))
+        } else if let Some(encoded) = given.strip_prefix("Basic ") {
+            use base64::Engine;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .unwrap_or_default();
+            self.basic.as_ref().is_some_and(|(user, password)| {
+                same(format!("{user}:{password}").as_bytes(), &decoded)
+            })
+        } else {
+            false
+        };
+        if accepted {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication required: HTTP basic (api.username/api.password) or a bearer \
+             token (api.token)",
+        ))
+    }
+}
+
+/// A refused request: the status code and the reason, sent as JSON.
+pub struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn new(code: StatusCode, reason: impl Into<String>) -> Refusal {
+        Refusal(code, reason.into())
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = error(self.0, self.1);
+        if self.0 == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Basic realm=\"mainstay\""),
+            );
+        }
+        response
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Refusal> {
+    let text = if body.iter().all(u8::is_ascii_whitespace) {
+        &b"{}"[..]
+    } else {
+        &body[..]
+    };
+    serde_json::from_slice(text).map_err(|e| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not what this endpoint takes: {e}"),
+        )
+    })
+}
+
+/// The view as the DCS holds it now; refusing on a stale view would be wrong.
+async fn current_view<D: Dcs>(state: &ApiState<D>) -> Result<ClusterView, Refusal> {
+    match tokio::time::timeout(state.dcs_timeout, state.dcs.read_cluster()).await {
+        Ok(Ok(view)) => Ok(view),
+        Ok(Err(err)) => Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the DCS: {err}"),
+        )),
+        Err(_) => Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the DCS did not answer in time",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchoverBody {
+    leader: Option<String>,
+    candidate: Option<String>,
+    /// RFC 3339 time or Unix seconds.
+    scheduled_at: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverBody {
+    candidate: Option<String>,
+    leader: Option<String>,
+}
+
+fn parse_time(value: &Value) -> Result<u64, Refusal> {
+    let bad = || {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "scheduled_at = {value} is not a time: give RFC 3339 \
+                 (\"2026-12-24T03:00:00Z\") or Unix seconds"
+            ),
+        )
+    };
+    match value {
+        Value::Number(n) => n.as_u64().ok_or_else(bad),
+        Value::String(s) => humantime::parse_rfc3339_weak(s)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
+fn leader_lsn(view: &ClusterView) -> Lsn {
+    view.leader_status()
+        .map_or(Lsn(0), |s| s.flush_lsn.max(s.received_lsn))
+}
+
+pub async fn switchover<D: Dcs>(
+    State(state): Shared<D>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(refused) = state.auth.check(&headers) {
+        return refused.into_response();
+    }
+    let body: SwitchoverBody = match parse(&body) {
+        Ok(body) => body,
+        Err(refused) => return refused.into_response(),
+    };
+    let scheduled_at = match body.scheduled_at.as_ref().map(parse_time).transpose() {
+        Ok(at) => at,
+        Err(refused) => return refused.into_response(),
+    };
+    let view = match current_view(&state).await {
+        Ok(view) => view,
+        Err(refused) => return refused.into_response(),
+    };
+    let Some(leader) = view.leader_name().map(str::to_string) else {
+        return error(
+            StatusCode::PRECONDITION_FAILED,
+            "the cluster has no leader: a switchover needs one; use a failover with a candidate",
+        );
+    };
+    match &body.leader {
+        Some(named) if *named != leader => {
+            return error(
+                StatusCode::PRECONDITION_FAILED,
+                format!("{named} is not the leader: {leader} is"),
+            );
+        }
+        _ => {}
+    }
+    let config = state.config_now().await;
+    if let Some(candidate) = &body.candidate
+        && scheduled_at.is_none()
+        && let Some(reason) = unfit_candidate(&view, &leader, leader_lsn(&view), candidate, &config)
+    {
+        return error(StatusCode::PRECONDITION_FAILED, reason);
+    }
+    if body.candidate.is_none()
+        && scheduled_at.is_none()
+        && let Err(reason) =
+            mainstay_core::switchover::best_candidate(&view, &leader, leader_lsn(&view), &config)
+    {
+        return error(StatusCode::PRECONDITION_FAILED, reason);
+    }
+    let request = FailoverRequest {
+        kind: FailoverKind::Switchover,
+        leader: Some(leader.clone()),
+        candidate: body.candidate.clone(),
+        scheduled_at,
+        requested_at: super::unix_now(),
+    };
+    submit(&state, request, &leader).await
+}
+
+pub async fn failover<D: Dcs>(
+    State(state): Shared<D>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(refused) = state.auth.check(&headers) {
+        return refused.into_response();
+    }
+    let body: FailoverBody = match parse(&body) {
+        Ok(body) => body,
+        Err(refused) => return refused.into_response(),
+    };
+    let Some(candidate) = body.candidate else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a failover names its candidate: {\"candidate\": \"node\"}",
+        );
+    };
+    let view = match current_view(&state).await {
+        Ok(view) => view,
+        Err(refused) => return refused.into_response(),
+    };
+    let leader = view.leader_name().map(str::to_string);
+    if let (Some(named), Some(leader)) = (&body.leader, &leader)
+        && named != leader
+    {
+        return error(
+            StatusCode::PRECONDITION_FAILED,
+            format!("{named} is not the leader: {leader} is"),
+        );
+    }
+    let config = state.config_now().await;
+    match &leader {
+        Some(leader) => {
+            if let Some(reason) =
+                unfit_candidate(&view, leader, leader_lsn(&view), &candidate, &config)
+            {
+                return error(StatusCode::PRECONDITION_FAILED, reason);
+            }
+        }
+        None => match view.members.get(&candidate) {
+            None => {
+                return error(
+                    StatusCode::PRECONDITION_FAILED,
+                    format!("{candidate} is not a member of the cluster"),
+                );
+            }
+            Some(member)
+                if member.status.role == PgRole::Stopped && member.status.timeline == 0 =>
+            {
+                return error(
+                    StatusCode::PRECONDITION_FAILED,
+                    format!("{candidate} has no running PostgreSQL to promote"),
+                );
+            }
+            Some(_) => {}
+        },
+    }
+    let request = FailoverRequest {
+        kind: FailoverKind::Failover,
+        leader: None,
+        candidate: Some(candidate.clone()),
+        scheduled_at: None,
+        requested_at: super::unix_now(),
+    };
+    submit(&state, request, leader.as_deref().unwrap_or("")).await
+}
+
+/// Stores the request (only if none is pending) and, unless scheduled, waits
+/// until it ran: the candidate leads, or the leader dropped the request.
+async fn submit<D: Dcs>(state: &ApiState<D>, request: FailoverRequest, leader: &str) -> Response {
+    let kind = match request.kind {
+        FailoverKind::Switchover => "switchover",
+        FailoverKind::Failover => "failover",
+    };
+    match tokio::time::timeout(state.dcs_timeout, state.dcs.put_failover(&request, 0)).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            return error(
+                StatusCode::CONFLICT,
+                "another switchover or failover is pending: see GET /cluster, cancel it with \
+                 DELETE /switchover",
+            );
+        }
+        Ok(Err(err)) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot store the {kind} request: {err}"),
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot store the {kind} request: the DCS did not answer in time"),
+            );
+        }
+    }
+    if let Some(at) = request.scheduled_at {
+        return (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({ "message": format!("{kind} scheduled at Unix time {at}") })),
+        )
+            .into_response();
+    }
+    // Bounded: a switchover waits at most a ttl for the candidate, then the
+    // candidate must promote; twice the ttl plus slack covers both.
+    let deadline = tokio::time::Instant::now() + 2 * state.ttl + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let Ok(Ok(view)) = tokio::time::timeout(state.dcs_timeout, state.dcs.read_cluster()).await
+        else {
+            continue;
+        };
+        let new_leader = view.leader_status().filter(|s| s.role == PgRole::Primary);
+        if let Some(status) = new_leader
+            && status.name != leader
+            && request
+                .candidate
+                .as_deref()
+                .is_none_or(|c| c == status.name)
+        {
+            return axum::Json(json!({
+                "message": format!("{kind} done: {} is the leader", status.name),
+                "leader": status.name,
+                "timeline": status.timeline,
+            }))
+            .into_response();
+        }
+        if view.failover.is_none() && view.leader_name() == Some(leader) && !leader.is_empty() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the {kind} did not happen: the leader {leader} refused or aborted it (see its log)"
+                ),
+            );
+        }
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the {kind} did not finish in time: see GET /cluster"),
+    )
+}
+
+/// `DELETE /switchover`: cancels a pending (scheduled) request.
+pub async fn cancel<D: Dcs>(State(state): Shared<D>, headers: HeaderMap) -> Response {
+    if let Err(refused) = state.auth.check(&headers) {
+        return refused.into_response();
+    }
+    let view = match current_view(&state).await {
+        Ok(view) => view,
+        Err(refused) => return refused.into_response(),
+    };
+    let Some(record) = view.failover else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no switchover or failover is pending",
+        );
+    };
+    match state.dcs.delete_failover(record.mod_revision).await {
+        Ok(true) => axum::Json(json!({ "message": "pending request cancelled" })).into_response(),
+        Ok(false) => error(
+            StatusCode::CONFLICT,
+            "the request changed or ran meanwhile: look at GET /cluster",
+        ),
+        Err(err) => error(StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+    }
+}
+
+/// `PATCH /config` (JSON merge patch) and `PUT /config` (replacement).
+pub async fn change_config<D: Dcs>(
+    state: Arc<ApiState<D>>,
+    headers: HeaderMap,
+    body: Bytes,
+    replace: bool,
+) -> Response {
+    if let Err(refused) = state.auth.check(&headers) {
+        return refused.into_response();
+    }
+    let change: Value = match parse(&body) {
+        Ok(value) => value,
+        Err(refused) => return refused.into_response(),
+    };
+    if !change.is_object() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the configuration is a JSON object, e.g. {\"pause\": true}",
+        );
+    }
+    let current = match tokio::time::timeout(state.dcs_timeout, state.dcs.read_config()).await {
+        Ok(Ok(current)) => current,
+        Ok(Err(err)) => return error(StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+        Err(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the DCS did not answer in time",
+            );
+        }
+    };
+    let (base, revision) = current
+        .map(|c| (c.value, c.mod_revision))
+        .unwrap_or((json!({}), 0));
+    let new = if replace {
+        change
+    } else {
+        merge_patch(&base, &change)
+    };
+    if let Err(problem) = DynamicConfig::from_json(&new) {
+        return error(StatusCode::BAD_REQUEST, format!("refused: {problem}"));
+    }
+    match state.dcs.write_config(&new, revision).await {
+        Ok(true) => axum::Json(new).into_response(),
+        Ok(false) => error(
+            StatusCode::CONFLICT,
+            "the configuration changed meanwhile: read it again and retry",
+        ),
+        Err(err) => error(StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+    }
+}
+
+/// `POST /restart` and `POST /reinitialize`: handed to this node's HA loop,
+/// which runs them between turns and answers here.
+pub async fn command<D: Dcs>(
+    State(state): Shared<D>,
+    headers: HeaderMap,
+    body: Bytes,
+    command: Command,
+) -> Response {
+    if let Err(refused) = state.auth.check(&headers) {
+        return refused.into_response();
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    if let Err(refused) = parse::<Empty>(&body) {
+        return refused.into_response();
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if state.commands.send((command, reply)).await.is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(600), answer).await {
+        Ok(Ok(Ok(message))) => axum::Json(json!({ "message": message })).into_response(),
+        Ok(Ok(Err((code, reason)))) => error(code, reason),
+        _ => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent did not finish the command in time: see its log",
+        ),
+    }
+}
