@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what mainstay needs on Debian 12 and nothing else, idempotently:
 # PostgreSQL 15 (without Debian's default cluster: mainstay manages its own),
-# etcd, and protoc (the etcd-client crate compiles etcd's protobufs).
+# etcd, protoc (the etcd-client crate compiles etcd's protobufs) and HAProxy
+# (the integration tests check mainstay's REST API behind a real one).
 # Safe to run again and again; it only calls apt-get when something is missing.
 set -euo pipefail
 
-packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler)
+packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -23,6 +24,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The haproxy package starts its service where an init system runs it;
+    # the tests start their own haproxy processes, so stop the one we just
+    # installed (a service that was already there is left alone).
+    if [[ " ${missing[*]} " == *" haproxy "* ]]; then
+        if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+            $sudo systemctl stop haproxy >/dev/null 2>&1 || true
+        else
+            $sudo service haproxy stop >/dev/null 2>&1 || true
+        fi
+    fi
 fi
 
 # The packages may start their own services where an init system runs them;
@@ -35,8 +46,8 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     done
 fi
 
-for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc; do
+for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy; do
     [ -x "$tool" ] || { echo "setup: $tool is still missing after the install" >&2; exit 1; }
 done
 id postgres >/dev/null 2>&1 || { echo "setup: the postgres OS user is missing" >&2; exit 1; }
-echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}') and protoc are in place"
+echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}'), protoc and HAProxy $(/usr/sbin/haproxy -v | head -1 | awk '{print $3}') are in place"

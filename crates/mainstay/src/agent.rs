@@ -792,7 +792,8 @@ impl<D: Dcs> Agent<D> {
                 self.following = Some(leader.clone());
             }
             Action::Promote { reason } => {
-                let claimed = local.timeline + 1;
+                // PostgreSQL takes the number after the newest history file.
+                let claimed = local.timeline.max(self.pg.newest_history_timeline()) + 1;
                 self.claim_timeline(claimed, local.lsn, reason, lease_id()?)
                     .await?;
                 // A promotion that times out may still complete: guard first.

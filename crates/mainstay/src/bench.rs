@@ -1,8 +1,11 @@
-//! `mainstay bench failover`: a 3-node cluster on loopback, a steady
-//! single-row INSERT load through a read-write multi-host connection, and a
-//! kill -9 of the primary's agent and postmaster together. Reports write
-//! unavailability (kill -> first acknowledged write on the new primary) and
-//! acknowledged writes missing afterwards, over several runs.
+//! `mainstay bench failover|switchover`: a 3-node cluster on loopback, a
+//! steady single-row INSERT load through a read-write multi-host connection,
+//! and either a kill -9 of the primary's agent and postmaster together, or a
+//! planned switchover through the REST API. Reports write unavailability and
+//! acknowledged writes missing afterwards, over several runs:
+//! - failover: kill -> first acknowledged write on the new primary;
+//! - switchover: last acknowledged write on the old primary -> first on the
+//!   new one, plus writes refused by a read-only node (target 0).
 
 use crate::demo::LocalCluster;
 use mainstay_core::PgRole;
@@ -18,6 +21,14 @@ use tokio_postgres::NoTls;
 pub enum BenchCommand {
     /// Crash the primary under load and measure the failover.
     Failover(FailoverArgs),
+    /// Planned switchover under load: measure the pause in writes.
+    Switchover(FailoverArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Disruption {
+    Kill,
+    Switchover,
 }
 
 #[derive(clap::Args, Debug)]
@@ -40,7 +51,8 @@ pub struct FailoverArgs {
 
 pub async fn run(command: BenchCommand) -> ExitCode {
     match command {
-        BenchCommand::Failover(args) => failover(args).await,
+        BenchCommand::Failover(args) => failover(args, Disruption::Kill).await,
+        BenchCommand::Switchover(args) => failover(args, Disruption::Switchover).await,
     }
 }
 
@@ -49,6 +61,7 @@ struct RunResult {
     acked: usize,
     lost: usize,
     idle_rss_bytes: u64,
+    writes_to_read_only: usize,
 }
 
 /// min/median/max; the median of an even count is the rounded mean of the two
@@ -67,7 +80,11 @@ pub fn distribution(values: &[u64]) -> serde_json::Value {
     serde_json::json!({"min": sorted.first().copied().unwrap_or(0), "median": median, "max": sorted.last().copied().unwrap_or(0)})
 }
 
-async fn failover(args: FailoverArgs) -> ExitCode {
+async fn failover(args: FailoverArgs, disruption: Disruption) -> ExitCode {
+    let what = match disruption {
+        Disruption::Kill => "failover",
+        Disruption::Switchover => "switchover",
+    };
     if args.mode != "async" {
         eprintln!(
             "error: --mode {:?}: only `async` is available in this version; synchronous mode (zero loss) comes with the operations work (issue 4)",
@@ -102,14 +119,15 @@ async fn failover(args: FailoverArgs) -> ExitCode {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let dir = base.join(format!("mainstay-bench-{}-{stamp}", std::process::id()));
-        match one_run(&dir, &exe, &args.profile).await {
+        match one_run(&dir, &exe, &args.profile, disruption).await {
             Ok(result) => {
                 eprintln!(
-                    "run {run}/{}: unavailable {} ms, {} writes acknowledged, {} lost, idle agent RSS {:.1} MB",
+                    "run {run}/{}: unavailable {} ms, {} writes acknowledged, {} lost, {} refused by a read-only node, idle agent RSS {:.1} MB",
                     args.runs,
                     result.unavailability_ms,
                     result.acked,
                     result.lost,
+                    result.writes_to_read_only,
                     result.idle_rss_bytes as f64 / 1e6
                 );
                 results.push(result);
@@ -129,11 +147,13 @@ async fn failover(args: FailoverArgs) -> ExitCode {
     let rss: Vec<u64> = results.iter().map(|r| r.idle_rss_bytes).collect();
     let lost: usize = results.iter().map(|r| r.lost).sum();
     let acked: usize = results.iter().map(|r| r.acked).sum();
+    let read_only: usize = results.iter().map(|r| r.writes_to_read_only).sum();
     let report = serde_json::json!({
         "runs": results.len(),
         "unavailability_ms": distribution(&unavailability),
         "lost_acked_writes": lost,
         "acked_writes": acked,
+        "writes_to_read_only": read_only,
         "agent_idle_rss_bytes": distribution(&rss),
         "settings": {
             "mode": args.mode,
@@ -143,12 +163,15 @@ async fn failover(args: FailoverArgs) -> ExitCode {
             "mainstay": env!("CARGO_PKG_VERSION"),
             "postgresql": "15",
             "etcd": etcd_version(),
-            "kill": "SIGKILL of the primary's agent and postmaster together",
+            "disruption": match disruption {
+                Disruption::Kill => "SIGKILL of the primary's agent and postmaster together",
+                Disruption::Switchover => "POST /switchover to the leader's REST API",
+            },
         }
     });
     let u = distribution(&unavailability);
     println!(
-        "failover ({} profile, {} mode, {} runs): unavailability min {} / median {} / max {} ms; {lost} of {acked} acknowledged writes lost",
+        "{what} ({} profile, {} mode, {} runs): unavailability min {} / median {} / max {} ms; {lost} of {acked} acknowledged writes lost; {read_only} writes refused by a read-only node",
         args.profile,
         args.mode,
         results.len(),
@@ -192,9 +215,17 @@ fn rss_bytes(pid: u32) -> u64 {
 struct WriterLog {
     /// (id, acknowledged at, port of the server that acknowledged it)
     acked: Vec<(i64, Instant, u16)>,
+    /// INSERTs refused because the server was read-only (SQLSTATE 25006):
+    /// a write routed to a node that is not the primary.
+    read_only: usize,
 }
 
-async fn one_run(dir: &Path, exe: &Path, profile: &str) -> Result<RunResult, String> {
+async fn one_run(
+    dir: &Path,
+    exe: &Path,
+    profile: &str,
+    disruption: Disruption,
+) -> Result<RunResult, String> {
     let mut cluster = LocalCluster::start(dir, 3, exe, profile)
         .map_err(|e| format!("starting the cluster: {e}"))?;
     let dcs = cluster.dcs().await?;
@@ -239,7 +270,25 @@ async fn one_run(dir: &Path, exe: &Path, profile: &str) -> Result<RunResult, Str
     let index = cluster.node_index(&leader).ok_or("leader vanished")?;
     let old_port = cluster.nodes[index].pg_port;
     let killed_at = Instant::now();
-    cluster.kill_node(index);
+    let switchover = match disruption {
+        Disruption::Kill => {
+            cluster.kill_node(index);
+            None
+        }
+        Disruption::Switchover => {
+            let api = crate::ctl::client::ApiClient::new(&format!(
+                "http://127.0.0.1:{}",
+                cluster.nodes[index].api_port
+            ))
+            .with_basic_auth(crate::demo::API_USER, crate::demo::API_PASSWORD)
+            .with_timeout(Duration::from_secs(60));
+            let body = serde_json::json!({ "leader": leader });
+            Some(tokio::spawn(async move {
+                api.request(hyper::Method::POST, "/switchover", Some(&body))
+                    .await
+            }))
+        }
+    };
     // Wait for the first acknowledged write after the kill.
     let deadline = killed_at + Duration::from_secs(60);
     let recovered_at = loop {
@@ -260,6 +309,30 @@ async fn one_run(dir: &Path, exe: &Path, profile: &str) -> Result<RunResult, Str
             break at;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if let Some(request) = switchover {
+        let answer = request
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("the switchover request failed: {e}"))?;
+        if !answer.status.is_success() {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            return Err(format!("the switchover was refused: {}", answer.text));
+        }
+    }
+    // A planned switchover's outage starts with the last write the old
+    // primary acknowledged, not with the request.
+    let outage_start = match disruption {
+        Disruption::Kill => killed_at,
+        Disruption::Switchover => log
+            .lock()
+            .unwrap()
+            .acked
+            .iter()
+            .filter(|(_, at, port)| *port == old_port && *at < recovered_at)
+            .map(|(_, at, _)| *at)
+            .max()
+            .unwrap_or(killed_at),
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -283,12 +356,14 @@ async fn one_run(dir: &Path, exe: &Path, profile: &str) -> Result<RunResult, Str
         .map(|row| row.get(0))
         .collect();
     let lost = acked.iter().filter(|id| !present.contains(id)).count();
+    let writes_to_read_only = log.lock().unwrap().read_only;
     cluster.stop_all();
     Ok(RunResult {
-        unavailability_ms: recovered_at.duration_since(killed_at).as_millis() as u64,
+        unavailability_ms: recovered_at.duration_since(outage_start).as_millis() as u64,
         acked: acked.len(),
         lost,
         idle_rss_bytes,
+        writes_to_read_only,
     })
 }
 
@@ -353,7 +428,15 @@ async fn write_loop(
                 .await
             {
                 Ok(Ok(_)) => log.lock().unwrap().acked.push((id, Instant::now(), port)),
-                _ => break,
+                Ok(Err(err)) => {
+                    if err.code()
+                        == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+                    {
+                        log.lock().unwrap().read_only += 1;
+                    }
+                    break;
+                }
+                Err(_) => break,
             }
         }
     }

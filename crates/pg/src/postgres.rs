@@ -642,7 +642,32 @@ impl Postgres {
     }
 
     pub async fn probe(&self) -> Result<Health> {
-        sql::probe(&self.local_client().await?).await
+        let mut health = sql::probe(&self.local_client().await?).await?;
+        if health.in_recovery {
+            // The WAL receiver reports the timeline it started on until it
+            // writes WAL of the next one; a history file streamed from the
+            // leader already says which timeline this replica is on.
+            health.timeline = health.timeline.max(self.newest_history_timeline());
+        }
+        Ok(health)
+    }
+
+    /// The highest timeline with a history file in `pg_wal`: the one a
+    /// promotion here branches from (PostgreSQL picks the next number).
+    pub fn newest_history_timeline(&self) -> u32 {
+        let Ok(entries) = std::fs::read_dir(self.data_dir().join("pg_wal")) else {
+            return 0;
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name();
+                let name = name.to_str()?;
+                let tli = name.strip_suffix(".history")?;
+                (tli.len() == 8).then(|| u32::from_str_radix(tli, 16).ok())?
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// Promotes this replica and waits (up to 30 s) until it accepts writes.

@@ -1,0 +1,398 @@
+//! Operating a running cluster the way an operator does: `mainstay ctl`
+//! (the real binary) against real agents, etcd and PostgreSQL.
+
+mod common;
+
+use common::*;
+use mainstay::demo::{API_PASSWORD, API_USER};
+use mainstay_core::{ClusterView, PgRole};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Runs `mainstay ctl ARGS` against `node`'s API with the demo credentials
+/// unless `auth` is false; returns (exit code, stdout, stderr).
+async fn ctl(h: &Harness, node: &str, auth: bool, args: &[&str]) -> (i32, String, String) {
+    let i = h.cluster.node_index(node).unwrap();
+    let url = format!("http://127.0.0.1:{}", h.cluster.nodes[i].api_port);
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mainstay"));
+    command.arg("ctl").arg("--url").arg(url);
+    if auth {
+        command.args(["--user", API_USER, "--password", API_PASSWORD]);
+    }
+    command
+        .args(args)
+        .env_remove("MAINSTAY_CONFIG")
+        .stdin(std::process::Stdio::null());
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("ctl finishes")
+        .expect("ctl runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn leader_of(view: &ClusterView) -> Option<String> {
+    let status = view.leader_status()?;
+    (status.role == PgRole::Primary).then(|| status.name.clone())
+}
+
+/// A writer committing one row at a time through the read-write multi-host
+/// connection string, recording every acknowledged id.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<i64>>,
+}
+
+impl Writer {
+    async fn start(h: &Harness) -> Writer {
+        let conninfo = h.cluster.multi_host_conninfo();
+        let setup = connect(&conninfo).await.expect("writer setup");
+        setup
+            .batch_execute("CREATE TABLE IF NOT EXISTS acked (id bigint primary key)")
+            .await
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut next = 1i64;
+            let mut client = None;
+            let started = Instant::now();
+            // Bounded in time and count whatever the cluster does.
+            while !flag.load(Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(300)
+                && next < 10_000_000
+            {
+                if client.is_none() {
+                    client = connect(&conninfo).await.ok();
+                    if client.is_none() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                }
+                let c = client.as_ref().unwrap();
+                match c.execute("INSERT INTO acked VALUES ($1)", &[&next]).await {
+                    Ok(_) => acked.push(next),
+                    // Unknown outcome: the id is never reused, never counted.
+                    Err(_) => client = None,
+                }
+                next += 1;
+            }
+            acked
+        });
+        Writer { stop, task }
+    }
+
+    async fn finish(self) -> Vec<i64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+async fn missing_rows(h: &Harness, leader: &str, acked: &[i64]) -> Vec<i64> {
+    let client = h.client(leader).await;
+    let rows = client.query("SELECT id FROM acked", &[]).await.unwrap();
+    let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    acked
+        .iter()
+        .copied()
+        .filter(|id| !present.contains(id))
+        .collect()
+}
+
+fn moved_aside(h: &Harness, node: &str) -> usize {
+    let i = h.cluster.node_index(node).unwrap();
+    let data = h.cluster.nodes[i].data_dir();
+    let name = data.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::read_dir(data.parent().unwrap())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(&name) && n != name
+        })
+        .count()
+}
+
+#[test]
+fn switchover_and_failover_through_ctl_lose_nothing() {
+    cluster_test(async {
+        let mut h = Harness::start("switchover", 3);
+        let first = h.healthy(Duration::from_secs(60)).await;
+        let names: Vec<String> = h.names();
+        let others: Vec<String> = names.iter().filter(|n| **n != first).cloned().collect();
+        wait_code(&h, &others[0], "/replica", 200, Duration::from_secs(10)).await;
+        wait_code(&h, &others[1], "/replica", 200, Duration::from_secs(10)).await;
+        let writer = Writer::start(&h).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // Refusals first: they must change nothing.
+        let (code, _, err) = ctl(&h, &others[0], false, &["switchover", "--force"]).await;
+        assert_eq!(code, 1, "unauthenticated switchover: {err}");
+        assert!(err.contains("401"), "{err}");
+        let (code, _, err) = ctl(
+            &h,
+            &others[0],
+            true,
+            &["switchover", "--candidate", "nobody", "--force"],
+        )
+        .await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("not a member"), "{err}");
+        let (code, _, err) = ctl(&h, &others[0], true, &["switchover"]).await;
+        assert_eq!(code, 2, "no --force on a non-interactive input: {err}");
+        assert!(err.contains("--force"), "{err}");
+        let view = h.view().await;
+        assert_eq!(leader_of(&view).as_deref(), Some(first.as_str()));
+        assert!(view.failover.is_none(), "a refused request left a key");
+
+        // A planned switchover to a named candidate, asked on a replica.
+        let target = others[1].clone();
+        let (code, out, err) = ctl(
+            &h,
+            &others[0],
+            true,
+            &["switchover", "--candidate", &target, "--force"],
+        )
+        .await;
+        assert_eq!(code, 0, "switchover: {out} {err}");
+        let view = h.view().await;
+        assert_eq!(leader_of(&view).as_deref(), Some(target.as_str()), "{out}");
+        // The old primary rejoins by streaming: no rewind, no clone.
+        assert_eq!(h.healthy(Duration::from_secs(30)).await, target);
+        assert_eq!(moved_aside(&h, &first), 0);
+        assert!(!h.agent_log(&first).contains("running pg_rewind"));
+        let view = h.view().await;
+        assert!(view.failover.is_none(), "the request is cleared once done");
+        assert_eq!(
+            view.history.last().map(|e| e.reason.as_str()),
+            Some("switchover")
+        );
+
+        // A manual failover back to the first node.
+        let (code, out, err) = ctl(
+            &h,
+            &target,
+            true,
+            &["failover", "--candidate", &first, "--force"],
+        )
+        .await;
+        assert_eq!(code, 0, "failover: {out} {err}");
+        assert_eq!(h.healthy(Duration::from_secs(30)).await, first);
+
+        let acked = writer.finish().await;
+        assert!(
+            acked.len() > 100,
+            "the writer made progress: {}",
+            acked.len()
+        );
+        let missing = missing_rows(&h, &first, &acked).await;
+        assert!(
+            missing.is_empty(),
+            "planned moves lost acknowledged rows: {missing:?}"
+        );
+
+        // The list and history read well, in both formats.
+        let (code, out, _) = ctl(&h, &first, false, &["list"]).await;
+        assert_eq!(code, 0);
+        assert!(out.contains(&format!("leader {first}")), "{out}");
+        let (code, out, _) = ctl(&h, &first, false, &["--json", "history"]).await;
+        assert_eq!(code, 0);
+        let history: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(history.as_array().unwrap().len(), 2, "{out}");
+
+        // Restart a replica; re-clone another; the leader refuses a re-clone.
+        let (code, out, err) = ctl(&h, &first, true, &["restart", &others[0], "--force"]).await;
+        assert_eq!(code, 0, "restart: {out} {err}");
+        let (code, out, err) = ctl(&h, &first, true, &["reinit", &target, "--force"]).await;
+        assert_eq!(code, 0, "reinit: {out} {err}");
+        assert_eq!(
+            moved_aside(&h, &target),
+            1,
+            "reinit moves the old data aside"
+        );
+        let (code, _, err) = ctl(&h, &target, true, &["reinit", &first, "--force"]).await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("leader"), "{err}");
+        assert_eq!(h.healthy(Duration::from_secs(30)).await, first);
+        h.passed = true;
+    });
+}
+
+#[test]
+fn pause_blocks_failover_and_bad_requests_change_nothing() {
+    cluster_test(async {
+        let mut h = Harness::start("pause", 3);
+        let leader = h.healthy(Duration::from_secs(60)).await;
+        let replica = h.other_than(&leader);
+
+        // Malformed, unknown, mistyped and unauthorised requests.
+        let anonymous = api(&h, &replica);
+        let authed = api(&h, &replica).with_basic_auth(API_USER, API_PASSWORD);
+        let wrong = api(&h, &replica).with_basic_auth(API_USER, "guess");
+        let before = h.view().await;
+        let cases: Vec<(&mainstay::ctl::client::ApiClient, &str, &str, &[u8], u16)> = vec![
+            (&anonymous, "PATCH", "/config", br#"{"pause": true}"#, 401),
+            (&wrong, "PATCH", "/config", br#"{"pause": true}"#, 401),
+            (&anonymous, "POST", "/switchover", b"{}", 401),
+            (&authed, "PATCH", "/config", br#"{"pause": tru"#, 400),
+            (&authed, "PATCH", "/config", br#"{"paws": true}"#, 400),
+            (&authed, "PATCH", "/config", br#"{"pause": "yes"}"#, 400),
+            (&authed, "PUT", "/config", b"[]", 400),
+            (
+                &authed,
+                "PATCH",
+                "/config",
+                br#"{"synchronous_node_count": 0}"#,
+                400,
+            ),
+            (&authed, "POST", "/switchover", br#"{"candidate": 5}"#, 400),
+            (
+                &authed,
+                "POST",
+                "/switchover",
+                br#"{"leader": "x", "extra": 1}"#,
+                400,
+            ),
+            (
+                &authed,
+                "POST",
+                "/switchover",
+                br#"{"scheduled_at": "tomorrow"}"#,
+                400,
+            ),
+            (
+                &authed,
+                "POST",
+                "/switchover",
+                br#"{"leader": "nobody"}"#,
+                412,
+            ),
+            (&authed, "POST", "/failover", b"{}", 400),
+            (&authed, "POST", "/restart", br#"{"now": true}"#, 400),
+        ];
+        for (client, method, path, body, expected) in cases {
+            let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
+            let answer = client
+                .raw(
+                    method.clone(),
+                    path,
+                    Some(body.to_vec()),
+                    "application/json",
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                answer.status.as_u16(),
+                expected,
+                "{method} {path} {}: {}",
+                String::from_utf8_lossy(body),
+                answer.text
+            );
+            assert!(
+                answer.body["error"].is_string(),
+                "a JSON reason: {}",
+                answer.text
+            );
+        }
+        let after = h.view().await;
+        assert_eq!(
+            after.config, before.config,
+            "refused requests changed the config"
+        );
+        assert_eq!(after.config_revision, before.config_revision);
+        assert!(after.failover.is_none());
+        assert_eq!(leader_of(&after).as_deref(), Some(leader.as_str()));
+
+        // Config changes reach every agent.
+        let (code, out, err) = ctl(
+            &h,
+            &replica,
+            true,
+            &[
+                "edit-config",
+                "--set",
+                "maximum_lag_on_failover=2097152",
+                "--force",
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{out} {err}");
+        let (code, _, err) = ctl(
+            &h,
+            &replica,
+            true,
+            &[
+                "edit-config",
+                "--set",
+                "synchronous_node_count=0",
+                "--force",
+            ],
+        )
+        .await;
+        assert_eq!(code, 1, "an invalid value is refused: {err}");
+        assert!(err.contains("synchronous_node_count"), "{err}");
+        for node in h.names() {
+            let config = api(&h, &node).get("/config").await.unwrap().body;
+            assert_eq!(
+                config["maximum_lag_on_failover"], 2097152,
+                "{node}: {config}"
+            );
+        }
+
+        // Paused: killing the primary does not fail over.
+        let (code, _, err) = ctl(&h, &replica, true, &["pause"]).await;
+        assert_eq!(code, 0, "{err}");
+        for node in h.names() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let status = api(&h, &node).get("/patroni").await.unwrap().body;
+                if status["pause"] == true {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{node} never reported pause: {status}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let (_, out, _) = ctl(&h, &replica, false, &["list"]).await;
+        assert!(out.contains("Maintenance mode: on"), "{out}");
+        let i = h.cluster.node_index(&leader).unwrap();
+        h.cluster.kill_node(i);
+        // Three ttls (4 s each at default timing) without a new leader.
+        let deadline = Instant::now() + Duration::from_secs(12);
+        while Instant::now() < deadline {
+            let view = h.view().await;
+            assert!(
+                view.leader.is_none() || view.leader_name() == Some(leader.as_str()),
+                "a failover happened while paused: {}",
+                mainstay::demo::describe(&view)
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(code_of_primary(&h, &replica).await, 503);
+
+        // Resumed: the survivors elect a leader.
+        let (code, _, err) = ctl(&h, &replica, true, &["resume"]).await;
+        assert_eq!(code, 0, "{err}");
+        let new_leader = h
+            .wait_for(
+                "a new leader after resume",
+                Duration::from_secs(30),
+                async |v| leader_of(v).filter(|l| *l != leader),
+            )
+            .await;
+        assert_ne!(new_leader, leader);
+        h.passed = true;
+    });
+}
+
+async fn code_of_primary(h: &Harness, node: &str) -> u16 {
+    code(h, node, "GET", "/primary").await
+}
