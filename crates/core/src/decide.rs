@@ -16,6 +16,7 @@
 use crate::candidate::{self, Candidate};
 use crate::dynamic::DynamicConfig;
 use crate::switchover::{LeaderVerdict, judge};
+pub use crate::sync::Standby;
 use crate::types::{ClusterView, Lsn, Millis, PgRole, Tags};
 use std::collections::BTreeMap;
 
@@ -60,6 +61,10 @@ pub struct LocalPg {
     pub following: Option<String>,
     /// The WAL receiver is connected and streaming.
     pub streaming: bool,
+    /// `synchronous_standby_names` as the server reports it.
+    pub sync_standby_names: String,
+    /// A primary's standbys (`pg_stat_replication`).
+    pub standbys: Vec<Standby>,
 }
 
 impl LocalPg {
@@ -156,6 +161,18 @@ pub enum Action {
         candidate: String,
         failover_revision: i64,
     },
+    /// Write the `sync` key (this leader, `members`) if its revision is still
+    /// `expected_revision` and this node holds the leader key.
+    WriteSync {
+        members: Vec<String>,
+        expected_revision: i64,
+    },
+    /// Set `synchronous_standby_names` to `ANY n (names)` (empty: none;
+    /// `block`: '*', every commit waits for some standby) and reload.
+    SetSyncStandbys {
+        names: Vec<String>,
+        block: bool,
+    },
     /// Delete the `failover` key (done, refused or unreadable), if unchanged.
     ClearFailover {
         failover_revision: i64,
@@ -220,6 +237,9 @@ pub struct CoreState {
     /// replica further behind it than `maximum_lag_on_failover` does not
     /// take over automatically.
     leader_position: Option<(u32, Lsn)>,
+    /// Synchronous mode: the names in effect and the primary's position when
+    /// they were first seen in effect (see `sync::manage`).
+    sync_catchup: Option<(Vec<String>, Lsn)>,
 }
 
 fn decision(actions: Vec<Action>, note: impl Into<String>) -> Decision {
@@ -413,6 +433,10 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
             state.primary_restart_at = None;
             let members = slot_members(state, obs, view);
             let mut actions = vec![Action::SyncSlots { members }];
+            if let Some(step) = crate::sync::manage(&mut state.sync_catchup, obs, view) {
+                actions.push(step);
+                return decision(actions, "leader: adjusting the synchronous standbys");
+            }
             let Some(record) = &view.failover else {
                 return decision(actions, "leader with a running primary");
             };
@@ -452,10 +476,33 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
                 }
             }
         }
-        (_, PgRole::Replica) => decision(
-            vec![promote(view)],
-            "this node holds the leader key: promoting",
-        ),
+        (_, PgRole::Replica) => {
+            let mut actions = Vec::new();
+            if obs.config.synchronous_mode {
+                // Before this node acknowledges anything, the sync key must
+                // stop vouching for the old leader's standbys, and commits
+                // must wait for standbys of this leader (or none, strict).
+                let record = view.sync.as_ref();
+                let ours = record.is_some_and(
+                    |r| matches!(&r.state, Ok(s) if s.leader == obs.name && s.members.is_empty()),
+                );
+                if !ours {
+                    actions.push(Action::WriteSync {
+                        members: Vec::new(),
+                        expected_revision: record.map_or(0, |r| r.mod_revision),
+                    });
+                }
+                let block = obs.config.synchronous_mode_strict;
+                if pg.sync_standby_names != crate::sync::render_standby_names(&[], block) {
+                    actions.push(Action::SetSyncStandbys {
+                        names: Vec::new(),
+                        block,
+                    });
+                }
+            }
+            actions.push(promote(view));
+            decision(actions, "this node holds the leader key: promoting")
+        }
         (_, PgRole::Stopped) if obs.config.pause => {
             wait("leader without a running PostgreSQL; paused: not restarting it")
         }
@@ -468,8 +515,20 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
         (DataDir::Initialized { .. }, PgRole::Stopped) => match state.primary_restart_at {
             None => {
                 state.primary_restart_at = Some(obs.now);
+                let mut actions = Vec::new();
+                // The key must vouch for this leader before it writes.
+                let record = view.sync.as_ref();
+                let ours =
+                    record.is_some_and(|r| matches!(&r.state, Ok(s) if s.leader == obs.name));
+                if obs.config.synchronous_mode && !ours {
+                    actions.push(Action::WriteSync {
+                        members: Vec::new(),
+                        expected_revision: record.map_or(0, |r| r.mod_revision),
+                    });
+                }
+                actions.push(Action::StartPrimary);
                 decision(
-                    vec![Action::StartPrimary],
+                    actions,
                     "the primary is down: restarting it (crash recovery)",
                 )
             }
@@ -624,7 +683,19 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
         }
         _ => {}
     }
+    let sync_mode = obs.config.synchronous_mode;
     match manual {
+        Some(candidate)
+            if candidate == obs.name
+                && sync_mode
+                && !crate::sync::may_take_over(view, obs.name) =>
+        {
+            return wait(format!(
+                "manual failover to this node refused: in synchronous mode only {:?} hold \
+                 every acknowledged commit",
+                crate::sync::allowed(view)
+            ));
+        }
         Some(candidate) if candidate == obs.name => {
             if obs.now >= obs.lease.valid_until {
                 return wait("manual failover to this node: waiting for a lease renewal");
@@ -642,7 +713,15 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
     if obs.tags.nofailover {
         return wait("no leader, and this node is tagged nofailover");
     }
-    if let Some((timeline, position)) = state.leader_position
+    if sync_mode && !crate::sync::may_take_over(view, obs.name) {
+        return wait(format!(
+            "no leader; synchronous mode: only {:?} hold every acknowledged commit",
+            crate::sync::allowed(view)
+        ));
+    }
+    // A synchronous standby has every acknowledged commit: no lag limit.
+    if !sync_mode
+        && let Some((timeline, position)) = state.leader_position
         && timeline == pg.timeline
         && position.0.saturating_sub(pg.lsn.0) > obs.config.maximum_lag_on_failover
     {
@@ -663,6 +742,9 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
     for (name, member) in &view.members {
         let status = &member.status;
         if name == obs.name || status.tags.nofailover {
+            continue;
+        }
+        if sync_mode && !crate::sync::may_take_over(view, name) {
             continue;
         }
         // A status read before the leader vanished may predate the last WAL
@@ -789,6 +871,8 @@ mod tests {
             lsn: Lsn(lsn),
             following: None,
             streaming: false,
+            sync_standby_names: String::new(),
+            standbys: Vec::new(),
         }
     }
 

@@ -53,6 +53,9 @@ impl Millis {
 pub struct Tags {
     /// Never promote this node.
     pub nofailover: bool,
+    /// Never choose this node as a synchronous standby.
+    #[serde(default)]
+    pub nosync: bool,
     /// Higher wins among equally advanced candidates.
     pub priority: i32,
 }
@@ -135,6 +138,35 @@ pub struct MemberRecord {
     pub lease_id: i64,
 }
 
+/// Content of the `sync` key: the standbys that hold every commit the
+/// leader acknowledged, because PostgreSQL waits for all of them
+/// (`synchronous_standby_names = 'ANY k (...)'` over exactly these k names,
+/// or a superset while one is being added). Written only by the leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncState {
+    pub leader: String,
+    pub members: Vec<String>,
+}
+
+/// The `sync` key as read; unreadable content means "nobody is known to be
+/// synchronous", the safe reading.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncRecord {
+    pub state: Result<SyncState, String>,
+    pub mod_revision: i64,
+}
+
+impl SyncRecord {
+    /// Members guaranteed to hold every commit `leader` acknowledged.
+    pub fn members_for(&self, leader: &str) -> &[String] {
+        match &self.state {
+            Ok(state) if state.leader == leader => &state.members,
+            _ => &[],
+        }
+    }
+}
+
 /// Whether the current leader must agree (switchover) or not (failover).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -185,6 +217,7 @@ pub struct ClusterView {
     pub members: BTreeMap<String, MemberRecord>,
     pub history: Vec<HistoryEntry>,
     pub failover: Option<FailoverRecord>,
+    pub sync: Option<SyncRecord>,
     /// The `config` key (dynamic configuration) as stored, unvalidated:
     /// agents keep their last valid configuration when it does not parse.
     pub config: Option<serde_json::Value>,

@@ -5,14 +5,20 @@
 //! lagging replicas). After every step the invariants of DESIGN.md section 4
 //! are checked; once the faults stop the cluster must converge.
 //!
+//! Odd seeds run in synchronous mode (strict or not), where the model also
+//! acknowledges commits only as PostgreSQL would (`ANY n` over the listed
+//! standbys) and every promotion must keep every acknowledged commit.
+//!
 //! `MAINSTAY_SIM_SEEDS=N` sets how many seeds run (default 3000),
 //! `MAINSTAY_SIM_SEED=S` replays one seed with a step-by-step trace.
 
-use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
+use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings, Standby};
+use mainstay_core::sync::render_standby_names;
 use mainstay_core::timeline::{Divergence, LeaderWal, LocalWal, TimelineSwitch, divergence};
 use mainstay_core::{
     Action, ClusterView, CoreState, DynamicConfig, HistoryEntry, InitializeRecord, LeaderRecord,
-    Lsn, MemberRecord, MemberStatus, Millis, Observation, PgRole, Tags, decide,
+    Lsn, MemberRecord, MemberStatus, Millis, Observation, PgRole, SyncRecord, SyncState, Tags,
+    decide,
 };
 use std::collections::BTreeMap;
 
@@ -78,6 +84,7 @@ struct Dcs {
     leases: BTreeMap<i64, u64>,
     next_lease: i64,
     history: Vec<HistoryEntry>,
+    sync: Option<(SyncState, i64)>,
 }
 
 impl Dcs {
@@ -142,6 +149,10 @@ impl Dcs {
                 })
                 .collect(),
             history: self.history.clone(),
+            sync: self.sync.as_ref().map(|(state, rev)| SyncRecord {
+                state: Ok(state.clone()),
+                mod_revision: *rev,
+            }),
             ..ClusterView::default()
         }
     }
@@ -178,6 +189,9 @@ struct Node {
     following: Option<String>,
     streaming: bool,
     moved_aside: usize,
+    /// synchronous_standby_names: the listed names, and '*' (block).
+    sync_names: Vec<String>,
+    sync_block: bool,
 }
 
 impl Node {
@@ -207,6 +221,8 @@ impl Node {
             lsn: Lsn(self.data.as_ref().map_or(0, |w| w.end)),
             following: self.following.clone(),
             streaming: self.streaming,
+            sync_standby_names: render_standby_names(&self.sync_names, self.sync_block),
+            standbys: Vec::new(),
         }
     }
 }
@@ -235,6 +251,10 @@ struct Sim {
     trace: bool,
     next_system_id: u64,
     promotions: usize,
+    /// The furthest commit acknowledged to a client, as a WAL prefix of the
+    /// primary that acknowledged it (synchronous mode only).
+    acked: Option<Wal>,
+    acked_commits: u64,
 }
 
 impl Sim {
@@ -247,6 +267,7 @@ impl Sim {
                 tags: Tags {
                     nofailover: count > 2 && i == count - 1 && rng.chance(200_000),
                     priority: rng.below(3) as i32,
+                    nosync: false,
                 },
                 agent_alive: true,
                 restart_at: 0,
@@ -267,8 +288,12 @@ impl Sim {
                 following: None,
                 streaming: false,
                 moved_aside: 0,
+                sync_names: Vec::new(),
+                sync_block: false,
             })
             .collect();
+        let synchronous_mode = seed % 2 == 1;
+        let synchronous_mode_strict = synchronous_mode && rng.chance(300_000);
         Sim {
             seed,
             rng,
@@ -279,6 +304,9 @@ impl Sim {
             config: DynamicConfig {
                 maximum_lag_on_failover: u64::MAX,
                 member_slots_ttl: 100,
+                synchronous_mode,
+                synchronous_mode_strict,
+                synchronous_node_count: 1,
                 ..DynamicConfig::default()
             },
             settings: Settings {
@@ -290,6 +318,8 @@ impl Sim {
             trace,
             next_system_id: 7_000_000_000_000_000_000,
             promotions: 0,
+            acked: None,
+            acked_commits: 0,
         }
     }
 
@@ -544,6 +574,76 @@ impl Sim {
             wal.end = (wal.end + rate).min(upstream.end);
             self.nodes[i].streaming = true;
         }
+        if self.config.synchronous_mode {
+            for &p in &primaries {
+                self.acknowledge(p);
+            }
+        }
+    }
+
+    /// The standbys streaming from primary `p`, as `pg_stat_replication`
+    /// would show them.
+    fn standbys_of(&self, p: usize) -> Vec<Standby> {
+        let primary = &self.nodes[p];
+        self.nodes
+            .iter()
+            .filter(|n| {
+                n.role == Role::Replica
+                    && n.streaming
+                    && n.following.as_ref() == Some(&primary.name)
+            })
+            .map(|n| Standby {
+                name: n.name.clone(),
+                flush: Lsn(n.data.as_ref().map_or(0, |w| w.end)),
+                sync_state: if primary.sync_names.contains(&n.name) {
+                    "quorum".into()
+                } else {
+                    "async".into()
+                },
+                streaming: true,
+            })
+            .collect()
+    }
+
+    /// PostgreSQL acknowledges a commit once it is flushed on every listed
+    /// standby (`ANY n` over n names), on any standby ('*'), or at once with
+    /// no names.
+    fn acknowledge(&mut self, p: usize) {
+        let Some(wal) = self.nodes[p].data.clone() else {
+            return;
+        };
+        let standbys = self.standbys_of(p);
+        let primary = &self.nodes[p];
+        let flushed = |name: &String| {
+            standbys
+                .iter()
+                .find(|s| &s.name == name)
+                .map_or(0, |s| s.flush.0)
+        };
+        let acked_end = if !primary.sync_names.is_empty() {
+            primary.sync_names.iter().map(flushed).min().unwrap_or(0)
+        } else if primary.sync_block {
+            standbys.iter().map(|s| s.flush.0).max().unwrap_or(0)
+        } else {
+            wal.end
+        };
+        let acked_end = acked_end.min(wal.end);
+        let further = match &self.acked {
+            None => true,
+            Some(old) => {
+                // Only progress on this primary's branch counts.
+                old.system_id == wal.system_id
+                    && divergence(&old.local(), &wal.leader()) == Divergence::None
+                    && acked_end > old.end
+            }
+        };
+        if further {
+            self.acked_commits += 1;
+            self.acked = Some(Wal {
+                end: acked_end,
+                ..wal
+            });
+        }
     }
 
     fn turn(&mut self, i: usize) {
@@ -551,8 +651,11 @@ impl Sim {
         for _ in 0..6 {
             let reachable = self.nodes[i].reachable(self.now);
             let view = reachable.then(|| self.dcs.view());
+            let mut pg = self.nodes[i].local_pg();
+            if pg.role == PgRole::Primary {
+                pg.standbys = self.standbys_of(i);
+            }
             let node = &self.nodes[i];
-            let pg = node.local_pg();
             let tags = node.tags.clone();
             let name = node.name.clone();
             let obs = Observation {
@@ -757,6 +860,9 @@ impl Sim {
                 }
             }
             Action::StartPrimary => {
+                if !self.nodes[i].was_primary {
+                    self.check_promotion(i);
+                }
                 let node = &mut self.nodes[i];
                 let wal = node.data.as_mut().expect("start needs data");
                 let promoted = !node.was_primary;
@@ -867,6 +973,36 @@ impl Sim {
             }
             Action::Fence { .. } => self.nodes[i].role = Role::Stopped,
             Action::SyncSlots { .. } => {}
+            Action::WriteSync {
+                members,
+                expected_revision,
+            } => {
+                if !reachable {
+                    return false;
+                }
+                let holds = self
+                    .dcs
+                    .leader
+                    .as_ref()
+                    .is_some_and(|l| l.0 == name && Some(l.1) == lease);
+                let revision = self.dcs.sync.as_ref().map_or(0, |s| s.1);
+                if !holds || revision != *expected_revision {
+                    return false;
+                }
+                let rev = self.dcs.bump();
+                self.dcs.sync = Some((
+                    SyncState {
+                        leader: name,
+                        members: members.clone(),
+                    },
+                    rev,
+                ));
+            }
+            Action::SetSyncStandbys { names, block } => {
+                let node = &mut self.nodes[i];
+                node.sync_names = names.clone();
+                node.sync_block = *block;
+            }
             // The simulation files no requests.
             Action::Switchover { .. } | Action::ClearFailover { .. } => {
                 self.fail(format!("{name} acted on a failover request nobody made"))
@@ -886,6 +1022,17 @@ impl Sim {
     fn check_promotion(&self, i: usize) {
         let me = &self.nodes[i];
         let Some(mine) = &me.data else { return };
+        if let Some(acked) = &self.acked
+            && (acked.system_id != mine.system_id
+                || divergence(&acked.local(), &mine.leader()) != Divergence::None)
+        {
+            self.fail(format!(
+                "{} promoted without an acknowledged commit: acknowledged up to {} on timeline \
+                 {}, it has {} on timeline {} (sync key {:?})",
+                me.name, acked.end, acked.timeline, mine.end, mine.timeline, self.dcs.sync
+            ));
+        }
+        let view = self.dcs.view();
         for other in &self.nodes {
             let published = self
                 .dcs
@@ -895,7 +1042,9 @@ impl Sim {
             let eligible = other.visible_for_election(self.now)
                 && published
                 && other.role == Role::Replica
-                && !other.tags.nofailover;
+                && !other.tags.nofailover
+                && (!self.config.synchronous_mode
+                    || mainstay_core::sync::may_take_over(&view, &other.name));
             if other.name == me.name || !eligible {
                 continue;
             }
@@ -945,6 +1094,17 @@ impl Sim {
             // operator's own choice.
             return;
         }
+        let view = self.dcs.view();
+        let sync_electable = self.nodes.iter().any(|n| {
+            n.data.is_some()
+                && !n.tags.nofailover
+                && mainstay_core::sync::may_take_over(&view, &n.name)
+        });
+        if self.config.synchronous_mode && self.dcs.leader.is_none() && !sync_electable {
+            // Only nofailover nodes hold every acknowledged commit: promoting
+            // anyone else could lose one, so the cluster waits for a human.
+            return;
+        }
         let Some((leader, _, _)) = &self.dcs.leader else {
             self.fail("no leader after the faults stopped".into())
         };
@@ -985,13 +1145,26 @@ fn clusters_stay_safe_and_converge_under_random_faults() {
         .unwrap_or(3000);
     let mut promotions = 0;
     let mut moved_aside = 0;
+    let mut sync_promotions = 0;
+    let mut acked = 0;
     for seed in 0..seeds {
         let mut sim = Sim::new(seed, false);
         sim.run();
         promotions += sim.promotions;
+        if sim.config.synchronous_mode {
+            sync_promotions += sim.promotions;
+            acked += sim.acked_commits;
+        }
         moved_aside += sim.nodes.iter().map(|n| n.moved_aside).sum::<usize>();
     }
-    eprintln!("{seeds} seeds: {promotions} promotions, {moved_aside} data directories moved aside");
+    eprintln!(
+        "{seeds} seeds: {promotions} promotions ({sync_promotions} in synchronous mode, \
+         {acked} acknowledgements checked), {moved_aside} data directories moved aside"
+    );
+    assert!(
+        sync_promotions > seeds as usize / 4,
+        "synchronous-mode seeds should fail over too"
+    );
     assert!(
         promotions > seeds as usize / 2,
         "the faults should cause failovers"

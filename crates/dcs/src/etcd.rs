@@ -680,6 +680,23 @@ impl Dcs for EtcdDcs {
         .await
     }
 
+    async fn write_sync(
+        &self,
+        state: &mainstay_core::SyncState,
+        expected_mod_revision: i64,
+        holder: (&str, i64),
+    ) -> Result<bool> {
+        let key = self.key(keys::SYNC);
+        let mut conditions = vec![Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            expected_mod_revision,
+        )];
+        conditions.extend(held_by(&self.key(keys::LEADER), holder.0, holder.1));
+        self.txn(conditions, vec![TxnOp::put(key, to_json(state)?, None)])
+            .await
+    }
+
     async fn delete_member(&self, name: &str) -> Result<()> {
         check_name("member", name)?;
         let key = self.key(&keys::member(name));

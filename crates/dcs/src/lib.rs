@@ -78,6 +78,7 @@ pub enum KeyKind {
     History,
     Config,
     Failover,
+    Sync,
     /// A key this version of mainstay does not use.
     Other,
 }
@@ -91,6 +92,7 @@ impl KeyKind {
             keys::HISTORY => KeyKind::History,
             keys::CONFIG => KeyKind::Config,
             keys::FAILOVER => KeyKind::Failover,
+            keys::SYNC => KeyKind::Sync,
             _ => match key.strip_prefix(keys::MEMBERS) {
                 Some(name) if !name.is_empty() => KeyKind::Member(name.to_string()),
                 _ => KeyKind::Other,
@@ -114,6 +116,7 @@ pub mod keys {
     pub const HISTORY: &str = "history";
     pub const CONFIG: &str = "config";
     pub const FAILOVER: &str = "failover";
+    pub const SYNC: &str = "sync";
 
     pub fn member(name: &str) -> String {
         format!("{MEMBERS}{name}")
@@ -229,6 +232,15 @@ pub trait Dcs: Send + Sync + 'static {
         expected_mod_revision: i64,
     ) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Writes `sync` if its mod revision is still the expected one (0: only
+    /// if absent) and the leader key holds `holder` (name, lease).
+    fn write_sync(
+        &self,
+        state: &mainstay_core::SyncState,
+        expected_mod_revision: i64,
+        holder: (&str, i64),
+    ) -> impl Future<Output = Result<bool>> + Send;
+
     /// Deletes `members/<name>` (`ctl remove`): the member's agent must be
     /// gone, or it writes the key again on its next turn.
     fn delete_member(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
@@ -341,6 +353,13 @@ fn build_view<'a>(
             KeyKind::Failover => {
                 view.failover = Some(mainstay_core::FailoverRecord {
                     request: serde_json::from_slice(kv.value)
+                        .map_err(|e| format!("{}: {e}", full_key())),
+                    mod_revision: kv.mod_revision,
+                });
+            }
+            KeyKind::Sync => {
+                view.sync = Some(mainstay_core::SyncRecord {
+                    state: serde_json::from_slice(kv.value)
                         .map_err(|e| format!("{}: {e}", full_key())),
                     mod_revision: kv.mod_revision,
                 });

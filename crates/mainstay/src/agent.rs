@@ -13,13 +13,15 @@
 use crate::api::{ApiAuth, ApiState, Command, NodeSnapshot};
 use crate::config::{Config, EffectiveTiming};
 use axum::http::StatusCode;
+use mainstay_core::decide::Standby;
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
+use mainstay_core::sync::render_standby_names;
 use mainstay_core::timeline::{
     Divergence, LeaderWal, LocalWal, divergence, foreign_timeline, parse_history,
 };
 use mainstay_core::{
     Action, ClusterView, CoreState, DynamicConfig, HistoryEntry, InitializeRecord, Lsn,
-    MemberStatus, Millis, Observation, PgRole, decide,
+    MemberStatus, Millis, Observation, PgRole, SyncState, decide,
 };
 use mainstay_dcs::{Dcs, KeyKind, WatchEvent};
 use mainstay_pg::{
@@ -334,6 +336,19 @@ impl<D: Dcs> Agent<D> {
             note: self.last_note.clone(),
             lease_renew_latency: (latency > 0).then(|| Duration::from_micros(latency)),
             paused: self.dynamic.pause,
+            sync_standbys: self
+                .last_view
+                .as_ref()
+                .and_then(|v| v.sync.as_ref())
+                .and_then(|r| r.state.as_ref().ok())
+                .filter(|s| {
+                    self.last_view
+                        .as_ref()
+                        .and_then(|v| v.leader_name())
+                        .is_some_and(|l| l == s.leader)
+                })
+                .map(|s| s.members.clone())
+                .unwrap_or_default(),
             ..(*previous).clone()
         };
         self.snapshot.send_replace(Arc::new(snapshot));
@@ -558,6 +573,8 @@ impl<D: Dcs> Agent<D> {
             lsn: Lsn(0),
             following: None,
             streaming: false,
+            sync_standby_names: String::new(),
+            standbys: Vec::new(),
         };
         self.pg_answering = false;
         if !self.pg.is_running() {
@@ -576,6 +593,17 @@ impl<D: Dcs> Agent<D> {
                 local.timeline = health.timeline;
                 local.lsn = health.wal_position();
                 local.streaming = health.is_streaming();
+                local.sync_standby_names = health.synchronous_standby_names.clone();
+                local.standbys = health
+                    .replicas
+                    .iter()
+                    .map(|r| Standby {
+                        name: r.application_name.clone(),
+                        flush: r.flush_lsn.unwrap_or_default(),
+                        sync_state: r.sync_state.clone().unwrap_or_default(),
+                        streaming: r.state.as_deref() == Some("streaming"),
+                    })
+                    .collect();
                 self.writable.store(!health.in_recovery, Ordering::SeqCst);
                 self.last_health = Some(health);
             }
@@ -846,6 +874,40 @@ impl<D: Dcs> Agent<D> {
             } => {
                 self.switchover(view, candidate, *failover_revision, lease_id()?)
                     .await?
+            }
+            Action::WriteSync {
+                members,
+                expected_revision,
+            } => {
+                let state = SyncState {
+                    leader: self.name.clone(),
+                    members: members.clone(),
+                };
+                let written = tokio::time::timeout(
+                    self.timing.dcs_timeout,
+                    self.dcs
+                        .write_sync(&state, *expected_revision, (&self.name, lease_id()?)),
+                )
+                .await
+                .map_err(|_| TurnError::Failed("writing the sync key: DCS timeout".into()))?
+                .map_err(dcs_failed)?;
+                if !written {
+                    return Err(TurnError::Failed(
+                        "the sync key or the leader key changed meanwhile".into(),
+                    ));
+                }
+                info!(?members, "synchronous standbys guaranteed (sync key)");
+            }
+            Action::SetSyncStandbys { names, block } => {
+                let value = render_standby_names(names, *block);
+                self.pg
+                    .set_synchronous_standby_names(&value)
+                    .await
+                    .map_err(|e| failed("setting synchronous_standby_names", &e))?;
+                info!(
+                    synchronous_standby_names = value,
+                    "commits now wait for these standbys"
+                );
             }
             Action::ClearFailover {
                 failover_revision,
@@ -1518,6 +1580,7 @@ async fn forward_watch<D: Dcs>(dcs: Arc<D>, leaderless: Arc<AtomicBool>, wake: A
                                 KeyKind::Leader
                                 | KeyKind::Initialize
                                 | KeyKind::Failover
+                                | KeyKind::Sync
                                 | KeyKind::Config,
                             ..
                         } => {

@@ -339,6 +339,12 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         "  read-write, whichever node is primary:\n    psql \"{}\"",
         cluster.multi_host_conninfo()
     );
+    if let Some(node) = cluster.nodes.first() {
+        println!(
+            "  operate it:\n    mainstay ctl -c {} list   (or switchover, pause, history...)",
+            node.config.display()
+        );
+    }
     println!("Press Ctrl-C to stop everything.\n");
     let dcs = match cluster.dcs().await {
         Ok(dcs) => dcs,

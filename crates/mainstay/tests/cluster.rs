@@ -658,8 +658,20 @@ fn rest_api_health_checks_answer_like_patroni() {
         assert_eq!(missing.status.as_u16(), 404);
         assert!(missing.body["error"].is_string(), "{}", missing.text);
 
-        // Status documents with Patroni's field names.
-        let status = api(&h, &leader).get("/patroni").await.unwrap().body;
+        // Status documents with Patroni's field names. The leader's view of
+        // pg_stat_replication is as fresh as its last turn: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            let status = api(&h, &leader).get("/patroni").await.unwrap().body;
+            if status["replication"]
+                .as_array()
+                .is_some_and(|r| r.len() == 2)
+                || Instant::now() > deadline
+            {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         assert_eq!(status["state"], "running");
         assert_eq!(status["role"], "primary");
         assert!(status["server_version"].as_u64().unwrap() >= 150000);

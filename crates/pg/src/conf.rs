@@ -65,6 +65,10 @@ pub fn render_mainstay_conf(settings: &PgSettings, role: &StartRole) -> Result<S
     for key in ["listen_addresses", "port", "unix_socket_directories"] {
         values.insert(key.into(), forced[key].clone());
     }
+    values.insert(
+        "synchronous_standby_names".into(),
+        settings.synchronous_standby_names.clone(),
+    );
     values.insert("primary_conninfo".into(), conninfo);
     values.insert("primary_slot_name".into(), slot);
 

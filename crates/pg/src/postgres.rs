@@ -48,6 +48,9 @@ pub struct Postgres {
     child: Arc<Mutex<Option<Postmaster>>>,
     /// Major version of the binaries in `bin_dir`, e.g. "15".
     binary_major: OnceLock<std::result::Result<String, String>>,
+    /// The role `mainstay.conf` was last written for, so that a settings
+    /// change (synchronous_standby_names) keeps the replication wiring.
+    conf_role: Mutex<Option<StartRole>>,
 }
 
 /// A handle that can fence (SIGQUIT) the postmaster from any thread, without
@@ -104,6 +107,7 @@ impl Postgres {
             settings,
             child: Arc::new(Mutex::new(None)),
             binary_major: OnceLock::new(),
+            conf_role: Mutex::new(None),
         }
     }
 
@@ -475,7 +479,58 @@ impl Postgres {
 
     fn write_conf(&self, account: &Account, role: &StartRole) -> Result<()> {
         let text = conf::render_mainstay_conf(&self.settings, role)?;
-        account.write_file(&self.data_dir().join(MAINSTAY_CONF), text.as_bytes(), 0o600)
+        account.write_file(&self.data_dir().join(MAINSTAY_CONF), text.as_bytes(), 0o600)?;
+        *self.conf_role.lock().unwrap_or_else(|e| e.into_inner()) = Some(role.clone());
+        Ok(())
+    }
+
+    /// Sets `synchronous_standby_names` in `mainstay.conf` and reloads; returns
+    /// once this server reports the new value (at most 5 s), so the caller
+    /// knows commits from now on wait for the new list.
+    pub async fn set_synchronous_standby_names(&mut self, value: &str) -> Result<()> {
+        self.settings.synchronous_standby_names = value.to_string();
+        let role = self
+            .conf_role
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(role) = role else {
+            // Not written yet: the next start writes it with this value.
+            return Ok(());
+        };
+        self.write_conf(&self.account()?, &role)?;
+        if !self.is_running() {
+            return Ok(());
+        }
+        let client = self.local_client().await?;
+        sql::bounded(
+            "pg_reload_conf",
+            sql::QUERY_TIMEOUT,
+            client.query_one("SELECT pg_reload_conf()", &[]),
+        )
+        .await?;
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            // A fresh session reads the reloaded file for sure.
+            let fresh = self.local_client().await?;
+            let row = sql::bounded(
+                "SHOW synchronous_standby_names",
+                sql::QUERY_TIMEOUT,
+                fresh.query_one("SHOW synchronous_standby_names", &[]),
+            )
+            .await?;
+            let now: String = row.get(0);
+            if now == value {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: format!("synchronous_standby_names to become {value:?} (still {now:?})"),
+                    after: std::time::Duration::from_secs(5),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     async fn wait_ready(&self, pm: &Postmaster, log_start: u64) -> Result<()> {

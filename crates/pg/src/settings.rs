@@ -26,6 +26,9 @@ pub struct PgSettings {
     pub run_as: Option<String>,
     /// Extra `postgresql.conf` settings; they override mainstay's defaults.
     pub parameters: BTreeMap<String, String>,
+    /// Managed by the leader in synchronous mode (see
+    /// `Postgres::set_synchronous_standby_names`), never by `parameters`.
+    pub synchronous_standby_names: String,
     /// libpq password file for the replication and rewind users.
     pub pgpass_file: PathBuf,
     /// This node's name: `application_name` and replication slot name.
@@ -65,6 +68,7 @@ impl PgSettings {
             rewind: Credentials::new("rewind_user", ""),
             run_as: None,
             parameters: BTreeMap::new(),
+            synchronous_standby_names: String::new(),
             node_name: node_name.into(),
             log_file: None,
             socket_dir: None,

@@ -88,6 +88,8 @@ pub struct Health {
     pub wal_receiver: Option<WalReceiver>,
     /// Primary only: `pg_stat_replication`.
     pub replicas: Vec<ReplicationPeer>,
+    /// As the server reports it now.
+    pub synchronous_standby_names: String,
 }
 
 impl Health {
@@ -158,7 +160,8 @@ pub async fn probe(client: &Client) -> Result<Health> {
             (SELECT system_identifier FROM pg_control_system()),
             current_setting('server_version'),
             current_setting('server_version_num')::int,
-            extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"
+            extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8,
+            current_setting('synchronous_standby_names')"
     );
     let row = bounded("health query", QUERY_TIMEOUT, client.query_one(&query, &[])).await?;
     let in_recovery: bool = row.get(0);
@@ -181,6 +184,7 @@ pub async fn probe(client: &Client) -> Result<Health> {
         replay_delay_secs: row.get(11),
         wal_receiver: None,
         replicas: Vec::new(),
+        synchronous_standby_names: row.get(12),
     };
     if in_recovery {
         health.wal_receiver = wal_receiver(client).await?;

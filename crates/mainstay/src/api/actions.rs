@@ -261,6 +261,18 @@ pub async fn failover<D: Dcs>(
                 return error(StatusCode::PRECONDITION_FAILED, reason);
             }
         }
+        None if config.synchronous_mode
+            && !mainstay_core::sync::may_take_over(&view, &candidate) =>
+        {
+            return error(
+                StatusCode::PRECONDITION_FAILED,
+                format!(
+                    "synchronous mode: {candidate} may miss acknowledged commits; only {:?} \
+                     hold them all",
+                    mainstay_core::sync::allowed(&view)
+                ),
+            );
+        }
         None => match view.members.get(&candidate) {
             None => {
                 return error(

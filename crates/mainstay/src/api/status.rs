@@ -125,6 +125,10 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
     let view = node.view.as_ref()?;
     let leader = view.leader_name();
     let leader_lsn = node.leader_lsn();
+    let sync: &[String] = match (&view.sync, leader) {
+        (Some(record), Some(leader)) => record.members_for(leader),
+        _ => &[],
+    };
     let members: Vec<Value> = view
         .members
         .values()
@@ -133,7 +137,7 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
             let is_leader = leader == Some(m.name.as_str());
             let role = if is_leader {
                 "leader"
-            } else if node.sync_standbys.contains(&m.name) {
+            } else if sync.contains(&m.name) {
                 "sync_standby"
             } else {
                 "replica"
