@@ -234,6 +234,16 @@ impl DynamicConfig {
     /// `applied` counts as changed. Parameters that are in `applied` but no
     /// longer in the configuration are not reported: resetting them is the
     /// caller's decision.
+    /// The PostgreSQL parameters as configuration text (validated values
+    /// always render).
+    pub fn parameter_texts(&self) -> BTreeMap<String, String> {
+        self.postgresql
+            .parameters
+            .iter()
+            .filter_map(|(name, value)| Some((name.clone(), pg_text(value)?)))
+            .collect()
+    }
+
     pub fn changed_parameters(&self, applied: &BTreeMap<String, String>) -> ParameterChanges {
         let mut changes = ParameterChanges::default();
         for (name, value) in &self.postgresql.parameters {

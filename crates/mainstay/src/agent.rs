@@ -82,6 +82,12 @@ pub struct Agent<D: Dcs> {
     dynamic: DynamicConfig,
     dynamic_revision: Option<i64>,
     api_auth: ApiAuth,
+    /// PostgreSQL parameters from this node's file (they win over the
+    /// cluster-wide ones), whether the effective set must be written again,
+    /// and what the server says waits for a restart.
+    file_parameters: std::collections::BTreeMap<String, String>,
+    parameters_dirty: bool,
+    pending_restart: Vec<String>,
 }
 
 pub fn pg_settings(config: &Config) -> PgSettings {
@@ -162,6 +168,9 @@ impl<D: Dcs> Agent<D> {
             api_listen: config.api.listen.clone(),
             dynamic: DynamicConfig::default(),
             dynamic_revision: None,
+            file_parameters: pg_settings(config).parameters,
+            parameters_dirty: false,
+            pending_restart: Vec::new(),
             api_auth: ApiAuth {
                 basic: config.api.username.clone().zip(config.api.password.clone()),
                 token: config.api.token.clone(),
@@ -294,8 +303,11 @@ impl<D: Dcs> Agent<D> {
                     revision = view.config_revision,
                     pause = config.pause,
                     maximum_lag_on_failover = config.maximum_lag_on_failover,
+                    synchronous_mode = config.synchronous_mode,
                     "dynamic configuration changed"
                 );
+                self.parameters_dirty |=
+                    config.postgresql.parameters != self.dynamic.postgresql.parameters;
                 self.dynamic = config;
             }
             Ok(_) => {}
@@ -304,6 +316,31 @@ impl<D: Dcs> Agent<D> {
                 "the dynamic configuration in the DCS is invalid ({problem}); keeping the last \
                  valid one: fix it with `mainstay ctl edit-config`"
             ),
+        }
+    }
+
+    /// Cluster-wide parameters, overridden by this node's own file, into
+    /// `mainstay.conf`; a running server reloads, and what only a restart
+    /// applies is reported as pending, never applied behind the operator's
+    /// back.
+    async fn apply_parameters(&mut self) {
+        let mut parameters = self.dynamic.parameter_texts();
+        parameters.extend(self.file_parameters.clone());
+        match self.pg.set_parameters(parameters).await {
+            Ok(pending) => {
+                if !pending.is_empty() && pending != self.pending_restart {
+                    warn!(
+                        ?pending,
+                        "PostgreSQL parameters changed that need a restart: `mainstay ctl restart` \
+                         applies them"
+                    );
+                }
+                self.pending_restart = pending;
+            }
+            Err(err) => {
+                warn!("applying PostgreSQL parameters failed ({err}); retrying next turn");
+                self.parameters_dirty = true;
+            }
         }
     }
 
@@ -336,6 +373,7 @@ impl<D: Dcs> Agent<D> {
             note: self.last_note.clone(),
             lease_renew_latency: (latency > 0).then(|| Duration::from_micros(latency)),
             paused: self.dynamic.pause,
+            pending_restart: self.pending_restart.clone(),
             sync_standbys: self
                 .last_view
                 .as_ref()
@@ -498,6 +536,11 @@ impl<D: Dcs> Agent<D> {
             self.last_view = Some(view.clone());
             self.dcs_last_seen = Some(std::time::SystemTime::now());
             self.absorb_dynamic_config(view);
+        }
+        // While something waits for a restart, look again each turn: any
+        // start of PostgreSQL (ctl restart, failover) may have applied it.
+        if std::mem::take(&mut self.parameters_dirty) || !self.pending_restart.is_empty() {
+            self.apply_parameters().await;
         }
         let local = self.observe_pg().await?;
         let lease = *self.lease.borrow();

@@ -344,6 +344,68 @@ fn pause_blocks_failover_and_bad_requests_change_nothing() {
             );
         }
 
+        // PostgreSQL parameters: a reloadable one applies everywhere, one
+        // that needs a restart is reported as pending until a restart.
+        let (code, out, err) = ctl(
+            &h,
+            &replica,
+            true,
+            &[
+                "edit-config",
+                "--set",
+                "postgresql.parameters.work_mem=17MB",
+                "--set",
+                "postgresql.parameters.max_prepared_transactions=7",
+                "--force",
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{out} {err}");
+        for node in h.names() {
+            let client = h.client(&node).await;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let work_mem: String = client.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+                let status = api(&h, &node).get("/patroni").await.unwrap().body;
+                if work_mem == "17MB" && status["pending_restart"] == true {
+                    assert!(
+                        status["pending_restart_reason"]
+                            .to_string()
+                            .contains("max_prepared_transactions"),
+                        "{status}"
+                    );
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{node}: work_mem {work_mem}, status {status}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let (code, out, err) = ctl(&h, &replica, true, &["restart", &replica, "--force"]).await;
+        assert_eq!(code, 0, "{out} {err}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let status = api(&h, &replica).get("/patroni").await.unwrap().body;
+            if status.get("pending_restart").is_none() && status["state"] == "running" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still pending after restart: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let prepared: String = h
+            .client(&replica)
+            .await
+            .query_one("SHOW max_prepared_transactions", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(prepared, "7");
+
         // Paused: killing the primary does not fail over.
         let (code, _, err) = ctl(&h, &replica, true, &["pause"]).await;
         assert_eq!(code, 0, "{err}");

@@ -484,6 +484,59 @@ impl Postgres {
         Ok(())
     }
 
+    /// Replaces the extra PostgreSQL parameters, rewrites `mainstay.conf`
+    /// and reloads a running server. Returns the parameters the server says
+    /// wait for a restart (`pending_restart`): never applied silently.
+    pub async fn set_parameters(
+        &mut self,
+        parameters: std::collections::BTreeMap<String, String>,
+    ) -> Result<Vec<String>> {
+        if parameters == self.settings.parameters {
+            return self.pending_restart().await;
+        }
+        self.settings.parameters = parameters;
+        let role = self
+            .conf_role
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(role) = role else {
+            return Ok(Vec::new());
+        };
+        self.write_conf(&self.account()?, &role)?;
+        if !self.is_running() {
+            return Ok(Vec::new());
+        }
+        let client = self.local_client().await?;
+        sql::bounded(
+            "pg_reload_conf",
+            sql::QUERY_TIMEOUT,
+            client.query_one("SELECT pg_reload_conf()", &[]),
+        )
+        .await?;
+        // The postmaster rereads the file asynchronously.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        self.pending_restart().await
+    }
+
+    /// Parameters changed in the files that only a restart applies.
+    pub async fn pending_restart(&self) -> Result<Vec<String>> {
+        if !self.is_running() {
+            return Ok(Vec::new());
+        }
+        let client = self.local_client().await?;
+        let rows = sql::bounded(
+            "pg_settings.pending_restart",
+            sql::QUERY_TIMEOUT,
+            client.query(
+                "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name",
+                &[],
+            ),
+        )
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Sets `synchronous_standby_names` in `mainstay.conf` and reloads; returns
     /// once this server reports the new value (at most 5 s), so the caller
     /// knows commits from now on wait for the new list.

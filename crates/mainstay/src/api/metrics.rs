@@ -82,6 +82,11 @@ pub fn render(node: &NodeSnapshot) -> String {
         flag(node.paused),
     );
     out.gauge(
+        "pending_restart",
+        "PostgreSQL parameters changed that only a restart applies.",
+        flag(!node.pending_restart.is_empty()),
+    );
+    out.gauge(
         "dcs_reachable",
         "The last read of the DCS succeeded.",
         flag(node.dcs_reachable),

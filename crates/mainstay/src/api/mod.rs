@@ -55,6 +55,8 @@ pub struct NodeSnapshot {
     /// Round trip of the last confirmed lease renewal.
     pub lease_renew_latency: Option<Duration>,
     pub paused: bool,
+    /// PostgreSQL parameters changed that only a restart applies.
+    pub pending_restart: Vec<String>,
     /// Members the leader guarantees hold every acknowledged commit.
     pub sync_standbys: Vec<String>,
 }
@@ -79,6 +81,7 @@ impl NodeSnapshot {
             note: String::new(),
             lease_renew_latency: None,
             paused: false,
+            pending_restart: Vec::new(),
             sync_standbys: Vec::new(),
         }
     }

@@ -89,6 +89,10 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
     if node.paused {
         doc.insert("pause".into(), json!(true));
     }
+    if !node.pending_restart.is_empty() {
+        doc.insert("pending_restart".into(), json!(true));
+        doc.insert("pending_restart_reason".into(), json!(node.pending_restart));
+    }
     if let Some(seen) = node.dcs_last_seen {
         let secs = seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         doc.insert("dcs_last_seen".into(), json!(secs));
