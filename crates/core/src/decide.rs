@@ -242,6 +242,13 @@ pub struct CoreState {
     sync_catchup: Option<(Vec<String>, Lsn)>,
 }
 
+impl CoreState {
+    /// `ctl remove`: the leader stops keeping a slot for `name` at once.
+    pub fn forget_member(&mut self, name: &str) -> bool {
+        self.slot_members.remove(name).is_some()
+    }
+}
+
 fn decision(actions: Vec<Action>, note: impl Into<String>) -> Decision {
     Decision {
         actions,

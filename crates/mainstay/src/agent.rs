@@ -196,6 +196,49 @@ impl<D: Dcs> Agent<D> {
             TurnError::Failed(r) | TurnError::Fatal(r) => (StatusCode::INTERNAL_SERVER_ERROR, r),
         };
         match command {
+            Command::Remove(name) => {
+                if !leading {
+                    let leader = view
+                        .as_ref()
+                        .and_then(|v| v.leader_name())
+                        .unwrap_or("nobody");
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        &format!("only the leader removes members: send this to {leader}"),
+                    );
+                }
+                if name == self.name {
+                    return refuse(StatusCode::CONFLICT, "the leader cannot remove itself");
+                }
+                // The loop's view may predate the key's expiry: ask etcd now.
+                let fresh =
+                    tokio::time::timeout(self.timing.dcs_timeout, self.dcs.read_cluster()).await;
+                let Ok(Ok(fresh)) = fresh else {
+                    return refuse(StatusCode::SERVICE_UNAVAILABLE, "cannot read the DCS now");
+                };
+                if fresh.members.contains_key(&name) {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        &format!(
+                            "{name}'s agent is still running (its member key is live): stop it \
+                             first, then remove it"
+                        ),
+                    );
+                }
+                let known = self.core.forget_member(&name);
+                if !known {
+                    return refuse(
+                        StatusCode::NOT_FOUND,
+                        &format!("{name} is not a member this leader keeps anything for"),
+                    );
+                }
+                warn!(
+                    member = name,
+                    "member removed: its replication slot goes now"
+                );
+                self.wake.notify_one();
+                Ok(format!("{name} removed: its replication slot is dropped"))
+            }
             Command::Restart => {
                 if !self.pg.is_running() {
                     return refuse(

@@ -6,6 +6,11 @@
 //! - failover: kill -> first acknowledged write on the new primary;
 //! - switchover: last acknowledged write on the old primary -> first on the
 //!   new one, plus writes refused by a read-only node (target 0).
+//!
+//! `--mode sync` turns `synchronous_mode` on through the first node's REST
+//! API once the cluster is healthy, and starts the load only when a member is
+//! listed as synchronous standby: the `lost` count then measures the
+//! zero-loss promise instead of asynchronous replication's window.
 
 use crate::demo::LocalCluster;
 use mainstay_core::PgRole;
@@ -38,7 +43,8 @@ pub struct FailoverArgs {
     /// Print one JSON object as the last line of standard output.
     #[arg(long)]
     pub json: bool,
-    /// Replication mode: async (sync arrives with synchronous mode support).
+    /// Replication mode: async, or sync (`synchronous_mode` turned on
+    /// through the REST API before the load starts).
     #[arg(long, default_value = "async")]
     pub mode: String,
     /// Agent timing profile: default or fast.
@@ -85,13 +91,17 @@ async fn failover(args: FailoverArgs, disruption: Disruption) -> ExitCode {
         Disruption::Kill => "failover",
         Disruption::Switchover => "switchover",
     };
-    if args.mode != "async" {
-        eprintln!(
-            "error: --mode {:?}: only `async` is available in this version; synchronous mode (zero loss) comes with the operations work (issue 4)",
-            args.mode
-        );
-        return ExitCode::from(2);
-    }
+    let sync = match args.mode.as_str() {
+        "async" => false,
+        "sync" => true,
+        _ => {
+            eprintln!(
+                "error: --mode {:?}: use `async` (asynchronous replication) or `sync` (synchronous_mode on)",
+                args.mode
+            );
+            return ExitCode::from(2);
+        }
+    };
     if args.profile != "default" && args.profile != "fast" {
         eprintln!(
             "error: --profile {:?}: use `default` or `fast`",
@@ -119,7 +129,7 @@ async fn failover(args: FailoverArgs, disruption: Disruption) -> ExitCode {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let dir = base.join(format!("mainstay-bench-{}-{stamp}", std::process::id()));
-        match one_run(&dir, &exe, &args.profile, disruption).await {
+        match one_run(&dir, &exe, &args.profile, disruption, sync).await {
             Ok(result) => {
                 eprintln!(
                     "run {run}/{}: unavailable {} ms, {} writes acknowledged, {} lost, {} refused by a read-only node, idle agent RSS {:.1} MB",
@@ -225,6 +235,7 @@ async fn one_run(
     exe: &Path,
     profile: &str,
     disruption: Disruption,
+    sync: bool,
 ) -> Result<RunResult, String> {
     let mut cluster = LocalCluster::start(dir, 3, exe, profile)
         .map_err(|e| format!("starting the cluster: {e}"))?;
@@ -244,6 +255,9 @@ async fn one_run(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    if sync {
+        enable_synchronous_mode(&cluster, &leader).await?;
+    }
     let conninfo = cluster.multi_host_conninfo();
     let (client, connection) = connect_rw(&conninfo)
         .await
@@ -365,6 +379,77 @@ async fn one_run(
         idle_rss_bytes,
         writes_to_read_only,
     })
+}
+
+/// Turns `synchronous_mode` on through the first node's REST API (a JSON
+/// merge patch of the dynamic configuration, with the demo's credentials),
+/// then waits until the leader's `GET /cluster` lists a member as
+/// `sync_standby`: only then do acknowledged commits wait for a standby. At
+/// most 30 s in all.
+async fn enable_synchronous_mode(cluster: &LocalCluster, leader: &str) -> Result<(), String> {
+    let api_of = |name: &str| {
+        let node = cluster.nodes.iter().find(|n| n.name == name)?;
+        Some(
+            crate::ctl::client::ApiClient::new(&format!("http://127.0.0.1:{}", node.api_port))
+                .with_basic_auth(crate::demo::API_USER, crate::demo::API_PASSWORD)
+                .with_timeout(Duration::from_secs(5)),
+        )
+    };
+    let node = cluster.nodes.first().ok_or("the cluster has no node")?;
+    let api = api_of(&node.name).ok_or("the cluster has no node")?;
+    let leader_api = api_of(leader).ok_or("the leader vanished")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let patch = serde_json::json!({ "synchronous_mode": true });
+    loop {
+        let refusal = match api
+            .request(hyper::Method::PATCH, "/config", Some(&patch))
+            .await
+        {
+            Ok(answer) if answer.status.is_success() => break,
+            // 409: the configuration changed meanwhile; 503: etcd did not
+            // answer. Both are worth another try; anything else is final.
+            Ok(answer)
+                if answer.status == hyper::StatusCode::CONFLICT
+                    || answer.status == hyper::StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                format!("{}: {}", answer.status, answer.text)
+            }
+            Ok(answer) => {
+                return Err(format!(
+                    "PATCH /config {patch} on {} was refused: {}: {}",
+                    node.name, answer.status, answer.text
+                ));
+            }
+            Err(err) => err,
+        };
+        if Instant::now() > deadline {
+            return Err(format!(
+                "could not turn synchronous_mode on through {}'s API within 30 s: {refusal}",
+                node.name
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match leader_api.get("/cluster").await {
+            Ok(answer) if answer.status.is_success() => {
+                let listed = answer.body["members"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["role"] == "sync_standby"));
+                if listed {
+                    return Ok(());
+                }
+                last = answer.text;
+            }
+            Ok(answer) => last = format!("{}: {}", answer.status, answer.text),
+            Err(err) => last = err,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "synchronous_mode is on but no member was listed as sync_standby within 30 s; last GET /cluster on the leader {leader}: {last}"
+    ))
 }
 
 /// Connects to the writable node, retrying for a few seconds: right after an

@@ -10,31 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Runs `mainstay ctl ARGS` against `node`'s API with the demo credentials
-/// unless `auth` is false; returns (exit code, stdout, stderr).
-async fn ctl(h: &Harness, node: &str, auth: bool, args: &[&str]) -> (i32, String, String) {
-    let i = h.cluster.node_index(node).unwrap();
-    let url = format!("http://127.0.0.1:{}", h.cluster.nodes[i].api_port);
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mainstay"));
-    command.arg("ctl").arg("--url").arg(url);
-    if auth {
-        command.args(["--user", API_USER, "--password", API_PASSWORD]);
-    }
-    command
-        .args(args)
-        .env_remove("MAINSTAY_CONFIG")
-        .stdin(std::process::Stdio::null());
-    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
-        .await
-        .expect("ctl finishes")
-        .expect("ctl runs");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 fn leader_of(view: &ClusterView) -> Option<String> {
     let status = view.leader_status()?;
     (status.role == PgRole::Primary).then(|| status.name.clone())
@@ -219,6 +194,48 @@ fn switchover_and_failover_through_ctl_lose_nothing() {
         assert_eq!(code, 1, "{err}");
         assert!(err.contains("leader"), "{err}");
         assert_eq!(h.healthy(Duration::from_secs(30)).await, first);
+
+        // Removing a member: refused while its agent runs; once it is gone,
+        // the leader drops its slot at once instead of keeping it 30 min.
+        let gone = others[0].clone();
+        let (code, _, err) = ctl(&h, &first, true, &["remove", &gone, "--force"]).await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("still running"), "{err}");
+        let i = h.cluster.node_index(&gone).unwrap();
+        h.cluster.kill_node(i);
+        h.wait_for(
+            "the member key to expire",
+            Duration::from_secs(15),
+            async |v| (!v.members.contains_key(&gone)).then_some(()),
+        )
+        .await;
+        let leader_client = h.client(&first).await;
+        let slot = mainstay_core::slot_name(&gone);
+        let slots = async || -> i64 {
+            leader_client
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .unwrap()
+                .get(0)
+        };
+        assert_eq!(
+            slots().await,
+            1,
+            "the slot is kept for a member that may return"
+        );
+        let (code, out, err) = ctl(&h, &target, true, &["remove", &gone, "--force"]).await;
+        assert_eq!(code, 0, "{out} {err}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while slots().await != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the slot of a removed member stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         h.passed = true;
     });
 }

@@ -135,8 +135,11 @@ impl NodeSnapshot {
 pub use actions::ApiAuth;
 
 /// Work the API hands to the HA loop, which alone touches PostgreSQL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
+    /// Leader only: forget a member whose agent is gone for good (its slot
+    /// goes now instead of after `member_slots_ttl`).
+    Remove(String),
     /// Restart PostgreSQL in its current role.
     Restart,
     /// Replica only: move the data directory aside and clone afresh.
@@ -222,6 +225,16 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
             post(actions::switchover::<D>).delete(actions::cancel::<D>),
         )
         .route("/failover", post(actions::failover::<D>))
+        .route(
+            "/members/{name}",
+            axum::routing::delete(
+                |s: Shared<D>,
+                 h: HeaderMap,
+                 axum::extract::Path(name): axum::extract::Path<String>| {
+                    actions::command(s, h, Bytes::new(), Command::Remove(name))
+                },
+            ),
+        )
         .route(
             "/restart",
             post(|s: Shared<D>, h: HeaderMap, b: Bytes| {

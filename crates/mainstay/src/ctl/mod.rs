@@ -105,6 +105,13 @@ enum CtlCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Forget a member whose agent is gone for good: the leader drops its
+    /// replication slot now instead of after member_slots_ttl.
+    Remove {
+        node: String,
+        #[arg(long)]
+        force: bool,
+    },
     /// Cancel a scheduled switchover.
     CancelSwitchover {
         #[arg(long)]
@@ -283,6 +290,13 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
             ctl.report(&answer.body, "cancelled");
             Ok(())
         }
+        CtlCommand::Remove { node, force } => {
+            confirm(
+                force,
+                &format!("Remove {node} from the cluster (its replication slot is dropped)?"),
+            )?;
+            ctl.on_leader(&format!("/members/{node}")).await
+        }
         CtlCommand::Restart { node, force } => {
             confirm(force, &format!("Restart PostgreSQL on {node}?"))?;
             ctl.on_node(&node, "/restart").await
@@ -387,6 +401,25 @@ impl Ctl {
             "resumed: automatic failover is on"
         };
         self.report(&json!({ "message": what, "config": answer.body }), what);
+        Ok(())
+    }
+
+    /// Sends DELETE `path` to the leader's API, found in `/cluster`.
+    async fn on_leader(&self, path: &str) -> Result<(), Failure> {
+        let cluster = self.call(Method::GET, "/cluster", None).await?.body;
+        let url = cluster["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["role"] == "leader")
+            .and_then(|m| m["api_url"].as_str())
+            .ok_or_else(|| Failure::Refused("the cluster has no leader right now".into()))?;
+        let api = authorize(
+            ApiClient::new(url).with_timeout(Duration::from_secs(60)),
+            &self.auth,
+        );
+        let answer = call(&api, Method::DELETE, path, None).await?;
+        self.report(&answer.body, "done");
         Ok(())
     }
 

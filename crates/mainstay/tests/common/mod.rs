@@ -15,7 +15,9 @@ use mainstay::demo::LocalCluster;
 use mainstay_core::{ClusterView, PgRole};
 use mainstay_dcs::Dcs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
@@ -226,4 +228,383 @@ pub async fn wait_code(h: &Harness, node: &str, path: &str, expected: u16, timeo
     }
     h.dump_logs();
     panic!("{node} {path}: {last}, expected {expected} within {timeout:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Synchronous replication (`sync.rs`): the REST API's view of the sync set,
+// a writer that keeps the time and server of every acknowledgment, and the
+// real `mainstay ctl`.
+// ---------------------------------------------------------------------------
+
+/// Runs `mainstay ctl ARGS` (the real binary) against `node`'s API with the
+/// demo credentials; returns (exit code, stdout, stderr).
+pub async fn run_ctl(h: &Harness, node: &str, args: &[&str]) -> (i32, String, String) {
+    ctl(h, node, true, args).await
+}
+
+/// Runs `mainstay ctl ARGS` against `node`'s API, with the demo credentials
+/// unless `auth` is false; returns (exit code, stdout, stderr).
+pub async fn ctl(h: &Harness, node: &str, auth: bool, args: &[&str]) -> (i32, String, String) {
+    let i = h.cluster.node_index(node).unwrap();
+    let url = format!("http://127.0.0.1:{}", h.cluster.nodes[i].api_port);
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mainstay"));
+    command.arg("ctl").arg("--url").arg(url);
+    if auth {
+        command.args([
+            "--user",
+            mainstay::demo::API_USER,
+            "--password",
+            mainstay::demo::API_PASSWORD,
+        ]);
+    }
+    command
+        .args(args)
+        .env_remove("MAINSTAY_CONFIG")
+        .stdin(std::process::Stdio::null());
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("ctl finishes")
+        .expect("ctl runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `PATCH /config` with `patch` on `node`'s API, authenticated; retries the
+/// transient refusals (409: changed meanwhile, 503: etcd slow) for 10 s.
+/// Returns the stored configuration.
+pub async fn patch_config(h: &Harness, node: &str, patch: serde_json::Value) -> serde_json::Value {
+    let client =
+        api(h, node).with_basic_auth(mainstay::demo::API_USER, mainstay::demo::API_PASSWORD);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = match client
+            .request(hyper::Method::PATCH, "/config", Some(&patch))
+            .await
+        {
+            Ok(answer) if answer.status.is_success() => return answer.body,
+            Ok(answer) if matches!(answer.status.as_u16(), 409 | 503) => {
+                format!("{}: {}", answer.status, answer.text)
+            }
+            Ok(answer) => panic!(
+                "PATCH /config {patch} on {node} was refused: {}: {}",
+                answer.status, answer.text
+            ),
+            Err(err) => err,
+        };
+        if Instant::now() > deadline {
+            h.dump_logs();
+            panic!("PATCH /config {patch} on {node} did not succeed within 10 s: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `GET /cluster` on `node`; `None` if the agent does not answer 200.
+pub async fn cluster_doc(h: &Harness, node: &str) -> Option<serde_json::Value> {
+    let answer = api(h, node).get("/cluster").await.ok()?;
+    answer.status.is_success().then_some(answer.body)
+}
+
+/// Members a `GET /cluster` document lists with `role` `sync_standby`.
+pub fn sync_standbys_in(doc: &serde_json::Value) -> Vec<String> {
+    doc["members"]
+        .as_array()
+        .map(|members| {
+            members
+                .iter()
+                .filter(|m| m["role"] == "sync_standby")
+                .filter_map(|m| m["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `node1=leader/running node2=sync_standby/streaming ...` from a `GET
+/// /cluster` document, for failure messages.
+pub fn members_summary(doc: &serde_json::Value) -> String {
+    let Some(members) = doc["members"].as_array() else {
+        return format!("(not a /cluster document: {doc})");
+    };
+    members
+        .iter()
+        .map(|m| {
+            format!(
+                "{}={}/{} tl{} lag {}",
+                m["name"].as_str().unwrap_or("?"),
+                m["role"].as_str().unwrap_or("?"),
+                m["state"].as_str().unwrap_or("?"),
+                m["timeline"],
+                m.get("lag").unwrap_or(&serde_json::Value::Null)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// `SHOW synchronous_standby_names` on `node`, bounded to 5 s.
+pub async fn synchronous_standby_names(h: &Harness, node: &str) -> Result<String, String> {
+    let i = h.cluster.node_index(node).unwrap();
+    let conninfo = h.cluster.nodes[i].conninfo();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let client = connect(&conninfo).await.map_err(|e| format!("{e:?}"))?;
+        let row = client
+            .query_one("SHOW synchronous_standby_names", &[])
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(row.get::<_, String>(0))
+    })
+    .await
+    .map_err(|_| "no answer within 5 s".to_string())?
+}
+
+/// The synchronous replication state as a client sees it.
+#[derive(Debug, Clone)]
+pub struct SyncState {
+    /// The DCS leader, running as primary.
+    pub leader: String,
+    /// The one member the leader's `GET /cluster` lists as `sync_standby`.
+    pub standby: String,
+    /// `synchronous_standby_names` on the leader's PostgreSQL.
+    pub standby_names: String,
+    /// The leader's `GET /cluster` document.
+    pub cluster: serde_json::Value,
+}
+
+/// Polls until the leader (from the DCS, running as primary) lists exactly
+/// one member as `sync_standby` in `GET /cluster`, that member answers 200 on
+/// `/sync` and says `"sync_standby": true` in `/patroni`, and the leader's
+/// `synchronous_standby_names` is not empty. Panics after `timeout` with the
+/// last state seen and the agents' log tails.
+pub async fn wait_sync_standby(h: &Harness, timeout: Duration) -> SyncState {
+    let dcs = h.cluster.dcs().await.expect("etcd client");
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("nothing read yet");
+    while Instant::now() < deadline {
+        last = match sync_state_now(h, &dcs).await {
+            Ok(state) => return state,
+            Err(why) => why,
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    h.dump_logs();
+    panic!(
+        "timed out after {timeout:?} waiting for synchronous replication: expected a primary \
+         leader whose GET /cluster lists exactly one member with role sync_standby, that member \
+         answering 200 on /sync with \"sync_standby\": true in /patroni, and a non-empty \
+         synchronous_standby_names on the leader's PostgreSQL. Last seen: {last}"
+    );
+}
+
+async fn sync_state_now(h: &Harness, dcs: &impl Dcs) -> Result<SyncState, String> {
+    let view = dcs
+        .read_cluster()
+        .await
+        .map_err(|e| format!("reading etcd: {e}"))?;
+    let description = mainstay::demo::describe(&view);
+    let leader = view
+        .leader_status()
+        .filter(|s| s.role == PgRole::Primary)
+        .map(|s| s.name.clone())
+        .ok_or_else(|| format!("no primary leader in the DCS ({description})"))?;
+    let doc = cluster_doc(h, &leader)
+        .await
+        .ok_or_else(|| format!("{leader} did not answer GET /cluster ({description})"))?;
+    let standbys = sync_standbys_in(&doc);
+    let [standby] = standbys.as_slice() else {
+        return Err(format!(
+            "{leader}'s GET /cluster lists {} sync_standby member(s) {standbys:?}: {} (raw: {doc})",
+            standbys.len(),
+            members_summary(&doc)
+        ));
+    };
+    let sync_code = match api(h, standby).get("/sync").await {
+        Ok(answer) => answer.status.as_u16().to_string(),
+        Err(err) => err,
+    };
+    if sync_code != "200" {
+        return Err(format!(
+            "{leader}'s GET /cluster names {standby} sync_standby ({}), but {standby}'s /sync \
+             answers {sync_code}",
+            members_summary(&doc)
+        ));
+    }
+    let patroni = api(h, standby)
+        .get("/patroni")
+        .await
+        .map(|a| a.body)
+        .unwrap_or_default();
+    if patroni["sync_standby"] != true {
+        return Err(format!(
+            "{standby} answers 200 on /sync but its /patroni lacks \"sync_standby\": true: {patroni}"
+        ));
+    }
+    let standby_names = synchronous_standby_names(h, &leader)
+        .await
+        .map_err(|e| format!("SHOW synchronous_standby_names on {leader}: {e}"))?;
+    if standby_names.trim().is_empty() {
+        return Err(format!(
+            "{leader} lists {standby} as sync_standby ({}) but its PostgreSQL has an empty \
+             synchronous_standby_names",
+            members_summary(&doc)
+        ));
+    }
+    Ok(SyncState {
+        leader,
+        standby: standby.clone(),
+        standby_names,
+        cluster: doc,
+    })
+}
+
+/// One acknowledged INSERT: its id, when the acknowledgment arrived and the
+/// port of the server that sent it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    pub id: i64,
+    pub at: Instant,
+    pub port: u16,
+}
+
+#[derive(Debug, Default)]
+pub struct AckLog {
+    pub acked: Vec<Ack>,
+    /// Ids whose INSERT failed or timed out: unknown outcomes, neither
+    /// acknowledged nor lost (the commit may be in the WAL already).
+    pub unknown: Vec<i64>,
+}
+
+/// A writer committing one row at a time on one connection through the
+/// read-write multi-host connection string, reconnecting on any error, and
+/// recording every acknowledged id with its time and server. An INSERT that
+/// errors or takes longer than `insert_timeout` is an unknown outcome: its id
+/// is never reused and the connection is replaced.
+pub struct AckWriter {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<AckLog>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AckWriter {
+    /// Creates `table (id bigint primary key)` and starts writing to it.
+    pub async fn start(h: &Harness, table: &str, insert_timeout: Duration) -> AckWriter {
+        let conninfo = h.cluster.multi_host_conninfo();
+        let setup = tokio::time::timeout(Duration::from_secs(30), async {
+            let client = connect(&conninfo).await?;
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {table} (id bigint primary key)"
+                ))
+                .await
+        })
+        .await;
+        match setup {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => panic!("writer setup (CREATE TABLE {table}): {err:?}"),
+            Err(_) => {
+                h.dump_logs();
+                panic!(
+                    "writer setup: CREATE TABLE {table} through the read-write string did not \
+                     finish within 30 s (a commit waiting for a synchronous standby?)"
+                );
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(AckLog::default()));
+        let insert = format!("INSERT INTO {table} VALUES ($1)");
+        let task = tokio::spawn(ack_write_loop(
+            conninfo,
+            insert,
+            insert_timeout,
+            stop.clone(),
+            log.clone(),
+        ));
+        AckWriter { stop, log, task }
+    }
+
+    pub fn acked_count(&self) -> usize {
+        self.log.lock().unwrap().acked.len()
+    }
+
+    /// The first acknowledgment after `after` sent by a server other than
+    /// the one on `port` (backends of a killed postmaster may answer for a
+    /// few milliseconds).
+    pub fn first_ack_after(&self, after: Instant, port: u16) -> Option<Instant> {
+        self.log
+            .lock()
+            .unwrap()
+            .acked
+            .iter()
+            .find(|a| a.at > after && a.port != port)
+            .map(|a| a.at)
+    }
+
+    pub async fn finish(self) -> AckLog {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+async fn ack_write_loop(
+    conninfo: String,
+    insert: String,
+    insert_timeout: Duration,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<AckLog>>,
+) {
+    let mut next = 1i64;
+    let started = Instant::now();
+    // Bounded in time whatever the cluster does.
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(600) {
+        let session = tokio::time::timeout(Duration::from_secs(10), async {
+            let client = connect(&conninfo).await.ok()?;
+            let row = client
+                .query_one("SELECT inet_server_port()", &[])
+                .await
+                .ok()?;
+            let port = row.get::<_, Option<i32>>(0).unwrap_or(0) as u16;
+            let statement = client.prepare(&insert).await.ok()?;
+            Some((client, port, statement))
+        })
+        .await;
+        let Ok(Some((client, port, statement))) = session else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let id = next;
+            next += 1;
+            match tokio::time::timeout(insert_timeout, client.execute(&statement, &[&id])).await {
+                Ok(Ok(_)) => log.lock().unwrap().acked.push(Ack {
+                    id,
+                    at: Instant::now(),
+                    port,
+                }),
+                // Unknown outcome; a new connection (dropping this one ends
+                // the session and its wait, if any).
+                Ok(Err(_)) | Err(_) => {
+                    log.lock().unwrap().unknown.push(id);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Acknowledged ids missing from `table` on `node`.
+pub async fn missing_acked(h: &Harness, node: &str, table: &str, acked: &[i64]) -> Vec<i64> {
+    let client = h.client(node).await;
+    let rows = client
+        .query(&format!("SELECT id FROM {table}"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("reading {table} on {node}: {e:?}"));
+    let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    acked
+        .iter()
+        .copied()
+        .filter(|id| !present.contains(id))
+        .collect()
 }
