@@ -6,77 +6,11 @@ mod common;
 use common::*;
 use mainstay::demo::{API_PASSWORD, API_USER};
 use mainstay_core::{ClusterView, PgRole};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 fn leader_of(view: &ClusterView) -> Option<String> {
     let status = view.leader_status()?;
     (status.role == PgRole::Primary).then(|| status.name.clone())
-}
-
-/// A writer committing one row at a time through the read-write multi-host
-/// connection string, recording every acknowledged id.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<i64>>,
-}
-
-impl Writer {
-    async fn start(h: &Harness) -> Writer {
-        let conninfo = h.cluster.multi_host_conninfo();
-        let setup = connect(&conninfo).await.expect("writer setup");
-        setup
-            .batch_execute("CREATE TABLE IF NOT EXISTS acked (id bigint primary key)")
-            .await
-            .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let task = tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut next = 1i64;
-            let mut client = None;
-            let started = Instant::now();
-            // Bounded in time and count whatever the cluster does.
-            while !flag.load(Ordering::Relaxed)
-                && started.elapsed() < Duration::from_secs(300)
-                && next < 10_000_000
-            {
-                if client.is_none() {
-                    client = connect(&conninfo).await.ok();
-                    if client.is_none() {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                }
-                let c = client.as_ref().unwrap();
-                match c.execute("INSERT INTO acked VALUES ($1)", &[&next]).await {
-                    Ok(_) => acked.push(next),
-                    // Unknown outcome: the id is never reused, never counted.
-                    Err(_) => client = None,
-                }
-                next += 1;
-            }
-            acked
-        });
-        Writer { stop, task }
-    }
-
-    async fn finish(self) -> Vec<i64> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.unwrap()
-    }
-}
-
-async fn missing_rows(h: &Harness, leader: &str, acked: &[i64]) -> Vec<i64> {
-    let client = h.client(leader).await;
-    let rows = client.query("SELECT id FROM acked", &[]).await.unwrap();
-    let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-    acked
-        .iter()
-        .copied()
-        .filter(|id| !present.contains(id))
-        .collect()
 }
 
 fn moved_aside(h: &Harness, node: &str) -> usize {
@@ -102,7 +36,7 @@ fn switchover_and_failover_through_ctl_lose_nothing() {
         let others: Vec<String> = names.iter().filter(|n| **n != first).cloned().collect();
         wait_code(&h, &others[0], "/replica", 200, Duration::from_secs(10)).await;
         wait_code(&h, &others[1], "/replica", 200, Duration::from_secs(10)).await;
-        let writer = Writer::start(&h).await;
+        let writer = AckWriter::start(&h, "acked", Duration::from_secs(5)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
 
         // Refusals first: they must change nothing.
@@ -159,13 +93,13 @@ fn switchover_and_failover_through_ctl_lose_nothing() {
         assert_eq!(code, 0, "failover: {out} {err}");
         assert_eq!(h.healthy(Duration::from_secs(30)).await, first);
 
-        let acked = writer.finish().await;
+        let acked: Vec<i64> = writer.finish().await.acked.iter().map(|a| a.id).collect();
         assert!(
             acked.len() > 100,
             "the writer made progress: {}",
             acked.len()
         );
-        let missing = missing_rows(&h, &first, &acked).await;
+        let missing = missing_acked(&h, &first, "acked", &acked).await;
         assert!(
             missing.is_empty(),
             "planned moves lost acknowledged rows: {missing:?}"
