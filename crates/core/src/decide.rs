@@ -96,6 +96,9 @@ pub struct Observation<'a> {
     pub config: &'a DynamicConfig,
     /// Wall-clock Unix seconds, only for scheduled switchovers.
     pub wall_secs: u64,
+    /// Failsafe mode: the last leader that asked this node over the REST API
+    /// to confirm it while the DCS was unreachable, and when.
+    pub failsafe_contact: Option<(&'a str, Millis)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -671,6 +674,19 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
             "fencing: no leader key",
         );
     }
+    if obs.config.failsafe_mode
+        && let Some((leader, at)) = obs.failsafe_contact
+        && leader != obs.name
+        && obs.now < at.plus(obs.settings.ttl_ms)
+    {
+        // The leader lost the DCS but not us: it keeps writing while every
+        // member confirms it, so nobody here may take over.
+        let mut result = wait(format!(
+            "no leader key, but {leader} leads in failsafe mode (confirmed by this node)"
+        ));
+        result.wake_at = Some(at.plus(obs.settings.ttl_ms));
+        return result;
+    }
     let manual = view
         .failover
         .as_ref()
@@ -904,6 +920,7 @@ mod tests {
             },
             config: &DynamicConfig::default(),
             wall_secs: 0,
+            failsafe_contact: None,
         };
         decide(state, &obs).actions
     }
@@ -944,6 +961,7 @@ mod tests {
             },
             config: &DynamicConfig::default(),
             wall_secs: 0,
+            failsafe_contact: None,
         };
         assert_eq!(
             decide(&mut CoreState::default(), &obs).wake_at,

@@ -671,6 +671,7 @@ impl Sim {
                 },
                 config: &self.config,
                 wall_secs: self.now / 1000,
+                failsafe_contact: None,
             };
             let mut core = node.core.clone();
             let decision = decide(&mut core, &obs);

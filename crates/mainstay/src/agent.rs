@@ -88,6 +88,11 @@ pub struct Agent<D: Dcs> {
     file_parameters: std::collections::BTreeMap<String, String>,
     parameters_dirty: bool,
     pending_restart: Vec<String>,
+    /// Failsafe mode, as a member: the last leader that asked this node to
+    /// confirm it (written by the REST API). As the leader: until when every
+    /// member last confirmed it while the DCS was unreachable.
+    failsafe_contact: Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>,
+    failsafe_until: Option<Instant>,
 }
 
 pub fn pg_settings(config: &Config) -> PgSettings {
@@ -171,6 +176,8 @@ impl<D: Dcs> Agent<D> {
             file_parameters: pg_settings(config).parameters,
             parameters_dirty: false,
             pending_restart: Vec::new(),
+            failsafe_contact: Arc::default(),
+            failsafe_until: None,
             api_auth: ApiAuth {
                 basic: config.api.username.clone().zip(config.api.password.clone()),
                 token: config.api.token.clone(),
@@ -362,6 +369,81 @@ impl<D: Dcs> Agent<D> {
         }
     }
 
+    /// Failsafe mode (Patroni's idea): a leader that cannot reach the DCS
+    /// keeps writing only while every member it last knew confirms it over
+    /// the REST API; each confirmation also stops that member from taking
+    /// over for a ttl. The extension is measured from the send time, like a
+    /// lease renewal, so the leader stops before any member could act.
+    async fn failsafe_round(&mut self, local: &LocalPg) {
+        if !self.dynamic.failsafe_mode || !local.accepts_writes() {
+            self.failsafe_until = None;
+            return;
+        }
+        let lease = self.lease.borrow().id;
+        let Some(view) = self.last_view.clone() else {
+            return;
+        };
+        let leading = view
+            .leader
+            .as_ref()
+            .is_some_and(|l| l.name == self.name && Some(l.lease_id) == lease);
+        if !leading {
+            return;
+        }
+        let sent = Instant::now();
+        let body = serde_json::json!({ "leader": self.name });
+        let asks = view
+            .members
+            .values()
+            .filter(|m| m.status.name != self.name)
+            .map(|m| {
+                let mut client = crate::ctl::client::ApiClient::new(&m.status.api_url)
+                    .with_timeout(self.timing.dcs_timeout);
+                client = match (&self.api_auth.basic, &self.api_auth.token) {
+                    (_, Some(token)) => client.with_token(token),
+                    (Some((user, password)), None) => client.with_basic_auth(user, password),
+                    (None, None) => client,
+                };
+                let body = body.clone();
+                let name = m.status.name.clone();
+                async move {
+                    let answer = client
+                        .request(hyper::Method::POST, "/failsafe", Some(&body))
+                        .await;
+                    (name, answer.is_ok_and(|a| a.status.is_success()))
+                }
+            });
+        // Concurrently: one slow member must not eat the others' time.
+        let handles: Vec<_> = asks.map(tokio::spawn).collect();
+        let mut answers = Vec::with_capacity(handles.len());
+        for handle in handles {
+            if let Ok(answer) = handle.await {
+                answers.push(answer);
+            }
+        }
+        let expected = view.members.len().saturating_sub(1);
+        if answers.len() < expected {
+            warn!("failsafe: a confirmation task failed");
+            return;
+        }
+        let refused: Vec<String> = answers
+            .into_iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(name, _)| name)
+            .collect();
+        if refused.is_empty() {
+            let until = sent + self.timing.ttl - self.timing.fencing_margin;
+            self.failsafe_until = Some(until);
+            self.fence_clock.extend(until.into_std());
+            debug!("failsafe: every member confirmed this leader");
+        } else {
+            warn!(
+                ?refused,
+                "failsafe: not every member confirmed this leader: it stops at its lease deadline"
+            );
+        }
+    }
+
     /// Cluster-wide parameters, overridden by this node's own file, into
     /// `mainstay.conf`; a running server reloads, and what only a restart
     /// applies is reported as pending, never applied behind the operator's
@@ -460,6 +542,7 @@ impl<D: Dcs> Agent<D> {
                 ttl: self.timing.ttl,
                 auth: self.api_auth.clone(),
                 commands: command_tx,
+                failsafe_contact: self.failsafe_contact.clone(),
             }),
         ));
         let keeper = tokio::spawn(keep_lease(LeaseKeeper {
@@ -586,7 +669,21 @@ impl<D: Dcs> Agent<D> {
             self.apply_parameters().await;
         }
         let local = self.observe_pg().await?;
-        let lease = *self.lease.borrow();
+        if view.is_none() {
+            self.failsafe_round(&local).await;
+        } else {
+            self.failsafe_until = None;
+        }
+        let mut lease = *self.lease.borrow();
+        if let Some(until) = self.failsafe_until {
+            lease.valid_until = lease.valid_until.max(until);
+        }
+        let contact = self
+            .failsafe_contact
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let contact = contact.map(|(leader, at)| (leader, self.millis(Instant::from_std(at))));
         let obs = Observation {
             now: self.millis(Instant::now()),
             name: &self.name,
@@ -600,6 +697,7 @@ impl<D: Dcs> Agent<D> {
             },
             config: &self.dynamic,
             wall_secs: unix_now(),
+            failsafe_contact: contact.as_ref().map(|(l, at)| (l.as_str(), *at)),
         };
         let decision = decide(&mut self.core, &obs);
         if decision.note != self.last_note {
@@ -1604,6 +1702,14 @@ impl FenceClock {
 
     fn set(&self, deadline: std::time::Instant) {
         self.lock().deadline = deadline;
+        self.changed.notify_all();
+    }
+
+    /// Moves the deadline later only (failsafe confirmations).
+    fn extend(&self, deadline: std::time::Instant) {
+        let mut state = self.lock();
+        state.deadline = state.deadline.max(deadline);
+        drop(state);
         self.changed.notify_all();
     }
 

@@ -626,6 +626,7 @@ fn rest_api_health_checks_answer_like_patroni() {
             ("/history", 200, 200),
             ("/config", 200, 200),
             ("/metrics", 200, 200),
+            ("/openapi.json", 200, 200),
         ];
         for (path, on_primary, on_replica) in expectations {
             for method in ["GET", "HEAD"] {
@@ -699,7 +700,17 @@ fn rest_api_health_checks_answer_like_patroni() {
                 assert!(member["lag"].is_u64(), "{member}");
             }
         }
-        let metrics = api(&h, &leader).get("/metrics").await.unwrap().text;
+        // Metrics follow the leader's last turn: wait for the replicas in it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let metrics = loop {
+            let metrics = api(&h, &leader).get("/metrics").await.unwrap().text;
+            if metrics.contains("mainstay_replication_lag_bytes{member=")
+                || Instant::now() > deadline
+            {
+                break metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         assert!(metrics.contains("mainstay_is_leader 1"), "{metrics}");
         assert!(metrics.contains("mainstay_primary 1"), "{metrics}");
         assert!(
@@ -733,6 +744,92 @@ fn rest_api_health_checks_answer_like_patroni() {
         h.cluster.kill_node(i);
         assert!(api(&h, replica).get("/health").await.is_err());
         wait_code(&h, &leader, "/primary", 200, Duration::from_secs(5)).await;
+        h.passed = true;
+    });
+}
+
+#[test]
+fn failsafe_mode_keeps_the_primary_writing_while_every_member_confirms_it() {
+    cluster_test(async {
+        let mut h = Harness::start("failsafe", 3);
+        let leader = h.healthy(Duration::from_secs(60)).await;
+        patch_config(&h, &leader, serde_json::json!({"failsafe_mode": true})).await;
+        // Every agent must have taken the setting before etcd goes away.
+        for node in h.names() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while api(&h, &node).get("/config").await.unwrap().body["failsafe_mode"] != true {
+                assert!(Instant::now() < deadline, "{node} never saw failsafe_mode");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let index = h.cluster.node_index(&leader).unwrap();
+        let client = connect(&h.cluster.nodes[index].conninfo()).await.unwrap();
+        client
+            .batch_execute("CREATE TABLE failsafe (at timestamptz default now())")
+            .await
+            .unwrap();
+        // etcd loses its quorum (frozen): three ttls later the same primary
+        // still commits, and nobody else accepts writes.
+        h.cluster.etcd.pause().unwrap();
+        let frozen_at = Instant::now();
+        let mut commits = 0;
+        while frozen_at.elapsed() < Duration::from_secs(12) {
+            let insert = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.execute("INSERT INTO failsafe DEFAULT VALUES", &[]),
+            )
+            .await;
+            assert!(
+                matches!(insert, Ok(Ok(1))),
+                "the primary stopped committing {:?} after etcd froze: {insert:?}",
+                frozen_at.elapsed()
+            );
+            commits += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for node in h.names().into_iter().filter(|n| *n != leader) {
+            assert!(!writable(&h, &node).await, "{node} accepts writes too");
+        }
+        eprintln!("{commits} commits while etcd was frozen");
+        // Back to normal: the same leader, everyone streaming.
+        h.cluster.etcd.resume().unwrap();
+        assert_eq!(h.healthy(Duration::from_secs(60)).await, leader);
+
+        // A member the leader cannot reach: it must fence at its deadline.
+        let other = h.other_than(&leader);
+        let i = h.cluster.node_index(&other).unwrap();
+        h.cluster.kill_node(i);
+        h.wait_for(
+            "the member key to expire",
+            Duration::from_secs(15),
+            async |v| (!v.members.contains_key(&other)).then_some(()),
+        )
+        .await;
+        // Killed after its key went: the leader still counts on the last
+        // member, so a second kill makes confirmation impossible.
+        let last = h
+            .names()
+            .into_iter()
+            .find(|n| *n != leader && *n != other)
+            .unwrap();
+        let postmaster = h.cluster.nodes[index].postmaster_pid().unwrap();
+        h.cluster.etcd.pause().unwrap();
+        let j = h.cluster.node_index(&last).unwrap();
+        h.cluster.kill_node(j);
+        let frozen_at = Instant::now();
+        while h.cluster.nodes[index].postmaster_pid() == Some(postmaster) {
+            assert!(
+                frozen_at.elapsed() < Duration::from_secs(10),
+                "the primary kept running without every member's confirmation"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "fenced {:?} after etcd froze with a member gone",
+            frozen_at.elapsed()
+        );
+        h.cluster.etcd.resume().unwrap();
         h.passed = true;
     });
 }

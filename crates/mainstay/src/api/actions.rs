@@ -376,6 +376,43 @@ async fn submit<D: Dcs>(state: &ApiState<D>, request: FailoverRequest, leader: &
     )
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailsafeBody {
+    leader: String,
+}
+
+/// `POST /failsafe`: a leader that lost the DCS asks this member to confirm
+/// it. Confirming also promises not to take over for a ttl; refused when
+/// this node knows the DCS names another leader (then the caller must fence).
+pub async fn failsafe<D: Dcs>(
+    State(state): Shared<D>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(refused) = state.auth.check(&headers) {
+        return refused.into_response();
+    }
+    let body: FailsafeBody = match parse(&body) {
+        Ok(body) => body,
+        Err(refused) => return refused.into_response(),
+    };
+    let node = state.node();
+    if let Some(view) = node.view.as_ref().filter(|_| node.dcs_reachable)
+        && let Some(other) = view.leader_name().filter(|l| *l != body.leader)
+    {
+        return error(
+            StatusCode::CONFLICT,
+            format!("the DCS names {other} as leader, not {}", body.leader),
+        );
+    }
+    *state
+        .failsafe_contact
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some((body.leader, std::time::Instant::now()));
+    axum::Json(json!({ "accepted": true, "member": node.name })).into_response()
+}
+
 /// `DELETE /switchover`: cancels a pending (scheduled) request.
 pub async fn cancel<D: Dcs>(State(state): Shared<D>, headers: HeaderMap) -> Response {
     if let Err(refused) = state.auth.check(&headers) {

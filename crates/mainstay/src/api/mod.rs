@@ -7,6 +7,7 @@
 mod actions;
 pub mod health;
 mod metrics;
+mod openapi;
 mod status;
 
 use axum::Router;
@@ -157,6 +158,8 @@ pub struct ApiState<D> {
     pub ttl: Duration,
     pub auth: ApiAuth,
     pub commands: tokio::sync::mpsc::Sender<(Command, CommandReply)>,
+    /// Failsafe mode: the last leader that asked this node to confirm it.
+    pub failsafe_contact: Arc<std::sync::Mutex<Option<(String, Instant)>>>,
 }
 
 impl<D: Dcs> ApiState<D> {
@@ -225,6 +228,7 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
             post(actions::switchover::<D>).delete(actions::cancel::<D>),
         )
         .route("/failover", post(actions::failover::<D>))
+        .route("/failsafe", post(actions::failsafe::<D>))
         .route(
             "/members/{name}",
             axum::routing::delete(
@@ -248,6 +252,10 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
             }),
         )
         .route("/metrics", get(metrics::<D>))
+        .route(
+            "/openapi.json",
+            get(|| async { axum::Json(openapi::document()) }),
+        )
         .fallback(not_found)
         .with_state(state)
 }
