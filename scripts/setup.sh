@@ -6,7 +6,7 @@
 # Safe to run again and again; it only calls apt-get when something is missing.
 set -euo pipefail
 
-packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy)
+packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -93,6 +93,9 @@ pub struct Agent<D: Dcs> {
     /// member last confirmed it while the DCS was unreachable.
     failsafe_contact: Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>,
     failsafe_until: Option<Instant>,
+    /// HTTPS for the API: certificate and key; and the CA for calling peers.
+    api_tls_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    api_ca_file: Option<std::path::PathBuf>,
 }
 
 pub fn pg_settings(config: &Config) -> PgSettings {
@@ -178,6 +181,12 @@ impl<D: Dcs> Agent<D> {
             pending_restart: Vec::new(),
             failsafe_contact: Arc::default(),
             failsafe_until: None,
+            api_tls_files: config
+                .api
+                .cert_file
+                .clone()
+                .zip(config.api.key_file.clone()),
+            api_ca_file: config.api.ca_file.clone(),
             api_auth: ApiAuth {
                 basic: config.api.username.clone().zip(config.api.password.clone()),
                 token: config.api.token.clone(),
@@ -399,6 +408,12 @@ impl<D: Dcs> Agent<D> {
             .map(|m| {
                 let mut client = crate::ctl::client::ApiClient::new(&m.status.api_url)
                     .with_timeout(self.timing.dcs_timeout);
+                if let Some(ca) = &self.api_ca_file {
+                    match client.clone().with_ca_file(ca) {
+                        Ok(with_ca) => client = with_ca,
+                        Err(err) => warn!("failsafe: {err}"),
+                    }
+                }
                 client = match (&self.api_auth.basic, &self.api_auth.token) {
                     (_, Some(token)) => client.with_token(token),
                     (Some((user, password)), None) => client.with_basic_auth(user, password),
@@ -529,6 +544,10 @@ impl<D: Dcs> Agent<D> {
             .await
             .map_err(|e| format!("cannot write the password file: {e}"))?;
         let lease_tx = self.lease_tx.take().ok_or("the agent runs only once")?;
+        let tls = match &self.api_tls_files {
+            Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
+            None => None,
+        };
         let listener = crate::api::bind(&self.api_listen).await?;
         // One command at a time: a second caller waits its turn.
         let (command_tx, mut commands) = tokio::sync::mpsc::channel(1);
@@ -544,6 +563,7 @@ impl<D: Dcs> Agent<D> {
                 commands: command_tx,
                 failsafe_contact: self.failsafe_contact.clone(),
             }),
+            tls,
         ));
         let keeper = tokio::spawn(keep_lease(LeaseKeeper {
             dcs: self.dcs.clone(),

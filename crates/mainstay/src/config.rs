@@ -127,6 +127,12 @@ pub struct ApiConfig {
     /// A bearer token accepted for unsafe methods, instead of or besides
     /// the basic credentials.
     pub token: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain and private key.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The CA that signed the agents' API certificates: what `mainstay ctl`
+    /// and the agents (failsafe mode) trust when they call an https API.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for ApiConfig {
@@ -137,6 +143,9 @@ impl fmt::Debug for ApiConfig {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<secret>"))
             .field("token", &self.token.as_ref().map(|_| "<secret>"))
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -149,6 +158,9 @@ impl Default for ApiConfig {
             username: None,
             password: None,
             token: None,
+            cert_file: None,
+            key_file: None,
+            ca_file: None,
         }
     }
 }
@@ -323,6 +335,23 @@ impl Config {
                     .into(),
             ));
         }
+        if self.api.cert_file.is_some() != self.api.key_file.is_some() {
+            return Err((
+                "api.key_file",
+                "HTTPS needs both api.cert_file and api.key_file (PEM), or neither".into(),
+            ));
+        }
+        for (key, file) in [
+            ("api.cert_file", &self.api.cert_file),
+            ("api.key_file", &self.api.key_file),
+            ("api.ca_file", &self.api.ca_file),
+        ] {
+            if let Some(file) = file
+                && let Err(err) = std::fs::metadata(file)
+            {
+                return Err((key, format!("cannot read {}: {err}", file.display())));
+            }
+        }
         if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err((
                 "api.listen",
@@ -399,15 +428,6 @@ impl Config {
                     format!("{name} must be a string, number or boolean"),
                 ));
             }
-        }
-        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err((
-                "api.listen",
-                format!(
-                    "{:?} is not an address: write IP:PORT, e.g. 0.0.0.0:8008",
-                    self.api.listen
-                ),
-            ));
         }
         self.check_timing()
     }
@@ -486,10 +506,14 @@ impl Config {
     }
 
     pub fn api_url(&self) -> String {
-        self.api
-            .connect_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", self.api.listen))
+        self.api.connect_url.clone().unwrap_or_else(|| {
+            let scheme = if self.api.cert_file.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", self.api.listen)
+        })
     }
 }
 

@@ -7,3 +7,4 @@ pub mod bench;
 pub mod config;
 pub mod ctl;
 pub mod demo;
+pub mod tls;

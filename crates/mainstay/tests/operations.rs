@@ -409,3 +409,133 @@ fn pause_blocks_failover_and_bad_requests_change_nothing() {
 async fn code_of_primary(h: &Harness, node: &str) -> u16 {
     code(h, node, "GET", "/primary").await
 }
+
+/// A CA and a certificate it signed for 127.0.0.1 (openssl, installed by
+/// setup): (CA certificate, certificate, key).
+fn certificates(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let path = |name: &str| dir.join(name);
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=mainstay-test-ca",
+    ];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca-key.pem", "-out", "ca.pem"]);
+    run(&ca);
+    let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "api-key.pem", "-out", "api.csr"]);
+    run(&csr);
+    std::fs::write(path("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "api.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "api-cert.pem",
+    ]);
+    (path("ca.pem"), path("api-cert.pem"), path("api-key.pem"))
+}
+
+#[test]
+fn the_rest_api_serves_https_when_a_certificate_is_configured() {
+    cluster_test(async {
+        let mut h = Harness::start("https", 1);
+        let node = h.healthy(Duration::from_secs(60)).await;
+        let (ca, cert, key) = certificates(&h.cluster.nodes[0].dir);
+        assert!(h.cluster.stop_agent(0, Duration::from_secs(20)));
+        let config_path = h.cluster.nodes[0].config.clone();
+        let config = std::fs::read_to_string(&config_path).unwrap();
+        let with_tls = config.replacen(
+            "[api]\n",
+            &format!(
+                "[api]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+                cert.display(),
+                key.display(),
+                ca.display()
+            ),
+            1,
+        );
+        std::fs::write(&config_path, with_tls).unwrap();
+        h.cluster.start_agent(0).unwrap();
+        let port = h.cluster.nodes[0].api_port;
+        let https = format!("https://127.0.0.1:{port}");
+        let client = mainstay::ctl::client::ApiClient::new(&https)
+            .with_ca_file(&ca)
+            .unwrap()
+            .with_timeout(Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(answer) = client.get("/primary").await
+                && answer.status.as_u16() == 200
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no primary over https");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // ctl over https with the node's file (CA and credentials from it).
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mainstay"))
+            .args(["ctl", "--config"])
+            .arg(&config_path)
+            .arg("list")
+            .output()
+            .await
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{out} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(out.contains(&format!("leader {node}")), "{out}");
+        // Without the CA: a usage error, nothing sent.
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mainstay"))
+            .args(["ctl", "--url", &https, "list"])
+            .env_remove("MAINSTAY_CONFIG")
+            .env_remove("MAINSTAY_API_CA")
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("--ca-file"));
+        // Plain http on the https port gets no answer.
+        let plain = api(&h, &node).get("/primary").await;
+        assert!(
+            plain.is_err() || plain.as_ref().is_ok_and(|a| a.status.as_u16() != 200),
+            "{plain:?}"
+        );
+        h.passed = true;
+    });
+}

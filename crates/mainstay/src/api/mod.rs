@@ -375,9 +375,42 @@ pub async fn bind(listen: &str) -> Result<tokio::net::TcpListener, String> {
     })
 }
 
-/// Serves until the task is aborted.
-pub async fn serve<D: Dcs + 'static>(listener: tokio::net::TcpListener, state: Arc<ApiState<D>>) {
-    if let Err(err) = axum::serve(listener, router(state)).await {
-        tracing::error!("the REST API stopped: {err}");
+/// Serves until the task is aborted; HTTPS when `tls` is given.
+pub async fn serve<D: Dcs + 'static>(
+    listener: tokio::net::TcpListener,
+    state: Arc<ApiState<D>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let Some(tls) = tls else {
+        if let Err(err) = axum::serve(listener, router(state)).await {
+            tracing::error!("the REST API stopped: {err}");
+        }
+        return;
+    };
+    let app = router(state);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors and the like: back off, go on.
+                tracing::warn!("REST API accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (tls, app) = (tls.clone(), app.clone());
+        tokio::spawn(async move {
+            // A client that never finishes its handshake holds a task only
+            // this long.
+            let handshake = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await;
+            let Ok(Ok(stream)) = handshake else {
+                tracing::debug!(%peer, "TLS handshake failed or timed out");
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
     }
 }

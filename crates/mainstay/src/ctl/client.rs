@@ -3,18 +3,18 @@
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::time::Duration;
 
+/// One connection per request: ctl and the agents send a handful, and a
+/// fresh connection never meets a server-side idle timeout.
 #[derive(Clone)]
 pub struct ApiClient {
     base: String,
     authorization: Option<String>,
     timeout: Duration,
-    http: Client<HttpConnector, Full<Bytes>>,
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// An answer: the status code and the body (JSON when it parses, else text).
@@ -32,8 +32,14 @@ impl ApiClient {
             base: base.trim_end_matches('/').to_string(),
             authorization: None,
             timeout: Duration::from_secs(10),
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            tls: None,
         }
+    }
+
+    /// Trust the CA certificates in `ca_file` for https:// URLs.
+    pub fn with_ca_file(mut self, ca_file: &std::path::Path) -> Result<ApiClient, String> {
+        self.tls = Some(crate::tls::connector(ca_file)?);
+        Ok(self)
     }
 
     pub fn base(&self) -> &str {
@@ -83,7 +89,43 @@ impl ApiClient {
         content_type: &str,
     ) -> Result<Answer, String> {
         let url = format!("{}{path}", self.base);
-        let mut builder = Request::builder().method(method.clone()).uri(&url);
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("{url} is not a URL: {e}"))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(format!(
+                    "{url}: only http:// and https:// URLs are supported"
+                ));
+            }
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("{url} has no host"))?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let authority = uri
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| host.clone());
+        let tls = match (https, &self.tls) {
+            (true, None) => {
+                return Err(format!(
+                    "{url} uses https: give the CA that signed the API's certificate \
+                     (--ca-file, or api.ca_file in the configuration)"
+                ));
+            }
+            (true, Some(tls)) => Some(tls.clone()),
+            (false, _) => None,
+        };
+        let mut builder = Request::builder()
+            .method(method.clone())
+            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+            .header(hyper::header::HOST, authority)
+            .header(hyper::header::CONNECTION, "close");
         if let Some(auth) = &self.authorization {
             builder = builder.header(hyper::header::AUTHORIZATION, auth);
         }
@@ -94,11 +136,25 @@ impl ApiClient {
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| format!("{method} {url}: {e}"))?;
         let exchange = async {
-            let response = self
-                .http
-                .request(request)
+            let failed = |what: &str, e: &dyn std::error::Error| {
+                format!("{method} {url}: {what}: {}", error_chain(e))
+            };
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
-                .map_err(|e| format!("{method} {url}: {}", error_chain(&e)))?;
+                .map_err(|e| failed("connect", &e))?;
+            let response = match tls {
+                Some(tls) => {
+                    let name = rustls_pki_types::ServerName::try_from(host.clone())
+                        .map_err(|e| failed("server name", &e))?;
+                    let stream = tls
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| failed("TLS", &e))?;
+                    send(TokioIo::new(stream), request).await
+                }
+                None => send(TokioIo::new(tcp), request).await,
+            }
+            .map_err(|e| failed("HTTP", &e))?;
             let status = response.status();
             let bytes = response
                 .into_body()
@@ -114,6 +170,18 @@ impl ApiClient {
             .await
             .map_err(|_| format!("{method} {url}: no answer within {:?}", self.timeout))?
     }
+}
+
+async fn send<T>(
+    io: T,
+    request: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    sender.send_request(request).await
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

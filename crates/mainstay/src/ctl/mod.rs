@@ -45,6 +45,9 @@ pub struct CtlArgs {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// CA certificate (PEM) to trust for https:// APIs (default: from --config).
+    #[arg(long, global = true, env = "MAINSTAY_API_CA")]
+    ca_file: Option<PathBuf>,
     /// Machine-readable output: one JSON document on stdout.
     #[arg(long, global = true)]
     json: bool,
@@ -152,14 +155,29 @@ pub async fn run(args: CtlArgs) -> ExitCode {
 struct Ctl {
     api: ApiClient,
     json: bool,
-    /// Credentials, to talk to other nodes' APIs too (restart, reinit).
+    /// Credentials and trust, to talk to other nodes' APIs too (restart,
+    /// reinit, remove).
     auth: Option<Auth>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone)]
 enum Auth {
     Basic(String, String),
     Token(String),
+}
+
+fn client_for(
+    url: &str,
+    timeout: Duration,
+    auth: &Option<Auth>,
+    ca_file: &Option<PathBuf>,
+) -> Result<ApiClient, Failure> {
+    let mut client = authorize(ApiClient::new(url).with_timeout(timeout), auth);
+    if let Some(ca) = ca_file {
+        client = client.with_ca_file(ca).map_err(Failure::Usage)?;
+    }
+    Ok(client)
 }
 
 fn authorize(client: ApiClient, auth: &Option<Auth>) -> ApiClient {
@@ -215,13 +233,21 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
             }
         }
     };
+    let ca_file = args
+        .ca_file
+        .clone()
+        .or_else(|| api_config.and_then(|a| a.ca_file.clone()));
+    if url.starts_with("https://") && ca_file.is_none() {
+        return Err(Failure::Usage(format!(
+            "{url} uses https: give the CA certificate that signed the API's certificate \
+             with --ca-file (or api.ca_file in --config)"
+        )));
+    }
     let ctl = Ctl {
-        api: authorize(
-            ApiClient::new(&url).with_timeout(Duration::from_secs(60)),
-            &auth,
-        ),
+        api: client_for(&url, Duration::from_secs(60), &auth, &ca_file)?,
         json: args.json,
         auth,
+        ca_file,
     };
     match args.command {
         CtlCommand::List => ctl.list().await,
@@ -414,10 +440,7 @@ impl Ctl {
             .find(|m| m["role"] == "leader")
             .and_then(|m| m["api_url"].as_str())
             .ok_or_else(|| Failure::Refused("the cluster has no leader right now".into()))?;
-        let api = authorize(
-            ApiClient::new(url).with_timeout(Duration::from_secs(60)),
-            &self.auth,
-        );
+        let api = client_for(url, Duration::from_secs(60), &self.auth, &self.ca_file)?;
         let answer = call(&api, Method::DELETE, path, None).await?;
         self.report(&answer.body, "done");
         Ok(())
@@ -437,10 +460,7 @@ impl Ctl {
                     "{node} is not a member of the cluster (see `ctl list`)"
                 ))
             })?;
-        let api = authorize(
-            ApiClient::new(url).with_timeout(Duration::from_secs(600)),
-            &self.auth,
-        );
+        let api = client_for(url, Duration::from_secs(600), &self.auth, &self.ca_file)?;
         let answer = call(&api, Method::POST, path, Some(&json!({}))).await?;
         self.report(&answer.body, "done");
         Ok(())
