@@ -1234,4 +1234,28 @@ mod tests {
             vec![Action::Follow { leader: "c".into() }]
         );
     }
+
+    #[test]
+    fn a_replica_too_far_behind_the_last_leader_position_does_not_take_over() {
+        let mut replica = pg(PgRole::Replica, 100);
+        replica.following = Some("b".into());
+        replica.streaming = true;
+        let mut state = CoreState::default();
+        let far = DynamicConfig::default().maximum_lag_on_failover + 1000;
+        let led = view(
+            Some(("b", 2)),
+            vec![status("b", PgRole::Primary, 100 + far, 50, true)],
+        );
+        assert!(check(&mut state, 0, &replica, Some(&led), 5000).is_empty());
+        // The leader is gone; nobody else is left to wait for.
+        let gone = view(None, vec![]);
+        assert!(check(&mut state, 100, &replica, Some(&gone), 5000).is_empty());
+        // Caught up to within the limit: it takes over.
+        let mut close = replica.clone();
+        close.lsn = Lsn(100 + far - 2000);
+        assert_eq!(
+            check(&mut state, 200, &close, Some(&gone), 5000),
+            vec![Action::AcquireLeader]
+        );
+    }
 }

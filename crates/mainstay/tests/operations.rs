@@ -402,6 +402,64 @@ fn pause_blocks_failover_and_bad_requests_change_nothing() {
             )
             .await;
         assert_ne!(new_leader, leader);
+
+        // A scheduled switchover waits for its time, then runs.
+        let survivor = h
+            .names()
+            .into_iter()
+            .find(|n| *n != leader && *n != new_leader)
+            .unwrap();
+        h.wait_for(
+            "the survivor streaming",
+            Duration::from_secs(30),
+            async |v| {
+                v.members
+                    .get(&survivor)
+                    .filter(|m| {
+                        m.status.streaming && m.status.following.as_deref() == Some(&new_leader)
+                    })
+                    .map(|_| ())
+            },
+        )
+        .await;
+        let at = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() + Duration::from_secs(4),
+        )
+        .to_string();
+        let (code, out, err) = ctl(
+            &h,
+            &survivor,
+            true,
+            &[
+                "switchover",
+                "--candidate",
+                &survivor,
+                "--scheduled",
+                &at,
+                "--force",
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{out} {err}");
+        let cluster = api(&h, &survivor).get("/cluster").await.unwrap().body;
+        assert_eq!(
+            cluster["scheduled_switchover"]["to"],
+            survivor.as_str(),
+            "{cluster}"
+        );
+        assert_eq!(
+            leader_of(&h.view().await).as_deref(),
+            Some(new_leader.as_str())
+        );
+        h.wait_for(
+            "the scheduled switchover",
+            Duration::from_secs(30),
+            async |v| {
+                (leader_of(v).as_deref() == Some(survivor.as_str()) && v.failover.is_none())
+                    .then_some(())
+            },
+        )
+        .await;
         h.passed = true;
     });
 }
