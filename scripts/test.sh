@@ -10,4 +10,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Simulation seeds per run (each seed is a whole cluster under random faults).
 export MAINSTAY_SIM_SEEDS="${MAINSTAY_SIM_SEEDS:-10000}"
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2

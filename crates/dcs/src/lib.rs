@@ -382,7 +382,9 @@ mod tests {
             KeyKind::Member("a".into())
         );
         assert_eq!(KeyKind::from_relative("members/"), KeyKind::Other);
-        assert_eq!(KeyKind::from_relative("sync"), KeyKind::Other);
+        assert_eq!(KeyKind::from_relative("sync"), KeyKind::Sync);
+        assert_eq!(KeyKind::from_relative("failover"), KeyKind::Failover);
+        assert_eq!(KeyKind::from_relative("optime"), KeyKind::Other);
         assert_eq!(KeyKind::from_relative("initialize"), KeyKind::Initialize);
     }
 
