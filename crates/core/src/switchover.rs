@@ -122,6 +122,11 @@ pub fn judge(
             None => LeaderVerdict::HandOver(name.clone()),
             Some(reason) => LeaderVerdict::Drop(format!("refused: {reason}")),
         },
+        None if config.pause => LeaderVerdict::Drop(
+            "refused: the cluster is paused, and in maintenance mode only a named candidate \
+             is switched to"
+                .into(),
+        ),
         None if request.kind == FailoverKind::Failover => {
             LeaderVerdict::Drop("refused: a failover names its candidate".into())
         }

@@ -712,6 +712,10 @@ fn rest_api_health_checks_answer_like_patroni() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert!(metrics.contains("mainstay_is_leader 1"), "{metrics}");
+        assert!(
+            metrics.contains("mainstay_replication_lag_seconds{member="),
+            "{metrics}"
+        );
         assert!(metrics.contains("mainstay_primary 1"), "{metrics}");
         assert!(
             metrics.contains("mainstay_replication_lag_bytes{member="),

@@ -376,6 +376,9 @@ fn pause_blocks_failover_and_bad_requests_change_nothing() {
         }
         let (_, out, _) = ctl(&h, &replica, false, &["list"]).await;
         assert!(out.contains("Maintenance mode: on"), "{out}");
+        let (code, _, err) = ctl(&h, &replica, true, &["switchover", "--force"]).await;
+        assert_eq!(code, 1, "paused: no automatic choice of candidate: {err}");
+        assert!(err.contains("paused"), "{err}");
         let i = h.cluster.node_index(&leader).unwrap();
         h.cluster.kill_node(i);
         // Three ttls (4 s each at default timing) without a new leader.

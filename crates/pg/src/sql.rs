@@ -123,7 +123,7 @@ pub struct WalReceiver {
 }
 
 /// A primary's `pg_stat_replication` row.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ReplicationPeer {
     /// The replica's node name (mainstay sets `application_name` to it).
     pub application_name: String,
@@ -135,6 +135,9 @@ pub struct ReplicationPeer {
     pub replay_lsn: Option<Lsn>,
     /// "async", "sync", "potential", "quorum".
     pub sync_state: Option<String>,
+    /// Seconds between a commit on the primary and its replay there, as
+    /// PostgreSQL measures it (`replay_lag`; none when idle).
+    pub replay_lag_secs: Option<f64>,
 }
 
 fn lsn(text: Option<String>) -> Option<Lsn> {
@@ -236,7 +239,8 @@ async fn replicas(client: &Client) -> Result<Vec<ReplicationPeer>> {
         QUERY_TIMEOUT,
         client.query(
             "SELECT application_name, client_addr::text, state, sent_lsn::text, write_lsn::text,
-                    flush_lsn::text, replay_lsn::text, sync_state
+                    flush_lsn::text, replay_lsn::text, sync_state,
+                    extract(epoch FROM replay_lag)::float8
              FROM pg_stat_replication ORDER BY application_name",
             &[],
         ),
@@ -253,6 +257,7 @@ async fn replicas(client: &Client) -> Result<Vec<ReplicationPeer>> {
             flush_lsn: lsn(row.get(5)),
             replay_lsn: lsn(row.get(6)),
             sync_state: row.get(7),
+            replay_lag_secs: row.get(8),
         })
         .collect())
 }

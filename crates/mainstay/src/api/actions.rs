@@ -204,6 +204,13 @@ pub async fn switchover<D: Dcs>(
     {
         return error(StatusCode::PRECONDITION_FAILED, reason);
     }
+    if body.candidate.is_none() && config.pause {
+        return error(
+            StatusCode::PRECONDITION_FAILED,
+            "the cluster is paused: mainstay picks no candidate on its own in maintenance \
+             mode; name one with candidate",
+        );
+    }
     if body.candidate.is_none()
         && scheduled_at.is_none()
         && let Err(reason) =

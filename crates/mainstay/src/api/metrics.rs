@@ -152,6 +152,24 @@ pub fn render(node: &NodeSnapshot) -> String {
             &samples,
         );
     }
+    if let Some(health) = node.health.as_ref().filter(|h| !h.in_recovery) {
+        let samples: Vec<(String, f64)> = health
+            .replicas
+            .iter()
+            .map(|r| {
+                (
+                    format!("{{{}}}", label("member", &r.application_name)),
+                    r.replay_lag_secs.unwrap_or(0.0),
+                )
+            })
+            .collect();
+        out.metric(
+            "replication_lag_seconds",
+            "gauge",
+            "Seconds from commit on this primary to replay on each replica (0 when idle).",
+            &samples,
+        );
+    }
     if let Some(view) = &node.view {
         let count = |reason: &str| view.history.iter().filter(|e| e.reason == reason).count();
         out.metric(
