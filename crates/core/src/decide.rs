@@ -460,7 +460,11 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
                     return decision(actions, "dropping an unreadable failover request");
                 }
             };
-            match judge(request, view, obs.name, pg.lsn, obs.wall_secs, obs.config) {
+            let lag = crate::switchover::Lag::Live {
+                leader_lsn: pg.lsn,
+                standbys: &pg.standbys,
+            };
+            match judge(request, view, obs.name, lag, obs.wall_secs, obs.config) {
                 LeaderVerdict::HandOver(candidate) => decision(
                     vec![Action::Switchover {
                         candidate: candidate.clone(),

@@ -5,14 +5,29 @@
 
 use crate::candidate::{self, Candidate};
 use crate::dynamic::DynamicConfig;
+use crate::sync::Standby;
 use crate::types::{ClusterView, FailoverKind, FailoverRequest, Lsn, MemberStatus, PgRole};
 
+/// How far behind the leader a candidate is.
+#[derive(Clone, Copy, Debug)]
+pub enum Lag<'a> {
+    /// Not judged: positions published by different members are sampled at
+    /// different times (a second apart under load), so only the leader's
+    /// live view may refuse a candidate for lag. The REST API's pre-check.
+    Unknown,
+    /// The leader's live view: its WAL position and its standbys as
+    /// `pg_stat_replication` shows them, from the same probe.
+    Live {
+        leader_lsn: Lsn,
+        standbys: &'a [Standby],
+    },
+}
+
 /// Why `name` cannot take over from `leader` now; `None` when it can.
-/// `leader_lsn` is the leader's current WAL position.
 pub fn unfit_candidate(
     view: &ClusterView,
     leader: &str,
-    leader_lsn: Lsn,
+    lag: Lag<'_>,
     name: &str,
     config: &DynamicConfig,
 ) -> Option<String> {
@@ -42,7 +57,17 @@ pub fn unfit_candidate(
     if status.following.as_deref() != Some(leader) {
         return Some(format!("{name} does not stream from the leader {leader}"));
     }
-    let lag = leader_lsn.0.saturating_sub(position(status).0);
+    let Lag::Live {
+        leader_lsn,
+        standbys,
+    } = lag
+    else {
+        return None;
+    };
+    let Some(standby) = standbys.iter().find(|s| s.name == name && s.streaming) else {
+        return Some(format!("{name} is not streaming from the leader {leader}"));
+    };
+    let lag = leader_lsn.0.saturating_sub(standby.flush.0);
     if lag > config.maximum_lag_on_failover {
         return Some(format!(
             "{name} is {lag} bytes behind the leader, more than maximum_lag_on_failover \
@@ -57,14 +82,14 @@ pub fn unfit_candidate(
 pub fn best_candidate(
     view: &ClusterView,
     leader: &str,
-    leader_lsn: Lsn,
+    lag: Lag<'_>,
     config: &DynamicConfig,
 ) -> Result<String, String> {
     let fit: Vec<Candidate<'_>> = view
         .members
         .values()
         .map(|m| &m.status)
-        .filter(|s| unfit_candidate(view, leader, leader_lsn, &s.name, config).is_none())
+        .filter(|s| unfit_candidate(view, leader, lag, &s.name, config).is_none())
         .map(|s| Candidate {
             name: &s.name,
             timeline: s.timeline,
@@ -98,7 +123,7 @@ pub fn judge(
     request: &FailoverRequest,
     view: &ClusterView,
     me: &str,
-    my_lsn: Lsn,
+    lag: Lag<'_>,
     now_secs: u64,
     config: &DynamicConfig,
 ) -> LeaderVerdict {
@@ -118,7 +143,7 @@ pub fn judge(
         return LeaderVerdict::Wait { at };
     }
     match &request.candidate {
-        Some(name) => match unfit_candidate(view, me, my_lsn, name, config) {
+        Some(name) => match unfit_candidate(view, me, lag, name, config) {
             None => LeaderVerdict::HandOver(name.clone()),
             Some(reason) => LeaderVerdict::Drop(format!("refused: {reason}")),
         },
@@ -130,7 +155,7 @@ pub fn judge(
         None if request.kind == FailoverKind::Failover => {
             LeaderVerdict::Drop("refused: a failover names its candidate".into())
         }
-        None => match best_candidate(view, me, my_lsn, config) {
+        None => match best_candidate(view, me, lag, config) {
             Ok(name) => LeaderVerdict::HandOver(name),
             Err(reason) => LeaderVerdict::Drop(format!("refused: {reason}")),
         },
@@ -205,11 +230,27 @@ mod tests {
         }
     }
 
+    fn standbys() -> Vec<Standby> {
+        [("b", 5000), ("c", 4000)]
+            .into_iter()
+            .map(|(name, flush)| Standby {
+                name: name.into(),
+                flush: Lsn(flush),
+                sync_state: "async".into(),
+                streaming: true,
+            })
+            .collect()
+    }
+
     #[test]
     fn candidates_must_stream_from_the_leader_and_be_caught_up() {
         let v = view();
         let config = DynamicConfig::default();
-        let lsn = Lsn(5000);
+        let live = standbys();
+        let lsn = Lag::Live {
+            leader_lsn: Lsn(5000),
+            standbys: &live,
+        };
         assert_eq!(unfit_candidate(&v, "a", lsn, "b", &config), None);
         assert!(
             unfit_candidate(&v, "a", lsn, "a", &config)
@@ -249,8 +290,14 @@ mod tests {
     fn the_leader_hands_over_waits_or_drops() {
         let v = view();
         let config = DynamicConfig::default();
-        let judge_at =
-            |r: &FailoverRequest, me: &str, now: u64| judge(r, &v, me, Lsn(5000), now, &config);
+        let live = standbys();
+        let judge_at = |r: &FailoverRequest, me: &str, now: u64| {
+            let lag = Lag::Live {
+                leader_lsn: Lsn(5000),
+                standbys: &live,
+            };
+            judge(r, &v, me, lag, now, &config)
+        };
         assert_eq!(
             judge_at(&request(None, None), "a", 10),
             LeaderVerdict::HandOver("b".into())

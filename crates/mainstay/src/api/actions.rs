@@ -10,8 +10,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mainstay_core::dynamic::{DynamicConfig, merge_patch};
-use mainstay_core::switchover::unfit_candidate;
-use mainstay_core::{ClusterView, FailoverKind, FailoverRequest, Lsn, PgRole};
+use mainstay_core::switchover::{Lag, unfit_candidate};
+use mainstay_core::{ClusterView, FailoverKind, FailoverRequest, PgRole};
 use mainstay_dcs::Dcs;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -157,11 +157,6 @@ fn parse_time(value: &Value) -> Result<u64, Refusal> {
     }
 }
 
-fn leader_lsn(view: &ClusterView) -> Lsn {
-    view.leader_status()
-        .map_or(Lsn(0), |s| s.flush_lsn.max(s.received_lsn))
-}
-
 pub async fn switchover<D: Dcs>(
     State(state): Shared<D>,
     headers: HeaderMap,
@@ -200,7 +195,7 @@ pub async fn switchover<D: Dcs>(
     let config = state.config_now().await;
     if let Some(candidate) = &body.candidate
         && scheduled_at.is_none()
-        && let Some(reason) = unfit_candidate(&view, &leader, leader_lsn(&view), candidate, &config)
+        && let Some(reason) = unfit_candidate(&view, &leader, Lag::Unknown, candidate, &config)
     {
         return error(StatusCode::PRECONDITION_FAILED, reason);
     }
@@ -214,7 +209,7 @@ pub async fn switchover<D: Dcs>(
     if body.candidate.is_none()
         && scheduled_at.is_none()
         && let Err(reason) =
-            mainstay_core::switchover::best_candidate(&view, &leader, leader_lsn(&view), &config)
+            mainstay_core::switchover::best_candidate(&view, &leader, Lag::Unknown, &config)
     {
         return error(StatusCode::PRECONDITION_FAILED, reason);
     }
@@ -262,8 +257,7 @@ pub async fn failover<D: Dcs>(
     let config = state.config_now().await;
     match &leader {
         Some(leader) => {
-            if let Some(reason) =
-                unfit_candidate(&view, leader, leader_lsn(&view), &candidate, &config)
+            if let Some(reason) = unfit_candidate(&view, leader, Lag::Unknown, &candidate, &config)
             {
                 return error(StatusCode::PRECONDITION_FAILED, reason);
             }
