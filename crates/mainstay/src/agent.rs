@@ -59,8 +59,8 @@ pub struct Agent<D: Dcs> {
     writable: Arc<AtomicBool>,
     /// The lease deadline as the watchdog thread sees it.
     fence_clock: Arc<FenceClock>,
-    /// The HA loop saw no leader: member changes matter for the election.
-    leaderless: Arc<AtomicBool>,
+    /// Which member keys the HA loop wants to hear about at once.
+    member_interest: Arc<std::sync::Mutex<MemberInterest>>,
     wake: Arc<Notify>,
     origin: Instant,
     following: Option<String>,
@@ -92,7 +92,9 @@ pub struct Agent<D: Dcs> {
     /// confirm it (written by the REST API). As the leader: until when every
     /// member last confirmed it while the DCS was unreachable.
     failsafe_contact: Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>,
-    failsafe_until: Option<Instant>,
+    /// As the leader in failsafe mode: whom the lease keeper asks when
+    /// renewals fail (kept from the last view while the DCS is away).
+    failsafe_peers: Arc<std::sync::Mutex<Option<FailsafePeers>>>,
     /// HTTPS for the API: certificate and key; and the CA for calling peers.
     api_tls_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
     api_ca_file: Option<std::path::PathBuf>,
@@ -155,7 +157,7 @@ impl<D: Dcs> Agent<D> {
             writable: Arc::new(AtomicBool::new(pg.is_running())),
             pg,
             fence_clock: Arc::new(FenceClock::new(origin.into_std())),
-            leaderless: Arc::new(AtomicBool::new(true)),
+            member_interest: Arc::new(std::sync::Mutex::new(MemberInterest::All)),
             wake: Arc::new(Notify::new()),
             origin,
             following: None,
@@ -180,7 +182,7 @@ impl<D: Dcs> Agent<D> {
             parameters_dirty: false,
             pending_restart: Vec::new(),
             failsafe_contact: Arc::default(),
-            failsafe_until: None,
+            failsafe_peers: Arc::default(),
             api_tls_files: config
                 .api
                 .cert_file
@@ -378,85 +380,31 @@ impl<D: Dcs> Agent<D> {
         }
     }
 
-    /// Failsafe mode (Patroni's idea): a leader that cannot reach the DCS
-    /// keeps writing only while every member it last knew confirms it over
-    /// the REST API; each confirmation also stops that member from taking
-    /// over for a ttl. The extension is measured from the send time, like a
-    /// lease renewal, so the leader stops before any member could act.
-    async fn failsafe_round(&mut self, local: &LocalPg) {
-        if !self.dynamic.failsafe_mode || !local.accepts_writes() {
-            self.failsafe_until = None;
-            return;
-        }
+    /// Failsafe mode (Patroni's idea): while this node leads, tell the lease
+    /// keeper which members to ask for confirmation if renewals start to
+    /// fail. Only a view from the DCS changes this; without one the last
+    /// list stands.
+    fn update_failsafe_peers(&self, view: &ClusterView, local: &LocalPg) {
         let lease = self.lease.borrow().id;
-        let Some(view) = self.last_view.clone() else {
-            return;
-        };
         let leading = view
             .leader
             .as_ref()
             .is_some_and(|l| l.name == self.name && Some(l.lease_id) == lease);
-        if !leading {
-            return;
-        }
-        let sent = Instant::now();
-        let body = serde_json::json!({ "leader": self.name });
-        let asks = view
-            .members
-            .values()
-            .filter(|m| m.status.name != self.name)
-            .map(|m| {
-                let mut client = crate::ctl::client::ApiClient::new(&m.status.api_url)
-                    .with_timeout(self.timing.dcs_timeout);
-                if let Some(ca) = &self.api_ca_file {
-                    match client.clone().with_ca_file(ca) {
-                        Ok(with_ca) => client = with_ca,
-                        Err(err) => warn!("failsafe: {err}"),
-                    }
-                }
-                client = match (&self.api_auth.basic, &self.api_auth.token) {
-                    (_, Some(token)) => client.with_token(token),
-                    (Some((user, password)), None) => client.with_basic_auth(user, password),
-                    (None, None) => client,
-                };
-                let body = body.clone();
-                let name = m.status.name.clone();
-                async move {
-                    let answer = client
-                        .request(hyper::Method::POST, "/failsafe", Some(&body))
-                        .await;
-                    (name, answer.is_ok_and(|a| a.status.is_success()))
-                }
-            });
-        // Concurrently: one slow member must not eat the others' time.
-        let handles: Vec<_> = asks.map(tokio::spawn).collect();
-        let mut answers = Vec::with_capacity(handles.len());
-        for handle in handles {
-            if let Ok(answer) = handle.await {
-                answers.push(answer);
+        let peers = (self.dynamic.failsafe_mode && leading && local.accepts_writes()).then(|| {
+            FailsafePeers {
+                lease: lease.unwrap_or_default(),
+                members: view
+                    .members
+                    .values()
+                    .filter(|m| m.status.name != self.name)
+                    .map(|m| (m.status.name.clone(), m.status.api_url.clone()))
+                    .collect(),
             }
-        }
-        let expected = view.members.len().saturating_sub(1);
-        if answers.len() < expected {
-            warn!("failsafe: a confirmation task failed");
-            return;
-        }
-        let refused: Vec<String> = answers
-            .into_iter()
-            .filter(|(_, ok)| !ok)
-            .map(|(name, _)| name)
-            .collect();
-        if refused.is_empty() {
-            let until = sent + self.timing.ttl - self.timing.fencing_margin;
-            self.failsafe_until = Some(until);
-            self.fence_clock.extend(until.into_std());
-            debug!("failsafe: every member confirmed this leader");
-        } else {
-            warn!(
-                ?refused,
-                "failsafe: not every member confirmed this leader: it stops at its lease deadline"
-            );
-        }
+        });
+        *self
+            .failsafe_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = peers;
     }
 
     /// Cluster-wide parameters, overridden by this node's own file, into
@@ -574,6 +522,11 @@ impl<D: Dcs> Agent<D> {
             writable: self.writable.clone(),
             wake: self.wake.clone(),
             latency_us: self.renew_latency_us.clone(),
+            failsafe: Failsafe {
+                peers: self.failsafe_peers.clone(),
+                auth: self.api_auth.clone(),
+                ca_file: self.api_ca_file.clone(),
+            },
         }));
         let watchdog = {
             let (clock, writable, fencer) = (
@@ -588,7 +541,7 @@ impl<D: Dcs> Agent<D> {
         };
         let watcher = tokio::spawn(forward_watch(
             self.dcs.clone(),
-            self.leaderless.clone(),
+            self.member_interest.clone(),
             self.wake.clone(),
         ));
         tokio::pin!(shutdown);
@@ -677,8 +630,24 @@ impl<D: Dcs> Agent<D> {
             };
         self.dcs_reachable = view.is_some();
         if let Some(view) = &view {
-            self.leaderless
-                .store(view.leader.is_none(), Ordering::Relaxed);
+            let interest = match view.leader_name() {
+                None => MemberInterest::All,
+                // Replicas join or re-point as soon as a new leader says it
+                // runs as primary, not a loop later.
+                Some(leader)
+                    if leader != self.name
+                        && view
+                            .leader_status()
+                            .is_none_or(|s| s.role != PgRole::Primary) =>
+                {
+                    MemberInterest::One(leader.to_string())
+                }
+                Some(_) => MemberInterest::None,
+            };
+            *self
+                .member_interest
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = interest;
             self.last_view = Some(view.clone());
             self.dcs_last_seen = Some(std::time::SystemTime::now());
             self.absorb_dynamic_config(view);
@@ -689,15 +658,10 @@ impl<D: Dcs> Agent<D> {
             self.apply_parameters().await;
         }
         let local = self.observe_pg().await?;
-        if view.is_none() {
-            self.failsafe_round(&local).await;
-        } else {
-            self.failsafe_until = None;
+        if let Some(view) = &view {
+            self.update_failsafe_peers(view, &local);
         }
-        let mut lease = *self.lease.borrow();
-        if let Some(until) = self.failsafe_until {
-            lease.valid_until = lease.valid_until.max(until);
-        }
+        let lease = *self.lease.borrow();
         let contact = self
             .failsafe_contact
             .lock()
@@ -1613,6 +1577,73 @@ struct LeaseKeeper<D> {
     writable: Arc<AtomicBool>,
     wake: Arc<Notify>,
     latency_us: Arc<std::sync::atomic::AtomicU64>,
+    failsafe: Failsafe,
+}
+
+/// Whom a leader in failsafe mode asks, and how.
+#[derive(Clone, Debug)]
+struct FailsafePeers {
+    /// The lease the leader key was on when the list was made.
+    lease: i64,
+    /// (name, API URL) of every other member.
+    members: Vec<(String, String)>,
+}
+
+struct Failsafe {
+    peers: Arc<std::sync::Mutex<Option<FailsafePeers>>>,
+    auth: ApiAuth,
+    ca_file: Option<std::path::PathBuf>,
+}
+
+impl Failsafe {
+    /// Asks every member to confirm this leader (concurrently, each within
+    /// `timeout`); true only if all of them did.
+    async fn confirmed(&self, name: &str, lease: Option<i64>, timeout: Duration) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(peers) = peers.filter(|p| Some(p.lease) == lease) else {
+            return false;
+        };
+        let body = serde_json::json!({ "leader": name });
+        let handles: Vec<_> = peers
+            .members
+            .iter()
+            .map(|(member, url)| {
+                let mut client = crate::ctl::client::ApiClient::new(url).with_timeout(timeout);
+                if let Some(ca) = &self.ca_file
+                    && let Ok(with_ca) = client.clone().with_ca_file(ca)
+                {
+                    client = with_ca;
+                }
+                client = match (&self.auth.basic, &self.auth.token) {
+                    (_, Some(token)) => client.with_token(token),
+                    (Some((user, password)), None) => client.with_basic_auth(user, password),
+                    (None, None) => client,
+                };
+                let (body, member) = (body.clone(), member.clone());
+                tokio::spawn(async move {
+                    let answer = client
+                        .request(hyper::Method::POST, "/failsafe", Some(&body))
+                        .await;
+                    (member, answer.is_ok_and(|a| a.status.is_success()))
+                })
+            })
+            .collect();
+        let mut refused = Vec::new();
+        for handle in handles {
+            match handle.await {
+                Ok((_, true)) => {}
+                Ok((member, false)) => refused.push(member),
+                Err(_) => refused.push("?".into()),
+            }
+        }
+        if !refused.is_empty() {
+            warn!(
+                ?refused,
+                "failsafe: not every member confirmed this leader: it stops at its lease deadline"
+            );
+        }
+        refused.is_empty()
+    }
 }
 
 async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
@@ -1625,6 +1656,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         writable,
         wake,
         latency_us,
+        failsafe,
     } = keeper;
     let send = |state: LeaseState| {
         clock.set(state.valid_until.into_std());
@@ -1646,6 +1678,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                 .await
                 .map(|r| r.map(|ttl| (ttl > 0).then_some(id))),
         };
+        let renewed = matches!(outcome, Ok(Ok(Some(_))));
         match outcome {
             Ok(Ok(Some(id))) => {
                 let micros = sent.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
@@ -1691,6 +1724,22 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                 timing.dcs_timeout
             ),
         }
+        if !renewed && writable.load(Ordering::SeqCst) {
+            // Failsafe mode: a confirmation from every member extends the
+            // deadline from the time the round started, as a renewal would.
+            let asked = Instant::now();
+            if failsafe.confirmed(&name, lease, timing.dcs_timeout).await {
+                let current = *tx.borrow();
+                let valid_until = current
+                    .valid_until
+                    .max(asked + timing.ttl - timing.fencing_margin);
+                debug!("failsafe: every member confirmed this leader");
+                send(LeaseState {
+                    id: current.id,
+                    valid_until,
+                });
+            }
+        }
     }
 }
 
@@ -1722,14 +1771,6 @@ impl FenceClock {
 
     fn set(&self, deadline: std::time::Instant) {
         self.lock().deadline = deadline;
-        self.changed.notify_all();
-    }
-
-    /// Moves the deadline later only (failsafe confirmations).
-    fn extend(&self, deadline: std::time::Instant) {
-        let mut state = self.lock();
-        state.deadline = state.deadline.max(deadline);
-        drop(state);
         self.changed.notify_all();
     }
 
@@ -1777,9 +1818,23 @@ fn watchdog(clock: &FenceClock, writable: &AtomicBool, fencer: &mainstay_pg::Fen
     }
 }
 
+/// Member keys whose changes wake the HA loop at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum MemberInterest {
+    /// No leader: an election waits for every member's status.
+    All,
+    /// A new leader that does not run as primary yet.
+    One(String),
+    None,
+}
+
 /// Turns DCS watch events into wake-ups of the HA loop. Member changes only
-/// matter while there is no leader (an election is waiting for statuses).
-async fn forward_watch<D: Dcs>(dcs: Arc<D>, leaderless: Arc<AtomicBool>, wake: Arc<Notify>) {
+/// matter during an election or while a new leader is starting.
+async fn forward_watch<D: Dcs>(
+    dcs: Arc<D>,
+    interest: Arc<std::sync::Mutex<MemberInterest>>,
+    wake: Arc<Notify>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match dcs.watch().await {
@@ -1800,10 +1855,18 @@ async fn forward_watch<D: Dcs>(dcs: Arc<D>, leaderless: Arc<AtomicBool>, wake: A
                             wake.notify_one();
                         }
                         WatchEvent::Changed {
-                            key: KeyKind::Member(_),
+                            key: KeyKind::Member(name),
                             ..
-                        } if leaderless.load(Ordering::Relaxed) => {
-                            wake.notify_one();
+                        } => {
+                            let wanted = match &*interest.lock().unwrap_or_else(|e| e.into_inner())
+                            {
+                                MemberInterest::All => true,
+                                MemberInterest::One(leader) => *leader == name,
+                                MemberInterest::None => false,
+                            };
+                            if wanted {
+                                wake.notify_one();
+                            }
                         }
                         WatchEvent::Changed { .. } => {}
                         WatchEvent::Error(reason) => {
