@@ -134,7 +134,9 @@ listen = "127.0.0.1"
 port = {port}
 superuser = {{ username = "{SUPERUSER}", password = "{SUPERUSER_PASSWORD}" }}
 replication = {{ username = "replicator", password = "demo-replication-secret" }}
-parameters = {{ shared_buffers = "32MB", max_connections = "50" }}
+# mmap: dynamic shared memory lives in the data directory, so a killed
+# server leaves nothing behind in /dev/shm.
+parameters = {{ shared_buffers = "32MB", max_connections = "50", dynamic_shared_memory_type = "mmap" }}
 
 [api]
 listen = "127.0.0.1:{api}"
