@@ -12,6 +12,7 @@
 
 use crate::api::{ApiAuth, ApiState, Command, NodeSnapshot};
 use crate::config::{Config, EffectiveTiming};
+use crate::proxy::{ProxyStats, Route};
 use axum::http::StatusCode;
 use mainstay_core::decide::Standby;
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
@@ -98,6 +99,14 @@ pub struct Agent<D: Dcs> {
     /// HTTPS for the API: certificate and key; and the CA for calling peers.
     api_tls_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
     api_ca_file: Option<std::path::PathBuf>,
+    /// The read-write proxy: its listener address, and the route the HA
+    /// loop gives it after every turn.
+    proxy_listen: Option<String>,
+    proxy_wait: Duration,
+    route: watch::Sender<Route>,
+    proxy_stats: Arc<ProxyStats>,
+    /// When the last DCS view was read (the route is trusted from there).
+    view_read_at: Option<Instant>,
 }
 
 pub fn pg_settings(config: &Config) -> PgSettings {
@@ -189,6 +198,11 @@ impl<D: Dcs> Agent<D> {
                 .clone()
                 .zip(config.api.key_file.clone()),
             api_ca_file: config.api.ca_file.clone(),
+            proxy_listen: config.proxy.listen.clone(),
+            proxy_wait: Duration::from_secs_f64(config.proxy.wait_for_leader),
+            route: watch::Sender::new(Route::nowhere()),
+            proxy_stats: Arc::default(),
+            view_read_at: None,
             api_auth: ApiAuth {
                 basic: config.api.username.clone().zip(config.api.password.clone()),
                 token: config.api.token.clone(),
@@ -437,6 +451,32 @@ impl<D: Dcs> Agent<D> {
         self.snapshot.subscribe()
     }
 
+    /// The read-write route: the leader, once it runs as primary, trusted
+    /// until the view it comes from could be older than the leader's lease.
+    fn publish_route(&self) {
+        let primary = self.last_view.as_ref().and_then(|view| {
+            let status = view.leader_status()?;
+            (status.role == PgRole::Primary).then(|| {
+                (
+                    status.name.clone(),
+                    crate::proxy::address(&status.pg_host, status.pg_port),
+                )
+            })
+        });
+        let valid_until = self.view_read_at.map_or_else(Instant::now, |at| {
+            at + self.timing.ttl - self.timing.fencing_margin
+        });
+        let route = Route {
+            primary,
+            valid_until,
+        };
+        self.route.send_if_modified(|current| {
+            let changed = *current != route;
+            *current = route;
+            changed
+        });
+    }
+
     fn publish_snapshot(&self, turn_started: Instant) {
         let lease = *self.lease.borrow();
         let holds_leader = match (&self.last_view, lease.id) {
@@ -462,6 +502,7 @@ impl<D: Dcs> Agent<D> {
             lease_renew_latency: (latency > 0).then(|| Duration::from_micros(latency)),
             paused: self.dynamic.pause,
             pending_restart: self.pending_restart.clone(),
+            proxy: self.proxy_stats.snapshot(),
             sync_standbys: self
                 .last_view
                 .as_ref()
@@ -497,6 +538,19 @@ impl<D: Dcs> Agent<D> {
             None => None,
         };
         let listener = crate::api::bind(&self.api_listen).await?;
+        let proxy = match &self.proxy_listen {
+            Some(listen) => {
+                let listener = crate::proxy::bind(listen).await?;
+                info!(listen, "read-write proxy listening");
+                Some(tokio::spawn(crate::proxy::serve(
+                    listener,
+                    self.route.subscribe(),
+                    self.proxy_wait,
+                    self.proxy_stats.clone(),
+                )))
+            }
+            None => None,
+        };
         // One command at a time: a second caller waits its turn.
         let (command_tx, mut commands) = tokio::sync::mpsc::channel(1);
         info!(listen = %self.api_listen, "REST API listening");
@@ -572,6 +626,7 @@ impl<D: Dcs> Agent<D> {
                 }
             }
             self.publish_snapshot(turn_started);
+            self.publish_route();
             if keeper.is_finished() || watchdog.is_finished() {
                 // Without them nothing fences a primary whose lease lapses.
                 fatal = Some("the lease keeper or the fencing watchdog stopped".into());
@@ -593,6 +648,9 @@ impl<D: Dcs> Agent<D> {
         self.shut_down().await;
         keeper.abort();
         api.abort();
+        if let Some(proxy) = proxy {
+            proxy.abort();
+        }
         self.fence_clock.stop();
         let _ = watchdog.join();
         watcher.abort();
@@ -649,6 +707,7 @@ impl<D: Dcs> Agent<D> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = interest;
             self.last_view = Some(view.clone());
+            self.view_read_at = Some(Instant::now());
             self.dcs_last_seen = Some(std::time::SystemTime::now());
             self.absorb_dynamic_config(view);
         }

@@ -25,6 +25,8 @@ pub struct Config {
     #[serde(default)]
     pub api: ApiConfig,
     #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
     pub timing: Timing,
     #[serde(default)]
     pub tags: mainstay_core::Tags,
@@ -112,6 +114,31 @@ pub struct PgConfig {
 
 fn default_api_listen() -> String {
     "127.0.0.1:8008".into()
+}
+
+fn default_wait_for_leader() -> f64 {
+    10.0
+}
+
+/// The built-in read-write proxy (off unless `listen` is set).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Where clients connect to reach the primary, e.g. "0.0.0.0:5000".
+    pub listen: Option<String>,
+    /// Seconds a new connection waits for a primary during a failover
+    /// before it is closed.
+    #[serde(default = "default_wait_for_leader")]
+    pub wait_for_leader: f64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: None,
+            wait_for_leader: default_wait_for_leader(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -351,6 +378,23 @@ impl Config {
             {
                 return Err((key, format!("cannot read {}: {err}", file.display())));
             }
+        }
+        if let Some(listen) = &self.proxy.listen
+            && listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err((
+                "proxy.listen",
+                format!("{listen:?} is not an address: write it as IP:PORT, e.g. \"0.0.0.0:5000\""),
+            ));
+        }
+        if !(self.proxy.wait_for_leader > 0.0 && self.proxy.wait_for_leader <= 300.0) {
+            return Err((
+                "proxy.wait_for_leader",
+                format!(
+                    "{} is out of range: give seconds between 0 and 300",
+                    self.proxy.wait_for_leader
+                ),
+            ));
         }
         if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err((

@@ -37,6 +37,8 @@ pub struct Node {
     pub config: PathBuf,
     pub pg_port: u16,
     pub api_port: u16,
+    /// The built-in read-write proxy: connect here to reach the primary.
+    pub proxy_port: u16,
     agent: Option<Child>,
 }
 
@@ -107,6 +109,7 @@ impl LocalCluster {
                 dir: node_dir,
                 pg_port: free_port(),
                 api_port: free_port(),
+                proxy_port: free_port(),
                 name,
                 agent: None,
             };
@@ -143,6 +146,9 @@ listen = "127.0.0.1:{api}"
 username = "{API_USER}"
 password = "{API_PASSWORD}"
 
+[proxy]
+listen = "127.0.0.1:{proxy}"
+
 [timing]
 profile = "{profile}"
 "#,
@@ -152,6 +158,7 @@ profile = "{profile}"
             data = node.data_dir().display(),
             port = node.pg_port,
             api = node.api_port,
+            proxy = node.proxy_port,
         )
     }
 
@@ -341,6 +348,12 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         "  read-write, whichever node is primary:\n    psql \"{}\"",
         cluster.multi_host_conninfo()
     );
+    if let Some(node) = cluster.nodes.first() {
+        println!(
+            "  or through any node's read-write proxy:\n    psql \"host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres\"",
+            node.proxy_port
+        );
+    }
     if let Some(node) = cluster.nodes.first() {
         println!(
             "  operate it:\n    mainstay ctl -c {} list   (or switchover, pause, history...)",

@@ -7,4 +7,5 @@ pub mod bench;
 pub mod config;
 pub mod ctl;
 pub mod demo;
+pub mod proxy;
 pub mod tls;

@@ -197,6 +197,44 @@ pub fn render(node: &NodeSnapshot) -> String {
             latency.as_secs_f64(),
         );
     }
+    if !node.proxy.is_empty() {
+        let by = |pick: fn(&(String, u64, u64, u64, u64)) -> u64| -> Vec<(String, f64)> {
+            node.proxy
+                .iter()
+                .map(|t| (format!("{{{}}}", label("target", &t.0)), pick(t) as f64))
+                .collect()
+        };
+        type Pick = fn(&(String, u64, u64, u64, u64)) -> u64;
+        let series: [(&str, &str, &str, Pick); 4] = [
+            (
+                "proxy_connections",
+                "gauge",
+                "Read-write proxy connections open, per target.",
+                |t| t.1,
+            ),
+            (
+                "proxy_connections_total",
+                "counter",
+                "Read-write proxy connections made, per target.",
+                |t| t.2,
+            ),
+            (
+                "proxy_bytes_to_server_total",
+                "counter",
+                "Bytes forwarded from clients, per target (counted when a connection ends).",
+                |t| t.3,
+            ),
+            (
+                "proxy_bytes_to_client_total",
+                "counter",
+                "Bytes forwarded to clients, per target (counted when a connection ends).",
+                |t| t.4,
+            ),
+        ];
+        for (name, kind, help, pick) in series {
+            out.metric(name, kind, help, &by(pick));
+        }
+    }
     out.gauge(
         "loop_duration_seconds",
         "Duration of the last HA loop turn.",

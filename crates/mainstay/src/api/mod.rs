@@ -58,6 +58,9 @@ pub struct NodeSnapshot {
     pub paused: bool,
     /// PostgreSQL parameters changed that only a restart applies.
     pub pending_restart: Vec<String>,
+    /// Read-write proxy per target: (name, active, total, bytes to server,
+    /// bytes to client).
+    pub proxy: Vec<(String, u64, u64, u64, u64)>,
     /// Members the leader guarantees hold every acknowledged commit.
     pub sync_standbys: Vec<String>,
 }
@@ -83,6 +86,7 @@ impl NodeSnapshot {
             lease_renew_latency: None,
             paused: false,
             pending_restart: Vec::new(),
+            proxy: Vec::new(),
             sync_standbys: Vec::new(),
         }
     }
