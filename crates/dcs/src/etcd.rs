@@ -292,6 +292,30 @@ impl EtcdDcs {
         Ok(response.succeeded())
     }
 
+    /// Puts `value` (or deletes, with `None`) at `relative` if its mod
+    /// revision is still `expected` (0: only if absent) and every `extra`
+    /// condition holds.
+    async fn cas(
+        &self,
+        relative: &str,
+        value: Option<Vec<u8>>,
+        expected: i64,
+        extra: Vec<Compare>,
+    ) -> Result<bool> {
+        let key = self.key(relative);
+        let mut conditions = vec![Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            expected,
+        )];
+        conditions.extend(extra);
+        let op = match value {
+            Some(value) => TxnOp::put(key, value, None),
+            None => TxnOp::delete(key, None),
+        };
+        self.txn(conditions, vec![op]).await
+    }
+
     /// The value, mod revision and lease of one key.
     async fn get_one(&self, relative: &str) -> Result<Option<(Vec<u8>, i64, i64)>> {
         let key = self.key(relative);
@@ -573,29 +597,18 @@ impl Dcs for EtcdDcs {
         record: &InitializeRecord,
         expected_mod_revision: i64,
     ) -> Result<bool> {
-        let key = self.key(keys::INITIALIZE);
-        self.txn(
-            vec![Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                expected_mod_revision,
-            )],
-            vec![TxnOp::put(key, to_json(record)?, None)],
+        self.cas(
+            keys::INITIALIZE,
+            Some(to_json(record)?),
+            expected_mod_revision,
+            Vec::new(),
         )
         .await
     }
 
     async fn delete_initialize(&self, expected_mod_revision: i64) -> Result<bool> {
-        let key = self.key(keys::INITIALIZE);
-        self.txn(
-            vec![Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                expected_mod_revision,
-            )],
-            vec![TxnOp::delete(key, None)],
-        )
-        .await
+        self.cas(keys::INITIALIZE, None, expected_mod_revision, Vec::new())
+            .await
     }
 
     async fn append_history(
@@ -610,19 +623,11 @@ impl Dcs for EtcdDcs {
                 None => (Vec::new(), 0),
             };
             history.push(entry.clone());
-            let mut conditions = vec![Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                mod_revision,
-            )];
-            if let Some((name, lease)) = holder {
-                conditions.extend(held_by(&self.key(keys::LEADER), name, lease));
-            }
+            let holds = holder.map_or_else(Vec::new, |(name, lease)| {
+                held_by(&self.key(keys::LEADER), name, lease)
+            });
             let written = self
-                .txn(
-                    conditions,
-                    vec![TxnOp::put(key.clone(), to_json(&history)?, None)],
-                )
+                .cas(keys::HISTORY, Some(to_json(&history)?), mod_revision, holds)
                 .await?;
             if written {
                 return Ok(());
@@ -655,29 +660,18 @@ impl Dcs for EtcdDcs {
         request: &mainstay_core::FailoverRequest,
         expected_mod_revision: i64,
     ) -> Result<bool> {
-        let key = self.key(keys::FAILOVER);
-        self.txn(
-            vec![Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                expected_mod_revision,
-            )],
-            vec![TxnOp::put(key, to_json(request)?, None)],
+        self.cas(
+            keys::FAILOVER,
+            Some(to_json(request)?),
+            expected_mod_revision,
+            Vec::new(),
         )
         .await
     }
 
     async fn delete_failover(&self, expected_mod_revision: i64) -> Result<bool> {
-        let key = self.key(keys::FAILOVER);
-        self.txn(
-            vec![Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                expected_mod_revision,
-            )],
-            vec![TxnOp::delete(key, None)],
-        )
-        .await
+        self.cas(keys::FAILOVER, None, expected_mod_revision, Vec::new())
+            .await
     }
 
     async fn write_sync(
@@ -686,15 +680,14 @@ impl Dcs for EtcdDcs {
         expected_mod_revision: i64,
         holder: (&str, i64),
     ) -> Result<bool> {
-        let key = self.key(keys::SYNC);
-        let mut conditions = vec![Compare::mod_revision(
-            key.clone(),
-            CompareOp::Equal,
+        let holds = held_by(&self.key(keys::LEADER), holder.0, holder.1);
+        self.cas(
+            keys::SYNC,
+            Some(to_json(state)?),
             expected_mod_revision,
-        )];
-        conditions.extend(held_by(&self.key(keys::LEADER), holder.0, holder.1));
-        self.txn(conditions, vec![TxnOp::put(key, to_json(state)?, None)])
-            .await
+            holds,
+        )
+        .await
     }
 
     async fn delete_member(&self, name: &str) -> Result<()> {
@@ -710,14 +703,11 @@ impl Dcs for EtcdDcs {
         value: &serde_json::Value,
         expected_mod_revision: i64,
     ) -> Result<bool> {
-        let key = self.key(keys::CONFIG);
-        self.txn(
-            vec![Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                expected_mod_revision,
-            )],
-            vec![TxnOp::put(key, to_json(value)?, None)],
+        self.cas(
+            keys::CONFIG,
+            Some(to_json(value)?),
+            expected_mod_revision,
+            Vec::new(),
         )
         .await
     }

@@ -495,28 +495,43 @@ impl Postgres {
             return self.pending_restart().await;
         }
         self.settings.parameters = parameters;
+        if !self.rewrite_conf_and_reload().await? {
+            return Ok(Vec::new());
+        }
+        // The postmaster rereads the file asynchronously.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        self.pending_restart().await
+    }
+
+    /// Rewrites `mainstay.conf` for the role it was last written for (the
+    /// replication wiring stays) and reloads a running server. False when
+    /// there was nothing to reload: never written yet, or not running.
+    async fn rewrite_conf_and_reload(&self) -> Result<bool> {
         let role = self
             .conf_role
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let Some(role) = role else {
-            return Ok(Vec::new());
+            return Ok(false);
         };
         self.write_conf(&self.account()?, &role)?;
         if !self.is_running() {
-            return Ok(Vec::new());
+            return Ok(false);
         }
+        self.reload().await?;
+        Ok(true)
+    }
+
+    async fn reload(&self) -> Result<()> {
         let client = self.local_client().await?;
         sql::bounded(
             "pg_reload_conf",
             sql::QUERY_TIMEOUT,
             client.query_one("SELECT pg_reload_conf()", &[]),
         )
-        .await?;
-        // The postmaster rereads the file asynchronously.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        self.pending_restart().await
+        .await
+        .map(|_| ())
     }
 
     /// Parameters changed in the files that only a restart applies.
@@ -542,26 +557,10 @@ impl Postgres {
     /// knows commits from now on wait for the new list.
     pub async fn set_synchronous_standby_names(&mut self, value: &str) -> Result<()> {
         self.settings.synchronous_standby_names = value.to_string();
-        let role = self
-            .conf_role
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Some(role) = role else {
-            // Not written yet: the next start writes it with this value.
-            return Ok(());
-        };
-        self.write_conf(&self.account()?, &role)?;
-        if !self.is_running() {
+        // Not running: the next start writes the file with this value.
+        if !self.rewrite_conf_and_reload().await? {
             return Ok(());
         }
-        let client = self.local_client().await?;
-        sql::bounded(
-            "pg_reload_conf",
-            sql::QUERY_TIMEOUT,
-            client.query_one("SELECT pg_reload_conf()", &[]),
-        )
-        .await?;
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         loop {
             // A fresh session reads the reloaded file for sure.
@@ -803,13 +802,7 @@ impl Postgres {
             },
         )?;
         if self.is_running() {
-            let client = self.local_client().await?;
-            sql::bounded(
-                "pg_reload_conf",
-                sql::QUERY_TIMEOUT,
-                client.query_one("SELECT pg_reload_conf()", &[]),
-            )
-            .await?;
+            self.reload().await?;
         }
         info!(
             leader = leader.map(|l| l.name.as_str()).unwrap_or("none"),

@@ -105,6 +105,16 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Refusal> {
     })
 }
 
+/// An authenticated request with a well-formed body, or why not.
+fn accept<T: for<'de> Deserialize<'de>>(
+    auth: &ApiAuth,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, Refusal> {
+    auth.check(headers)?;
+    parse(body)
+}
+
 /// The view as the DCS holds it now; refusing on a stale view would be wrong.
 async fn current_view<D: Dcs>(state: &ApiState<D>) -> Result<ClusterView, Refusal> {
     match tokio::time::timeout(state.dcs_timeout, state.dcs.read_cluster()).await {
@@ -162,10 +172,7 @@ pub async fn switchover<D: Dcs>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = state.auth.check(&headers) {
-        return refused.into_response();
-    }
-    let body: SwitchoverBody = match parse(&body) {
+    let body: SwitchoverBody = match accept(&state.auth, &headers, &body) {
         Ok(body) => body,
         Err(refused) => return refused.into_response(),
     };
@@ -228,10 +235,7 @@ pub async fn failover<D: Dcs>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = state.auth.check(&headers) {
-        return refused.into_response();
-    }
-    let body: FailoverBody = match parse(&body) {
+    let body: FailoverBody = match accept(&state.auth, &headers, &body) {
         Ok(body) => body,
         Err(refused) => return refused.into_response(),
     };
@@ -391,10 +395,7 @@ pub async fn failsafe<D: Dcs>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = state.auth.check(&headers) {
-        return refused.into_response();
-    }
-    let body: FailsafeBody = match parse(&body) {
+    let body: FailsafeBody = match accept(&state.auth, &headers, &body) {
         Ok(body) => body,
         Err(refused) => return refused.into_response(),
     };
@@ -446,10 +447,7 @@ pub async fn change_config<D: Dcs>(
     body: Bytes,
     replace: bool,
 ) -> Response {
-    if let Err(refused) = state.auth.check(&headers) {
-        return refused.into_response();
-    }
-    let change: Value = match parse(&body) {
+    let change: Value = match accept(&state.auth, &headers, &body) {
         Ok(value) => value,
         Err(refused) => return refused.into_response(),
     };
@@ -498,13 +496,10 @@ pub async fn command<D: Dcs>(
     body: Bytes,
     command: Command,
 ) -> Response {
-    if let Err(refused) = state.auth.check(&headers) {
-        return refused.into_response();
-    }
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Empty {}
-    if let Err(refused) = parse::<Empty>(&body) {
+    if let Err(refused) = accept::<Empty>(&state.auth, &headers, &body) {
         return refused.into_response();
     }
     let (reply, answer) = tokio::sync::oneshot::channel();
