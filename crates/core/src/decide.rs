@@ -825,7 +825,7 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
 mod tests {
     //! One observation in, the exact actions out.
     use super::*;
-    use crate::types::{InitializeRecord, LeaderRecord, MemberRecord, MemberStatus};
+    use crate::types::{InitializeRecord, LeaderRecord, MemberRecord};
 
     const SETTINGS: Settings = Settings {
         ttl_ms: 4000,
@@ -841,28 +841,13 @@ mod tests {
         view_revision: i64,
         view_had_leader: bool,
     ) -> MemberRecord {
-        MemberRecord {
-            status: MemberStatus {
-                name: name.into(),
-                role,
-                state: "running".into(),
-                api_url: String::new(),
-                pg_host: "127.0.0.1".into(),
-                pg_port: 5432,
-                timeline: 1,
-                received_lsn: Lsn(lsn),
-                replayed_lsn: Lsn(lsn),
-                flush_lsn: Lsn(lsn),
-                following: None,
-                streaming: true,
-                tags: Tags::default(),
-                version: String::new(),
-                view_revision,
-                view_had_leader,
-            },
-            mod_revision: view_revision + 1,
-            lease_id: 0,
-        }
+        let mut record = MemberRecord::example(name, role, lsn, None);
+        record.status.streaming = true;
+        record.status.view_revision = view_revision;
+        record.status.view_had_leader = view_had_leader;
+        record.mod_revision = view_revision + 1;
+        record.lease_id = 0;
+        record
     }
 
     fn view(leader: Option<(&str, i64)>, members: Vec<MemberRecord>) -> ClusterView {

@@ -173,31 +173,10 @@ fn member_list(view: &ClusterView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{LeaderRecord, MemberRecord, Tags};
+    use crate::types::{LeaderRecord, MemberRecord};
 
     fn member(name: &str, role: PgRole, lsn: u64, following: Option<&str>) -> MemberRecord {
-        MemberRecord {
-            status: MemberStatus {
-                name: name.into(),
-                role,
-                state: "running".into(),
-                api_url: String::new(),
-                pg_host: "127.0.0.1".into(),
-                pg_port: 5432,
-                timeline: 1,
-                received_lsn: Lsn(lsn),
-                replayed_lsn: Lsn(lsn),
-                flush_lsn: Lsn(lsn),
-                following: following.map(Into::into),
-                streaming: role == PgRole::Replica,
-                tags: Tags::default(),
-                version: String::new(),
-                view_revision: 1,
-                view_had_leader: true,
-            },
-            mod_revision: 1,
-            lease_id: 1,
-        }
+        MemberRecord::example(name, role, lsn, following)
     }
 
     fn view() -> ClusterView {

@@ -99,6 +99,36 @@ pub struct MemberStatus {
     pub view_had_leader: bool,
 }
 
+impl MemberRecord {
+    /// A running member on 127.0.0.1:5432 at `lsn` on timeline 1, streaming
+    /// from `following` when it is a replica: a fixture for tests of code
+    /// that reads cluster views.
+    pub fn example(name: &str, role: PgRole, lsn: u64, following: Option<&str>) -> MemberRecord {
+        MemberRecord {
+            status: MemberStatus {
+                name: name.into(),
+                role,
+                state: "running".into(),
+                api_url: String::new(),
+                pg_host: "127.0.0.1".into(),
+                pg_port: 5432,
+                timeline: 1,
+                received_lsn: Lsn(lsn),
+                replayed_lsn: Lsn(lsn),
+                flush_lsn: Lsn(lsn),
+                following: following.map(Into::into),
+                streaming: role == PgRole::Replica,
+                tags: Tags::default(),
+                version: String::new(),
+                view_revision: 1,
+                view_had_leader: true,
+            },
+            mod_revision: 1,
+            lease_id: 1,
+        }
+    }
+}
+
 /// Content of the `initialize` key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitializeRecord {

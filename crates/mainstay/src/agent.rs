@@ -12,7 +12,7 @@
 
 use crate::api::{ApiAuth, ApiState, Command, NodeSnapshot};
 use crate::config::{Config, EffectiveTiming};
-use crate::proxy::{ProxyStats, Route};
+use crate::proxy::{Access, ProxyStats, Route};
 use axum::http::StatusCode;
 use mainstay_core::decide::Standby;
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
@@ -99,10 +99,11 @@ pub struct Agent<D: Dcs> {
     /// HTTPS for the API: certificate and key; and the CA for calling peers.
     api_tls_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
     api_ca_file: Option<std::path::PathBuf>,
-    /// The read-write proxy: its listener address, and the route the HA
-    /// loop gives it after every turn.
-    proxy_listen: Option<String>,
+    /// The proxy: its listeners, and the route the HA loop gives it after
+    /// every turn.
+    proxy_listens: Vec<(crate::proxy::Access, &'static str, String)>,
     proxy_wait: Duration,
+    replica_max_lag: u64,
     route: watch::Sender<Route>,
     proxy_stats: Arc<ProxyStats>,
     /// When the last DCS view was read (the route is trusted from there).
@@ -198,8 +199,20 @@ impl<D: Dcs> Agent<D> {
                 .clone()
                 .zip(config.api.key_file.clone()),
             api_ca_file: config.api.ca_file.clone(),
-            proxy_listen: config.proxy.listen.clone(),
+            proxy_listens: [
+                (Access::ReadWrite, "proxy.listen", &config.proxy.listen),
+                (
+                    Access::ReadOnly,
+                    "proxy.read_only_listen",
+                    &config.proxy.read_only_listen,
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(access, key, listen)| Some((access, key, listen.clone()?)))
+            .collect(),
             proxy_wait: Duration::from_secs_f64(config.proxy.wait_for_leader),
+            // Validated with the config.
+            replica_max_lag: config.proxy.replica_max_lag.bytes().unwrap_or(0),
             route: watch::Sender::new(Route::nowhere()),
             proxy_stats: Arc::default(),
             view_read_at: None,
@@ -451,24 +464,15 @@ impl<D: Dcs> Agent<D> {
         self.snapshot.subscribe()
     }
 
-    /// The read-write route: the leader, once it runs as primary, trusted
-    /// until the view it comes from could be older than the leader's lease.
+    /// The proxy's route from the last view, trusted until that view could
+    /// be older than the leader's lease.
     fn publish_route(&self) {
-        let primary = self.last_view.as_ref().and_then(|view| {
-            let status = view.leader_status()?;
-            (status.role == PgRole::Primary).then(|| {
-                (
-                    status.name.clone(),
-                    crate::proxy::address(&status.pg_host, status.pg_port),
-                )
-            })
-        });
         let valid_until = self.view_read_at.map_or_else(Instant::now, |at| {
             at + self.timing.ttl - self.timing.fencing_margin
         });
-        let route = Route {
-            primary,
-            valid_until,
+        let route = match &self.last_view {
+            Some(view) => Route::from_view(view, self.replica_max_lag, valid_until),
+            None => Route::nowhere(),
         };
         self.route.send_if_modified(|current| {
             let changed = *current != route;
@@ -502,7 +506,6 @@ impl<D: Dcs> Agent<D> {
             lease_renew_latency: (latency > 0).then(|| Duration::from_micros(latency)),
             paused: self.dynamic.pause,
             pending_restart: self.pending_restart.clone(),
-            proxy: self.proxy_stats.snapshot(),
             sync_standbys: self
                 .last_view
                 .as_ref()
@@ -538,25 +541,30 @@ impl<D: Dcs> Agent<D> {
             None => None,
         };
         let listener = crate::api::bind(&self.api_listen).await?;
-        let proxy = match &self.proxy_listen {
-            Some(listen) => {
-                let listener = crate::proxy::bind(listen).await?;
-                info!(listen, "read-write proxy listening");
-                Some(tokio::spawn(crate::proxy::serve(
-                    listener,
-                    self.route.subscribe(),
-                    self.proxy_wait,
-                    self.proxy_stats.clone(),
-                )))
-            }
-            None => None,
-        };
+        let mut proxies = Vec::new();
+        for (access, key, listen) in &self.proxy_listens {
+            let listener = crate::proxy::bind(key, listen).await?;
+            info!(listen, listener = access.label(), "proxy listening");
+            proxies.push(tokio::spawn(crate::proxy::serve(
+                listener,
+                *access,
+                self.route.subscribe(),
+                self.proxy_wait,
+                self.proxy_stats.clone(),
+            )));
+        }
         // One command at a time: a second caller waits its turn.
         let (command_tx, mut commands) = tokio::sync::mpsc::channel(1);
         info!(listen = %self.api_listen, "REST API listening");
         let api = tokio::spawn(crate::api::serve(
             listener,
             Arc::new(ApiState {
+                proxy: (!self.proxy_listens.is_empty()).then(|| {
+                    (
+                        self.proxy_stats.clone(),
+                        self.proxy_listens.iter().map(|l| l.0.label()).collect(),
+                    )
+                }),
                 snapshot: self.snapshot.subscribe(),
                 dcs: self.dcs.clone(),
                 dcs_timeout: self.timing.dcs_timeout,
@@ -648,7 +656,7 @@ impl<D: Dcs> Agent<D> {
         self.shut_down().await;
         keeper.abort();
         api.abort();
-        if let Some(proxy) = proxy {
+        for proxy in proxies {
             proxy.abort();
         }
         self.fence_clock.stop();

@@ -120,13 +120,40 @@ fn default_wait_for_leader() -> f64 {
     10.0
 }
 
-/// The built-in read-write proxy (off unless `listen` is set).
+fn default_replica_max_lag() -> ByteSize {
+    ByteSize::Text("16MB".into())
+}
+
+/// A size in bytes, written as a number or with a unit ("16MB").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    pub fn bytes(&self) -> Option<u64> {
+        match self {
+            ByteSize::Bytes(n) => Some(*n),
+            ByteSize::Text(text) => crate::api::health::parse_size(text),
+        }
+    }
+}
+
+/// The built-in proxy (each listener off unless its address is set).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// Where clients connect to reach the primary, e.g. "0.0.0.0:5000".
     pub listen: Option<String>,
-    /// Seconds a new connection waits for a primary during a failover
+    /// Where clients connect to reach a replica (or the primary when no
+    /// replica qualifies), e.g. "0.0.0.0:5001".
+    pub read_only_listen: Option<String>,
+    /// Replicas further behind the leader take no new read-only connections.
+    #[serde(default = "default_replica_max_lag")]
+    pub replica_max_lag: ByteSize,
+    /// Seconds a new connection waits for a target during a failover
     /// before it is closed.
     #[serde(default = "default_wait_for_leader")]
     pub wait_for_leader: f64,
@@ -136,6 +163,8 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             listen: None,
+            read_only_listen: None,
+            replica_max_lag: default_replica_max_lag(),
             wait_for_leader: default_wait_for_leader(),
         }
     }
@@ -379,12 +408,40 @@ impl Config {
                 return Err((key, format!("cannot read {}: {err}", file.display())));
             }
         }
-        if let Some(listen) = &self.proxy.listen
-            && listen.parse::<std::net::SocketAddr>().is_err()
+        for (key, listen, example) in [
+            ("proxy.listen", &self.proxy.listen, "0.0.0.0:5000"),
+            (
+                "proxy.read_only_listen",
+                &self.proxy.read_only_listen,
+                "0.0.0.0:5001",
+            ),
+        ] {
+            if let Some(listen) = listen
+                && listen.parse::<std::net::SocketAddr>().is_err()
+            {
+                return Err((
+                    key,
+                    format!(
+                        "{listen:?} is not an address: write it as IP:PORT, e.g. \"{example}\""
+                    ),
+                ));
+            }
+        }
+        if self.proxy.listen.is_some() && self.proxy.listen == self.proxy.read_only_listen {
+            return Err((
+                "proxy.read_only_listen",
+                "is the same address as proxy.listen: give each listener its own port".into(),
+            ));
+        }
+        if let ByteSize::Text(text) = &self.proxy.replica_max_lag
+            && self.proxy.replica_max_lag.bytes().is_none()
         {
             return Err((
-                "proxy.listen",
-                format!("{listen:?} is not an address: write it as IP:PORT, e.g. \"0.0.0.0:5000\""),
+                "proxy.replica_max_lag",
+                format!(
+                    "{text:?} is not a size: give bytes (16777216) or a number with a unit B, \
+                     kB, MB, GB or TB (\"16MB\")"
+                ),
             ));
         }
         if !(self.proxy.wait_for_leader > 0.0 && self.proxy.wait_for_leader <= 300.0) {

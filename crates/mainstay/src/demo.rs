@@ -39,6 +39,8 @@ pub struct Node {
     pub api_port: u16,
     /// The built-in read-write proxy: connect here to reach the primary.
     pub proxy_port: u16,
+    /// The built-in read-only proxy: connect here to reach a replica.
+    pub read_only_port: u16,
     agent: Option<Child>,
 }
 
@@ -110,6 +112,7 @@ impl LocalCluster {
                 pg_port: free_port(),
                 api_port: free_port(),
                 proxy_port: free_port(),
+                read_only_port: free_port(),
                 name,
                 agent: None,
             };
@@ -148,6 +151,7 @@ password = "{API_PASSWORD}"
 
 [proxy]
 listen = "127.0.0.1:{proxy}"
+read_only_listen = "127.0.0.1:{read_only}"
 
 [timing]
 profile = "{profile}"
@@ -159,6 +163,7 @@ profile = "{profile}"
             port = node.pg_port,
             api = node.api_port,
             proxy = node.proxy_port,
+            read_only = node.read_only_port,
         )
     }
 
@@ -352,6 +357,10 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         println!(
             "  or through any node's read-write proxy:\n    psql \"host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres\"",
             node.proxy_port
+        );
+        println!(
+            "  read-only, spread over the replicas (the primary when none qualifies):\n    psql \"host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres\"",
+            node.read_only_port
         );
     }
     if let Some(node) = cluster.nodes.first() {

@@ -198,42 +198,63 @@ pub fn render(node: &NodeSnapshot) -> String {
         );
     }
     if !node.proxy.is_empty() {
-        let by = |pick: fn(&(String, u64, u64, u64, u64)) -> u64| -> Vec<(String, f64)> {
-            node.proxy
-                .iter()
-                .map(|t| (format!("{{{}}}", label("target", &t.0)), pick(t) as f64))
-                .collect()
-        };
-        type Pick = fn(&(String, u64, u64, u64, u64)) -> u64;
+        type Pick = fn(&crate::proxy::TargetCounters) -> u64;
         let series: [(&str, &str, &str, Pick); 4] = [
             (
                 "proxy_connections",
                 "gauge",
-                "Read-write proxy connections open, per target.",
-                |t| t.1,
+                "Proxy connections open, per listener (rw, ro) and target.",
+                |t| t.active,
             ),
             (
                 "proxy_connections_total",
                 "counter",
-                "Read-write proxy connections made, per target.",
-                |t| t.2,
+                "Proxy connections made, per listener and target.",
+                |t| t.total,
             ),
             (
                 "proxy_bytes_to_server_total",
                 "counter",
-                "Bytes forwarded from clients, per target (counted when a connection ends).",
-                |t| t.3,
+                "Bytes forwarded from clients, per listener and target.",
+                |t| t.bytes_to_server,
             ),
             (
                 "proxy_bytes_to_client_total",
                 "counter",
-                "Bytes forwarded to clients, per target (counted when a connection ends).",
-                |t| t.4,
+                "Bytes forwarded to clients, per listener and target.",
+                |t| t.bytes_to_client,
             ),
         ];
         for (name, kind, help, pick) in series {
-            out.metric(name, kind, help, &by(pick));
+            let samples: Vec<(String, f64)> = node
+                .proxy
+                .iter()
+                .map(|t| {
+                    (
+                        format!(
+                            "{{{},{}}}",
+                            label("listener", t.listener),
+                            label("target", &t.target)
+                        ),
+                        pick(t) as f64,
+                    )
+                })
+                .collect();
+            out.metric(name, kind, help, &samples);
         }
+    }
+    if !node.proxy_refused.is_empty() {
+        let samples: Vec<(String, f64)> = node
+            .proxy_refused
+            .iter()
+            .map(|(listener, n)| (format!("{{{}}}", label("listener", listener)), *n as f64))
+            .collect();
+        out.metric(
+            "proxy_refused_total",
+            "counter",
+            "Proxy connections closed because no target came within proxy.wait_for_leader.",
+            &samples,
+        );
     }
     out.gauge(
         "loop_duration_seconds",

@@ -58,9 +58,11 @@ pub struct NodeSnapshot {
     pub paused: bool,
     /// PostgreSQL parameters changed that only a restart applies.
     pub pending_restart: Vec<String>,
-    /// Read-write proxy per target: (name, active, total, bytes to server,
-    /// bytes to client).
-    pub proxy: Vec<(String, u64, u64, u64, u64)>,
+    /// Proxy counters per listener and target (filled by `/metrics`).
+    pub proxy: Vec<crate::proxy::TargetCounters>,
+    /// Per configured proxy listener: connections closed for want of a
+    /// target (filled by `/metrics`).
+    pub proxy_refused: Vec<(&'static str, u64)>,
     /// Members the leader guarantees hold every acknowledged commit.
     pub sync_standbys: Vec<String>,
 }
@@ -87,6 +89,7 @@ impl NodeSnapshot {
             paused: false,
             pending_restart: Vec::new(),
             proxy: Vec::new(),
+            proxy_refused: Vec::new(),
             sync_standbys: Vec::new(),
         }
     }
@@ -164,6 +167,9 @@ pub struct ApiState<D> {
     pub commands: tokio::sync::mpsc::Sender<(Command, CommandReply)>,
     /// Failsafe mode: the last leader that asked this node to confirm it.
     pub failsafe_contact: Arc<std::sync::Mutex<Option<(String, Instant)>>>,
+    /// The proxy's counters, read live (a snapshot is up to a loop old),
+    /// and the labels of its configured listeners.
+    pub proxy: Option<(Arc<crate::proxy::ProxyStats>, Vec<&'static str>)>,
 }
 
 impl<D: Dcs> ApiState<D> {
@@ -358,7 +364,16 @@ async fn config<D: Dcs>(State(state): Shared<D>) -> Response {
 }
 
 async fn metrics<D>(State(state): Shared<D>) -> Response {
-    let text = metrics::render(&state.node());
+    let mut node = (*state.node()).clone();
+    if let Some((stats, listeners)) = &state.proxy {
+        node.proxy = stats.snapshot();
+        node.proxy_refused = stats
+            .refused()
+            .into_iter()
+            .filter(|(label, _)| listeners.contains(label))
+            .collect();
+    }
+    let text = metrics::render(&node);
     (
         [(
             header::CONTENT_TYPE,
