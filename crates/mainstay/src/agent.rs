@@ -541,18 +541,21 @@ impl<D: Dcs> Agent<D> {
             None => None,
         };
         let listener = crate::api::bind(&self.api_listen).await?;
-        let mut proxies = Vec::new();
+        let mut listeners = Vec::new();
         for (access, key, listen) in &self.proxy_listens {
-            let listener = crate::proxy::bind(key, listen).await?;
+            listeners.push((*access, crate::proxy::bind(key, listen)?));
             info!(listen, listener = access.label(), "proxy listening");
-            proxies.push(tokio::spawn(crate::proxy::serve(
-                listener,
-                *access,
+        }
+        let proxy = if listeners.is_empty() {
+            None
+        } else {
+            Some(crate::proxy::spawn(
+                listeners,
                 self.route.subscribe(),
                 self.proxy_wait,
                 self.proxy_stats.clone(),
-            )));
-        }
+            )?)
+        };
         // One command at a time: a second caller waits its turn.
         let (command_tx, mut commands) = tokio::sync::mpsc::channel(1);
         info!(listen = %self.api_listen, "REST API listening");
@@ -656,9 +659,7 @@ impl<D: Dcs> Agent<D> {
         self.shut_down().await;
         keeper.abort();
         api.abort();
-        for proxy in proxies {
-            proxy.abort();
-        }
+        drop(proxy);
         self.fence_clock.stop();
         let _ = watchdog.join();
         watcher.abort();

@@ -73,7 +73,7 @@ impl fmt::Debug for Credentials {
     }
 }
 
-fn default_bin_dir() -> PathBuf {
+pub fn default_bin_dir() -> PathBuf {
     PathBuf::from("/usr/lib/postgresql/15/bin")
 }
 fn default_listen() -> String {

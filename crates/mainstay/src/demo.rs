@@ -297,6 +297,14 @@ pub fn describe(view: &ClusterView) -> String {
     format!("leader={leader} | {}", members.join(" | "))
 }
 
+/// This executable, which local clusters run as their agents.
+pub fn own_binary() -> Result<PathBuf, ExitCode> {
+    std::env::current_exe().map_err(|err| {
+        eprintln!("error: cannot find the mainstay binary: {err}");
+        ExitCode::from(1)
+    })
+}
+
 pub async fn run(args: DemoArgs) -> ExitCode {
     if args.profile != "default" && args.profile != "fast" {
         eprintln!(
@@ -318,12 +326,9 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let exe = match std::env::current_exe() {
+    let exe = match own_binary() {
         Ok(exe) => exe,
-        Err(err) => {
-            eprintln!("error: cannot find the mainstay binary: {err}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let mut cluster = match LocalCluster::start(&dir, args.nodes as usize, &exe, &args.profile) {
         Ok(cluster) => cluster,

@@ -89,6 +89,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
+            mainstay::proxy::raise_open_files_limit();
             runtime().block_on(run_agent(config))
         }
         Command::Demo(args) => {

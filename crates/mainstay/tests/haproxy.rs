@@ -17,18 +17,16 @@ use mainstay_core::{ClusterView, PgRole};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
-const HAPROXY: &str = "/usr/sbin/haproxy";
+use mainstay_testkit::HAPROXY;
 
 /// An HAProxy process with a `listen primary` and a `listen replicas`
 /// section over every node of the cluster. Drop kills it by PID.
 struct Haproxy {
-    child: Child,
-    dir: PathBuf,
+    process: mainstay_testkit::Haproxy,
     socket: PathBuf,
     primary_port: u16,
     replicas_port: u16,
@@ -84,44 +82,9 @@ listen replicas
 {servers}",
             socket = socket.display(),
         );
-        let file = dir.join("haproxy.cfg");
-        std::fs::write(&file, cfg).unwrap();
-        let check = Command::new(HAPROXY)
-            .arg("-c")
-            .arg("-f")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            check.status.success(),
-            "haproxy -c refuses {}: {}{}",
-            file.display(),
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let log = std::fs::File::create(dir.join("haproxy.log")).unwrap();
-        let mut command = Command::new(HAPROXY);
-        // Should the test process die without unwinding, HAProxy goes with
-        // it (the signal follows this thread, which runs the whole test).
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = command
-            .arg("-f")
-            .arg(&file)
-            .arg("-db")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting haproxy");
+        let process = mainstay_testkit::Haproxy::start(&dir, &cfg).unwrap();
         let mut proxy = Haproxy {
-            child,
-            dir,
+            process,
             socket,
             primary_port,
             replicas_port,
@@ -129,8 +92,8 @@ listen replicas
         // Up once its stats socket answers.
         let deadline = Instant::now() + Duration::from_secs(10);
         while proxy.stats().is_err() {
-            if let Ok(Some(status)) = proxy.child.try_wait() {
-                panic!("haproxy exited ({status}):\n{}", proxy.log());
+            if let Err(exited) = proxy.process.check_alive() {
+                panic!("{exited}");
             }
             assert!(
                 Instant::now() < deadline,
@@ -143,7 +106,7 @@ listen replicas
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
+        self.process.log()
     }
 
     /// `show stat` on the stats socket: the status (UP, DOWN...) of each
@@ -223,8 +186,6 @@ listen replicas
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         if std::thread::panicking() {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();

@@ -6,8 +6,10 @@
 //! `#[tokio::test]` functions alike, and must not need (or nest) a runtime.
 
 mod etcd;
+mod haproxy;
 
 pub use etcd::Etcd;
+pub use haproxy::{HAPROXY, Haproxy};
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener};

@@ -1,4 +1,4 @@
-//! `mainstay bench failover|switchover`: a 3-node cluster on loopback, a
+//! `mainstay bench failover|switchover` (and `proxy`, in its own module): a 3-node cluster on loopback, a
 //! steady single-row INSERT load through a read-write multi-host connection,
 //! and either a kill -9 of the primary's agent and postmaster together, or a
 //! planned switchover through the REST API. Reports write unavailability and
@@ -22,12 +22,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
+mod proxy;
+
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {
     /// Crash the primary under load and measure the failover.
     Failover(FailoverArgs),
     /// Planned switchover under load: measure the pause in writes.
     Switchover(FailoverArgs),
+    /// pgbench TPS direct, through mainstay's proxy and through HAProxy.
+    Proxy(proxy::ProxyArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -59,6 +63,7 @@ pub async fn run(command: BenchCommand) -> ExitCode {
     match command {
         BenchCommand::Failover(args) => failover(args, Disruption::Kill).await,
         BenchCommand::Switchover(args) => failover(args, Disruption::Switchover).await,
+        BenchCommand::Proxy(args) => proxy::run(args).await,
     }
 }
 
@@ -109,26 +114,13 @@ async fn failover(args: FailoverArgs, disruption: Disruption) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let base = args.dir.clone().unwrap_or_else(|| {
-        if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        }
-    });
-    let exe = match std::env::current_exe() {
+    let exe = match crate::demo::own_binary() {
         Ok(exe) => exe,
-        Err(err) => {
-            eprintln!("error: cannot find the mainstay binary: {err}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let mut results = Vec::new();
     for run in 1..=args.runs {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = base.join(format!("mainstay-bench-{}-{stamp}", std::process::id()));
+        let dir = scratch_dir(args.dir.as_deref(), what);
         match one_run(&dir, &exe, &args.profile, disruption, sync).await {
             Ok(result) => {
                 eprintln!(
@@ -193,6 +185,25 @@ async fn failover(args: FailoverArgs, disruption: Disruption) -> ExitCode {
         println!("{report}");
     }
     ExitCode::SUCCESS
+}
+
+/// A fresh directory name for one benchmark cluster, under `base` or
+/// /dev/shm (tmpfs: fsync costs nothing, so the figures measure mainstay).
+fn scratch_dir(base: Option<&Path>, what: &str) -> PathBuf {
+    let base = base.map(Path::to_path_buf).unwrap_or_else(|| {
+        if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    base.join(format!(
+        "mainstay-bench-{what}-{}-{stamp}",
+        std::process::id()
+    ))
 }
 
 fn etcd_version() -> String {
