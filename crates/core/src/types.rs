@@ -97,6 +97,9 @@ pub struct MemberStatus {
     /// election: the old primary had fenced itself before its key vanished.
     pub view_revision: i64,
     pub view_had_leader: bool,
+    /// The virtual IP this node holds now ("10.0.0.50/24"), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
 }
 
 impl MemberRecord {
@@ -122,6 +125,7 @@ impl MemberRecord {
                 version: String::new(),
                 view_revision: 1,
                 view_had_leader: true,
+                vip: None,
             },
             mod_revision: 1,
             lease_id: 1,

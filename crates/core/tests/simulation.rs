@@ -721,6 +721,7 @@ impl Sim {
             version: String::new(),
             view_revision: view.revision,
             view_had_leader: view.leader.is_some(),
+            vip: None,
         };
         let revision = self.dcs.bump();
         self.dcs

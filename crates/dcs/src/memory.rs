@@ -636,6 +636,7 @@ mod tests {
             version: String::new(),
             view_revision: 0,
             view_had_leader: false,
+            vip: None,
         }
     }
 

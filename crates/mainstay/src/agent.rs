@@ -108,6 +108,12 @@ pub struct Agent<D: Dcs> {
     proxy_stats: Arc<ProxyStats>,
     /// When the last DCS view was read (the route is trusted from there).
     view_read_at: Option<Instant>,
+    /// The virtual IP, if configured; whether this node leads with a
+    /// running primary (published after every turn); whether it holds the
+    /// VIP now (published by the VIP task).
+    vip: Option<crate::vip::VipSpec>,
+    leading: watch::Sender<bool>,
+    vip_held: watch::Sender<bool>,
 }
 
 pub fn pg_settings(config: &Config) -> PgSettings {
@@ -216,6 +222,10 @@ impl<D: Dcs> Agent<D> {
             route: watch::Sender::new(Route::nowhere()),
             proxy_stats: Arc::default(),
             view_read_at: None,
+            // Validated with the config.
+            vip: config.vip_spec().ok().flatten(),
+            leading: watch::Sender::new(false),
+            vip_held: watch::Sender::new(false),
             api_auth: ApiAuth {
                 basic: config.api.username.clone().zip(config.api.password.clone()),
                 token: config.api.token.clone(),
@@ -506,6 +516,10 @@ impl<D: Dcs> Agent<D> {
             lease_renew_latency: (latency > 0).then(|| Duration::from_micros(latency)),
             paused: self.dynamic.pause,
             pending_restart: self.pending_restart.clone(),
+            vip: self
+                .vip
+                .as_ref()
+                .map(|v| (v.cidr(), *self.vip_held.borrow())),
             sync_standbys: self
                 .last_view
                 .as_ref()
@@ -521,7 +535,61 @@ impl<D: Dcs> Agent<D> {
                 .unwrap_or_default(),
             ..(*previous).clone()
         };
+        self.leading.send_if_modified(|leading| {
+            let now = snapshot.is_primary_leader();
+            std::mem::replace(leading, now) != now
+        });
         self.snapshot.send_replace(Arc::new(snapshot));
+    }
+
+    /// Checks the capabilities and the interface (a startup error when
+    /// either is missing), then runs the VIP task: it holds the address
+    /// while this node leads with a running primary, for no longer than
+    /// the lease's fencing deadline, which each renewal extends.
+    async fn start_vip(
+        &self,
+        spec: crate::vip::VipSpec,
+    ) -> Result<
+        (
+            tokio::sync::oneshot::Sender<()>,
+            tokio::task::JoinHandle<()>,
+        ),
+        String,
+    > {
+        crate::vip::check_capabilities()?;
+        let cidr = spec.cidr();
+        let vip = crate::vip::Vip::open(spec).await?;
+        info!(vip = %cidr, "virtual IP managed");
+        let (hold_tx, hold_rx) = watch::channel(None);
+        let (mut lease, mut leading) = (self.lease.clone(), self.leading.subscribe());
+        tokio::spawn(async move {
+            loop {
+                let hold_until = if *leading.borrow_and_update() {
+                    let lease = *lease.borrow_and_update();
+                    lease.id.map(|_| lease.valid_until)
+                } else {
+                    None
+                };
+                hold_tx.send_if_modified(|current| {
+                    let changed = *current != hold_until;
+                    *current = hold_until;
+                    changed
+                });
+                tokio::select! {
+                    changed = lease.changed() => if changed.is_err() { break },
+                    changed = leading.changed() => if changed.is_err() { break },
+                }
+            }
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(crate::vip::run(
+            vip,
+            hold_rx,
+            self.vip_held.clone(),
+            self.timing.loop_wait.min(Duration::from_secs(1)),
+            stopped,
+        ));
+        Ok((stop, task))
     }
 
     fn millis(&self, at: Instant) -> Millis {
@@ -531,6 +599,11 @@ impl<D: Dcs> Agent<D> {
     /// Runs until `shutdown` resolves (SIGTERM/SIGINT) or a fatal error.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
         info!(node = %self.name, ttl = ?self.timing.ttl, loop_wait = ?self.timing.loop_wait, "agent starting");
+        // The interface is checked before anything is written.
+        let vip = match &self.vip {
+            Some(spec) => Some(self.start_vip(spec.clone()).await?),
+            None => None,
+        };
         self.pg
             .write_pgpass()
             .await
@@ -656,6 +729,12 @@ impl<D: Dcs> Agent<D> {
                 _ = tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(5))) => {}
             }
         };
+        if let Some((stop, task)) = vip {
+            // The address goes before PostgreSQL stops: clients get a quick
+            // refusal from the next holder instead of a timeout here.
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
         self.shut_down().await;
         keeper.abort();
         api.abort();
@@ -1569,6 +1648,11 @@ impl<D: Dcs> Agent<D> {
             version: env!("CARGO_PKG_VERSION").into(),
             view_revision: view.revision,
             view_had_leader: view.leader.is_some(),
+            vip: self
+                .vip
+                .as_ref()
+                .filter(|_| *self.vip_held.borrow())
+                .map(|v| v.cidr()),
         };
         match tokio::time::timeout(self.timing.dcs_timeout, self.dcs.put_member(&status, lease))
             .await

@@ -20,6 +20,10 @@ pub struct Config {
     pub cluster: String,
     /// This node's name, unique in the cluster.
     pub name: String,
+    /// A virtual IP with its prefix ("10.0.0.50/24") that the leader holds
+    /// on `vip_interface` while its PostgreSQL runs as primary.
+    pub vip: Option<String>,
+    pub vip_interface: Option<String>,
     pub etcd: EtcdConfig,
     pub postgresql: PgConfig,
     #[serde(default)]
@@ -327,9 +331,30 @@ impl Config {
         Ok(config)
     }
 
+    /// The virtual IP, if configured (both keys or neither).
+    pub fn vip_spec(&self) -> Result<Option<crate::vip::VipSpec>, (&'static str, String)> {
+        match (&self.vip, &self.vip_interface) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err((
+                "vip_interface",
+                "is missing: vip needs the interface to add it on, e.g. vip_interface = \"eth0\""
+                    .into(),
+            )),
+            (None, Some(_)) => Err((
+                "vip",
+                "is missing: vip_interface is set but no address, e.g. vip = \"10.0.0.50/24\""
+                    .into(),
+            )),
+            (Some(vip), Some(interface)) => crate::vip::VipSpec::parse(vip, interface)
+                .map(Some)
+                .map_err(|e| ("vip", e)),
+        }
+    }
+
     fn validate(&self) -> Result<(), (&'static str, String)> {
         check_name("cluster", &self.cluster)?;
         check_name("name", &self.name)?;
+        self.vip_spec()?;
         if self.etcd.endpoints.is_empty() {
             return Err((
                 "etcd.endpoints",
@@ -651,8 +676,12 @@ replication = { username = "replicator", password = "r3pl" }
 "#;
 
     fn check(extra: &str, key: Option<&str>, needle: &str) {
-        let text = format!("{GOOD}{extra}");
-        match Config::parse(Path::new("test.toml"), &text) {
+        check_text(&format!("{GOOD}{extra}"), key, needle);
+    }
+
+    fn check_text(text: &str, key: Option<&str>, needle: &str) {
+        let extra = text;
+        match Config::parse(Path::new("test.toml"), text) {
             Ok(_) => panic!("accepted: {extra}"),
             Err(err) => {
                 assert_eq!(err.key.as_deref(), key, "{err}");
@@ -697,6 +726,43 @@ replication = { username = "replicator", password = "r3pl" }
             Some("api.listen"),
             "IP:PORT",
         );
+    }
+
+    #[test]
+    fn bad_vip_and_proxy_settings_name_the_key() {
+        if !default_bin_dir().join("postgres").exists() {
+            return;
+        }
+        let top = |lines: &str| format!("{lines}\n{GOOD}");
+        check_text(
+            &top("vip = \"10.0.0.50/24\""),
+            Some("vip_interface"),
+            "eth0",
+        );
+        check_text(&top("vip_interface = \"eth0\""), Some("vip"), "no address");
+        check_text(
+            &top("vip = \"10.0.0.50\"\nvip_interface = \"eth0\""),
+            Some("vip"),
+            "prefix length",
+        );
+        check(
+            "[proxy]\nread_only_listen = \"everywhere\"\n",
+            Some("proxy.read_only_listen"),
+            "IP:PORT",
+        );
+        check(
+            "[proxy]\nreplica_max_lag = \"lots\"\n",
+            Some("proxy.replica_max_lag"),
+            "16MB",
+        );
+        check(
+            "[proxy]\nlisten = \"0.0.0.0:5000\"\nread_only_listen = \"0.0.0.0:5000\"\n",
+            Some("proxy.read_only_listen"),
+            "own port",
+        );
+        let good = top("vip = \"10.0.0.50/24\"\nvip_interface = \"eth0\"");
+        let config = Config::parse(Path::new("t"), &good).unwrap();
+        assert_eq!(config.vip_spec().unwrap().unwrap().cidr(), "10.0.0.50/24");
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub struct Node {
     pub proxy_port: u16,
     /// The built-in read-only proxy: connect here to reach a replica.
     pub read_only_port: u16,
+    /// Where its PostgreSQL and API are reached: 127.0.0.1, or its lab
+    /// host's address.
+    pub host: String,
+    /// Its lab host (network namespace), if it runs in one.
+    pub netns: Option<String>,
     agent: Option<Child>,
 }
 
@@ -53,8 +58,8 @@ impl Node {
     }
     pub fn conninfo(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres",
-            self.pg_port
+            "host={} port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres",
+            self.host, self.pg_port
         )
     }
     /// The postmaster's PID from `postmaster.pid`, if one runs.
@@ -68,10 +73,22 @@ impl Node {
 pub struct LocalCluster {
     pub dir: PathBuf,
     pub cluster: String,
-    pub etcd: Etcd,
+    /// One member on loopback, or one per lab host.
+    pub etcd: Vec<Etcd>,
     pub nodes: Vec<Node>,
     exe: PathBuf,
+    /// Lines placed at the top of every node's configuration.
+    extra_config: String,
+    /// Dropped last: the namespaces go once their processes are gone.
+    pub lab: Option<mainstay_testkit::netns::Lab>,
 }
+
+/// Ports of every lab node (each host has its own addresses, so they are
+/// the same on every host; none is a default port).
+pub const LAB_PG_PORT: u16 = 15432;
+pub const LAB_API_PORT: u16 = 18008;
+pub const LAB_PROXY_PORT: u16 = 15000;
+pub const LAB_READ_ONLY_PORT: u16 = 15001;
 
 fn make_dir(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -98,9 +115,11 @@ impl LocalCluster {
         let mut cluster = LocalCluster {
             dir: dir.to_path_buf(),
             cluster: "demo".into(),
-            etcd,
+            etcd: vec![etcd],
             nodes: Vec::new(),
             exe: exe.to_path_buf(),
+            extra_config: String::new(),
+            lab: None,
         };
         for i in 1..=nodes {
             let name = format!("node{i}");
@@ -113,6 +132,8 @@ impl LocalCluster {
                 api_port: free_port(),
                 proxy_port: free_port(),
                 read_only_port: free_port(),
+                host: "127.0.0.1".into(),
+                netns: None,
                 name,
                 agent: None,
             };
@@ -125,18 +146,84 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    /// One host per lab namespace, each with an etcd member, an agent and
+    /// PostgreSQL listening on every address of its host (so also on a
+    /// VIP), reached at the host's address. `extra_config` goes at the top
+    /// of every configuration (e.g. `vip = ...`). Call it from a thread in
+    /// a namespace that reaches the hosts (the lab's client).
+    pub fn start_in_lab(
+        dir: &Path,
+        lab: mainstay_testkit::netns::Lab,
+        hosts: usize,
+        exe: &Path,
+        profile: &str,
+        extra_config: &str,
+    ) -> io::Result<LocalCluster> {
+        make_dir(dir)?;
+        let placements: Vec<(String, std::net::Ipv4Addr)> = (0..hosts)
+            .map(|i| (lab.host(i).to_string(), lab.host_ip(i)))
+            .collect();
+        let etcd = Etcd::start_in_namespaces(&dir.join("etcd"), &placements)?;
+        let mut cluster = LocalCluster {
+            dir: dir.to_path_buf(),
+            cluster: "lab".into(),
+            etcd,
+            nodes: Vec::new(),
+            exe: exe.to_path_buf(),
+            extra_config: extra_config.to_string(),
+            lab: None,
+        };
+        for (i, (ns, address)) in placements.into_iter().enumerate() {
+            let name = format!("node{}", i + 1);
+            let node_dir = dir.join(&name);
+            make_dir(&node_dir)?;
+            let node = Node {
+                config: node_dir.join("mainstay.toml"),
+                dir: node_dir,
+                pg_port: LAB_PG_PORT,
+                api_port: LAB_API_PORT,
+                proxy_port: LAB_PROXY_PORT,
+                read_only_port: LAB_READ_ONLY_PORT,
+                host: address.to_string(),
+                netns: Some(ns),
+                name,
+                agent: None,
+            };
+            fs::write(&node.config, cluster.config_text(&node, profile))?;
+            cluster.nodes.push(node);
+        }
+        cluster.lab = Some(lab);
+        for i in 0..hosts {
+            cluster.start_agent(i)?;
+        }
+        Ok(cluster)
+    }
+
     pub fn config_text(&self, node: &Node, profile: &str) -> String {
+        // In a lab, servers listen on every address of their host (a VIP
+        // included); on loopback, only on 127.0.0.1.
+        let any = if node.netns.is_some() {
+            "0.0.0.0"
+        } else {
+            node.host.as_str()
+        };
+        let endpoints: Vec<String> = self
+            .etcd
+            .iter()
+            .map(|e| format!("\"{}\"", e.endpoint()))
+            .collect();
         format!(
             r#"# Written by `mainstay demo`; see docs/configuration.md.
 cluster = "{cluster}"
 name = "{name}"
-
+{extra}
 [etcd]
-endpoints = ["{endpoint}"]
+endpoints = [{endpoints}]
 
 [postgresql]
 data_dir = "{data}"
-listen = "127.0.0.1"
+listen = "{any}"
+connect_address = "{host}"
 port = {port}
 superuser = {{ username = "{SUPERUSER}", password = "{SUPERUSER_PASSWORD}" }}
 replication = {{ username = "replicator", password = "demo-replication-secret" }}
@@ -145,20 +232,22 @@ replication = {{ username = "replicator", password = "demo-replication-secret" }
 parameters = {{ shared_buffers = "32MB", max_connections = "50", dynamic_shared_memory_type = "mmap" }}
 
 [api]
-listen = "127.0.0.1:{api}"
+listen = "{host}:{api}"
 username = "{API_USER}"
 password = "{API_PASSWORD}"
 
 [proxy]
-listen = "127.0.0.1:{proxy}"
-read_only_listen = "127.0.0.1:{read_only}"
+listen = "{any}:{proxy}"
+read_only_listen = "{any}:{read_only}"
 
 [timing]
 profile = "{profile}"
 "#,
             cluster = self.cluster,
             name = node.name,
-            endpoint = self.etcd.endpoint(),
+            extra = self.extra_config,
+            endpoints = endpoints.join(", "),
+            host = node.host,
             data = node.data_dir().display(),
             port = node.pg_port,
             api = node.api_port,
@@ -173,7 +262,10 @@ profile = "{profile}"
             .create(true)
             .append(true)
             .open(node.agent_log())?;
-        let mut command = Command::new(&self.exe);
+        let mut command = match &node.netns {
+            Some(ns) => mainstay_testkit::netns::Lab::command(ns, &self.exe),
+            None => Command::new(&self.exe),
+        };
         // If whoever started the cluster dies, its agents shut down cleanly
         // instead of running on unattended.
         unsafe {
@@ -243,18 +335,22 @@ profile = "{profile}"
         for i in 0..self.nodes.len() {
             self.stop_agent(i, Duration::from_secs(30));
         }
-        let _ = self.etcd.stop();
+        for etcd in &mut self.etcd {
+            let _ = etcd.stop();
+        }
     }
 
     pub async fn dcs(&self) -> Result<EtcdDcs, String> {
-        let mut settings = EtcdSettings::new(vec![self.etcd.endpoint()], self.cluster.clone());
+        let endpoints = self.etcd.iter().map(Etcd::endpoint).collect();
+        let mut settings = EtcdSettings::new(endpoints, self.cluster.clone());
         settings.request_timeout = Duration::from_secs(2);
         EtcdDcs::connect(settings).await.map_err(|e| e.to_string())
     }
 
     /// libpq multi-host string that always lands on the writable node.
     pub fn multi_host_conninfo(&self) -> String {
-        let hosts = vec!["127.0.0.1"; self.nodes.len()].join(",");
+        let hosts: Vec<&str> = self.nodes.iter().map(|n| n.host.as_str()).collect();
+        let hosts = hosts.join(",");
         let ports: Vec<String> = self.nodes.iter().map(|n| n.pg_port.to_string()).collect();
         format!(
             "host={hosts} port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres target_session_attrs=read-write connect_timeout=2",
@@ -343,7 +439,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     println!(
         "mainstay demo: {} nodes, etcd at {}, files in {}",
         args.nodes,
-        cluster.etcd.endpoint(),
+        cluster.etcd[0].endpoint(),
         dir.display()
     );
     for node in &cluster.nodes {

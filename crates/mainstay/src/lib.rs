@@ -9,3 +9,4 @@ pub mod ctl;
 pub mod demo;
 pub mod proxy;
 pub mod tls;
+pub mod vip;

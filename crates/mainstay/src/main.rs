@@ -119,6 +119,14 @@ fn init_logging() {
 }
 
 async fn run_agent(config: Config) -> ExitCode {
+    // Before anything else happens: a VIP the agent cannot manage would be
+    // a silent hole in the failover.
+    if config.vip.is_some()
+        && let Err(err) = mainstay::vip::check_capabilities()
+    {
+        eprintln!("error: {err}");
+        return ExitCode::from(1);
+    }
     let timing = config.timing.effective();
     let mut settings =
         mainstay_dcs::EtcdSettings::new(config.etcd.endpoints.clone(), config.cluster.clone());

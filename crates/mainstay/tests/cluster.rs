@@ -466,7 +466,7 @@ fn a_primary_cut_off_from_etcd_stops_writing_before_its_lease_can_expire() {
             .postmaster_pid()
             .expect("postmaster running");
         // Freeze etcd: no renewal can succeed from now on.
-        h.cluster.etcd.pause().unwrap();
+        h.cluster.etcd[0].pause().unwrap();
         let frozen_at = Instant::now();
         let deadline = frozen_at + Duration::from_secs(10);
         while h.cluster.nodes[index].postmaster_pid() == Some(postmaster) {
@@ -493,7 +493,7 @@ fn a_primary_cut_off_from_etcd_stops_writing_before_its_lease_can_expire() {
                 "{node} accepts writes while etcd is frozen"
             );
         }
-        h.cluster.etcd.resume().unwrap();
+        h.cluster.etcd[0].resume().unwrap();
         // Statuses published before the freeze are still in etcd: write for
         // real to find the primary.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -775,7 +775,7 @@ fn failsafe_mode_keeps_the_primary_writing_while_every_member_confirms_it() {
             .unwrap();
         // etcd loses its quorum (frozen): three ttls later the same primary
         // still commits, and nobody else accepts writes.
-        h.cluster.etcd.pause().unwrap();
+        h.cluster.etcd[0].pause().unwrap();
         let frozen_at = Instant::now();
         let mut commits = 0;
         while frozen_at.elapsed() < Duration::from_secs(12) {
@@ -797,7 +797,7 @@ fn failsafe_mode_keeps_the_primary_writing_while_every_member_confirms_it() {
         }
         eprintln!("{commits} commits while etcd was frozen");
         // Back to normal: the same leader, everyone streaming.
-        h.cluster.etcd.resume().unwrap();
+        h.cluster.etcd[0].resume().unwrap();
         assert_eq!(h.healthy(Duration::from_secs(60)).await, leader);
 
         // A member the leader cannot reach: it must fence at its deadline.
@@ -818,7 +818,7 @@ fn failsafe_mode_keeps_the_primary_writing_while_every_member_confirms_it() {
             .find(|n| *n != leader && *n != other)
             .unwrap();
         let postmaster = h.cluster.nodes[index].postmaster_pid().unwrap();
-        h.cluster.etcd.pause().unwrap();
+        h.cluster.etcd[0].pause().unwrap();
         let j = h.cluster.node_index(&last).unwrap();
         h.cluster.kill_node(j);
         let frozen_at = Instant::now();
@@ -833,7 +833,7 @@ fn failsafe_mode_keeps_the_primary_writing_while_every_member_confirms_it() {
             "fenced {:?} after etcd froze with a member gone",
             frozen_at.elapsed()
         );
-        h.cluster.etcd.resume().unwrap();
+        h.cluster.etcd[0].resume().unwrap();
         h.passed = true;
     });
 }

@@ -31,6 +31,10 @@ static CLUSTER_COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug)]
 pub struct Etcd {
     name: String,
+    /// Where it listens: 127.0.0.1, or a lab host's address.
+    host: std::net::Ipv4Addr,
+    /// The network namespace it runs in, if not the caller's.
+    netns: Option<String>,
     client_port: u16,
     args: Vec<OsString>,
     log_path: PathBuf,
@@ -73,7 +77,7 @@ impl Etcd {
 
     /// The client URL, e.g. `http://127.0.0.1:40123`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{}", self.host, self.client_port)
     }
 
     /// The member name given with `--name`.
@@ -184,7 +188,10 @@ impl Etcd {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let mut command = Command::new(etcd_binary());
+        let mut command = match &self.netns {
+            Some(ns) => crate::netns::Lab::command(ns, etcd_binary()),
+            None => Command::new(etcd_binary()),
+        };
         command
             .args(&self.args)
             .stdin(Stdio::null())
@@ -226,7 +233,7 @@ impl Etcd {
                     self.log_tail(20)
                 )));
             }
-            if answers_range_request(self.client_port) {
+            if answers_range_request(self.host, self.client_port) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -257,27 +264,55 @@ impl Drop for Etcd {
     }
 }
 
+/// Where one member runs: namespace, address, client and peer ports.
+type Placement = (Option<String>, std::net::Ipv4Addr, u16, u16);
+
 fn try_start_cluster(dir: &Path, size: usize) -> io::Result<Vec<Etcd>> {
+    let localhost = std::net::Ipv4Addr::LOCALHOST;
+    let placements: Vec<Placement> = (0..size)
+        .map(|_| (None, localhost, free_port(), free_port()))
+        .collect();
+    start_members(dir, placements)
+}
+
+impl Etcd {
+    /// Starts one member in each of `hosts` (namespace, address), on ports
+    /// 12379 (clients) and 12380 (peers), not etcd's defaults; returns once
+    /// each answers. Call it from a thread whose namespace reaches these
+    /// addresses (e.g. the lab's client).
+    pub fn start_in_namespaces(
+        dir: &Path,
+        hosts: &[(String, std::net::Ipv4Addr)],
+    ) -> io::Result<Vec<Etcd>> {
+        fs::create_dir_all(dir)?;
+        let placements = hosts
+            .iter()
+            .map(|(ns, address)| (Some(ns.clone()), *address, 12379, 12380))
+            .collect();
+        start_members(dir, placements)
+    }
+}
+
+fn start_members(dir: &Path, placements: Vec<Placement>) -> io::Result<Vec<Etcd>> {
     let token = format!(
         "testkit-{}-{}",
         std::process::id(),
         CLUSTER_COUNTER.fetch_add(1, Ordering::Relaxed)
     );
-    let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
-    let initial_cluster = ports
+    let initial_cluster = placements
         .iter()
         .enumerate()
-        .map(|(i, (_, peer))| format!("etcd{i}=http://127.0.0.1:{peer}"))
+        .map(|(i, (_, host, _, peer))| format!("etcd{i}=http://{host}:{peer}"))
         .collect::<Vec<_>>()
         .join(",");
-    let mut members = Vec::with_capacity(size);
-    for (i, (client_port, peer_port)) in ports.into_iter().enumerate() {
+    let mut members = Vec::with_capacity(placements.len());
+    for (i, (netns, host, client_port, peer_port)) in placements.into_iter().enumerate() {
         let name = format!("etcd{i}");
         // A fresh data dir per attempt: a half-started member from a failed
         // attempt must not make this one rejoin an older cluster.
         let data_dir = dir.join(format!("{name}-{token}.data"));
-        let client_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let client_url = format!("http://{host}:{client_port}");
+        let peer_url = format!("http://{host}:{peer_port}");
         let args: Vec<OsString> = [
             "--name",
             &name,
@@ -311,6 +346,8 @@ fn try_start_cluster(dir: &Path, size: usize) -> io::Result<Vec<Etcd>> {
         let mut member = Etcd {
             log_path: dir.join(format!("{name}.log")),
             name,
+            host,
+            netns,
             client_port,
             args,
             child: None,
@@ -372,8 +409,8 @@ fn not_running() -> io::Error {
 /// client port. It is answered only once the member serves requests and the
 /// cluster has a leader, which is what a test needs before it begins. Plain
 /// HTTP/1.1 keeps this free of any async runtime.
-fn answers_range_request(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+fn answers_range_request(host: std::net::Ipv4Addr, port: u16) -> bool {
+    let addr = SocketAddr::from((host, port));
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
@@ -384,7 +421,7 @@ fn answers_range_request(port: u16) -> bool {
     // Key "/" in base64.
     let body = r#"{"key":"Lw=="}"#;
     let request = format!(
-        "POST /v3/kv/range HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+        "POST /v3/kv/range HTTP/1.1\r\nHost: {host}:{port}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
         body.len()
@@ -427,20 +464,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut etcd = Etcd::start(dir.path()).unwrap();
         let port: u16 = etcd.endpoint().rsplit(':').next().unwrap().parse().unwrap();
-        assert!(answers_range_request(port));
+        assert!(answers_range_request(std::net::Ipv4Addr::LOCALHOST, port));
 
         etcd.pause().unwrap();
         assert!(
-            !answers_range_request(port),
+            !answers_range_request(std::net::Ipv4Addr::LOCALHOST, port),
             "a paused etcd must not answer"
         );
         etcd.resume().unwrap();
-        assert!(answers_range_request(port));
+        assert!(answers_range_request(std::net::Ipv4Addr::LOCALHOST, port));
 
         etcd.stop().unwrap();
         assert!(!etcd.is_running());
         etcd.restart().unwrap();
-        assert!(answers_range_request(port));
+        assert!(answers_range_request(std::net::Ipv4Addr::LOCALHOST, port));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod etcd;
 mod haproxy;
+pub mod netns;
 
 pub use etcd::Etcd;
 pub use haproxy::{HAPROXY, Haproxy};

@@ -33,6 +33,7 @@ pub fn member(name: &str) -> MemberStatus {
         version: "test".into(),
         view_revision: 0,
         view_had_leader: false,
+        vip: None,
     }
 }
 

@@ -243,6 +243,14 @@ pub fn render(node: &NodeSnapshot) -> String {
             out.metric(name, kind, help, &samples);
         }
     }
+    if let Some((address, held)) = &node.vip {
+        out.metric(
+            "vip_held",
+            "gauge",
+            "1 while this node holds the virtual IP on its interface.",
+            &[(format!("{{{}}}", label("address", address)), flag(*held))],
+        );
+    }
     if !node.proxy_refused.is_empty() {
         let samples: Vec<(String, f64)> = node
             .proxy_refused

@@ -65,6 +65,8 @@ pub struct NodeSnapshot {
     pub proxy_refused: Vec<(&'static str, u64)>,
     /// Members the leader guarantees hold every acknowledged commit.
     pub sync_standbys: Vec<String>,
+    /// The configured virtual IP and whether this node holds it now.
+    pub vip: Option<(String, bool)>,
 }
 
 impl NodeSnapshot {
@@ -91,6 +93,7 @@ impl NodeSnapshot {
             proxy: Vec::new(),
             proxy_refused: Vec::new(),
             sync_standbys: Vec::new(),
+            vip: None,
         }
     }
 

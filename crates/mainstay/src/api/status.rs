@@ -161,6 +161,9 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
                 "timeline": m.timeline,
                 "tags": tags(&m.tags),
             });
+            if let Some(vip) = &m.vip {
+                member["vip"] = json!(vip);
+            }
             if !is_leader && m.role == PgRole::Replica {
                 let lsn = m.received_lsn.max(m.replayed_lsn);
                 let lag_value = leader_lsn.map_or(json!("unknown"), |l| json!(lag(l, lsn)));

@@ -480,6 +480,7 @@ impl Ctl {
             "TL".into(),
             "Lag (bytes)".into(),
             "Tags".into(),
+            "VIP".into(),
         ]];
         for m in cluster["members"].as_array().into_iter().flatten() {
             let text = |v: &Value| match v {
@@ -504,6 +505,7 @@ impl Ctl {
                 text(&m["timeline"]),
                 text(&m["lag"]),
                 tags,
+                text(&m["vip"]),
             ]);
         }
         print_table(&rows);

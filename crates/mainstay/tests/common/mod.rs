@@ -88,6 +88,15 @@ impl Harness {
         }
     }
 
+    /// A harness around a cluster started otherwise (e.g. in a lab).
+    pub fn adopt(cluster: LocalCluster) -> Harness {
+        Harness {
+            dir: cluster.dir.clone(),
+            cluster,
+            passed: false,
+        }
+    }
+
     /// Every node's name, in start order.
     pub fn names(&self) -> Vec<String> {
         self.cluster.nodes.iter().map(|n| n.name.clone()).collect()
@@ -196,11 +205,9 @@ pub async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
 
 pub fn api(h: &Harness, node: &str) -> mainstay::ctl::client::ApiClient {
     let i = h.cluster.node_index(node).unwrap();
-    mainstay::ctl::client::ApiClient::new(&format!(
-        "http://127.0.0.1:{}",
-        h.cluster.nodes[i].api_port
-    ))
-    .with_timeout(Duration::from_secs(5))
+    let node = &h.cluster.nodes[i];
+    mainstay::ctl::client::ApiClient::new(&format!("http://{}:{}", node.host, node.api_port))
+        .with_timeout(Duration::from_secs(5))
 }
 
 /// The status code of `method path` on `node`.
