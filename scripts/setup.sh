@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what mainstay needs on Debian 12 and nothing else, idempotently:
 # PostgreSQL 15 (without Debian's default cluster: mainstay manages its own),
-# etcd, protoc (the etcd-client crate compiles etcd's protobufs) and HAProxy
-# (the integration tests check mainstay's REST API behind a real one).
+# etcd, protoc (the etcd-client crate compiles etcd's protobufs), HAProxy
+# (the integration tests check mainstay's REST API behind a real one),
+# iproute2 (the virtual IP tests build hosts as network namespaces) and
+# keepalived (`mainstay bench endpoints` compares the VIP with it).
 # Safe to run again and again; it only calls apt-get when something is missing.
 set -euo pipefail
 
-packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl)
+packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -27,13 +29,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
     # The haproxy package starts its service where an init system runs it;
     # the tests start their own haproxy processes, so stop the one we just
     # installed (a service that was already there is left alone).
-    if [[ " ${missing[*]} " == *" haproxy "* ]]; then
-        if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-            $sudo systemctl stop haproxy >/dev/null 2>&1 || true
-        else
-            $sudo service haproxy stop >/dev/null 2>&1 || true
+    for service in haproxy keepalived; do
+        if [[ " ${missing[*]} " == *" $service "* ]]; then
+            if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+                $sudo systemctl stop "$service" >/dev/null 2>&1 || true
+            else
+                $sudo service "$service" stop >/dev/null 2>&1 || true
+            fi
         fi
-    fi
+    done
 fi
 
 # The packages may start their own services where an init system runs them;
@@ -46,7 +50,7 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     done
 fi
 
-for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy; do
+for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/bin/setpriv; do
     [ -x "$tool" ] || { echo "setup: $tool is still missing after the install" >&2; exit 1; }
 done
 id postgres >/dev/null 2>&1 || { echo "setup: the postgres OS user is missing" >&2; exit 1; }
