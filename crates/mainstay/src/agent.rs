@@ -491,15 +491,31 @@ impl<D: Dcs> Agent<D> {
         });
     }
 
-    fn publish_snapshot(&self, turn_started: Instant) {
+    /// This node holds the leader key on a lease that cannot have expired.
+    fn holds_leader(&self) -> bool {
         let lease = *self.lease.borrow();
-        let holds_leader = match (&self.last_view, lease.id) {
+        match (&self.last_view, lease.id) {
             (Some(view), Some(id)) if Instant::now() < lease.valid_until => view
                 .leader
                 .as_ref()
                 .is_some_and(|l| l.name == self.name && l.lease_id == id),
             _ => false,
-        };
+        }
+    }
+
+    /// Whether the VIP belongs here: leader, with PostgreSQL running as
+    /// primary (as last observed).
+    fn publish_leading(&self) {
+        let leading = self.holds_leader()
+            && self.pg_answering
+            && self.pg.is_running()
+            && self.last_health.as_ref().is_some_and(|h| !h.in_recovery);
+        self.leading
+            .send_if_modified(|current| std::mem::replace(current, leading) != leading);
+    }
+
+    fn publish_snapshot(&self, turn_started: Instant) {
+        let holds_leader = self.holds_leader();
         let latency = self.renew_latency_us.load(Ordering::Relaxed);
         let previous = self.snapshot.borrow().clone();
         let snapshot = NodeSnapshot {
@@ -535,10 +551,7 @@ impl<D: Dcs> Agent<D> {
                 .unwrap_or_default(),
             ..(*previous).clone()
         };
-        self.leading.send_if_modified(|leading| {
-            let now = snapshot.is_primary_leader();
-            std::mem::replace(leading, now) != now
-        });
+        self.publish_leading();
         self.snapshot.send_replace(Arc::new(snapshot));
     }
 
@@ -798,6 +811,8 @@ impl<D: Dcs> Agent<D> {
             self.view_read_at = Some(Instant::now());
             self.dcs_last_seen = Some(std::time::SystemTime::now());
             self.absorb_dynamic_config(view);
+            // Routes follow a new view at once, before this turn acts.
+            self.publish_route();
         }
         // While something waits for a restart, look again each turn: any
         // start of PostgreSQL (ctl restart, failover) may have applied it.
@@ -805,6 +820,8 @@ impl<D: Dcs> Agent<D> {
             self.apply_parameters().await;
         }
         let local = self.observe_pg().await?;
+        // A primary just promoted takes the VIP now, not after this turn.
+        self.publish_leading();
         if let Some(view) = &view {
             self.update_failsafe_peers(view, &local);
         }

@@ -352,6 +352,12 @@ async fn forward(
     // time remains, as it may be restarting or about to be replaced.
     let deadline = Instant::now() + wait_for_target;
     let mut refused_by: Vec<String> = Vec::new();
+    // What the client sends while it waits (its startup packet), passed on
+    // first once a server is reached. Reading it is also how a client that
+    // gives up is noticed: its connection is dropped then, instead of being
+    // carried to the new primary with all the others that gave up, a crowd
+    // that would log in at once the moment a primary appears.
+    let mut early: Vec<u8> = Vec::new();
     let (name, counters, server) = loop {
         let picked = route
             .borrow_and_update()
@@ -390,11 +396,28 @@ async fn forward(
         tokio::select! {
             _ = route.changed() => {}
             _ = tokio::time::sleep_until(recheck.min(deadline)) => {}
+            readable = client.readable(), if early.len() < EARLY_LIMIT => {
+                readable.map_err(|e| format!("client: {e}"))?;
+                let mut chunk = [0u8; 1024];
+                match client.try_read(&mut chunk) {
+                    Ok(0) => return Err("the client left while waiting for a target".into()),
+                    Ok(n) => early.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(format!("client: {e}")),
+                }
+            }
         }
     };
     counters.total.fetch_add(1, Ordering::Relaxed);
     let _active = Decrement(&counters.active);
     let _ = server.set_nodelay(true);
+    write_all(&server, &early)
+        .await
+        .map_err(|e| format!("{name}: {e}"))?;
+    counters
+        .bytes_to_server
+        .fetch_add(early.len() as u64, Ordering::Relaxed);
+    drop(early);
     // Runs until both sides have closed, either fails, or the route stops
     // listing this target: then both sockets close and the client
     // reconnects.
@@ -428,17 +451,26 @@ async fn pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        let mut sent = 0;
-        while sent < n {
-            to.writable().await?;
-            match to.try_write(&buffer[sent..n]) {
-                Ok(written) => sent += written,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
+        write_all(to, &buffer[..n]).await?;
         bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+/// Bytes a waiting client may send before it is no longer read (a startup
+/// packet is a few hundred bytes; TLS negotiation, 8).
+const EARLY_LIMIT: usize = 16 * 1024;
+
+async fn write_all(to: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        to.writable().await?;
+        match to.try_write(&bytes[sent..]) {
+            Ok(written) => sent += written,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Reads once; a read shorter than the buffer drained the socket, so the
@@ -642,6 +674,33 @@ mod tests {
         assert_eq!(names(&route, Access::ReadOnly, &stats, 2), ["a"; 2]);
     }
 
+    /// A read-write route to `address` (target "pg") for ten minutes.
+    fn route_to(address: String) -> Route {
+        Route {
+            primary: Some(Target {
+                name: "pg".into(),
+                address,
+            }),
+            replicas: Vec::new(),
+            valid_until: Instant::now() + Duration::from_secs(600),
+        }
+    }
+
+    /// A read-write listener on a free port, waiting up to 10 s for a target.
+    fn start_proxy(route: watch::Receiver<Route>) -> (SocketAddr, Arc<ProxyStats>, ProxyThread) {
+        let listener = bind("proxy.listen", "127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let stats = Arc::new(ProxyStats::default());
+        let thread = spawn(
+            vec![(Access::ReadWrite, listener)],
+            route,
+            Duration::from_secs(10),
+            stats.clone(),
+        )
+        .unwrap();
+        (address, stats, thread)
+    }
+
     fn rss_bytes() -> u64 {
         std::fs::read_to_string("/proc/self/status")
             .ok()
@@ -656,15 +715,10 @@ mod tests {
     /// protocol): bytes pass both ways and half-closes pass on; thousands of
     /// idle clients cost no buffers; every connection closes when the route
     /// no longer names its server.
-    #[test]
-    fn forwarding_is_transparent_and_idle_connections_are_cheap() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwarding_is_transparent_and_idle_connections_are_cheap() {
         raise_open_files_limit();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let server_address = server.local_addr().unwrap().to_string();
@@ -680,24 +734,8 @@ mod tests {
                     });
                 }
             });
-            let (route_tx, route) = watch::channel(Route {
-                primary: Some(Target {
-                    name: "pg".into(),
-                    address: server_address,
-                }),
-                replicas: Vec::new(),
-                valid_until: Instant::now() + Duration::from_secs(600),
-            });
-            let listener = bind("proxy.listen", "127.0.0.1:0").unwrap();
-            let proxy_address = listener.local_addr().unwrap();
-            let stats = Arc::new(ProxyStats::default());
-            let _proxy = spawn(
-                vec![(Access::ReadWrite, listener)],
-                route,
-                Duration::from_secs(5),
-                stats.clone(),
-            )
-            .unwrap();
+            let (route_tx, route) = watch::channel(route_to(server_address));
+            let (proxy_address, stats, _proxy) = start_proxy(route);
 
             // 1 MiB each way, then the client's half-close reaches the
             // server, whose answer still comes back in full.
@@ -754,7 +792,47 @@ mod tests {
                 );
             }
             eprintln!("{per_connection} bytes per idle proxied connection");
-        });
+        }
+    }
+
+    /// A client that waits for a primary keeps its first bytes (they reach
+    /// the server first, in order); one that leaves while waiting is never
+    /// carried to the server.
+    #[tokio::test]
+    async fn waiting_clients_keep_their_bytes_and_leavers_are_dropped() {
+        {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let server_address = server.local_addr().unwrap().to_string();
+            let (route_tx, route) = watch::channel(Route::nowhere());
+            let (proxy_address, stats, _proxy) = start_proxy(route);
+            let leaver = TcpStream::connect(proxy_address).await.unwrap();
+            let mut waiter = TcpStream::connect(proxy_address).await.unwrap();
+            waiter.write_all(b"startup packet;").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(leaver);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            route_tx.send_replace(route_to(server_address));
+            let (mut accepted, _) = server.accept().await.unwrap();
+            waiter.write_all(b" then more").await.unwrap();
+            waiter.shutdown().await.unwrap();
+            let mut received = Vec::new();
+            accepted.read_to_end(&mut received).await.unwrap();
+            assert_eq!(received, b"startup packet; then more");
+            // The leaver never reached the server.
+            let second = tokio::time::timeout(Duration::from_millis(300), server.accept()).await;
+            assert!(
+                second.is_err(),
+                "a client that left was carried to the server"
+            );
+            assert_eq!(
+                stats
+                    .target(Access::ReadWrite, "pg")
+                    .total
+                    .load(Ordering::Relaxed),
+                1
+            );
+        }
     }
 
     #[test]

@@ -264,19 +264,39 @@ async fn replicas(client: &Client) -> Result<Vec<ReplicationPeer>> {
 
 /// `pg_promote` and wait up to 30 s for it to take effect.
 pub async fn promote(client: &Client) -> Result<()> {
+    // pg_promote's own wait checks only every 100 ms: ask without waiting
+    // and watch for the end of recovery every 5 ms, so that routes and the
+    // VIP follow the new primary the moment it accepts writes.
     let row = bounded(
         "pg_promote",
-        Duration::from_secs(40),
-        client.query_one("SELECT pg_promote(true, 30)", &[]),
+        Duration::from_secs(10),
+        client.query_one("SELECT pg_promote(false)", &[]),
     )
     .await?;
-    if row.get::<_, bool>(0) {
-        Ok(())
-    } else {
-        Err(Error::Timeout {
-            what: "promotion (pg_promote)".into(),
-            after: Duration::from_secs(30),
-        })
+    if !row.get::<_, bool>(0) {
+        return Err(Error::Refused(
+            "pg_promote refused to signal the promotion (is this server a standby?)".into(),
+        ));
+    }
+    let limit = Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let row = bounded(
+            "pg_is_in_recovery",
+            Duration::from_secs(5),
+            client.query_one("SELECT pg_is_in_recovery()", &[]),
+        )
+        .await?;
+        if !row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: "promotion (still in recovery)".into(),
+                after: limit,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

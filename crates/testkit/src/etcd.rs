@@ -334,6 +334,9 @@ fn start_members(dir: &Path, placements: Vec<Placement>) -> io::Result<Vec<Etcd>
             "50",
             "--election-timeout",
             "500",
+            // As etcd 3.5 defaults to: a member back from isolation does not
+            // depose a healthy leader with the terms it ran up alone.
+            "--pre-vote",
             "--logger",
             "zap",
             "--log-outputs",

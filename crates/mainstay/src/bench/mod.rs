@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
+mod endpoints;
 mod proxy;
 
 #[derive(clap::Subcommand, Debug)]
@@ -32,6 +33,8 @@ pub enum BenchCommand {
     Switchover(FailoverArgs),
     /// pgbench TPS direct, through mainstay's proxy and through HAProxy.
     Proxy(proxy::ProxyArgs),
+    /// Failover as clients with one address see it: VIP and proxy (root).
+    Endpoints(endpoints::EndpointsArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -64,6 +67,7 @@ pub async fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Failover(args) => failover(args, Disruption::Kill).await,
         BenchCommand::Switchover(args) => failover(args, Disruption::Switchover).await,
         BenchCommand::Proxy(args) => proxy::run(args).await,
+        BenchCommand::Endpoints(args) => endpoints::run(args).await,
     }
 }
 
