@@ -169,6 +169,25 @@ fn the_vip_follows_the_leader_through_a_crash_and_a_link_loss() {
         only_holder(&h, &third, Duration::from_secs(10)).await;
         let log = h.agent_log(&second);
         assert!(log.contains("VIP removed"), "no removal logged by {second}");
+        let (code, listing, err) = run_ctl(&h, &second, &["list"]).await;
+        assert_eq!(code, 0, "{err}");
+        let holder_row = listing
+            .lines()
+            .find(|l| l.starts_with(&third))
+            .unwrap_or("");
+        assert!(holder_row.contains(&format!("{VIP}/24")), "{listing}");
+
+        // A planned switchover: the VIP goes with the leadership.
+        let fourth = h.other_than(&third);
+        let (code, _, err) = run_ctl(
+            &h,
+            &third,
+            &["switchover", "--candidate", &fourth, "--force"],
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+        vip_reaches(&fourth, Duration::from_secs(30)).await;
+        only_holder(&h, &fourth, Duration::from_secs(10)).await;
         eprintln!(
             "VIP: writable on the new primary {moved_after:?} after the crash of {first}, \
              {moved_after_cut:?} after {second}'s link went down"

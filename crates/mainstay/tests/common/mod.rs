@@ -253,7 +253,8 @@ pub async fn run_ctl(h: &Harness, node: &str, args: &[&str]) -> (i32, String, St
 /// unless `auth` is false; returns (exit code, stdout, stderr).
 pub async fn ctl(h: &Harness, node: &str, auth: bool, args: &[&str]) -> (i32, String, String) {
     let i = h.cluster.node_index(node).unwrap();
-    let url = format!("http://127.0.0.1:{}", h.cluster.nodes[i].api_port);
+    let target = &h.cluster.nodes[i];
+    let url = format!("http://{}:{}", target.host, target.api_port);
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mainstay"));
     command.arg("ctl").arg("--url").arg(url);
     if auth {
