@@ -504,6 +504,22 @@ impl Config {
         {
             return Err(("postgresql.data_dir", "must be below a directory of its own (mainstay keeps its password file and logs beside it), e.g. /var/lib/mainstay/data".into()));
         }
+        // PostgreSQL refuses a Unix socket path over 107 bytes and would
+        // fail every start: refuse the file instead.
+        let socket = crate::agent::pg_settings(self)
+            .socket_path()
+            .join(format!(".s.PGSQL.{}", pg.port));
+        if socket.as_os_str().len() > 107 {
+            return Err((
+                "postgresql.data_dir",
+                format!(
+                    "puts PostgreSQL's socket at {} ({} bytes; the limit is 107): choose a \
+                     shorter data directory path",
+                    socket.display(),
+                    socket.as_os_str().len()
+                ),
+            ));
+        }
         if !pg.bin_dir.join("postgres").exists() {
             return Err((
                 "postgresql.bin_dir",
@@ -750,6 +766,11 @@ replication = { username = "replicator", password = "r3pl" }
             Some("proxy.read_only_listen"),
             "IP:PORT",
         );
+        let long = GOOD.replace(
+            "/var/lib/mainstay/data",
+            &format!("/{}/data", "x".repeat(90)),
+        );
+        check_text(&long, Some("postgresql.data_dir"), "limit is 107");
         check(
             "[proxy]\nreplica_max_lag = \"lots\"\n",
             Some("proxy.replica_max_lag"),
