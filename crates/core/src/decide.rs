@@ -285,6 +285,13 @@ fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
         state.last_leader_revision = state.last_leader_revision.max(leader.mod_revision);
         state.no_leader_since = None;
     }
+    // Every node remembers the members it sees, not only the leader: a
+    // replica promoted after a member's key expired (that member killed a
+    // moment before) still keeps a slot for it, so the member can stream
+    // again when it comes back instead of waiting for a slot nobody makes.
+    for name in view.members.keys().filter(|m| *m != obs.name) {
+        state.slot_members.insert(name.clone(), obs.now);
+    }
 
     // Bootstrap and registration come before any leadership question.
     let Some(init) = &view.initialize else {
@@ -441,7 +448,7 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
     match (&pg.data, pg.role) {
         (_, PgRole::Primary) => {
             state.primary_restart_at = None;
-            let members = slot_members(state, obs, view);
+            let members = slot_members(state, obs);
             let mut actions = vec![Action::SyncSlots { members }];
             if let Some(step) = crate::sync::manage(&mut state.sync_catchup, obs, view) {
                 actions.push(step);
@@ -561,10 +568,7 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
 
 /// Every other member seen within the slot retention, so that a member that
 /// restarts keeps its slot (and the WAL it still needs).
-fn slot_members(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Vec<String> {
-    for name in view.members.keys().filter(|m| *m != obs.name) {
-        state.slot_members.insert(name.clone(), obs.now);
-    }
+fn slot_members(state: &mut CoreState, obs: &Observation<'_>) -> Vec<String> {
     let retention = obs.config.member_slots_ttl.saturating_mul(1000);
     state
         .slot_members

@@ -187,7 +187,8 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        if self.passed {
+        let keep = std::env::var_os("MAINSTAY_KEEP_TEST_FILES").is_some();
+        if self.passed && !keep {
             self.cluster.stop_all();
             // Only our own throwaway test directory, never a real cluster.
             let _ = std::fs::remove_dir_all(&self.dir);
