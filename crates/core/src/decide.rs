@@ -1165,6 +1165,30 @@ mod tests {
     }
 
     #[test]
+    fn a_member_seen_as_a_replica_keeps_its_slot_once_this_node_leads() {
+        let mut state = CoreState::default();
+        // As a replica of "x", this node sees member "b" ...
+        let before = view(
+            Some(("x", 9)),
+            vec![status("b", PgRole::Replica, 400, 50, true)],
+        );
+        check(&mut state, 0, &pg(PgRole::Replica, 400), Some(&before), 0);
+        // ... which is killed; its key expires before this node leads.
+        let now_leading = view(Some(("a", 7)), vec![]);
+        let actions = check(
+            &mut state,
+            5000,
+            &pg(PgRole::Primary, 500),
+            Some(&now_leading),
+            8000,
+        );
+        assert!(
+            matches!(&actions[..], [Action::SyncSlots { members }] if members == &["b"]),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
     fn the_leader_keeps_a_vanished_members_slot_for_the_retention_period() {
         let primary = pg(PgRole::Primary, 500);
         let mut state = CoreState::default();
