@@ -718,81 +718,79 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn forwarding_is_transparent_and_idle_connections_are_cheap() {
         raise_open_files_limit();
-        {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let server_address = server.local_addr().unwrap().to_string();
-            // Echoes each connection's bytes back, reversed once it ends.
-            tokio::spawn(async move {
-                while let Ok((mut socket, _)) = server.accept().await {
-                    tokio::spawn(async move {
-                        let mut received = Vec::new();
-                        if socket.read_to_end(&mut received).await.is_ok() {
-                            received.reverse();
-                            let _ = socket.write_all(&received).await;
-                        }
-                    });
-                }
-            });
-            let (route_tx, route) = watch::channel(route_to(server_address));
-            let (proxy_address, stats, _proxy) = start_proxy(route);
-
-            // 1 MiB each way, then the client's half-close reaches the
-            // server, whose answer still comes back in full.
-            let payload: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
-            let mut client = TcpStream::connect(proxy_address).await.unwrap();
-            client.write_all(&payload).await.unwrap();
-            client.shutdown().await.unwrap();
-            let mut answer = Vec::new();
-            client.read_to_end(&mut answer).await.unwrap();
-            let mut expected = payload.clone();
-            expected.reverse();
-            assert!(answer == expected, "{} bytes came back", answer.len());
-
-            let active = || {
-                stats
-                    .target(Access::ReadWrite, "pg")
-                    .active
-                    .load(Ordering::Relaxed)
-            };
-            let wait_active = async |n: u64| {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while active() != n {
-                    assert!(
-                        Instant::now() < deadline,
-                        "{} active, waiting for {n}",
-                        active()
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            };
-            wait_active(0).await;
-            let idle = 3000u64;
-            let before = rss_bytes();
-            let mut clients = Vec::new();
-            for _ in 0..idle {
-                clients.push(TcpStream::connect(proxy_address).await.unwrap());
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_address = server.local_addr().unwrap().to_string();
+        // Echoes each connection's bytes back, reversed once it ends.
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    let mut received = Vec::new();
+                    if socket.read_to_end(&mut received).await.is_ok() {
+                        received.reverse();
+                        let _ = socket.write_all(&received).await;
+                    }
+                });
             }
-            wait_active(idle).await;
-            let per_connection = rss_bytes().saturating_sub(before) / idle;
-            // Held buffers would cost 16 KiB or more per connection; the
-            // client sockets counted here are in the same process.
-            assert!(
-                per_connection < 10 * 1024,
-                "{per_connection} bytes of memory per idle connection"
-            );
-            route_tx.send_replace(Route::nowhere());
-            wait_active(0).await;
-            let mut buffer = [0u8; 1];
-            for client in &mut clients[..10] {
-                assert_eq!(
-                    client.read(&mut buffer).await.unwrap(),
-                    0,
-                    "closed by the proxy"
+        });
+        let (route_tx, route) = watch::channel(route_to(server_address));
+        let (proxy_address, stats, _proxy) = start_proxy(route);
+
+        // 1 MiB each way, then the client's half-close reaches the
+        // server, whose answer still comes back in full.
+        let payload: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let mut client = TcpStream::connect(proxy_address).await.unwrap();
+        client.write_all(&payload).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        let mut expected = payload.clone();
+        expected.reverse();
+        assert!(answer == expected, "{} bytes came back", answer.len());
+
+        let active = || {
+            stats
+                .target(Access::ReadWrite, "pg")
+                .active
+                .load(Ordering::Relaxed)
+        };
+        let wait_active = async |n: u64| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while active() != n {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} active, waiting for {n}",
+                    active()
                 );
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            eprintln!("{per_connection} bytes per idle proxied connection");
+        };
+        wait_active(0).await;
+        let idle = 3000u64;
+        let before = rss_bytes();
+        let mut clients = Vec::new();
+        for _ in 0..idle {
+            clients.push(TcpStream::connect(proxy_address).await.unwrap());
         }
+        wait_active(idle).await;
+        let per_connection = rss_bytes().saturating_sub(before) / idle;
+        // Held buffers would cost 16 KiB or more per connection; the
+        // client sockets counted here are in the same process.
+        assert!(
+            per_connection < 10 * 1024,
+            "{per_connection} bytes of memory per idle connection"
+        );
+        route_tx.send_replace(Route::nowhere());
+        wait_active(0).await;
+        let mut buffer = [0u8; 1];
+        for client in &mut clients[..10] {
+            assert_eq!(
+                client.read(&mut buffer).await.unwrap(),
+                0,
+                "closed by the proxy"
+            );
+        }
+        eprintln!("{per_connection} bytes per idle proxied connection");
     }
 
     /// A client that waits for a primary keeps its first bytes (they reach
@@ -800,39 +798,37 @@ mod tests {
     /// carried to the server.
     #[tokio::test]
     async fn waiting_clients_keep_their_bytes_and_leavers_are_dropped() {
-        {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let server_address = server.local_addr().unwrap().to_string();
-            let (route_tx, route) = watch::channel(Route::nowhere());
-            let (proxy_address, stats, _proxy) = start_proxy(route);
-            let leaver = TcpStream::connect(proxy_address).await.unwrap();
-            let mut waiter = TcpStream::connect(proxy_address).await.unwrap();
-            waiter.write_all(b"startup packet;").await.unwrap();
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            drop(leaver);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            route_tx.send_replace(route_to(server_address));
-            let (mut accepted, _) = server.accept().await.unwrap();
-            waiter.write_all(b" then more").await.unwrap();
-            waiter.shutdown().await.unwrap();
-            let mut received = Vec::new();
-            accepted.read_to_end(&mut received).await.unwrap();
-            assert_eq!(received, b"startup packet; then more");
-            // The leaver never reached the server.
-            let second = tokio::time::timeout(Duration::from_millis(300), server.accept()).await;
-            assert!(
-                second.is_err(),
-                "a client that left was carried to the server"
-            );
-            assert_eq!(
-                stats
-                    .target(Access::ReadWrite, "pg")
-                    .total
-                    .load(Ordering::Relaxed),
-                1
-            );
-        }
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_address = server.local_addr().unwrap().to_string();
+        let (route_tx, route) = watch::channel(Route::nowhere());
+        let (proxy_address, stats, _proxy) = start_proxy(route);
+        let leaver = TcpStream::connect(proxy_address).await.unwrap();
+        let mut waiter = TcpStream::connect(proxy_address).await.unwrap();
+        waiter.write_all(b"startup packet;").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(leaver);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        route_tx.send_replace(route_to(server_address));
+        let (mut accepted, _) = server.accept().await.unwrap();
+        waiter.write_all(b" then more").await.unwrap();
+        waiter.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        accepted.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, b"startup packet; then more");
+        // The leaver never reached the server.
+        let second = tokio::time::timeout(Duration::from_millis(300), server.accept()).await;
+        assert!(
+            second.is_err(),
+            "a client that left was carried to the server"
+        );
+        assert_eq!(
+            stats
+                .target(Access::ReadWrite, "pg")
+                .total
+                .load(Ordering::Relaxed),
+            1
+        );
     }
 
     #[test]

@@ -16,8 +16,6 @@
 
 use super::distribution;
 use crate::demo::{LAB_PG_PORT, LAB_PROXY_PORT, LocalCluster, SUPERUSER, SUPERUSER_PASSWORD};
-use mainstay_core::PgRole;
-use mainstay_dcs::Dcs;
 use mainstay_testkit::netns::{self, Lab};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
@@ -170,7 +168,7 @@ async fn measure(dir: &Path, exe: &Path, lab: Lab) -> Result<RunResult, String> 
     )
     .map_err(|e| format!("starting the lab cluster: {e}"))?;
     let dcs = cluster.dcs().await?;
-    let leader = healthy(&dcs, Duration::from_secs(120)).await?;
+    let leader = super::healthy(&dcs, Duration::from_secs(120)).await?;
     let l = cluster.node_index(&leader).ok_or("leader vanished")?;
     let survivors: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| i != l).collect();
     // keepalived runs on the two replicas' hosts, so that pulling its
@@ -181,7 +179,7 @@ async fn measure(dir: &Path, exe: &Path, lab: Lab) -> Result<RunResult, String> 
         &dir.join("keepalived"),
     )
     .await?;
-    if healthy(&dcs, Duration::from_secs(120)).await? != leader {
+    if super::healthy(&dcs, Duration::from_secs(120)).await? != leader {
         return Err("the leader moved during the keepalived measurement".into());
     }
     let proxy_host = cluster.nodes[survivors[0]].host.clone();
@@ -399,33 +397,6 @@ async fn promotion_probe(conninfo: String, stop: Arc<AtomicBool>) -> Option<Inst
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     None
-}
-
-/// A primary and every other node streaming from it.
-async fn healthy(dcs: &mainstay_dcs::EtcdDcs, timeout: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(view) = dcs.read_cluster().await
-            && let Some(leader) = view.leader_status()
-            && leader.role == PgRole::Primary
-            && view
-                .members
-                .values()
-                .filter(|m| {
-                    m.status.streaming && m.status.following.as_deref() == Some(&leader.name)
-                })
-                .count()
-                + 1
-                == view.members.len()
-            && view.members.len() == 3
-        {
-            return Ok(leader.name.clone());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the cluster was not healthy within {timeout:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// keepalived on `hosts` (master, backup) with a VIP of its own; the

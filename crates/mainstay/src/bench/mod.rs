@@ -210,6 +210,33 @@ fn scratch_dir(base: Option<&Path>, what: &str) -> PathBuf {
     ))
 }
 
+/// The leader once it runs as primary with every other member of a
+/// 3-node cluster streaming from it.
+async fn healthy(dcs: &mainstay_dcs::EtcdDcs, timeout: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(view) = dcs.read_cluster().await
+            && let Some(leader) = view.leader_status()
+            && leader.role == PgRole::Primary
+            && view.members.len() == 3
+            && view
+                .members
+                .values()
+                .filter(|m| {
+                    m.status.streaming && m.status.following.as_deref() == Some(&leader.name)
+                })
+                .count()
+                == 2
+        {
+            return Ok(leader.name.clone());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the cluster was not healthy within {timeout:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn etcd_version() -> String {
     std::process::Command::new("/usr/bin/etcd")
         .arg("--version")
@@ -255,21 +282,7 @@ async fn one_run(
     let mut cluster = LocalCluster::start(dir, 3, exe, profile)
         .map_err(|e| format!("starting the cluster: {e}"))?;
     let dcs = cluster.dcs().await?;
-    // Healthy: a primary and two streaming replicas.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let leader = loop {
-        if Instant::now() > deadline {
-            return Err("the cluster did not become healthy within 90 s".into());
-        }
-        if let Ok(view) = dcs.read_cluster().await
-            && let Some(leader) = view.leader_status()
-            && leader.role == PgRole::Primary
-            && view.members.values().filter(|m| m.status.streaming).count() == 2
-        {
-            break leader.name.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let leader = healthy(&dcs, Duration::from_secs(90)).await?;
     if sync {
         enable_synchronous_mode(&cluster, &leader).await?;
     }
