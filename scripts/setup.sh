@@ -3,12 +3,14 @@
 # PostgreSQL 15 (without Debian's default cluster: mainstay manages its own),
 # etcd, protoc (the etcd-client crate compiles etcd's protobufs), HAProxy
 # (the integration tests check mainstay's REST API behind a real one),
-# iproute2 (the virtual IP tests build hosts as network namespaces) and
-# keepalived (`mainstay bench endpoints` compares the VIP with it).
+# iproute2 (the virtual IP tests build hosts as network namespaces; tc
+# squeezes a link in the fault suite), nftables (the fault suite drops
+# packets and cuts hosts off etcd) and keepalived (`mainstay bench
+# endpoints` compares the VIP with it).
 # Safe to run again and again; it only calls apt-get when something is missing.
 set -euo pipefail
 
-packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived)
+packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -50,7 +52,7 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     done
 fi
 
-for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/bin/setpriv; do
+for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/sbin/nft /usr/sbin/tc /usr/bin/setpriv; do
     [ -x "$tool" ] || { echo "setup: $tool is still missing after the install" >&2; exit 1; }
 done
 id postgres >/dev/null 2>&1 || { echo "setup: the postgres OS user is missing" >&2; exit 1; }

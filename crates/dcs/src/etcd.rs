@@ -712,6 +712,49 @@ impl Dcs for EtcdDcs {
         .await
     }
 
+    async fn keep_leader_away(&self, local: &[std::net::IpAddr]) -> Result<Option<String>> {
+        let (members, leader) = self
+            .call(Request::Idempotent, |mut client, _| async move {
+                let members = client.member_list().await?.members().to_vec();
+                let leader = client.status().await?.leader();
+                Ok((members, leader))
+            })
+            .await?;
+        let mut on_this_host = Vec::with_capacity(members.len());
+        for member in &members {
+            on_this_host.push(runs_on(member.client_urls(), local).await);
+        }
+        let Some(current) = members.iter().position(|m| m.id() == leader) else {
+            return Ok(None);
+        };
+        if !on_this_host[current] {
+            return Ok(None);
+        }
+        let Some(url) = members[current].client_urls().first() else {
+            return Ok(None);
+        };
+        // MoveLeader is only served by the leader itself.
+        let mut client = Client::connect([url], Some(self.inner.options.clone()))
+            .await
+            .map_err(|e| map_err(e, url))?;
+        let mut last_error = None;
+        for (target, _) in members
+            .iter()
+            .zip(&on_this_host)
+            .filter(|(m, here)| !**here && !m.is_learner() && !m.client_urls().is_empty())
+        {
+            match client.move_leader(target.id()).await {
+                Ok(_) => return Ok(Some(target.name().to_string())),
+                // That member may be down or behind: try the next one.
+                Err(e) => last_error = Some(map_err(e, url)),
+            }
+        }
+        match last_error {
+            Some(error) => Err(error),
+            None => Ok(None),
+        }
+    }
+
     async fn watch(&self) -> Result<mpsc::Receiver<WatchEvent>> {
         let prefix = &self.inner.prefix;
         let (watcher, stream, member) = self
@@ -963,8 +1006,52 @@ fn with_causes(mut text: String, mut source: Option<&(dyn std::error::Error + 's
     text
 }
 
+/// Whether a member advertising `urls` runs on a host with the addresses
+/// `local` (a name is resolved; one that does not resolve is elsewhere).
+async fn runs_on(urls: &[String], local: &[std::net::IpAddr]) -> bool {
+    for url in urls {
+        let Some(host) = url_host(url) else { continue };
+        if let Ok(address) = host.parse::<std::net::IpAddr>() {
+            if local.contains(&address) {
+                return true;
+            }
+            continue;
+        }
+        if let Ok(Ok(mut addresses)) =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::lookup_host((host, 0))).await
+            && addresses.any(|a| local.contains(&a.ip()))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// The host of `scheme://host:port/...`, without IPv6 brackets.
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    (!host.is_empty()).then_some(host)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn url_hosts() {
+        assert_eq!(url_host("http://10.0.0.1:2379"), Some("10.0.0.1"));
+        assert_eq!(
+            url_host("https://etcd-a.example:2379/"),
+            Some("etcd-a.example")
+        );
+        assert_eq!(url_host("http://[fd00::1]:2379"), Some("fd00::1"));
+        assert_eq!(url_host("10.0.0.2:2379"), Some("10.0.0.2"));
+        assert_eq!(url_host("http://:2379"), None);
+    }
+
     use super::*;
 
     #[test]

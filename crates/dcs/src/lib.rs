@@ -250,6 +250,16 @@ pub trait Dcs: Send + Sync + 'static {
     /// two. The channel ends after a [`WatchEvent::Error`], or when the
     /// receiver is dropped.
     fn watch(&self) -> impl Future<Output = Result<mpsc::Receiver<WatchEvent>>> + Send;
+
+    /// If the DCS's own leader runs on this host (one of `local`, the
+    /// host's addresses), hands that role to a member elsewhere and returns
+    /// its name. etcd extends every lease by a full TTL when it elects a
+    /// new leader, so a host holding both the etcd leader and the primary
+    /// would, by dying, make the failover wait two lease lifetimes.
+    fn keep_leader_away(
+        &self,
+        local: &[std::net::IpAddr],
+    ) -> impl Future<Output = Result<Option<String>>> + Send;
 }
 
 /// Capacity of a watch channel. Events are only hints, so a reader that

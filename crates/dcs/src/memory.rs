@@ -565,6 +565,12 @@ impl Dcs for MemoryDcs {
         self.txn(&[], vec![Op::Delete(&key)]).map(|_| ())
     }
 
+    async fn keep_leader_away(&self, _local: &[std::net::IpAddr]) -> Result<Option<String>> {
+        // One process, no hosts: nothing to move.
+        self.reachable()?;
+        Ok(None)
+    }
+
     async fn watch(&self) -> Result<mpsc::Receiver<WatchEvent>> {
         self.reachable()?;
         let changes = self.shared.events.subscribe();

@@ -75,6 +75,11 @@ pub struct Agent<D: Dcs> {
     dcs_reachable: bool,
     /// Round trip of the last confirmed renewal, in microseconds (0: none).
     renew_latency_us: Arc<std::sync::atomic::AtomicU64>,
+    /// A crash drill: until then (or until another node leads) this agent
+    /// plays dead, its PostgreSQL stopped hard and its lease left to expire.
+    stand_down_until: Option<Instant>,
+    /// The lease keeper sends no keep-alive while set (crash drill).
+    renewals_paused: Arc<AtomicBool>,
     /// What the REST API serves; replaced after every turn.
     snapshot: watch::Sender<Arc<NodeSnapshot>>,
     api_listen: String,
@@ -184,6 +189,8 @@ impl<D: Dcs> Agent<D> {
             dcs_last_seen: None,
             dcs_reachable: false,
             renew_latency_us: Arc::default(),
+            stand_down_until: None,
+            renewals_paused: Arc::default(),
             snapshot: watch::Sender::new(Arc::new(NodeSnapshot::new(
                 &config.name,
                 &config.cluster,
@@ -250,17 +257,20 @@ impl<D: Dcs> Agent<D> {
         let internal = |e: TurnError| match e {
             TurnError::Failed(r) | TurnError::Fatal(r) => (StatusCode::INTERNAL_SERVER_ERROR, r),
         };
+        let leader_only = |what: &str| {
+            let leader = view
+                .as_ref()
+                .and_then(|v| v.leader_name())
+                .unwrap_or("nobody");
+            Err((
+                StatusCode::CONFLICT,
+                format!("{what}: send this to {leader}"),
+            ))
+        };
         match command {
             Command::Remove(name) => {
                 if !leading {
-                    let leader = view
-                        .as_ref()
-                        .and_then(|v| v.leader_name())
-                        .unwrap_or("nobody");
-                    return refuse(
-                        StatusCode::CONFLICT,
-                        &format!("only the leader removes members: send this to {leader}"),
-                    );
+                    return leader_only("only the leader removes members");
                 }
                 if name == self.name {
                     return refuse(StatusCode::CONFLICT, "the leader cannot remove itself");
@@ -293,6 +303,60 @@ impl<D: Dcs> Agent<D> {
                 );
                 self.wake.notify_one();
                 Ok(format!("{name} removed: its replication slot is dropped"))
+            }
+            Command::CrashDrill => {
+                if !leading {
+                    return leader_only("a crash drill runs on the leader");
+                }
+                if self.dynamic.pause {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        "the cluster is paused: nothing would take over; resume it first",
+                    );
+                }
+                let Some(view) = view else {
+                    return refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no view of the cluster yet",
+                    );
+                };
+                let successors: Vec<&str> = view
+                    .members
+                    .values()
+                    .map(|m| &m.status)
+                    .filter(|s| {
+                        s.name != self.name
+                            && s.role == PgRole::Replica
+                            && s.streaming
+                            && !s.tags.nofailover
+                            && (!self.dynamic.synchronous_mode
+                                || mainstay_core::sync::may_take_over(&view, &s.name))
+                    })
+                    .map(|s| s.name.as_str())
+                    .collect();
+                if successors.is_empty() {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        "no streaming replica could take over (nofailover tags, not \
+                         streaming, or not synchronous): the drill would only cause an outage",
+                    );
+                }
+                let until = Instant::now() + self.timing.ttl * 3 + Duration::from_secs(20);
+                warn!(
+                    ?successors,
+                    "crash drill requested through the REST API: stopping PostgreSQL hard \
+                     (immediate) and letting the lease expire, as if this host died"
+                );
+                self.renewals_paused.store(true, Ordering::SeqCst);
+                self.stand_down_until = Some(until);
+                self.stop(StopMode::Immediate).await.map_err(internal)?;
+                self.wake.notify_one();
+                Ok(format!(
+                    "PostgreSQL stopped hard on {}; its lease expires without renewal and one \
+                     of {} takes over",
+                    self.name,
+                    successors.join(", ")
+                ))
             }
             Command::Restart => {
                 if !self.pg.is_running() {
@@ -673,6 +737,7 @@ impl<D: Dcs> Agent<D> {
             writable: self.writable.clone(),
             wake: self.wake.clone(),
             latency_us: self.renew_latency_us.clone(),
+            paused: self.renewals_paused.clone(),
             failsafe: Failsafe {
                 peers: self.failsafe_peers.clone(),
                 auth: self.api_auth.clone(),
@@ -694,6 +759,10 @@ impl<D: Dcs> Agent<D> {
             self.dcs.clone(),
             self.member_interest.clone(),
             self.wake.clone(),
+        ));
+        let dcs_leader_mover = tokio::spawn(keep_dcs_leader_away(
+            self.dcs.clone(),
+            self.leading.subscribe(),
         ));
         tokio::pin!(shutdown);
         let result = loop {
@@ -755,8 +824,76 @@ impl<D: Dcs> Agent<D> {
         self.fence_clock.stop();
         let _ = watchdog.join();
         watcher.abort();
+        dcs_leader_mover.abort();
         result
     }
+}
+
+/// While this node leads, keeps etcd's leader on another host: if this
+/// host died holding both, etcd's new leader would extend every lease,
+/// ours included, by a full TTL and the failover would take twice as long.
+async fn keep_dcs_leader_away<D: Dcs>(dcs: Arc<D>, mut leading: watch::Receiver<bool>) {
+    const EVERY: Duration = Duration::from_secs(2);
+    const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
+    loop {
+        if !*leading.borrow_and_update() {
+            if leading.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let local = local_addresses();
+        match tokio::time::timeout(MOVE_TIMEOUT, dcs.keep_leader_away(&local)).await {
+            Ok(Ok(Some(member))) => info!(
+                to = %member,
+                "moved etcd's leadership off this host: a host holding both the etcd leader \
+                 and the primary would double the failover time if it died"
+            ),
+            Ok(Ok(None)) => {}
+            Ok(Err(err)) => debug!("cannot check where etcd's leader runs: {err}"),
+            Err(_) => debug!("cannot check where etcd's leader runs: no answer"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            changed = leading.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Every address on this host's interfaces.
+fn local_addresses() -> Vec<std::net::IpAddr> {
+    let mut addresses = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` on success; it is walked read-only
+    // and freed once below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return addresses;
+    }
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*entry };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr of the family it names.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    addresses.push(std::net::IpAddr::from(
+                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                    ));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    addresses.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        entry = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    addresses
 }
 
 enum TurnError {
@@ -813,6 +950,21 @@ impl<D: Dcs> Agent<D> {
             self.absorb_dynamic_config(view);
             // Routes follow a new view at once, before this turn acts.
             self.publish_route();
+        }
+        if let Some(until) = self.stand_down_until {
+            let successor = view
+                .as_ref()
+                .and_then(|v| v.leader_name())
+                .filter(|l| *l != self.name);
+            if successor.is_none() && Instant::now() < until {
+                return Ok((false, None));
+            }
+            info!(
+                successor = successor.unwrap_or("none yet"),
+                "crash drill over: this node takes part again"
+            );
+            self.stand_down_until = None;
+            self.renewals_paused.store(false, Ordering::SeqCst);
         }
         // While something waits for a restart, look again each turn: any
         // start of PostgreSQL (ctl restart, failover) may have applied it.
@@ -1746,6 +1898,8 @@ struct LeaseKeeper<D> {
     writable: Arc<AtomicBool>,
     wake: Arc<Notify>,
     latency_us: Arc<std::sync::atomic::AtomicU64>,
+    /// No keep-alive while set: the lease runs out as if the host died.
+    paused: Arc<AtomicBool>,
     failsafe: Failsafe,
 }
 
@@ -1825,6 +1979,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         writable,
         wake,
         latency_us,
+        paused,
         failsafe,
     } = keeper;
     let send = |state: LeaseState| {
@@ -1837,6 +1992,9 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
     let mut lease: Option<i64> = None;
     loop {
         ticker.tick().await;
+        if paused.load(Ordering::SeqCst) {
+            continue;
+        }
         let sent = Instant::now();
         let deadline = sent + timing.ttl - timing.fencing_margin;
         let outcome = match lease {

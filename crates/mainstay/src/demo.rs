@@ -46,12 +46,16 @@ pub struct Node {
     pub host: String,
     /// Its lab host (network namespace), if it runs in one.
     pub netns: Option<String>,
+    data: PathBuf,
+    /// The etcd endpoints its agent uses, when not the members' own (a
+    /// relay in between).
+    etcd_endpoints: Option<Vec<String>>,
     agent: Option<Child>,
 }
 
 impl Node {
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.join("data")
+        self.data.clone()
     }
     pub fn agent_log(&self) -> PathBuf {
         self.dir.join("agent.log")
@@ -79,8 +83,37 @@ pub struct LocalCluster {
     exe: PathBuf,
     /// Lines placed at the top of every node's configuration.
     extra_config: String,
+    /// Filesystems mounted for the nodes' data, unmounted once every
+    /// process is gone.
+    mounts: Vec<PathBuf>,
     /// Dropped last: the namespaces go once their processes are gone.
     pub lab: Option<mainstay_testkit::netns::Lab>,
+}
+
+/// How to build a lab cluster.
+pub struct LabOptions {
+    pub hosts: usize,
+    pub profile: String,
+    /// Lines at the top of every configuration (e.g. `vip = ...`).
+    pub extra_config: String,
+    /// Each node's data directory on a filesystem of its own of this many
+    /// MiB (a tmpfs), so that a test can fill one node's disk.
+    pub disk_mib: Option<u64>,
+    /// Per node, the etcd endpoints its agent uses instead of the members'
+    /// own addresses (e.g. relays that add latency).
+    pub etcd_endpoints: Option<Vec<Vec<String>>>,
+}
+
+impl LabOptions {
+    pub fn new(hosts: usize, profile: &str, extra_config: &str) -> LabOptions {
+        LabOptions {
+            hosts,
+            profile: profile.into(),
+            extra_config: extra_config.into(),
+            disk_mib: None,
+            etcd_endpoints: None,
+        }
+    }
 }
 
 /// Ports of every lab node (each host has its own addresses, so they are
@@ -119,6 +152,7 @@ impl LocalCluster {
             nodes: Vec::new(),
             exe: exe.to_path_buf(),
             extra_config: String::new(),
+            mounts: Vec::new(),
             lab: None,
         };
         for i in 1..=nodes {
@@ -127,7 +161,9 @@ impl LocalCluster {
             make_dir(&node_dir)?;
             let node = Node {
                 config: node_dir.join("mainstay.toml"),
+                data: node_dir.join("data"),
                 dir: node_dir,
+                etcd_endpoints: None,
                 pg_port: free_port(),
                 api_port: free_port(),
                 proxy_port: free_port(),
@@ -159,6 +195,17 @@ impl LocalCluster {
         profile: &str,
         extra_config: &str,
     ) -> io::Result<LocalCluster> {
+        let options = LabOptions::new(hosts, profile, extra_config);
+        LocalCluster::start_in_lab_with(dir, lab, exe, &options)
+    }
+
+    pub fn start_in_lab_with(
+        dir: &Path,
+        lab: mainstay_testkit::netns::Lab,
+        exe: &Path,
+        options: &LabOptions,
+    ) -> io::Result<LocalCluster> {
+        let (hosts, profile) = (options.hosts, options.profile.as_str());
         make_dir(dir)?;
         let placements: Vec<(String, std::net::Ipv4Addr)> = (0..hosts)
             .map(|i| (lab.host(i).to_string(), lab.host_ip(i)))
@@ -170,13 +217,25 @@ impl LocalCluster {
             etcd,
             nodes: Vec::new(),
             exe: exe.to_path_buf(),
-            extra_config: extra_config.to_string(),
+            extra_config: options.extra_config.clone(),
+            mounts: Vec::new(),
             lab: None,
         };
         for (i, (ns, address)) in placements.into_iter().enumerate() {
             let name = format!("node{}", i + 1);
             let node_dir = dir.join(&name);
             make_dir(&node_dir)?;
+            let data = match options.disk_mib {
+                Some(mib) => {
+                    let disk = node_dir.join("disk");
+                    make_dir(&disk)?;
+                    mount_tmpfs(&disk, mib)?;
+                    cluster.mounts.push(disk.clone());
+                    make_dir(&disk)?;
+                    disk.join("data")
+                }
+                None => node_dir.join("data"),
+            };
             let node = Node {
                 config: node_dir.join("mainstay.toml"),
                 dir: node_dir,
@@ -187,6 +246,11 @@ impl LocalCluster {
                 host: address.to_string(),
                 netns: Some(ns),
                 name,
+                data,
+                etcd_endpoints: options
+                    .etcd_endpoints
+                    .as_ref()
+                    .and_then(|e| e.get(i).cloned()),
                 agent: None,
             };
             fs::write(&node.config, cluster.config_text(&node, profile))?;
@@ -207,11 +271,14 @@ impl LocalCluster {
         } else {
             node.host.as_str()
         };
-        let endpoints: Vec<String> = self
-            .etcd
-            .iter()
-            .map(|e| format!("\"{}\"", e.endpoint()))
-            .collect();
+        let endpoints: Vec<String> = match &node.etcd_endpoints {
+            Some(endpoints) => endpoints.iter().map(|e| format!("\"{e}\"")).collect(),
+            None => self
+                .etcd
+                .iter()
+                .map(|e| format!("\"{}\"", e.endpoint()))
+                .collect(),
+        };
         format!(
             r#"# Written by `mainstay demo`; see docs/configuration.md.
 cluster = "{cluster}"
@@ -370,6 +437,33 @@ impl Drop for LocalCluster {
         for i in 0..self.nodes.len() {
             self.kill_node(i);
         }
+        for mount in &self.mounts {
+            // Lazy: a process that has not quite exited must not keep the
+            // test's directory from going.
+            let _ = Command::new("umount").arg("-l").arg(mount).status();
+        }
+    }
+}
+
+/// A tmpfs of `mib` MiB at `dir`: a small disk of its own.
+fn mount_tmpfs(dir: &Path, mib: u64) -> io::Result<()> {
+    let status = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mib}m,mode=0755"),
+            "tmpfs",
+        ])
+        .arg(dir)
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "mount -t tmpfs on {}: {status}",
+            dir.display()
+        )))
     }
 }
 

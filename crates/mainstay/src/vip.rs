@@ -323,7 +323,9 @@ pub async fn run(
                 }
             }
             None => {
-                held.send_replace(false);
+                if held.send_replace(false) {
+                    info!(vip = %vip.spec.cidr(), "VIP gone: its lifetime ran out with the lease (the kernel dropped it)");
+                }
             }
         }
         tokio::select! {

@@ -19,9 +19,13 @@
 mod common;
 
 use common::{Harness, connect, prerequisites, test_dir};
-use mainstay::demo::{LAB_PG_PORT, LAB_PROXY_PORT, LocalCluster, SUPERUSER, SUPERUSER_PASSWORD};
+use mainstay::demo::{
+    LAB_PG_PORT, LAB_PROXY_PORT, LabOptions, LocalCluster, SUPERUSER, SUPERUSER_PASSWORD,
+};
+use mainstay_testkit::Relay;
 use mainstay_testkit::netns::{self, Lab};
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +40,8 @@ struct Ack {
     id: i64,
     node: String,
     timeline: u32,
+    /// The server's WAL position right after the insert.
+    lsn: u64,
     committed_us: i64,
     heard: Instant,
 }
@@ -53,6 +59,9 @@ struct Outcome {
     unavailable_ms: u64,
     acked: usize,
     lost: usize,
+    /// WAL the lost writes occupied on their timeline past the point where
+    /// the next timeline forked off.
+    lost_wal_bytes: u64,
     unknown: usize,
     duplicates: i64,
 }
@@ -161,6 +170,16 @@ impl Writers {
     }
 }
 
+/// The node a data directory belongs to: `.../node2/data` or, on a disk
+/// of its own, `.../node2/disk/data`.
+fn node_of(data_dir: &str) -> String {
+    data_dir
+        .split('/')
+        .rfind(|part| part.starts_with("node"))
+        .unwrap_or_default()
+        .to_string()
+}
+
 async fn write_loop(
     writer: i32,
     conninfo: String,
@@ -185,18 +204,28 @@ async fn write_loop(
         let insert = c.query_one(
             "INSERT INTO fault_writes (id, writer) VALUES ($1, $2) RETURNING \
              current_setting('data_directory'), pg_walfile_name(pg_current_wal_lsn()), \
-             (extract(epoch FROM at) * 1000000)::bigint",
+             (extract(epoch FROM at) * 1000000)::bigint, \
+             (pg_current_wal_insert_lsn() - '0/0')::bigint",
             &params,
         );
-        match tokio::time::timeout(Duration::from_secs(3), insert).await {
-            Ok(Ok(row)) => {
+        // Pipelined behind the insert, so it runs once the insert has
+        // committed: a WAL position past this write's commit record.
+        let after = c.query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[]);
+        let both = async { tokio::join!(insert, after) };
+        match tokio::time::timeout(Duration::from_secs(3), both)
+            .await
+            .map(|(insert, after)| insert.map(|row| (row, after.ok())))
+        {
+            Ok(Ok((row, after))) => {
                 let dir: String = row.get(0);
                 let walfile: String = row.get(1);
+                let lsn = after.map_or(row.get::<_, i64>(3), |a| a.get(0));
                 let ack = Ack {
                     id,
-                    node: dir.rsplit('/').nth(1).unwrap_or_default().to_string(),
+                    node: node_of(&dir),
                     timeline: u32::from_str_radix(&walfile[..8], 16).unwrap_or(0),
                     committed_us: row.get(2),
+                    lsn: lsn as u64,
                     heard: Instant::now(),
                 };
                 evidence.lock().unwrap().acked.push(ack);
@@ -272,10 +301,33 @@ async fn check(h: &Harness, evidence: &Evidence, sync: bool, unavailable_ms: u64
     }
     let nodes: BTreeSet<&str> = evidence.acked.iter().map(|a| a.node.as_str()).collect();
     assert!(!nodes.is_empty(), "no write was acknowledged at all");
+    let history = h.view().await.history;
+    let lost: BTreeSet<i64> = lost.into_iter().collect();
+    // Per node and timeline, the lost write furthest into the WAL, and
+    // where the surviving lineage left that node's: the last switch another
+    // node made at or before it (two nodes may both create "timeline 2"
+    // from timeline 1 when failovers follow each other quickly).
+    let mut furthest: BTreeMap<(String, u32), u64> = BTreeMap::new();
+    for a in evidence.acked.iter().filter(|a| lost.contains(&a.id)) {
+        let lsn = furthest.entry((a.node.clone(), a.timeline)).or_default();
+        *lsn = (*lsn).max(a.lsn);
+    }
+    let mut lost_wal_bytes = 0;
+    for ((node, timeline), lsn) in furthest {
+        let fork = history
+            .iter()
+            .filter(|e| e.new_leader != node && e.timeline >= timeline && e.switch_lsn.0 <= lsn)
+            .map(|e| e.switch_lsn.0)
+            .max();
+        if let Some(fork) = fork {
+            lost_wal_bytes += lsn - fork;
+        }
+    }
     Outcome {
         unavailable_ms,
         acked: evidence.acked.len(),
         lost: lost.len(),
+        lost_wal_bytes,
         unknown: evidence.unknown.len(),
         duplicates,
     }
@@ -515,7 +567,327 @@ async fn disrupt_now(h: &mut Harness, writers: &Writers) -> u64 {
     first_write_elsewhere(writers, at, &leader).await
 }
 
-fn run_scenario(scenario: &ScenarioFn) -> Result<Outcome, String> {
+/// etcd's client and peer ports in the lab.
+const ETCD_PORTS: [u16; 2] = [12379, 12380];
+
+/// The etcd member on the primary's host is killed: the agents use the
+/// others, nothing fails over, writes go on; it comes back.
+fn etcd_member_lost(h: &mut Harness) -> Running<'_> {
+    Box::pin(async move {
+        let (leader, writers) = under_load(h).await;
+        let l = h.cluster.node_index(&leader).unwrap();
+        let at = Instant::now();
+        h.cluster.etcd[l].kill().unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            h.view().await.leader_name(),
+            Some(leader.as_str()),
+            "losing one etcd member moved the leader"
+        );
+        h.cluster.etcd[l].restart().unwrap();
+        let unavailable = writers.longest_gap_since(at);
+        let evidence = writers.finish().await;
+        let outcome = check(h, &evidence, false, unavailable).await;
+        assert_eq!(h.healthy(Duration::from_secs(60)).await, leader);
+        outcome
+    })
+}
+
+/// etcd loses its quorum (the members on both replicas' hosts die). With
+/// failsafe off the primary must stop accepting writes before its lease
+/// could have expired; with failsafe on, every member still confirms it
+/// over the REST API and it keeps writing. Then etcd comes back.
+fn etcd_quorum_lost(failsafe: bool) -> impl Fn(&mut Harness) -> Running<'_> + Sync {
+    move |h| {
+        Box::pin(async move {
+            let leader = h.healthy(Duration::from_secs(120)).await;
+            if failsafe {
+                common::patch_config(h, &leader, serde_json::json!({"failsafe_mode": true})).await;
+                for node in h.names() {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while common::api(h, &node).get("/config").await.unwrap().body["failsafe_mode"]
+                        != true
+                    {
+                        assert!(Instant::now() < deadline, "{node} never saw failsafe_mode");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            let (leader, writers) = under_load(h).await;
+            let l = h.cluster.node_index(&leader).unwrap();
+            let at = Instant::now();
+            for i in (0..h.cluster.etcd.len()).filter(|&i| i != l) {
+                h.cluster.etcd[i].kill().unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            let ttl = Duration::from_secs(4);
+            if failsafe {
+                let gap = writers.longest_gap_since(at);
+                assert!(
+                    gap < 3000,
+                    "failsafe mode: writes stopped for {gap} ms while every member was reachable"
+                );
+            } else {
+                let last = writers.acked_since(at + ttl, None);
+                assert!(
+                    last.is_none(),
+                    "a write was acknowledged {:?} after etcd lost its quorum, past the lease",
+                    last.map(|l| l.duration_since(at))
+                );
+            }
+            let outage = writers.longest_gap_since(at);
+            for i in (0..h.cluster.etcd.len()).filter(|&i| i != l) {
+                h.cluster.etcd[i].restart().unwrap();
+            }
+            let back = Instant::now();
+            let deadline = back + Duration::from_secs(60);
+            while writers.acked_since(back, None).is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "no write within 60 s of etcd's return"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let evidence = writers.finish().await;
+            let outcome = check(h, &evidence, false, outage).await;
+            assert_eq!(outcome.lost, 0, "etcd's outage lost acknowledged writes");
+            if failsafe {
+                // The primary everyone confirmed keeps its role: a newly
+                // elected etcd leader extends every lease, its own too.
+                assert_eq!(h.healthy(Duration::from_secs(60)).await, leader);
+            }
+            outcome
+        })
+    }
+}
+
+/// The primary's host loses etcd (its own member in the minority) but not
+/// its clients: it must stop accepting writes before anyone else is
+/// promoted (the overlap check), and rejoin once etcd is back.
+fn primary_isolated_from_etcd(h: &mut Harness) -> Running<'_> {
+    Box::pin(async move {
+        h.healthy(Duration::from_secs(120)).await;
+        let writers = Writers::start(h).await;
+        let mut cut = None;
+        let unavailable = disrupt(h, &writers, |h, l| {
+            h.cluster
+                .lab
+                .as_ref()
+                .unwrap()
+                .isolate_ports(l, &ETCD_PORTS)
+                .unwrap();
+            cut = Some(l);
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        h.cluster.lab.as_ref().unwrap().heal(cut.unwrap());
+        let evidence = writers.finish().await;
+        check(h, &evidence, false, unavailable).await
+    })
+}
+
+/// A lossy, slow, narrow link on the primary's host (3 % of packets
+/// dropped each way, 4 Mbit/s out, and 150 ms more each way to etcd) for
+/// 20 s: at default timing nothing fails over.
+fn primary_link_degraded(h: &mut Harness) -> Running<'_> {
+    Box::pin(async move {
+        let (leader, writers) = under_load(h).await;
+        let l = h.cluster.node_index(&leader).unwrap();
+        let timeline = h.view().await.leader_status().unwrap().timeline;
+        let lab = h.cluster.lab.as_ref().unwrap();
+        let at = Instant::now();
+        lab.impair(l, 3, Some(4000)).unwrap();
+        for relay in &RELAYS.lock().unwrap()[l] {
+            relay.set_delay(Duration::from_millis(150));
+        }
+        let deadline = at + Duration::from_secs(20);
+        let mut slowest_renewal = 0f64;
+        while Instant::now() < deadline {
+            let view = h.view().await;
+            assert_eq!(
+                view.leader_name(),
+                Some(leader.as_str()),
+                "a degraded link caused a failover"
+            );
+            if let Ok(metrics) = common::api(h, &leader).get("/metrics").await {
+                slowest_renewal = slowest_renewal.max(renewal_seconds(&metrics.text));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // The impairment was real: a renewal is a round trip through the
+        // relay, so at least two added delays.
+        assert!(
+            slowest_renewal >= 0.3,
+            "renewals took at most {slowest_renewal} s: was the delay applied?"
+        );
+        println!("primary_link_degraded: slowest lease renewal {slowest_renewal:.3} s");
+        let during = writers
+            .evidence
+            .lock()
+            .unwrap()
+            .acked
+            .iter()
+            .filter(|a| a.heard > at)
+            .count();
+        lab.heal(l);
+        for relay in &RELAYS.lock().unwrap()[l] {
+            relay.set_delay(Duration::ZERO);
+        }
+        assert!(
+            during > 0,
+            "no write was acknowledged over the degraded link"
+        );
+        let unavailable = writers.longest_gap_since(at);
+        let evidence = writers.finish().await;
+        let outcome = check(h, &evidence, false, unavailable).await;
+        let view = h.view().await;
+        assert_eq!(view.leader_name(), Some(leader.as_str()));
+        assert_eq!(
+            view.leader_status().unwrap().timeline,
+            timeline,
+            "a promotion happened"
+        );
+        outcome
+    })
+}
+
+/// `mainstay_lease_renew_seconds` from a `/metrics` page (0 if absent).
+fn renewal_seconds(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("mainstay_lease_renew_seconds"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The primary's data disk fills up. PostgreSQL refuses what needs new
+/// space; nothing acknowledged is lost and no two nodes write; once space
+/// is freed the cluster is whole again without anyone stepping in.
+fn primary_disk_full(h: &mut Harness) -> Running<'_> {
+    Box::pin(async move {
+        let (leader, writers) = under_load(h).await;
+        let l = h.cluster.node_index(&leader).unwrap();
+        let filler = h.cluster.nodes[l].dir.join("disk").join("filler");
+        let at = Instant::now();
+        fill(&filler);
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let during = writers.longest_gap_since(at);
+        std::fs::remove_file(&filler).unwrap();
+        let freed = Instant::now();
+        let deadline = freed + Duration::from_secs(90);
+        while writers.acked_since(freed, None).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "no write within 90 s of freeing space"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let unavailable = during.max(writers.longest_gap_since(at));
+        let evidence = writers.finish().await;
+        check(h, &evidence, false, unavailable).await
+    })
+}
+
+/// Writes `path` until its filesystem is full (at most 4 GiB).
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![0xa5u8; 1 << 20];
+    for _ in 0..4096 {
+        if file.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let _ = file.sync_all();
+}
+
+/// etcd's leader is put on the primary's host: the primary's agent moves
+/// it away within seconds, so that when that host then dies only the
+/// primary's lease runs out, not a new etcd leader's extension of it.
+fn etcd_leader_with_primary(h: &mut Harness) -> Running<'_> {
+    Box::pin(async move {
+        let (leader, writers) = under_load(h).await;
+        let l = h.cluster.node_index(&leader).unwrap();
+        move_etcd_leader(h, l).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now_at = etcd_leader(h).await;
+            if now_at.is_some_and(|i| i != l) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd's leader stayed on the primary's host (member {now_at:?}) for 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Power loss of that host.
+        let at = Instant::now();
+        h.cluster.lab.as_ref().unwrap().set_link(l, false).unwrap();
+        let unavailable = first_write_elsewhere(&writers, at, &leader).await;
+        h.cluster.lab.as_ref().unwrap().set_link(l, true).unwrap();
+        let evidence = writers.finish().await;
+        check(h, &evidence, false, unavailable).await
+    })
+}
+
+/// The index of the etcd member that leads, if one answers.
+async fn etcd_leader(h: &Harness) -> Option<usize> {
+    for etcd in &h.cluster.etcd {
+        let Ok(mut client) = etcd_client::Client::connect([etcd.endpoint()], None).await else {
+            continue;
+        };
+        let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(1), client.status()).await
+        else {
+            continue;
+        };
+        let leader = status.leader();
+        let members = client.member_list().await.ok()?;
+        let name = members
+            .members()
+            .iter()
+            .find(|m| m.id() == leader)?
+            .name()
+            .to_string();
+        return h.cluster.etcd.iter().position(|e| e.name() == name);
+    }
+    None
+}
+
+/// Asks etcd's current leader to hand its role to member `to`.
+async fn move_etcd_leader(h: &Harness, to: usize) {
+    let from = etcd_leader(h).await.expect("etcd has a leader");
+    if from == to {
+        return;
+    }
+    let mut client = etcd_client::Client::connect([h.cluster.etcd[from].endpoint()], None)
+        .await
+        .unwrap();
+    let members = client.member_list().await.unwrap();
+    let target = members
+        .members()
+        .iter()
+        .find(|m| m.name() == h.cluster.etcd[to].name())
+        .unwrap()
+        .id();
+    client.move_leader(target).await.unwrap();
+}
+
+/// Relays between each node's agent and each etcd member (node, member),
+/// for scenarios that slow one host's etcd traffic down.
+static RELAYS: Mutex<Vec<Vec<Relay>>> = Mutex::new(Vec::new());
+
+/// What a scenario needs from the lab beyond the default.
+#[derive(Clone, Copy, Default)]
+struct Needs {
+    /// Each node's data on a tmpfs of this many MiB.
+    disk_mib: Option<u64>,
+    /// The agents reach etcd through [`RELAYS`].
+    relays: bool,
+}
+
+fn run_scenario(scenario: &ScenarioFn, needs: Needs) -> Result<Outcome, String> {
     std::thread::scope(|scope| {
         let handle = scope.spawn(|| {
             let lab = Lab::create(3).map_err(|e| format!("building the lab: {e}"))?;
@@ -527,15 +899,42 @@ fn run_scenario(scenario: &ScenarioFn) -> Result<Outcome, String> {
                 .build()
                 .map_err(|e| e.to_string())?;
             runtime.block_on(async {
-                let cluster = LocalCluster::start_in_lab(
+                let mut options = LabOptions::new(
+                    3,
+                    "default",
+                    &format!("vip = \"{VIP}/24\"\nvip_interface = \"eth0\"\n"),
+                );
+                options.disk_mib = needs.disk_mib;
+                if needs.relays {
+                    let mut relays = RELAYS.lock().unwrap();
+                    let mut endpoints = Vec::new();
+                    for node in 0..3 {
+                        let mut own = Vec::new();
+                        let mut urls = Vec::new();
+                        for member in 0..3 {
+                            let listen = SocketAddr::from((
+                                lab.client_ip(),
+                                22000 + 10 * node as u16 + member as u16,
+                            ));
+                            let target = SocketAddr::from((lab.host_ip(member), ETCD_PORTS[0]));
+                            own.push(
+                                Relay::start(listen, target)
+                                    .map_err(|e| format!("starting a relay on {listen}: {e}"))?,
+                            );
+                            urls.push(format!("http://{listen}"));
+                        }
+                        relays.push(own);
+                        endpoints.push(urls);
+                    }
+                    options.etcd_endpoints = Some(endpoints);
+                }
+                let cluster = LocalCluster::start_in_lab_with(
                     // Short: PostgreSQL's socket path beside the data
                     // directory must stay under 108 bytes.
                     &test_dir("faults"),
                     lab,
-                    3,
                     Path::new(env!("CARGO_BIN_EXE_mainstay")),
-                    "default",
-                    &format!("vip = \"{VIP}/24\"\nvip_interface = \"eth0\"\n"),
+                    &options,
                 )
                 .map_err(|e| format!("starting the lab cluster: {e}"))?;
                 let mut h = Harness::adopt(cluster);
@@ -544,7 +943,9 @@ fn run_scenario(scenario: &ScenarioFn) -> Result<Outcome, String> {
                 Ok(outcome)
             })
         });
-        match handle.join() {
+        let joined = handle.join();
+        RELAYS.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        match joined {
             Ok(result) => result,
             Err(panic) => Err(panic
                 .downcast_ref::<String>()
@@ -564,30 +965,73 @@ fn main() {
         return;
     }
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let scenarios: Vec<(&str, Box<ScenarioFn>)> = vec![
-        ("primary_killed_async", Box::new(kill_primary(false))),
-        ("primary_killed_sync", Box::new(kill_primary(true))),
-        ("primary_agent_killed", Box::new(kill_primary_agent)),
-        ("primary_link_down", Box::new(primary_link_down)),
-        ("replica_isolated", Box::new(replica_isolated)),
-        ("primary_postgres_crash", Box::new(primary_postgres_crash)),
-        ("switchover_under_load", Box::new(switchover_under_load)),
-        ("two_quick_failovers", Box::new(two_quick_failovers)),
+    let plain = Needs::default();
+    let scenarios: Vec<(&str, Box<ScenarioFn>, Needs)> = vec![
+        ("primary_killed_async", Box::new(kill_primary(false)), plain),
+        ("primary_killed_sync", Box::new(kill_primary(true)), plain),
+        ("primary_agent_killed", Box::new(kill_primary_agent), plain),
+        ("primary_link_down", Box::new(primary_link_down), plain),
+        (
+            "primary_isolated_from_etcd",
+            Box::new(primary_isolated_from_etcd),
+            plain,
+        ),
+        ("replica_isolated", Box::new(replica_isolated), plain),
+        ("etcd_member_lost", Box::new(etcd_member_lost), plain),
+        ("etcd_quorum_lost", Box::new(etcd_quorum_lost(false)), plain),
+        (
+            "etcd_quorum_lost_failsafe",
+            Box::new(etcd_quorum_lost(true)),
+            plain,
+        ),
+        (
+            "primary_postgres_crash",
+            Box::new(primary_postgres_crash),
+            plain,
+        ),
+        (
+            "primary_disk_full",
+            Box::new(primary_disk_full),
+            Needs {
+                disk_mib: Some(256),
+                ..plain
+            },
+        ),
+        (
+            "primary_link_degraded",
+            Box::new(primary_link_degraded),
+            Needs {
+                relays: true,
+                ..plain
+            },
+        ),
+        (
+            "etcd_leader_with_primary",
+            Box::new(etcd_leader_with_primary),
+            plain,
+        ),
+        (
+            "switchover_under_load",
+            Box::new(switchover_under_load),
+            plain,
+        ),
+        ("two_quick_failovers", Box::new(two_quick_failovers), plain),
     ];
     let mut rows = Vec::new();
-    for (name, scenario) in &scenarios {
+    for (name, scenario, needs) in &scenarios {
         if filter.as_deref().is_some_and(|f| !name.contains(f)) {
             continue;
         }
         let started = Instant::now();
-        let result = run_scenario(scenario.as_ref());
+        let result = run_scenario(scenario.as_ref(), *needs);
         match &result {
             Ok(o) => println!(
-                "{name}: ok in {:?}: unavailable {} ms, {} acknowledged, {} lost, {} unknown, {} duplicates",
+                "{name}: ok in {:?}: unavailable {} ms, {} acknowledged, {} lost ({} WAL bytes), {} unknown, {} duplicates",
                 started.elapsed(),
                 o.unavailable_ms,
                 o.acked,
                 o.lost,
+                o.lost_wal_bytes,
                 o.unknown,
                 o.duplicates
             ),
@@ -596,15 +1040,17 @@ fn main() {
         rows.push((name, result));
     }
     println!();
-    println!("| scenario | result | unavailable ms | acknowledged | lost | unknown | duplicates |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| scenario | result | unavailable ms | acknowledged | lost | lost WAL bytes | unknown | duplicates |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, result) in &rows {
         match result {
             Ok(o) => println!(
-                "| {name} | ok | {} | {} | {} | {} | {} |",
-                o.unavailable_ms, o.acked, o.lost, o.unknown, o.duplicates
+                "| {name} | ok | {} | {} | {} | {} | {} | {} |",
+                o.unavailable_ms, o.acked, o.lost, o.lost_wal_bytes, o.unknown, o.duplicates
             ),
-            Err(_) => println!("| {name} | FAILED | | | | | |"),
+            Err(_) => println!("| {name} | FAILED | | | | | | |"),
         }
     }
     let failed = rows.iter().filter(|(_, r)| r.is_err()).count();

@@ -600,3 +600,98 @@ fn the_rest_api_serves_https_when_a_certificate_is_configured() {
         h.passed = true;
     });
 }
+
+/// `ctl drill` against a running cluster: refused while paused (and then
+/// creates nothing), a switchover drill and a crash drill each report a new
+/// leader, no lost write and the old leader back; the drill's table is gone.
+#[test]
+fn ctl_drill_reports_switchover_and_crash_failover() {
+    cluster_test(async {
+        let mut h = Harness::start("drill", 3);
+        let first = h.healthy(Duration::from_secs(60)).await;
+        let i = h.cluster.node_index(&first).unwrap();
+        let node = &h.cluster.nodes[i];
+        let dsn = format!(
+            "host={} port={} user={} password={} dbname=postgres connect_timeout=2",
+            node.host,
+            node.proxy_port,
+            mainstay::demo::SUPERUSER,
+            mainstay::demo::SUPERUSER_PASSWORD
+        );
+        let tables = async |h: &Harness| -> i64 {
+            let leader = h.healthy(Duration::from_secs(60)).await;
+            h.client(&leader)
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_class WHERE relname LIKE 'mainstay_drill%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0)
+        };
+
+        // Without --force and without a terminal, nothing happens.
+        let (code, _, err) = run_ctl(&h, &first, &["drill", "--dsn", &dsn]).await;
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("--force"), "{err}");
+
+        let (code, _, err) = run_ctl(&h, &first, &["pause"]).await;
+        assert_eq!(code, 0, "{err}");
+        let (code, _, err) = run_ctl(&h, &first, &["drill", "--dsn", &dsn, "--force"]).await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("paused"), "{err}");
+        let (code, _, err) = run_ctl(&h, &first, &["resume"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(tables(&h).await, 0, "a refused drill created its table");
+        // Every agent's status follows the resume within a turn.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for node in h.names() {
+            while cluster_doc(&h, &node)
+                .await
+                .is_none_or(|d| d["pause"] == true)
+            {
+                assert!(Instant::now() < deadline, "{node} still reports a pause");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        for kind in ["switchover", "failover"] {
+            let before = h.healthy(Duration::from_secs(60)).await;
+            // Every replica streaming again (the last drill's old leader too).
+            h.wait_for(
+                "every replica streaming",
+                Duration::from_secs(60),
+                async |v| {
+                    v.members
+                        .values()
+                        .all(|m| m.status.name == before || m.status.streaming)
+                        .then_some(())
+                },
+            )
+            .await;
+            let (code, out, err) = run_ctl(
+                &h,
+                &before,
+                &["drill", "--kind", kind, "--dsn", &dsn, "--force", "--json"],
+            )
+            .await;
+            assert_eq!(
+                code,
+                0,
+                "{kind} drill: {out} {err}\n{}",
+                h.agent_log(&before)
+            );
+            let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+            eprintln!("{kind} drill: {report}");
+            assert_eq!(report["old_leader"], before.as_str());
+            assert_ne!(report["new_leader"], before.as_str());
+            assert_eq!(report["lost_acknowledged_writes"], 0, "{report}");
+            assert!(report["acknowledged_writes"].as_u64().unwrap() > 0);
+            assert_eq!(report["old_leader_rejoined"], true, "{report}");
+            assert_eq!(report["table_dropped"], true, "{report}");
+        }
+        assert_eq!(tables(&h).await, 0, "a drill left its table behind");
+        h.passed = true;
+    });
+}

@@ -8,9 +8,11 @@
 mod etcd;
 mod haproxy;
 pub mod netns;
+mod relay;
 
 pub use etcd::Etcd;
 pub use haproxy::{HAPROXY, Haproxy};
+pub use relay::Relay;
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener};

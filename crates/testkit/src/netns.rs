@@ -39,7 +39,12 @@ pub fn unavailable() -> Option<String> {
 }
 
 fn ip(args: &[&str]) -> io::Result<()> {
-    let output = Command::new("ip")
+    run("ip", args)
+}
+
+/// Runs `program args`; its standard error is the error.
+fn run(program: &str, args: &[&str]) -> io::Result<()> {
+    let output = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .output()?;
@@ -47,7 +52,7 @@ fn ip(args: &[&str]) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::other(format!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
         )))
@@ -185,6 +190,73 @@ impl Lab {
             .collect())
     }
 
+    /// Degrades host `i`'s link (both directions of its eth0): drops
+    /// `loss_percent` of the packets at random (nftables `numgen`; this
+    /// kernel has no netem) and, if `rate_kbit` is set, squeezes what it
+    /// sends through a token bucket of that rate.
+    pub fn impair(&self, i: usize, loss_percent: u32, rate_kbit: Option<u32>) -> io::Result<()> {
+        let ns = &self.hosts[i];
+        nft(
+            ns,
+            &format!(
+                "table inet impair {{\n\
+                 chain input {{ type filter hook input priority 0; iifname \"eth0\" numgen random mod 100 < {loss_percent} drop; }}\n\
+                 chain output {{ type filter hook output priority 0; oifname \"eth0\" numgen random mod 100 < {loss_percent} drop; }}\n\
+                 }}\n"
+            ),
+        )?;
+        if let Some(rate) = rate_kbit {
+            tc(
+                ns,
+                &[
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    "eth0",
+                    "root",
+                    "tbf",
+                    "rate",
+                    &format!("{rate}kbit"),
+                    "burst",
+                    "16kb",
+                    "latency",
+                    "300ms",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Cuts host `i` off from every other host's ports `ports` (and every
+    /// other host off from its own), both ways; the rest of its traffic
+    /// (clients, replication) still flows.
+    pub fn isolate_ports(&self, i: usize, ports: &[u16]) -> io::Result<()> {
+        let own = self.host_ip(i);
+        let ports = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        nft(
+            &self.hosts[i],
+            &format!(
+                "table inet isolate {{\n\
+                 chain input {{ type filter hook input priority 0; iifname \"eth0\" tcp dport {{ {ports} }} drop; iifname \"eth0\" tcp sport {{ {ports} }} drop; }}\n\
+                 chain output {{ type filter hook output priority 0; ip daddr != {own} tcp dport {{ {ports} }} drop; ip daddr != {own} tcp sport {{ {ports} }} drop; }}\n\
+                 }}\n"
+            ),
+        )
+    }
+
+    /// Removes every impairment and isolation from host `i`.
+    pub fn heal(&self, i: usize) {
+        let ns = &self.hosts[i];
+        // Deleting what is not there fails: each step is attempted on its own.
+        let _ = nft(ns, "delete table inet impair\n");
+        let _ = nft(ns, "delete table inet isolate\n");
+        let _ = tc(ns, &["qdisc", "del", "dev", "eth0", "root"]);
+    }
+
     /// Runs `f` on a new thread that lives in namespace `ns`, so that every
     /// socket `f` opens (a runtime it builds included) is in there.
     pub fn run_in<T: Send + 'static>(
@@ -214,6 +286,37 @@ pub fn enter(path: &str) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Loads an nftables ruleset into namespace `ns` (package nftables).
+fn nft(ns: &str, ruleset: &str) -> io::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(ruleset.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "nft in {ns}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+fn tc(ns: &str, args: &[&str]) -> io::Result<()> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    run("tc", &all)
 }
 
 impl Drop for Lab {

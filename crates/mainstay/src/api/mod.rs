@@ -155,6 +155,10 @@ pub enum Command {
     Restart,
     /// Replica only: move the data directory aside and clone afresh.
     Reinitialize,
+    /// Leader only (`ctl drill`): stop PostgreSQL hard and let the lease
+    /// expire without renewal, as if the host died, until another node
+    /// leads.
+    CrashDrill,
 }
 
 /// The HA loop's answer: a message, or the status code and reason of a
@@ -262,6 +266,12 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
             "/reinitialize",
             post(|s: Shared<D>, h: HeaderMap, b: Bytes| {
                 actions::command(s, h, b, Command::Reinitialize)
+            }),
+        )
+        .route(
+            "/drill/crash",
+            post(|s: Shared<D>, h: HeaderMap, b: Bytes| {
+                actions::command(s, h, b, Command::CrashDrill)
             }),
         )
         .route("/metrics", get(metrics::<D>))

@@ -97,6 +97,7 @@ pub fn document() -> Value {
             },
             "/restart": {"post": unsafe_op("Restart this node's PostgreSQL in its role.", Some(json!({"type": "object", "additionalProperties": false})), "Restarted.")},
             "/reinitialize": {"post": unsafe_op("Re-clone this replica from the leader.", Some(json!({"type": "object", "additionalProperties": false})), "Re-cloned.")},
+            "/drill/crash": {"post": unsafe_op("Failover drill (leader only, what `mainstay ctl drill --kind failover` sends): stop PostgreSQL hard and let the lease expire without renewal, as if this host died, until another node leads.", Some(json!({"type": "object", "additionalProperties": false})), "PostgreSQL stopped; a replica takes over.")},
             "/members/{name}": {"delete": {
                 "summary": "Forget a member whose agent is gone (leader only).",
                 "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],

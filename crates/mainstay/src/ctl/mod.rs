@@ -8,6 +8,7 @@
 //! - 3: no agent could be reached.
 
 pub mod client;
+mod drill;
 
 use crate::config::Config;
 use client::{Answer, ApiClient};
@@ -115,6 +116,11 @@ enum CtlCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Failover drill: a switchover or a simulated crash of the primary
+    /// while a test writer commits through the read-write endpoint; prints
+    /// the outage, acknowledged and lost writes, the new leader and whether
+    /// the old one rejoined. Refused on a paused or unhealthy cluster.
+    Drill(drill::DrillArgs),
     /// Cancel a scheduled switchover.
     CancelSwitchover {
         #[arg(long)]
@@ -251,6 +257,7 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
     };
     match args.command {
         CtlCommand::List => ctl.list().await,
+        CtlCommand::Drill(drill) => ctl.drill(drill, config.as_ref()).await,
         CtlCommand::History => ctl.history().await,
         CtlCommand::ShowConfig => {
             let answer = ctl.call(Method::GET, "/config", None).await?;

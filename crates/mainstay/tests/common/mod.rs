@@ -110,9 +110,18 @@ impl Harness {
             .expect("another node")
     }
 
+    /// The cluster as etcd has it; a member that does not answer (a fault
+    /// on its host) is skipped for the next, for at most 10 s.
     pub async fn view(&self) -> ClusterView {
         let dcs = self.cluster.dcs().await.expect("etcd client");
-        dcs.read_cluster().await.expect("reading the cluster")
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match dcs.read_cluster().await {
+                Ok(view) => return view,
+                Err(e) if Instant::now() >= deadline => panic!("reading the cluster: {e:?}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// Polls until `check` holds, at most `timeout`.
