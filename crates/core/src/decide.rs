@@ -674,6 +674,21 @@ fn follow(
 fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Decision {
     let pg = obs.pg;
     let since = *state.no_leader_since.get_or_insert(obs.now);
+    if pg.accepts_writes()
+        && obs.config.failsafe_mode
+        && obs.lease.id.is_some()
+        && obs.now < obs.lease.valid_until
+    {
+        // The key expired while etcd was unreachable, but every member
+        // confirmed this primary until `valid_until` and promised not to
+        // take over: take the key back rather than stop a healthy primary.
+        // Should someone else have it first, the next turn fences.
+        return decision(
+            vec![Action::AcquireLeader],
+            "failsafe: the leader key expired while every member confirmed this primary: \
+             taking it back",
+        );
+    }
     if pg.accepts_writes() {
         return decision(
             vec![Action::Fence {
@@ -920,6 +935,39 @@ mod tests {
 
     fn is_fence(actions: &[Action]) -> bool {
         matches!(actions, [Action::Fence { .. }])
+    }
+
+    #[test]
+    fn in_failsafe_mode_a_confirmed_primary_takes_back_an_expired_leader_key() {
+        let primary = pg(PgRole::Primary, 100);
+        let leaderless = view(None, vec![]);
+        let decide_with = |failsafe: bool, now: u64| {
+            let tags = Tags::default();
+            let config = DynamicConfig {
+                failsafe_mode: failsafe,
+                ..DynamicConfig::default()
+            };
+            let obs = Observation {
+                now: Millis(now),
+                name: "a",
+                tags: &tags,
+                settings: &SETTINGS,
+                pg: &primary,
+                cluster: Some(&leaderless),
+                lease: Lease {
+                    id: Some(8),
+                    valid_until: Millis(3000),
+                },
+                config: &config,
+                wall_secs: 0,
+                failsafe_contact: None,
+            };
+            decide(&mut CoreState::default(), &obs).actions
+        };
+        assert_eq!(decide_with(true, 2000), vec![Action::AcquireLeader]);
+        // Past the confirmed deadline, or without failsafe: stop writing.
+        assert!(is_fence(&decide_with(true, 3000)));
+        assert!(is_fence(&decide_with(false, 2000)));
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct Agent<D: Dcs> {
     stand_down_until: Option<Instant>,
     /// The lease keeper sends no keep-alive while set (crash drill).
     renewals_paused: Arc<AtomicBool>,
+    /// `failsafe_mode` as last read, for the lease keeper.
+    failsafe_enabled: Arc<AtomicBool>,
     /// What the REST API serves; replaced after every turn.
     snapshot: watch::Sender<Arc<NodeSnapshot>>,
     api_listen: String,
@@ -191,6 +193,7 @@ impl<D: Dcs> Agent<D> {
             renew_latency_us: Arc::default(),
             stand_down_until: None,
             renewals_paused: Arc::default(),
+            failsafe_enabled: Arc::default(),
             snapshot: watch::Sender::new(Arc::new(NodeSnapshot::new(
                 &config.name,
                 &config.cluster,
@@ -471,6 +474,8 @@ impl<D: Dcs> Agent<D> {
                 self.parameters_dirty |=
                     config.postgresql.parameters != self.dynamic.postgresql.parameters;
                 self.dynamic = config;
+                self.failsafe_enabled
+                    .store(self.dynamic.failsafe_mode, Ordering::SeqCst);
             }
             Ok(_) => {}
             Err(problem) => error!(
@@ -740,6 +745,7 @@ impl<D: Dcs> Agent<D> {
             paused: self.renewals_paused.clone(),
             failsafe: Failsafe {
                 peers: self.failsafe_peers.clone(),
+                enabled: self.failsafe_enabled.clone(),
                 auth: self.api_auth.clone(),
                 ca_file: self.api_ca_file.clone(),
             },
@@ -1914,6 +1920,7 @@ struct FailsafePeers {
 
 struct Failsafe {
     peers: Arc<std::sync::Mutex<Option<FailsafePeers>>>,
+    enabled: Arc<AtomicBool>,
     auth: ApiAuth,
     ca_file: Option<std::path::PathBuf>,
 }
@@ -2022,6 +2029,17 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                         .await
                     {
                         Ok(Ok(true)) => {}
+                        Ok(Ok(false))
+                            if failsafe.enabled.load(Ordering::SeqCst)
+                                && leader_key_absent(&*dcs, timing.dcs_timeout).await =>
+                        {
+                            // etcd expired the key while every member
+                            // confirmed this primary: the HA loop takes it
+                            // back before the confirmed deadline, which is
+                            // not extended meanwhile.
+                            valid_until = tx.borrow().valid_until;
+                            wake.notify_one();
+                        }
                         Ok(Ok(false)) => {
                             warn!("the leader key is no longer this node's: fencing");
                             valid_until = Instant::now();
@@ -2035,6 +2053,32 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                     id: lease,
                     valid_until,
                 });
+            }
+            Ok(Ok(None))
+                if failsafe.enabled.load(Ordering::SeqCst)
+                    && writable.load(Ordering::SeqCst)
+                    && Instant::now() < tx.borrow().valid_until =>
+            {
+                // Failsafe: the lease ran out while etcd was unreachable,
+                // but every member confirmed this primary until
+                // `valid_until` and promised not to take over. A new lease
+                // lets the HA loop take the leader key back within that
+                // deadline instead of stopping a healthy primary.
+                let confirmed = tx.borrow().valid_until;
+                warn!(
+                    "the lease expired in etcd while the members confirmed this primary \
+                     (failsafe): requesting a new one to take the leader key back"
+                );
+                let granted = tokio::time::timeout(timing.dcs_timeout, dcs.grant_lease(ttl_secs))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                lease = granted;
+                send(LeaseState {
+                    id: granted,
+                    valid_until: confirmed,
+                });
+                wake.notify_one();
             }
             Ok(Ok(None)) => {
                 warn!("the lease expired in etcd: requesting a new one");
@@ -2068,6 +2112,14 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
             }
         }
     }
+}
+
+/// Whether etcd answers that nobody holds the leader key.
+async fn leader_key_absent<D: Dcs>(dcs: &D, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, dcs.read_cluster()).await,
+        Ok(Ok(view)) if view.leader.is_none()
+    )
 }
 
 /// The fencing deadline, shared by the lease keeper and the watchdog thread.

@@ -796,13 +796,17 @@ fn failsafe_mode_keeps_the_primary_writing_while_every_member_confirms_it() {
             assert!(!writable(&h, &node).await, "{node} accepts writes too");
         }
         eprintln!("{commits} commits while etcd was frozen");
-        // Back to normal: everyone streaming, and every commit acknowledged
-        // during the freeze is there. Usually the same leader; but etcd may
-        // revoke the leader's lease (expired during the freeze) before the
-        // agent's next keep-alive lands, and an election follows: a known
-        // gap (an unneeded failover after a failsafe period), not a loss.
+        // Back to normal: the same leader, everyone streaming, and every
+        // commit acknowledged during the freeze is there. etcd revokes the
+        // leader's lease (expired during the freeze) as it resumes: the
+        // primary takes a new lease and the key back within the deadline
+        // its members confirmed, instead of stopping.
         h.cluster.etcd[0].resume().unwrap();
-        let leader = h.healthy(Duration::from_secs(60)).await;
+        assert_eq!(
+            h.healthy(Duration::from_secs(60)).await,
+            leader,
+            "the failsafe primary lost its role when etcd came back"
+        );
         let index = h.cluster.node_index(&leader).unwrap();
         let kept: i64 = h
             .client(&leader)

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
+mod compare;
 mod endpoints;
 mod proxy;
 
@@ -35,6 +36,9 @@ pub enum BenchCommand {
     Proxy(proxy::ProxyArgs),
     /// Failover as clients with one address see it: VIP and proxy (root).
     Endpoints(endpoints::EndpointsArgs),
+    /// Side by side with Patroni + HAProxy: failover, switchover, losses,
+    /// agent footprint.
+    Compare(compare::CompareArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -68,6 +72,7 @@ pub async fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Switchover(args) => failover(args, Disruption::Switchover).await,
         BenchCommand::Proxy(args) => proxy::run(args).await,
         BenchCommand::Endpoints(args) => endpoints::run(args).await,
+        BenchCommand::Compare(args) => compare::run(args).await,
     }
 }
 
