@@ -41,17 +41,12 @@ impl Haproxy {
         let socket = dir.join("stats.sock");
         let primary_port = mainstay_testkit::free_port();
         let replicas_port = mainstay_testkit::free_port();
-        let servers: String = h
-            .cluster
-            .nodes
-            .iter()
-            .map(|n| {
-                format!(
-                    "    server {} 127.0.0.1:{} maxconn 100 check port {}\n",
-                    n.name, n.pg_port, n.api_port
-                )
-            })
-            .collect();
+        let servers = mainstay_testkit::health_checked_servers(
+            h.cluster
+                .nodes
+                .iter()
+                .map(|n| (n.name.as_str(), n.pg_port, n.api_port)),
+        );
         let cfg = format!(
             "# Patroni's haproxy.cfg, on loopback ports, checked every second.
 global

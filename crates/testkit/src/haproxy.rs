@@ -7,6 +7,17 @@ use std::process::{Child, Command, Stdio};
 
 pub const HAPROXY: &str = "/usr/sbin/haproxy";
 
+/// `server` lines as Patroni's documentation writes them: traffic to each
+/// node's PostgreSQL port, health checked on its REST API port.
+pub fn health_checked_servers<'a>(nodes: impl IntoIterator<Item = (&'a str, u16, u16)>) -> String {
+    nodes
+        .into_iter()
+        .map(|(name, pg_port, api_port)| {
+            format!("    server {name} 127.0.0.1:{pg_port} maxconn 100 check port {api_port}\n")
+        })
+        .collect()
+}
+
 /// Killed (by PID) when dropped, and when the thread that started it dies.
 pub struct Haproxy {
     child: Child,

@@ -11,7 +11,7 @@ pub mod netns;
 mod relay;
 
 pub use etcd::Etcd;
-pub use haproxy::{HAPROXY, Haproxy};
+pub use haproxy::{HAPROXY, Haproxy, health_checked_servers};
 pub use relay::Relay;
 
 use std::collections::BTreeSet;

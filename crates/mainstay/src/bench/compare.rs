@@ -26,7 +26,6 @@ use super::{
 use crate::demo::{LocalCluster, SUPERUSER, SUPERUSER_PASSWORD};
 use mainstay_testkit::{Etcd, Haproxy, free_port};
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -417,34 +416,12 @@ async fn one_case(
             .max()
             .unwrap_or(at),
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::SeqCst);
-    let _ = writer.await;
-    let acked: Vec<i64> = log
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .acked
-        .iter()
-        .map(|(id, _, _)| *id)
-        .collect();
-    let (client, connection) = connect_rw(&conninfo)
-        .await
-        .map_err(|e| format!("connecting after the fault: {e}"))?;
-    tokio::spawn(connection);
-    let present: BTreeSet<i64> = client
-        .query("SELECT id FROM bench_writes", &[])
-        .await
-        .map_err(|e| e.to_string())?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    let lost = acked.iter().filter(|id| !present.contains(id)).count();
-    drop(client);
+    let (acked, lost) = super::settle_and_count(&conninfo, &log, &stop, writer).await?;
     cluster.stop();
     Ok((
         Measured {
             unavailable_ms: recovered_at.duration_since(outage_start).as_millis() as u64,
-            acked: acked.len(),
+            acked,
             lost,
         },
         footprint,
@@ -666,16 +643,12 @@ impl PatroniCluster {
         for i in 0..cluster.nodes.len() {
             cluster.spawn(i, patroni)?;
         }
-        let servers: String = cluster
-            .nodes
-            .iter()
-            .map(|n| {
-                format!(
-                    "    server {} 127.0.0.1:{} maxconn 100 check port {}\n",
-                    n.name, n.pg_port, n.api_port
-                )
-            })
-            .collect();
+        let servers = mainstay_testkit::health_checked_servers(
+            cluster
+                .nodes
+                .iter()
+                .map(|n| (n.name.as_str(), n.pg_port, n.api_port)),
+        );
         let haproxy = Haproxy::start(
             &dir.join("haproxy"),
             &format!(

@@ -381,19 +381,39 @@ async fn one_run(
             .max()
             .unwrap_or(killed_at),
     };
+    let (acked, lost) = settle_and_count(&conninfo, &log, &stop, writer).await?;
+    let writes_to_read_only = log.lock().unwrap().read_only;
+    cluster.stop_all();
+    Ok(RunResult {
+        unavailability_ms: recovered_at.duration_since(outage_start).as_millis() as u64,
+        acked,
+        lost,
+        idle_rss_bytes,
+        writes_to_read_only,
+    })
+}
+
+/// Lets the writer run one more second, stops it, and counts the writes
+/// it had acknowledged and those of them missing from `bench_writes` now.
+async fn settle_and_count(
+    conninfo: &str,
+    log: &Mutex<WriterLog>,
+    stop: &std::sync::atomic::AtomicBool,
+    writer: tokio::task::JoinHandle<()>,
+) -> Result<(usize, usize), String> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = writer.await;
     let acked: Vec<i64> = log
         .lock()
-        .unwrap()
+        .unwrap_or_else(|e| e.into_inner())
         .acked
         .iter()
         .map(|(id, _, _)| *id)
         .collect();
-    let (client, connection) = connect_rw(&conninfo)
+    let (client, connection) = connect_rw(conninfo)
         .await
-        .map_err(|e| format!("connecting after the test: {e}"))?;
+        .map_err(|e| format!("connecting after the fault: {e}"))?;
     tokio::spawn(connection);
     let present: BTreeSet<i64> = client
         .query("SELECT id FROM bench_writes", &[])
@@ -403,15 +423,7 @@ async fn one_run(
         .map(|row| row.get(0))
         .collect();
     let lost = acked.iter().filter(|id| !present.contains(id)).count();
-    let writes_to_read_only = log.lock().unwrap().read_only;
-    cluster.stop_all();
-    Ok(RunResult {
-        unavailability_ms: recovered_at.duration_since(outage_start).as_millis() as u64,
-        acked: acked.len(),
-        lost,
-        idle_rss_bytes,
-        writes_to_read_only,
-    })
+    Ok((acked.len(), lost))
 }
 
 /// Turns `synchronous_mode` on through the first node's REST API (a JSON
