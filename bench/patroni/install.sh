@@ -21,9 +21,17 @@ if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
     $sudo systemctl disable --now haproxy >/dev/null 2>&1 || true
 fi
 
+# Debian's interpreter, not one under /root (pyenv): Patroni runs as
+# `postgres`, which must be able to exec and read it.
+if ! /usr/bin/python3 -m venv --help >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+fi
 if [ ! -x "$venv/bin/patroni" ] || ! "$venv/bin/patroni" --version 2>/dev/null | grep -qx "patroni $patroni_version"; then
     mkdir -p "$(dirname "$venv")"
-    python3 -m venv "$venv"
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         "patroni[etcd3,psycopg3]==$patroni_version" "psycopg[binary]"
 fi

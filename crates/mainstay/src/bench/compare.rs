@@ -317,15 +317,12 @@ fn print_table(s: &Value, version: &str) {
     );
 }
 
-/// Runs bench/patroni/install.sh when the venv lacks Patroni; returns the
-/// `patroni` executable.
+/// Runs bench/patroni/install.sh (quick when the venv is in place);
+/// returns the `patroni` executable.
 fn install_patroni(venv: &Path) -> Result<PathBuf, String> {
     let patroni = venv.join("bin/patroni");
-    if patroni.exists() {
-        return Ok(patroni);
-    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/patroni/install.sh");
-    eprintln!("installing Patroni into {} ...", venv.display());
+    eprintln!("checking Patroni in {} ...", venv.display());
     let status = Command::new("bash")
         .arg(&script)
         .arg(venv)
