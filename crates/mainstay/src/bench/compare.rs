@@ -879,6 +879,8 @@ postgresql:
   parameters:
     shared_buffers: 32MB
     max_connections: 50
+    # As in the demo: a killed server leaves nothing behind in /dev/shm.
+    dynamic_shared_memory_type: mmap
     unix_socket_directories: {dir}
   pg_hba:
     - local all all trust

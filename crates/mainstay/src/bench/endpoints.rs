@@ -47,8 +47,22 @@ pub struct EndpointsArgs {
 struct RunResult {
     kill_to_write_ms: [u64; 2],
     promotion_to_write_ms: [u64; 2],
-    keepalived_move_ms: u64,
+    keepalived: KeepalivedFigures,
 }
+
+/// keepalived's side of the comparison.
+struct KeepalivedFigures {
+    /// Master's cable pulled -> first answer from the backup through the VIP.
+    move_ms: u64,
+    /// keepalived SIGKILLed on the master: how long, within the watch
+    /// window, both hosts held the VIP.
+    sigkill_both_held_ms: u64,
+    /// ... and whether the killed master's host still held it at the end.
+    sigkill_left_behind: bool,
+}
+
+/// How long the hosts are watched after keepalived is SIGKILLed.
+const SIGKILL_WATCH: Duration = Duration::from_secs(8);
 
 pub async fn run(args: EndpointsArgs) -> ExitCode {
     if let Some(why) = netns::unavailable() {
@@ -77,13 +91,17 @@ pub async fn run(args: EndpointsArgs) -> ExitCode {
             Ok(Ok(result)) => {
                 eprintln!(
                     "run {run}/{}: kill -> first write: VIP {} ms, proxy {} ms; promotion -> \
-                     first write: VIP {} ms, proxy {} ms; keepalived VIP move {} ms",
+                     first write: VIP {} ms, proxy {} ms; keepalived VIP move {} ms; keepalived \
+                     SIGKILLed: both hosts held its VIP {} of {} ms, left on the dead one: {}",
                     args.runs,
                     result.kill_to_write_ms[0],
                     result.kill_to_write_ms[1],
                     result.promotion_to_write_ms[0],
                     result.promotion_to_write_ms[1],
-                    result.keepalived_move_ms
+                    result.keepalived.move_ms,
+                    result.keepalived.sigkill_both_held_ms,
+                    SIGKILL_WATCH.as_millis(),
+                    result.keepalived.sigkill_left_behind
                 );
                 results.push(result);
                 if args.keep {
@@ -118,26 +136,31 @@ pub async fn run(args: EndpointsArgs) -> ExitCode {
             "vip": pick(&|r| r.promotion_to_write_ms[0]),
             "proxy": pick(&|r| r.promotion_to_write_ms[1]),
         },
-        "keepalived_vip_move_ms": pick(&|r| r.keepalived_move_ms),
+        "keepalived_vip_move_ms": pick(&|r| r.keepalived.move_ms),
+        "keepalived_sigkill_both_held_ms": pick(&|r| r.keepalived.sigkill_both_held_ms),
+        "keepalived_sigkill_left_behind_runs": results.iter().filter(|r| r.keepalived.sigkill_left_behind).count(),
         "settings": {
             "hosts": 3,
             "profile": "default",
             "kill": "SIGKILL of the primary's agent and PostgreSQL together",
             "proxy": "read-write listener of a surviving node",
-            "keepalived": "VRRP, advert_int 1, master's link down",
+            "keepalived": "VRRP, advert_int 1, master's link down; then keepalived SIGKILLed on the master, hosts watched for 8 s",
             "mainstay": env!("CARGO_PKG_VERSION"),
         }
     });
     let median = |v: &serde_json::Value| v["median"].as_u64().unwrap_or(0);
     println!(
         "endpoints ({} runs), median ms: kill -> first write VIP {} / proxy {}; promotion -> \
-         first write VIP {} / proxy {}; keepalived VIP move {}",
+         first write VIP {} / proxy {}; keepalived VIP move {}; keepalived SIGKILLed: both \
+         hosts held its VIP {} ms of {}",
         results.len(),
         median(&report["kill_to_first_write_ms"]["vip"]),
         median(&report["kill_to_first_write_ms"]["proxy"]),
         median(&report["promotion_to_first_write_ms"]["vip"]),
         median(&report["promotion_to_first_write_ms"]["proxy"]),
         median(&report["keepalived_vip_move_ms"]),
+        median(&report["keepalived_sigkill_both_held_ms"]),
+        SIGKILL_WATCH.as_millis(),
     );
     if args.json {
         println!("{report}");
@@ -173,7 +196,7 @@ async fn measure(dir: &Path, exe: &Path, lab: Lab) -> Result<RunResult, String> 
     let survivors: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| i != l).collect();
     // keepalived runs on the two replicas' hosts, so that pulling its
     // master's cable does not also move mainstay's leader.
-    let keepalived_move_ms = keepalived_move(
+    let keepalived = keepalived_move(
         &cluster,
         [survivors[0], survivors[1]],
         &dir.join("keepalived"),
@@ -273,7 +296,7 @@ async fn measure(dir: &Path, exe: &Path, lab: Lab) -> Result<RunResult, String> 
     Ok(RunResult {
         kill_to_write_ms,
         promotion_to_write_ms,
-        keepalived_move_ms,
+        keepalived,
     })
 }
 
@@ -401,12 +424,14 @@ async fn promotion_probe(conninfo: String, stop: Arc<AtomicBool>) -> Option<Inst
 
 /// keepalived on `hosts` (master, backup) with a VIP of its own; the
 /// master's cable is pulled, and the time to the first answer from the
-/// backup's PostgreSQL through that VIP is measured. The cable goes back in.
+/// backup's PostgreSQL through that VIP is measured. The cable goes back in
+/// and, once the master holds the VIP again, its keepalived is SIGKILLed:
+/// the hosts' addresses are watched for what happens to the VIP.
 async fn keepalived_move(
     cluster: &LocalCluster,
     hosts: [usize; 2],
     dir: &Path,
-) -> Result<u64, String> {
+) -> Result<KeepalivedFigures, String> {
     let lab = cluster.lab.as_ref().ok_or("not a lab cluster")?;
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let mut daemons = Vec::new();
@@ -481,8 +506,48 @@ async fn keepalived_move(
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     lab.set_link(hosts[0], true).map_err(|e| e.to_string())?;
+    // The master preempts on its return.
+    let holds = |host: usize| {
+        lab.addresses(host).is_ok_and(|a| {
+            a.iter()
+                .any(|a| a.starts_with(&format!("{KEEPALIVED_VIP}/")))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !holds(hosts[0]) || holds(hosts[1]) {
+        if Instant::now() > deadline {
+            return Err("keepalived's master did not take its VIP back".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SIGKILL of every keepalived process of the master (the parent and its
+    // VRRP child): nothing runs that could remove the address.
+    let vrrp_pid = std::fs::read_to_string(dir.join("vrrp0.pid"))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok());
+    let master = daemons.remove(0);
+    if let Some(pid) = vrrp_pid {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    drop(master);
+    let killed_at = Instant::now();
+    let mut both_held = Duration::ZERO;
+    let mut last = killed_at;
+    while killed_at.elapsed() < SIGKILL_WATCH {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = Instant::now();
+        if holds(hosts[0]) && holds(hosts[1]) {
+            both_held += now - last;
+        }
+        last = now;
+    }
+    let left_behind = holds(hosts[0]);
     drop(daemons);
-    Ok(moved.as_millis() as u64)
+    Ok(KeepalivedFigures {
+        move_ms: moved.as_millis() as u64,
+        sigkill_both_held_ms: both_held.as_millis() as u64,
+        sigkill_left_behind: left_behind,
+    })
 }
 
 /// A process killed (by PID) when dropped.
