@@ -350,9 +350,11 @@ impl<D: Dcs> Agent<D> {
                     "crash drill requested through the REST API: stopping PostgreSQL hard \
                      (immediate) and letting the lease expire, as if this host died"
                 );
+                // Stopped first: should that fail, nothing else changed and
+                // the node keeps its role (renewals go on).
+                self.stop(StopMode::Immediate).await.map_err(internal)?;
                 self.renewals_paused.store(true, Ordering::SeqCst);
                 self.stand_down_until = Some(until);
-                self.stop(StopMode::Immediate).await.map_err(internal)?;
                 self.wake.notify_one();
                 Ok(format!(
                     "PostgreSQL stopped hard on {}; its lease expires without renewal and one \

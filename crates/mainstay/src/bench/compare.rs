@@ -801,6 +801,16 @@ listen primary
         if let Some(pid) = postmaster {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        // Patroni starts PostgreSQL detached, not as its child: one it was
+        // just (re)starting shows up in postmaster.pid only now. Bounded.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Some(pid) = node.postmaster_pid()
+            && unsafe { libc::kill(pid, 0) } == 0
+            && Instant::now() < deadline
+        {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn stop(&mut self) {
