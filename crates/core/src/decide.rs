@@ -80,6 +80,9 @@ pub struct Lease {
     /// The moment (send time of the last successful keep-alive + ttl - fencing
     /// margin) before which etcd cannot have expired the lease.
     pub valid_until: Millis,
+    /// Failsafe mode: `valid_until` rests on every member's confirmation
+    /// (each promised not to take over until then), not on etcd.
+    pub members_confirmed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -675,14 +678,15 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
     let pg = obs.pg;
     let since = *state.no_leader_since.get_or_insert(obs.now);
     if pg.accepts_writes()
-        && obs.config.failsafe_mode
+        && obs.lease.members_confirmed
         && obs.lease.id.is_some()
         && obs.now < obs.lease.valid_until
     {
         // The key expired while etcd was unreachable, but every member
         // confirmed this primary until `valid_until` and promised not to
-        // take over: take the key back rather than stop a healthy primary.
-        // Should someone else have it first, the next turn fences.
+        // take over, so none races for it: take the key back rather than
+        // stop a healthy primary. Without that promise (a key deleted by
+        // hand, say) the replicas race and this node must fence instead.
         return decision(
             vec![Action::AcquireLeader],
             "failsafe: the leader key expired while every member confirmed this primary: \
@@ -925,6 +929,7 @@ mod tests {
             lease: Lease {
                 id: Some(7),
                 valid_until: Millis(valid_until),
+                members_confirmed: false,
             },
             config: &DynamicConfig::default(),
             wall_secs: 0,
@@ -941,10 +946,10 @@ mod tests {
     fn in_failsafe_mode_a_confirmed_primary_takes_back_an_expired_leader_key() {
         let primary = pg(PgRole::Primary, 100);
         let leaderless = view(None, vec![]);
-        let decide_with = |failsafe: bool, now: u64| {
+        let decide_with = |confirmed: bool, now: u64| {
             let tags = Tags::default();
             let config = DynamicConfig {
-                failsafe_mode: failsafe,
+                failsafe_mode: true,
                 ..DynamicConfig::default()
             };
             let obs = Observation {
@@ -957,6 +962,7 @@ mod tests {
                 lease: Lease {
                     id: Some(8),
                     valid_until: Millis(3000),
+                    members_confirmed: confirmed,
                 },
                 config: &config,
                 wall_secs: 0,
@@ -965,7 +971,8 @@ mod tests {
             decide(&mut CoreState::default(), &obs).actions
         };
         assert_eq!(decide_with(true, 2000), vec![Action::AcquireLeader]);
-        // Past the confirmed deadline, or without failsafe: stop writing.
+        // Past the confirmed deadline, or a deadline etcd's renewal gave
+        // (a key deleted by hand: the replicas race for it): stop writing.
         assert!(is_fence(&decide_with(true, 3000)));
         assert!(is_fence(&decide_with(false, 2000)));
     }
@@ -999,6 +1006,7 @@ mod tests {
             lease: Lease {
                 id: Some(7),
                 valid_until: Millis(2500),
+                members_confirmed: false,
             },
             config: &DynamicConfig::default(),
             wall_secs: 0,

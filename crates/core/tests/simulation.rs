@@ -668,6 +668,8 @@ impl Sim {
                 lease: Lease {
                     id: node.lease_id,
                     valid_until: Millis(node.valid_until),
+                    // The simulated cluster runs without failsafe mode.
+                    members_confirmed: false,
                 },
                 config: &self.config,
                 wall_secs: self.now / 1000,

@@ -720,17 +720,14 @@ impl Dcs for EtcdDcs {
                 Ok((members, leader))
             })
             .await?;
-        let mut on_this_host = Vec::with_capacity(members.len());
-        for member in &members {
-            on_this_host.push(runs_on(member.client_urls(), local).await);
-        }
-        let Some(current) = members.iter().position(|m| m.id() == leader) else {
+        let Some(current) = members.iter().find(|m| m.id() == leader) else {
             return Ok(None);
         };
-        if !on_this_host[current] {
+        // The usual answer, every 2 s: etcd's leader is elsewhere.
+        if !runs_on(current.client_urls(), local).await {
             return Ok(None);
         }
-        let Some(url) = members[current].client_urls().first() else {
+        let Some(url) = current.client_urls().first() else {
             return Ok(None);
         };
         // MoveLeader is only served by the leader itself.
@@ -738,11 +735,13 @@ impl Dcs for EtcdDcs {
             .await
             .map_err(|e| map_err(e, url))?;
         let mut last_error = None;
-        for (target, _) in members
-            .iter()
-            .zip(&on_this_host)
-            .filter(|(m, here)| !**here && !m.is_learner() && !m.client_urls().is_empty())
-        {
+        for target in &members {
+            if target.is_learner()
+                || target.client_urls().is_empty()
+                || runs_on(target.client_urls(), local).await
+            {
+                continue;
+            }
             match client.move_leader(target.id()).await {
                 Ok(_) => return Ok(Some(target.name().to_string())),
                 // That member may be down or behind: try the next one.

@@ -40,8 +40,12 @@ use tracing::{debug, error, info, warn};
 #[derive(Clone, Copy, Debug)]
 struct LeaseState {
     id: Option<i64>,
-    /// Before this instant etcd cannot have expired the lease.
+    /// Before this instant etcd cannot have expired the lease, or (failsafe)
+    /// every member promised not to take over.
     valid_until: Instant,
+    /// `valid_until` rests on every member's failsafe confirmation, not on
+    /// a renewal etcd acknowledged.
+    members_confirmed: bool,
 }
 
 pub struct Agent<D: Dcs> {
@@ -80,8 +84,6 @@ pub struct Agent<D: Dcs> {
     stand_down_until: Option<Instant>,
     /// The lease keeper sends no keep-alive while set (crash drill).
     renewals_paused: Arc<AtomicBool>,
-    /// `failsafe_mode` as last read, for the lease keeper.
-    failsafe_enabled: Arc<AtomicBool>,
     /// What the REST API serves; replaced after every turn.
     snapshot: watch::Sender<Arc<NodeSnapshot>>,
     api_listen: String,
@@ -164,6 +166,7 @@ impl<D: Dcs> Agent<D> {
         let (lease_tx, lease) = watch::channel(LeaseState {
             id: None,
             valid_until: origin,
+            members_confirmed: false,
         });
         Agent {
             name: config.name.clone(),
@@ -193,7 +196,6 @@ impl<D: Dcs> Agent<D> {
             renew_latency_us: Arc::default(),
             stand_down_until: None,
             renewals_paused: Arc::default(),
-            failsafe_enabled: Arc::default(),
             snapshot: watch::Sender::new(Arc::new(NodeSnapshot::new(
                 &config.name,
                 &config.cluster,
@@ -476,8 +478,6 @@ impl<D: Dcs> Agent<D> {
                 self.parameters_dirty |=
                     config.postgresql.parameters != self.dynamic.postgresql.parameters;
                 self.dynamic = config;
-                self.failsafe_enabled
-                    .store(self.dynamic.failsafe_mode, Ordering::SeqCst);
             }
             Ok(_) => {}
             Err(problem) => error!(
@@ -747,7 +747,6 @@ impl<D: Dcs> Agent<D> {
             paused: self.renewals_paused.clone(),
             failsafe: Failsafe {
                 peers: self.failsafe_peers.clone(),
-                enabled: self.failsafe_enabled.clone(),
                 auth: self.api_auth.clone(),
                 ca_file: self.api_ca_file.clone(),
             },
@@ -1002,6 +1001,7 @@ impl<D: Dcs> Agent<D> {
             lease: Lease {
                 id: lease.id,
                 valid_until: self.millis(lease.valid_until),
+                members_confirmed: lease.members_confirmed,
             },
             config: &self.dynamic,
             wall_secs: unix_now(),
@@ -1922,7 +1922,6 @@ struct FailsafePeers {
 
 struct Failsafe {
     peers: Arc<std::sync::Mutex<Option<FailsafePeers>>>,
-    enabled: Arc<AtomicBool>,
     auth: ApiAuth,
     ca_file: Option<std::path::PathBuf>,
 }
@@ -2020,6 +2019,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                 let micros = sent.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
                 latency_us.store(micros, Ordering::Relaxed);
                 let mut valid_until = deadline;
+                let mut members_confirmed = false;
                 if lease != Some(id) {
                     info!(lease = id, "lease granted");
                     wake.notify_one();
@@ -2032,7 +2032,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                     {
                         Ok(Ok(true)) => {}
                         Ok(Ok(false))
-                            if failsafe.enabled.load(Ordering::SeqCst)
+                            if tx.borrow().members_confirmed
                                 && leader_key_absent(&*dcs, timing.dcs_timeout).await =>
                         {
                             // etcd expired the key while every member
@@ -2040,6 +2040,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                             // back before the confirmed deadline, which is
                             // not extended meanwhile.
                             valid_until = tx.borrow().valid_until;
+                            members_confirmed = true;
                             wake.notify_one();
                         }
                         Ok(Ok(false)) => {
@@ -2047,17 +2048,22 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                             valid_until = Instant::now();
                             wake.notify_one();
                         }
-                        _ => valid_until = tx.borrow().valid_until,
+                        _ => {
+                            let previous = *tx.borrow();
+                            valid_until = previous.valid_until;
+                            members_confirmed = previous.members_confirmed;
+                        }
                     }
                 }
                 lease = Some(id);
                 send(LeaseState {
                     id: lease,
                     valid_until,
+                    members_confirmed,
                 });
             }
             Ok(Ok(None))
-                if failsafe.enabled.load(Ordering::SeqCst)
+                if tx.borrow().members_confirmed
                     && writable.load(Ordering::SeqCst)
                     && Instant::now() < tx.borrow().valid_until =>
             {
@@ -2079,6 +2085,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                 send(LeaseState {
                     id: granted,
                     valid_until: confirmed,
+                    members_confirmed: true,
                 });
                 wake.notify_one();
             }
@@ -2088,6 +2095,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                 send(LeaseState {
                     id: None,
                     valid_until: Instant::now(),
+                    members_confirmed: false,
                 });
                 wake.notify_one();
             }
@@ -2110,6 +2118,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                 send(LeaseState {
                     id: current.id,
                     valid_until,
+                    members_confirmed: true,
                 });
             }
         }

@@ -356,14 +356,26 @@ async fn disrupt(
 /// Milliseconds from `at` to the first write a node other than `old`
 /// acknowledged (at most 90 s).
 async fn first_write_elsewhere(writers: &Writers, at: Instant, old: &str) -> u64 {
-    let deadline = at + Duration::from_secs(90);
+    let first = first_write(writers, at, Some(old), Duration::from_secs(90)).await;
+    first.duration_since(at).as_millis() as u64
+}
+
+/// The first write acknowledged after `after` (by a node other than
+/// `not_on`, if given); fails the scenario if none comes within `within`.
+async fn first_write(
+    writers: &Writers,
+    after: Instant,
+    not_on: Option<&str>,
+    within: Duration,
+) -> Instant {
+    let deadline = Instant::now() + within;
     loop {
-        if let Some(first) = writers.acked_since(at, Some(old)) {
-            return first.duration_since(at).as_millis() as u64;
+        if let Some(first) = writers.acked_since(after, not_on) {
+            return first;
         }
         assert!(
             Instant::now() < deadline,
-            "no write on a node other than {old} within 90 s"
+            "no write (on a node other than {not_on:?}) within {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -407,7 +419,7 @@ fn kill_primary_agent(h: &mut Harness) -> Running<'_> {
             h.cluster.nodes[old].postmaster_pid().is_none(),
             "PostgreSQL outlived its agent"
         );
-        let addresses = h.cluster.lab.as_ref().unwrap().addresses(old).unwrap();
+        let addresses = lab(h).addresses(old).unwrap();
         assert!(
             !addresses.iter().any(|a| a.starts_with(VIP)),
             "the VIP stayed on the killed agent's host: {addresses:?}"
@@ -416,6 +428,10 @@ fn kill_primary_agent(h: &mut Harness) -> Running<'_> {
         let evidence = writers.finish().await;
         check(h, &evidence, false, unavailable).await
     })
+}
+
+fn lab(h: &Harness) -> &Lab {
+    h.cluster.lab.as_ref().expect("a lab cluster")
 }
 
 /// The healthy cluster's leader, with the writers running for 2 s.
@@ -447,17 +463,12 @@ fn primary_link_down(h: &mut Harness) -> Running<'_> {
         let writers = Writers::start(h).await;
         let mut cut = None;
         let unavailable = disrupt(h, &writers, |h, l| {
-            h.cluster.lab.as_ref().unwrap().set_link(l, false).unwrap();
+            lab(h).set_link(l, false).unwrap();
             cut = Some(l);
         })
         .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        h.cluster
-            .lab
-            .as_ref()
-            .unwrap()
-            .set_link(cut.unwrap(), true)
-            .unwrap();
+        lab(h).set_link(cut.unwrap(), true).unwrap();
         let evidence = writers.finish().await;
         check(h, &evidence, false, unavailable).await
     })
@@ -470,9 +481,9 @@ fn replica_isolated(h: &mut Harness) -> Running<'_> {
         let replica = h.other_than(&leader);
         let r = h.cluster.node_index(&replica).unwrap();
         let at = Instant::now();
-        h.cluster.lab.as_ref().unwrap().set_link(r, false).unwrap();
+        lab(h).set_link(r, false).unwrap();
         tokio::time::sleep(Duration::from_secs(8)).await;
-        h.cluster.lab.as_ref().unwrap().set_link(r, true).unwrap();
+        lab(h).set_link(r, true).unwrap();
         let view = h.view().await;
         assert_eq!(
             view.leader_name(),
@@ -496,17 +507,13 @@ fn primary_postgres_crash(h: &mut Harness) -> Running<'_> {
         let pid = h.cluster.nodes[l].postmaster_pid().unwrap();
         let at = Instant::now();
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        let deadline = at + Duration::from_secs(90);
-        while writers
-            .acked_since(at + Duration::from_millis(500), None)
-            .is_none()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "no write within 90 s of the crash"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        first_write(
+            &writers,
+            at + Duration::from_millis(500),
+            None,
+            Duration::from_secs(90),
+        )
+        .await;
         let unavailable = writers.longest_gap_since(at);
         let evidence = writers.finish().await;
         check(h, &evidence, false, unavailable).await
@@ -639,15 +646,7 @@ fn etcd_quorum_lost(failsafe: bool) -> impl Fn(&mut Harness) -> Running<'_> + Sy
             for i in (0..h.cluster.etcd.len()).filter(|&i| i != l) {
                 h.cluster.etcd[i].restart().unwrap();
             }
-            let back = Instant::now();
-            let deadline = back + Duration::from_secs(60);
-            while writers.acked_since(back, None).is_none() {
-                assert!(
-                    Instant::now() < deadline,
-                    "no write within 60 s of etcd's return"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            first_write(&writers, Instant::now(), None, Duration::from_secs(60)).await;
             let evidence = writers.finish().await;
             let outcome = check(h, &evidence, false, outage).await;
             assert_eq!(outcome.lost, 0, "etcd's outage lost acknowledged writes");
@@ -670,17 +669,12 @@ fn primary_isolated_from_etcd(h: &mut Harness) -> Running<'_> {
         let writers = Writers::start(h).await;
         let mut cut = None;
         let unavailable = disrupt(h, &writers, |h, l| {
-            h.cluster
-                .lab
-                .as_ref()
-                .unwrap()
-                .isolate_ports(l, &ETCD_PORTS)
-                .unwrap();
+            lab(h).isolate_ports(l, &ETCD_PORTS).unwrap();
             cut = Some(l);
         })
         .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        h.cluster.lab.as_ref().unwrap().heal(cut.unwrap());
+        lab(h).heal(cut.unwrap());
         let evidence = writers.finish().await;
         check(h, &evidence, false, unavailable).await
     })
@@ -694,7 +688,7 @@ fn primary_link_degraded(h: &mut Harness) -> Running<'_> {
         let (leader, writers) = under_load(h).await;
         let l = h.cluster.node_index(&leader).unwrap();
         let timeline = h.view().await.leader_status().unwrap().timeline;
-        let lab = h.cluster.lab.as_ref().unwrap();
+        let lab = lab(h);
         let at = Instant::now();
         lab.impair(l, 3, Some(4000)).unwrap();
         for relay in &RELAYS.lock().unwrap()[l] {
@@ -774,15 +768,7 @@ fn primary_disk_full(h: &mut Harness) -> Running<'_> {
         tokio::time::sleep(Duration::from_secs(15)).await;
         let during = writers.longest_gap_since(at);
         std::fs::remove_file(&filler).unwrap();
-        let freed = Instant::now();
-        let deadline = freed + Duration::from_secs(90);
-        while writers.acked_since(freed, None).is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "no write within 90 s of freeing space"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        first_write(&writers, Instant::now(), None, Duration::from_secs(90)).await;
         let unavailable = during.max(writers.longest_gap_since(at));
         let evidence = writers.finish().await;
         check(h, &evidence, false, unavailable).await
@@ -824,9 +810,9 @@ fn etcd_leader_with_primary(h: &mut Harness) -> Running<'_> {
         }
         // Power loss of that host.
         let at = Instant::now();
-        h.cluster.lab.as_ref().unwrap().set_link(l, false).unwrap();
+        lab(h).set_link(l, false).unwrap();
         let unavailable = first_write_elsewhere(&writers, at, &leader).await;
-        h.cluster.lab.as_ref().unwrap().set_link(l, true).unwrap();
+        lab(h).set_link(l, true).unwrap();
         let evidence = writers.finish().await;
         check(h, &evidence, false, unavailable).await
     })

@@ -598,7 +598,7 @@ impl PatroniNode {
 /// Three Patroni agents (as the `postgres` user when run as root), one etcd
 /// member, and HAProxy in front, configured as Patroni's docs advise.
 struct PatroniCluster {
-    _etcd: Etcd,
+    etcd: Etcd,
     nodes: Vec<PatroniNode>,
     haproxy: Option<Haproxy>,
     haproxy_port: u16,
@@ -613,12 +613,12 @@ impl PatroniCluster {
         std::fs::create_dir_all(dir).map_err(io("creating the directory"))?;
         let etcd = Etcd::start(&dir.join("etcd")).map_err(io("starting etcd"))?;
         let mut cluster = PatroniCluster {
-            _etcd: etcd,
+            etcd,
             nodes: Vec::new(),
             haproxy: None,
             haproxy_port: free_port(),
         };
-        let endpoint = cluster._etcd.endpoint();
+        let endpoint = cluster.etcd.endpoint();
         let etcd_host = endpoint.trim_start_matches("http://").to_string();
         for i in 1..=3 {
             let node_dir = dir.join(format!("p{i}"));
