@@ -388,8 +388,10 @@ profile = "{profile}"
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return true;
+            if let Ok(Some(status)) = child.try_wait() {
+                // Killed by the signal (no handler yet) or a fatal error is
+                // not a clean stop.
+                return status.success();
             }
             std::thread::sleep(Duration::from_millis(50));
         }

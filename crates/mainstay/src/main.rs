@@ -148,8 +148,15 @@ async fn run_agent(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let shutdown = match shutdown_signal() {
+        Ok(shutdown) => shutdown,
+        Err(err) => {
+            eprintln!("error: cannot install the SIGTERM/SIGINT handlers: {err}");
+            return ExitCode::from(1);
+        }
+    };
     let agent = mainstay::agent::Agent::new(&config, dcs);
-    match agent.run(shutdown_signal()).await {
+    match agent.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
             eprintln!("error: {reason}");
@@ -158,12 +165,19 @@ async fn run_agent(config: Config) -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
+/// The handlers are installed here, before the agent starts, not on the
+/// future's first poll: the agent's loop may not poll it for several turns
+/// (select! stops at the first ready branch), and a SIGTERM arriving before
+/// that would kill the process with the default action, leaving the leader
+/// key to expire instead of being handed over.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

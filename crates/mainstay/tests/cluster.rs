@@ -347,6 +347,19 @@ fn sigterm_of_the_primary_agent_hands_leadership_over() {
         eprintln!("handover to {new} took {took:?}");
         // No waiting for the lease to run out.
         assert!(took < Duration::from_secs(4), "handover took {took:?}");
+        let log = h.agent_log(&old);
+        assert!(
+            log.contains("released the leader key"),
+            "the old leader did not hand the key over:\n{log}"
+        );
+        // A SIGTERM that arrives while the agent is still starting up is
+        // handled too, not left to the default action that kills it.
+        h.cluster.start_agent(index).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            h.cluster.stop_agent(index, Duration::from_secs(30)),
+            "an agent stopped right after its start exits cleanly"
+        );
         h.passed = true;
     });
 }
