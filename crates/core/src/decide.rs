@@ -19,6 +19,7 @@ use crate::switchover::{LeaderVerdict, judge};
 pub use crate::sync::Standby;
 use crate::types::{ClusterView, Lsn, Millis, PgRole, Tags};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// The part of the configuration the decisions depend on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -246,12 +247,35 @@ pub struct CoreState {
     /// Synchronous mode: the names in effect and the primary's position when
     /// they were first seen in effect (see `sync::manage`).
     sync_catchup: Option<(Vec<String>, Lsn)>,
+    /// Bootstraps of this node that failed in a row, and when it may claim
+    /// the bootstrap again: each failure moves a data directory aside, so a
+    /// failure that repeats (a bad parameter, a full disk) must not do it
+    /// every turn.
+    failed_bootstraps: u32,
+    bootstrap_retry_at: Option<Millis>,
 }
+
+/// The first retry after a failed bootstrap; each further failure doubles it.
+pub const BOOTSTRAP_RETRY_FIRST: Duration = Duration::from_secs(5);
+pub const BOOTSTRAP_RETRY_MAX: Duration = Duration::from_secs(300);
 
 impl CoreState {
     /// `ctl remove`: the leader stops keeping a slot for `name` at once.
     pub fn forget_member(&mut self, name: &str) -> bool {
         self.slot_members.remove(name).is_some()
+    }
+
+    /// The agent's bootstrap failed at `now` (its attempt moved aside, its
+    /// claim given back). Returns how long this node waits before it claims
+    /// the bootstrap again; another node may claim it meanwhile.
+    pub fn bootstrap_failed(&mut self, now: Millis) -> Duration {
+        self.failed_bootstraps = self.failed_bootstraps.saturating_add(1);
+        let doublings = (self.failed_bootstraps - 1).min(16);
+        let wait = BOOTSTRAP_RETRY_FIRST
+            .saturating_mul(1 << doublings)
+            .min(BOOTSTRAP_RETRY_MAX);
+        self.bootstrap_retry_at = Some(Millis(now.0 + wait.as_millis() as u64));
+        wait
     }
 }
 
@@ -313,15 +337,29 @@ fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
             DataDir::Empty if !view.members.contains_key(obs.name) => {
                 wait("new cluster: publishing this member before claiming the bootstrap")
             }
-            DataDir::Empty => decision(
-                vec![Action::ClaimInitialize],
-                "new cluster: claiming the bootstrap",
-            ),
+            DataDir::Empty => match state.bootstrap_retry_at {
+                Some(at) if obs.now < at => Decision {
+                    actions: Vec::new(),
+                    wake_at: Some(at),
+                    // Stable while it waits, so that it is logged once.
+                    note: format!(
+                        "new cluster: the bootstrap failed here {} time(s) in a row; \
+                         waiting before claiming it again",
+                        state.failed_bootstraps
+                    ),
+                },
+                _ => decision(
+                    vec![Action::ClaimInitialize],
+                    "new cluster: claiming the bootstrap",
+                ),
+            },
         };
     };
     let Some(cluster_system_id) = &init.system_id else {
         return bootstrap_in_progress(obs, view, &init.by);
     };
+    state.failed_bootstraps = 0;
+    state.bootstrap_retry_at = None;
     if let DataDir::Initialized { system_id, .. } = &pg.data
         && system_id != cluster_system_id
     {
@@ -1218,6 +1256,41 @@ mod tests {
                 system_id: "42".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_failed_bootstrap_is_claimed_again_only_after_a_growing_wait() {
+        let mut empty = pg(PgRole::Stopped, 0);
+        empty.data = DataDir::Empty;
+        let mut new_cluster = view(None, vec![status("a", PgRole::Stopped, 0, 1, false)]);
+        new_cluster.initialize = None;
+        let mut state = CoreState::default();
+        let claim = vec![Action::ClaimInitialize];
+        assert_eq!(check(&mut state, 0, &empty, Some(&new_cluster), 0), claim);
+        assert_eq!(state.bootstrap_failed(Millis(1000)), BOOTSTRAP_RETRY_FIRST);
+        assert!(check(&mut state, 5999, &empty, Some(&new_cluster), 0).is_empty());
+        assert_eq!(
+            check(&mut state, 6000, &empty, Some(&new_cluster), 0),
+            claim
+        );
+        assert_eq!(
+            state.bootstrap_failed(Millis(7000)),
+            BOOTSTRAP_RETRY_FIRST * 2
+        );
+        assert!(check(&mut state, 16_999, &empty, Some(&new_cluster), 0).is_empty());
+        for _ in 0..20 {
+            assert!(state.bootstrap_failed(Millis(7000)) <= BOOTSTRAP_RETRY_MAX);
+        }
+        assert_eq!(state.bootstrap_failed(Millis(7000)), BOOTSTRAP_RETRY_MAX);
+        // Once some node bootstrapped the cluster, the count starts over.
+        check(
+            &mut state,
+            8000,
+            &empty,
+            Some(&view(Some(("b", 9)), vec![])),
+            0,
+        );
+        assert_eq!(state.bootstrap_failed(Millis(9000)), BOOTSTRAP_RETRY_FIRST);
     }
 
     #[test]

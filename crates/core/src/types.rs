@@ -56,6 +56,10 @@ pub struct Tags {
     /// Never choose this node as a synchronous standby.
     #[serde(default)]
     pub nosync: bool,
+    /// Never send read-only load here: `/replica` answers 503 and the
+    /// read-only proxy skips it (a replica kept for backups or reports).
+    #[serde(default)]
+    pub noloadbalance: bool,
     /// Higher wins among equally advanced candidates.
     pub priority: i32,
 }

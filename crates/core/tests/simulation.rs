@@ -268,6 +268,7 @@ impl Sim {
                     nofailover: count > 2 && i == count - 1 && rng.chance(200_000),
                     priority: rng.below(3) as i32,
                     nosync: false,
+                    noloadbalance: false,
                 },
                 agent_alive: true,
                 restart_at: 0,

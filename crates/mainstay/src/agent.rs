@@ -1535,7 +1535,11 @@ impl<D: Dcs> Agent<D> {
         if let Some(view) = view {
             let _ = self.dcs.delete_initialize(view.initialize_revision).await;
         }
-        Err(TurnError::Failed(format!("bootstrap failed: {reason}")))
+        let retry_in = self.core.bootstrap_failed(self.millis(Instant::now()));
+        Err(TurnError::Failed(format!(
+            "bootstrap failed: {reason}; this node claims it again in {} s at the earliest",
+            retry_in.as_secs()
+        )))
     }
 
     /// Before promoting: claim the next timeline in the data directory and,

@@ -143,6 +143,21 @@ fn make_dir(path: &Path) -> io::Result<()> {
 impl LocalCluster {
     /// Writes the configurations and starts etcd and every agent.
     pub fn start(dir: &Path, nodes: usize, exe: &Path, profile: &str) -> io::Result<LocalCluster> {
+        let mut cluster = LocalCluster::prepare(dir, nodes, exe, profile)?;
+        for i in 0..nodes {
+            cluster.start_agent(i)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts etcd and writes every node's configuration, but no agent (a
+    /// test may edit a configuration first).
+    pub fn prepare(
+        dir: &Path,
+        nodes: usize,
+        exe: &Path,
+        profile: &str,
+    ) -> io::Result<LocalCluster> {
         make_dir(dir)?;
         let etcd = Etcd::start(&dir.join("etcd"))?;
         let mut cluster = LocalCluster {
@@ -175,9 +190,6 @@ impl LocalCluster {
             };
             fs::write(&node.config, cluster.config_text(&node, profile))?;
             cluster.nodes.push(node);
-        }
-        for i in 0..nodes {
-            cluster.start_agent(i)?;
         }
         Ok(cluster)
     }

@@ -97,6 +97,7 @@ impl Route {
             .map(|m| &m.status)
             .filter(|s| Some(s.name.as_str()) != view.leader_name())
             .filter(|s| s.role == PgRole::Replica && s.state == "running")
+            .filter(|s| !s.tags.noloadbalance)
             .map(|s| ReplicaTarget {
                 target: target(s),
                 within_lag: match primary_status {
@@ -672,6 +673,12 @@ mod tests {
 
         let route = Route::from_view(&v, 0, later);
         assert_eq!(names(&route, Access::ReadOnly, &stats, 2), ["a"; 2]);
+
+        // A noloadbalance replica gets no read-only connection at all.
+        let mut v = v;
+        v.members.get_mut("bb").unwrap().status.tags.noloadbalance = true;
+        let route = Route::from_view(&v, 2_000, later);
+        assert_eq!(names(&route, Access::ReadOnly, &stats, 3), ["a"; 3]);
     }
 
     /// A read-write route to `address` (target "pg") for ten minutes.

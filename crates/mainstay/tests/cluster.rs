@@ -532,6 +532,75 @@ fn a_primary_cut_off_from_etcd_stops_writing_before_its_lease_can_expire() {
     });
 }
 
+/// The failed attempts moved aside next to the data directory.
+fn failed_bootstraps(h: &Harness) -> usize {
+    std::fs::read_dir(&h.cluster.nodes[0].dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("data.failed_bootstrap.")
+        })
+        .count()
+}
+
+#[test]
+fn a_failed_bootstrap_is_moved_aside_and_retried_with_a_growing_wait() {
+    cluster_test(async {
+        let dir = test_dir("bootstrap-retry");
+        let cluster = mainstay::demo::LocalCluster::prepare(
+            &dir,
+            1,
+            std::path::Path::new(env!("CARGO_BIN_EXE_mainstay")),
+            "default",
+        )
+        .unwrap();
+        let mut h = Harness::adopt(cluster);
+        // An operator's typo: initdb works, the first start does not.
+        let config = h.cluster.nodes[0].config.clone();
+        let good = std::fs::read_to_string(&config).unwrap();
+        let bad = good.replace(
+            "max_connections = \"50\"",
+            "max_connections = \"50\", shared_preload_libraries = \"no_such_library\"",
+        );
+        assert_ne!(good, bad);
+        std::fs::write(&config, bad).unwrap();
+        h.cluster.start_agent(0).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while failed_bootstraps(&h) == 0 {
+            assert!(Instant::now() < deadline, "no failed bootstrap moved aside");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let first = Instant::now();
+        // The next claim waits 5 s, then 10 s: not a data directory a turn.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(failed_bootstraps(&h), 1, "retried without waiting");
+        while failed_bootstraps(&h) < 2 {
+            assert!(
+                first.elapsed() < Duration::from_secs(30),
+                "the bootstrap was not retried"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let log = h.agent_log("node1");
+        assert!(log.contains("claims it again in 5 s"), "{log}");
+        assert!(log.contains("claims it again in 10 s"), "{log}");
+        let view = h.view().await;
+        assert!(view.initialize.is_none(), "the claim was given back");
+        assert!(view.leader.is_none(), "the leader key was given back");
+        // Fixed and restarted, it bootstraps into a fresh directory; the
+        // failed attempts stay where they are.
+        assert!(h.cluster.stop_agent(0, Duration::from_secs(30)));
+        std::fs::write(&config, good).unwrap();
+        h.cluster.start_agent(0).unwrap();
+        h.healthy(Duration::from_secs(60)).await;
+        assert!(h.view().await.initialize.unwrap().system_id.is_some());
+        assert_eq!(failed_bootstraps(&h), 2);
+        h.passed = true;
+    });
+}
+
 #[test]
 fn a_wiped_dcs_is_rebuilt_from_the_data_never_reinitialized() {
     cluster_test(async {

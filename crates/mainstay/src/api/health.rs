@@ -89,8 +89,11 @@ pub fn passes(check: Check, node: &NodeSnapshot, filters: &Filters) -> bool {
     }
     match check {
         Check::Primary => node.is_primary_leader(),
-        Check::Replica => replica_ok(node, filters),
-        Check::ReadOnly => node.is_primary_leader() || replica_ok(node, filters),
+        // Like Patroni: a noloadbalance replica is no read-only target.
+        Check::Replica => replica_ok(node, filters) && !node.tags.noloadbalance,
+        Check::ReadOnly => {
+            node.is_primary_leader() || (replica_ok(node, filters) && !node.tags.noloadbalance)
+        }
         Check::Sync => replica_ok(node, filters) && node.is_sync_standby(),
         Check::Async => replica_ok(node, filters) && !node.is_sync_standby(),
         Check::Health => node.pg_running(),
@@ -116,6 +119,8 @@ fn tags_match(node: &NodeSnapshot, wanted: &BTreeMap<String, String>) -> bool {
     wanted.iter().all(|(name, value)| {
         let actual = match name.as_str() {
             "nofailover" => node.tags.nofailover.to_string(),
+            "nosync" => node.tags.nosync.to_string(),
+            "noloadbalance" => node.tags.noloadbalance.to_string(),
             "priority" => node.tags.priority.to_string(),
             _ => return false,
         };
@@ -131,6 +136,55 @@ pub fn lag(leader: Lsn, lsn: Lsn) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mainstay_core::Tags;
+    use std::time::Duration;
+
+    fn streaming_replica(tags: Tags) -> NodeSnapshot {
+        let mut node = NodeSnapshot::new("r", "c", "", &tags, Duration::from_secs(4));
+        node.running = true;
+        node.health = Some(mainstay_pg::Health {
+            in_recovery: true,
+            timeline: 1,
+            system_identifier: 1,
+            server_version: "15".into(),
+            server_version_num: 150000,
+            current_lsn: None,
+            flush_lsn: None,
+            receive_lsn: Some(Lsn(100)),
+            replay_lsn: Some(Lsn(100)),
+            replay_delay_secs: None,
+            wal_receiver: Some(mainstay_pg::WalReceiver {
+                status: "streaming".into(),
+                received_tli: 1,
+                flushed_lsn: Some(Lsn(100)),
+                sender_host: None,
+                sender_port: None,
+                slot_name: None,
+            }),
+            replicas: Vec::new(),
+            synchronous_standby_names: String::new(),
+        });
+        node
+    }
+
+    #[test]
+    fn a_noloadbalance_replica_is_healthy_but_no_read_only_target() {
+        let filters = Filters::default();
+        let plain = streaming_replica(Tags::default());
+        assert!(passes(Check::Replica, &plain, &filters));
+        assert!(passes(Check::ReadOnly, &plain, &filters));
+        let kept_out = streaming_replica(Tags {
+            noloadbalance: true,
+            ..Tags::default()
+        });
+        assert!(!passes(Check::Replica, &kept_out, &filters));
+        assert!(!passes(Check::ReadOnly, &kept_out, &filters));
+        assert!(passes(Check::Health, &kept_out, &filters));
+        let mut wanted = Filters::default();
+        wanted.tags.insert("noloadbalance".into(), "true".into());
+        assert!(passes(Check::Health, &kept_out, &wanted));
+        assert!(!passes(Check::Health, &plain, &wanted));
+    }
 
     #[test]
     fn sizes_parse_like_patroni() {

@@ -9,8 +9,14 @@ use std::time::UNIX_EPOCH;
 
 fn tags(tags: &Tags) -> Value {
     let mut map = Map::new();
-    if tags.nofailover {
-        map.insert("nofailover".into(), Value::Bool(true));
+    for (name, set) in [
+        ("nofailover", tags.nofailover),
+        ("nosync", tags.nosync),
+        ("noloadbalance", tags.noloadbalance),
+    ] {
+        if set {
+            map.insert(name.into(), Value::Bool(true));
+        }
     }
     if tags.priority != 0 {
         map.insert("priority".into(), json!(tags.priority));
