@@ -1273,6 +1273,7 @@ impl<D: Dcs> Agent<D> {
                 self.following = None;
                 if before != 0 {
                     self.confirm_timeline(
+                        None,
                         Some(before),
                         local.lsn,
                         "restarted as primary",
@@ -1323,7 +1324,14 @@ impl<D: Dcs> Agent<D> {
                     .await
                     .map_err(|e| failed("promoting", &e))?;
                 self.following = None;
-                self.confirm_timeline(Some(claimed), local.lsn, reason, lease_id()?)
+                // Proxies and replicas act on the member key saying primary:
+                // say it now, not after the bookkeeping at the turn's end.
+                let promoted = self.pg.probe().await.ok();
+                if let (Some(health), Some(view)) = (&promoted, view) {
+                    self.last_health = Some(health.clone());
+                    self.publish(view, lease_id()?).await;
+                }
+                self.confirm_timeline(promoted, Some(claimed), local.lsn, reason, lease_id()?)
                     .await;
             }
             Action::Follow { leader } => {
@@ -1584,13 +1592,18 @@ impl<D: Dcs> Agent<D> {
     /// another timeline than claimed, claim the real one.
     async fn confirm_timeline(
         &self,
+        probed: Option<mainstay_pg::Health>,
         claimed: Option<u32>,
         switch_lsn: Lsn,
         reason: &str,
         lease: i64,
     ) {
-        let Ok(health) = self.pg.probe().await else {
-            return;
+        let health = match probed {
+            Some(health) => health,
+            None => match self.pg.probe().await {
+                Ok(health) => health,
+                Err(_) => return,
+            },
         };
         if claimed == Some(health.timeline) {
             info!(timeline = health.timeline, %switch_lsn, reason, "primary on the claimed timeline");

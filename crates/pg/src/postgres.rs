@@ -51,6 +51,10 @@ pub struct Postgres {
     /// The role `mainstay.conf` was last written for, so that a settings
     /// change (synchronous_standby_names) keeps the replication wiring.
     conf_role: Mutex<Option<StartRole>>,
+    /// The health probe's session, kept between turns: a new authenticated
+    /// connection every turn cost the agent and the server more CPU than
+    /// the probe itself. Only the probe uses it (no session state).
+    probe_session: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
 /// A handle that can fence (SIGQUIT) the postmaster from any thread, without
@@ -108,6 +112,7 @@ impl Postgres {
             child: Arc::new(Mutex::new(None)),
             binary_major: OnceLock::new(),
             conf_role: Mutex::new(None),
+            probe_session: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -749,7 +754,30 @@ impl Postgres {
     }
 
     pub async fn probe(&self) -> Result<Health> {
-        let mut health = sql::probe(&self.local_client().await?).await?;
+        let mut session = self.probe_session.lock().await;
+        let kept = session.take().filter(|c| !c.is_closed());
+        let reused = kept.is_some();
+        let client = match kept {
+            Some(client) => client,
+            None => self.local_client().await?,
+        };
+        let mut health = match sql::probe(&client).await {
+            Ok(health) => {
+                *session = Some(client);
+                health
+            }
+            // A kept session may have died with a server restart that its
+            // connection task has not noticed yet: one fresh try. A timeout
+            // is the server's slowness, not the session's: no second wait.
+            Err(err) if reused && !matches!(err, Error::Timeout { .. }) => {
+                debug!("the kept probe session failed ({err}): reconnecting");
+                let client = self.local_client().await?;
+                let health = sql::probe(&client).await?;
+                *session = Some(client);
+                health
+            }
+            Err(err) => return Err(err),
+        };
         if health.in_recovery {
             // The WAL receiver reports the timeline it started on until it
             // writes WAL of the next one; a history file streamed from the
