@@ -964,6 +964,12 @@ impl<D: Dcs> Agent<D> {
                 .and_then(|v| v.leader_name())
                 .filter(|l| *l != self.name);
             if successor.is_none() && Instant::now() < until {
+                // `/patroni` and `ctl list` show why this node does nothing.
+                let note = "crash drill: standing down until another node leads";
+                if self.last_note != note {
+                    info!("{note}");
+                    self.last_note = note.into();
+                }
                 return Ok((false, None));
             }
             info!(
