@@ -73,6 +73,8 @@ pub struct Agent<D: Dcs> {
     /// The last probe got an answer (`last_health` may be older).
     pg_answering: bool,
     last_note: String,
+    /// When this agent last wrote its member key (see `publish`).
+    last_member_write: Option<Instant>,
     /// The last DCS view read, when, and whether the last read worked.
     last_view: Option<ClusterView>,
     dcs_last_seen: Option<std::time::SystemTime>,
@@ -190,6 +192,7 @@ impl<D: Dcs> Agent<D> {
             last_health: None,
             pg_answering: false,
             last_note: String::new(),
+            last_member_write: None,
             last_view: None,
             dcs_last_seen: None,
             dcs_reachable: false,
@@ -1811,7 +1814,7 @@ impl<D: Dcs> Agent<D> {
             .map(|_| ())
     }
 
-    async fn publish(&self, view: &ClusterView, lease: i64) {
+    async fn publish(&mut self, view: &ClusterView, lease: i64) {
         let health = self.last_health.as_ref();
         let role = match health {
             Some(h) if self.pg.is_running() => {
@@ -1854,10 +1857,33 @@ impl<D: Dcs> Agent<D> {
                 .filter(|_| *self.vip_held.borrow())
                 .map(|v| v.cidr()),
         };
+        // The key lives on the lease, so an unchanged status needs no write:
+        // an idle cluster then costs etcd no fsync a second per member (flash
+        // wear on small hosts). A key someone deleted, or one on an older
+        // lease, is written again because the view shows it gone or
+        // different. Without a leader an unchanged status is still written
+        // once a loop, as the election waits for statuses newer than the
+        // last leader's revision; but not at every turn: each write wakes
+        // every other member (they watch all members while leaderless), whose
+        // writes woke this one again, a storm that lasted as long as no node
+        // could lead (a failing bootstrap, every member nofailover).
+        let published = view.members.get(&self.name).is_some_and(|record| {
+            record.lease_id == lease
+                && MemberStatus {
+                    view_revision: status.view_revision,
+                    ..record.status.clone()
+                } == status
+        });
+        let wrote_lately = self
+            .last_member_write
+            .is_some_and(|at| at.elapsed() < self.timing.loop_wait);
+        if published && (view.leader.is_some() || wrote_lately) {
+            return;
+        }
         match tokio::time::timeout(self.timing.dcs_timeout, self.dcs.put_member(&status, lease))
             .await
         {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => self.last_member_write = Some(Instant::now()),
             Ok(Err(err)) => warn!("cannot publish the member status: {err}"),
             Err(_) => warn!("cannot publish the member status: DCS timeout"),
         }

@@ -42,6 +42,9 @@ pub enum RewindOutcome {
 }
 
 /// One node's PostgreSQL.
+/// How long the health probe reuses one session before it connects anew.
+const PROBE_SESSION_REUSE: Duration = Duration::from_secs(5);
+
 pub struct Postgres {
     settings: PgSettings,
     /// The postmaster this process started, shared with `Fencer`s.
@@ -51,10 +54,11 @@ pub struct Postgres {
     /// The role `mainstay.conf` was last written for, so that a settings
     /// change (synchronous_standby_names) keeps the replication wiring.
     conf_role: Mutex<Option<StartRole>>,
-    /// The health probe's session, kept between turns: a new authenticated
-    /// connection every turn cost the agent and the server more CPU than
-    /// the probe itself. Only the probe uses it (no session state).
-    probe_session: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The health probe's session and when it was opened, kept between
+    /// turns: a new authenticated connection every turn cost the agent and
+    /// the server more CPU than the probe itself. Only the probe uses it (no
+    /// session state).
+    probe_session: tokio::sync::Mutex<Option<(tokio_postgres::Client, std::time::Instant)>>,
 }
 
 /// A handle that can fence (SIGQUIT) the postmaster from any thread, without
@@ -755,15 +759,19 @@ impl Postgres {
 
     pub async fn probe(&self) -> Result<Health> {
         let mut session = self.probe_session.lock().await;
-        let kept = session.take().filter(|c| !c.is_closed());
+        // A kept session answers even when the postmaster takes no new
+        // connection (hung, stopped): a fresh one now and then finds that.
+        let kept = session
+            .take()
+            .filter(|(c, opened)| !c.is_closed() && opened.elapsed() < PROBE_SESSION_REUSE);
         let reused = kept.is_some();
-        let client = match kept {
-            Some(client) => client,
-            None => self.local_client().await?,
+        let (client, opened) = match kept {
+            Some(kept) => kept,
+            None => (self.local_client().await?, std::time::Instant::now()),
         };
         let mut health = match sql::probe(&client).await {
             Ok(health) => {
-                *session = Some(client);
+                *session = Some((client, opened));
                 health
             }
             // A kept session may have died with a server restart that its
@@ -773,7 +781,7 @@ impl Postgres {
                 debug!("the kept probe session failed ({err}): reconnecting");
                 let client = self.local_client().await?;
                 let health = sql::probe(&client).await?;
-                *session = Some(client);
+                *session = Some((client, std::time::Instant::now()));
                 health
             }
             Err(err) => return Err(err),
