@@ -383,6 +383,23 @@ fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
         }
         Some(leader) if leader.name == obs.name => {
             state.primary_restart_at = None;
+            if pg.accepts_writes() && failsafe_confirmed(obs) {
+                // etcd came back and this agent already holds a new lease,
+                // but has not yet revoked the one that expired during the
+                // outage: the key must move to the new lease, under the
+                // same promise that lets a confirmed primary take back a key
+                // that expired (see `leaderless`).
+                return decision(
+                    vec![
+                        Action::ReleaseStaleLeader {
+                            lease_id: leader.lease_id,
+                        },
+                        Action::AcquireLeader,
+                    ],
+                    "failsafe: the leader key is still on the lease that expired while every \
+                     member confirmed this primary: moving it to the new lease",
+                );
+            }
             if pg.accepts_writes() {
                 return decision(
                     vec![Action::Fence {
@@ -712,14 +729,16 @@ fn follow(
     }
 }
 
+/// Every member confirmed this node's primary until a deadline not yet past
+/// (failsafe mode), and the agent holds a lease to put the key on.
+fn failsafe_confirmed(obs: &Observation<'_>) -> bool {
+    obs.lease.members_confirmed && obs.lease.id.is_some() && obs.now < obs.lease.valid_until
+}
+
 fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Decision {
     let pg = obs.pg;
     let since = *state.no_leader_since.get_or_insert(obs.now);
-    if pg.accepts_writes()
-        && obs.lease.members_confirmed
-        && obs.lease.id.is_some()
-        && obs.now < obs.lease.valid_until
-    {
+    if pg.accepts_writes() && failsafe_confirmed(obs) {
         // The key expired while etcd was unreachable, but every member
         // confirmed this primary until `valid_until` and promised not to
         // take over, so none races for it: take the key back rather than
@@ -1009,6 +1028,41 @@ mod tests {
             decide(&mut CoreState::default(), &obs).actions
         };
         assert_eq!(decide_with(true, 2000), vec![Action::AcquireLeader]);
+        // etcd back but not yet done revoking the expired lease: the key
+        // still names this node on it (lease 7; the agent holds 8 now).
+        let stale = view(Some(("a", 7)), vec![]);
+        let tags = Tags::default();
+        let config = DynamicConfig {
+            failsafe_mode: true,
+            ..DynamicConfig::default()
+        };
+        let stale_with = |confirmed: bool| {
+            let obs = Observation {
+                now: Millis(2000),
+                name: "a",
+                tags: &tags,
+                settings: &SETTINGS,
+                pg: &primary,
+                cluster: Some(&stale),
+                lease: Lease {
+                    id: Some(8),
+                    valid_until: Millis(3000),
+                    members_confirmed: confirmed,
+                },
+                config: &config,
+                wall_secs: 0,
+                failsafe_contact: None,
+            };
+            decide(&mut CoreState::default(), &obs).actions
+        };
+        assert_eq!(
+            stale_with(true),
+            vec![
+                Action::ReleaseStaleLeader { lease_id: 7 },
+                Action::AcquireLeader
+            ]
+        );
+        assert!(is_fence(&stale_with(false)));
         // Past the confirmed deadline, or a deadline etcd's renewal gave
         // (a key deleted by hand: the replicas race for it): stop writing.
         assert!(is_fence(&decide_with(true, 3000)));
