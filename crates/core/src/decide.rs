@@ -1003,7 +1003,10 @@ mod tests {
     fn in_failsafe_mode_a_confirmed_primary_takes_back_an_expired_leader_key() {
         let primary = pg(PgRole::Primary, 100);
         let leaderless = view(None, vec![]);
-        let decide_with = |confirmed: bool, now: u64| {
+        // etcd back but not yet done revoking the expired lease: the key
+        // still names this node on it (lease 7; the agent holds 8 now).
+        let stale = view(Some(("a", 7)), vec![]);
+        let decide_with = |cluster: &ClusterView, confirmed: bool, now: u64| {
             let tags = Tags::default();
             let config = DynamicConfig {
                 failsafe_mode: true,
@@ -1015,35 +1018,7 @@ mod tests {
                 tags: &tags,
                 settings: &SETTINGS,
                 pg: &primary,
-                cluster: Some(&leaderless),
-                lease: Lease {
-                    id: Some(8),
-                    valid_until: Millis(3000),
-                    members_confirmed: confirmed,
-                },
-                config: &config,
-                wall_secs: 0,
-                failsafe_contact: None,
-            };
-            decide(&mut CoreState::default(), &obs).actions
-        };
-        assert_eq!(decide_with(true, 2000), vec![Action::AcquireLeader]);
-        // etcd back but not yet done revoking the expired lease: the key
-        // still names this node on it (lease 7; the agent holds 8 now).
-        let stale = view(Some(("a", 7)), vec![]);
-        let tags = Tags::default();
-        let config = DynamicConfig {
-            failsafe_mode: true,
-            ..DynamicConfig::default()
-        };
-        let stale_with = |confirmed: bool| {
-            let obs = Observation {
-                now: Millis(2000),
-                name: "a",
-                tags: &tags,
-                settings: &SETTINGS,
-                pg: &primary,
-                cluster: Some(&stale),
+                cluster: Some(cluster),
                 lease: Lease {
                     id: Some(8),
                     valid_until: Millis(3000),
@@ -1056,17 +1031,22 @@ mod tests {
             decide(&mut CoreState::default(), &obs).actions
         };
         assert_eq!(
-            stale_with(true),
+            decide_with(&leaderless, true, 2000),
+            vec![Action::AcquireLeader]
+        );
+        assert_eq!(
+            decide_with(&stale, true, 2000),
             vec![
                 Action::ReleaseStaleLeader { lease_id: 7 },
                 Action::AcquireLeader
             ]
         );
-        assert!(is_fence(&stale_with(false)));
         // Past the confirmed deadline, or a deadline etcd's renewal gave
         // (a key deleted by hand: the replicas race for it): stop writing.
-        assert!(is_fence(&decide_with(true, 3000)));
-        assert!(is_fence(&decide_with(false, 2000)));
+        for cluster in [&leaderless, &stale] {
+            assert!(is_fence(&decide_with(cluster, true, 3000)));
+            assert!(is_fence(&decide_with(cluster, false, 2000)));
+        }
     }
 
     #[test]
