@@ -1269,7 +1269,7 @@ impl<D: Dcs> Agent<D> {
                     .map_err(dcs_failed)?;
                 info!(
                     lease_id,
-                    "released a leader key left by an earlier run of this agent"
+                    "released a leader key that names this node on an earlier lease"
                 );
             }
             Action::StartPrimary => {

@@ -41,10 +41,10 @@ pub enum RewindOutcome {
     Rewound { diverged_at: Option<Lsn> },
 }
 
-/// One node's PostgreSQL.
 /// How long the health probe reuses one session before it connects anew.
 const PROBE_SESSION_REUSE: Duration = Duration::from_secs(5);
 
+/// One node's PostgreSQL.
 pub struct Postgres {
     settings: PgSettings,
     /// The postmaster this process started, shared with `Fencer`s.
