@@ -6,7 +6,7 @@
 //! at the first failure, and calls again at once if any action changed state,
 //! or at the latest at `wake_at` / after `loop_wait`.
 //!
-//! Safety rules (DESIGN.md section 4) that live here:
+//! Safety rules (docs/rules.md sections 2, 3 and 6) that live here:
 //! - a node may run a writable PostgreSQL only while it holds the leader key
 //!   on a lease it has renewed recently enough (`lease.valid_until`);
 //! - a node takes the leader key only if no eligible member is further ahead;

@@ -2,8 +2,8 @@
 //! core: an in-memory DCS with leases on a fake clock, a model of PostgreSQL
 //! (timelines, WAL positions, replication, rewind) and seeded random faults
 //! (agent crash, PostgreSQL crash, DCS partition, lost or slow lease renewals,
-//! lagging replicas). After every step the invariants of DESIGN.md section 4
-//! are checked; once the faults stop the cluster must converge.
+//! lagging replicas). After every step the invariants of docs/rules.md
+//! section 8 are checked; once the faults stop the cluster must converge.
 //!
 //! Odd seeds run in synchronous mode (strict or not), where the model also
 //! acknowledges commits only as PostgreSQL would (`ANY n` over the listed

@@ -4,14 +4,16 @@
 //! this member's status. Three tasks, each with one job:
 //! - the lease keeper renews the node's lease every `renew_interval` and
 //!   computes the fencing deadline (send time of the last confirmed renewal +
-//!   ttl - fencing margin);
-//! - the watchdog stops a writable PostgreSQL the moment that deadline passes,
-//!   independent of how busy the HA loop is;
+//!   ttl - fencing margin), which it hands to the postmaster's fencing guard
+//!   (a process of its own, see `mainstay-guard`): the guard stops a writable
+//!   PostgreSQL the moment that deadline passes, even if this agent is
+//!   frozen;
 //! - the HA loop runs on every DCS watch event, every `loop_wait`, and at the
 //!   deadlines the core asks for.
 
 use crate::api::{ApiAuth, ApiState, Command, NodeSnapshot};
 use crate::config::{Config, EffectiveTiming};
+use crate::deadline::Deadline;
 use crate::proxy::{Access, ProxyStats, Route};
 use axum::http::StatusCode;
 use mainstay_core::decide::Standby;
@@ -42,7 +44,7 @@ struct LeaseState {
     id: Option<i64>,
     /// Before this instant etcd cannot have expired the lease, or (failsafe)
     /// every member promised not to take over.
-    valid_until: Instant,
+    valid_until: Deadline,
     /// `valid_until` rests on every member's failsafe confirmation, not on
     /// a renewal etcd acknowledged.
     members_confirmed: bool,
@@ -60,10 +62,9 @@ pub struct Agent<D: Dcs> {
     lease: watch::Receiver<LeaseState>,
     /// Handed to the lease keeper when the agent runs.
     lease_tx: Option<watch::Sender<LeaseState>>,
-    /// This node's PostgreSQL may accept writes: the watchdog's business.
-    writable: Arc<AtomicBool>,
-    /// The lease deadline as the watchdog thread sees it.
-    fence_clock: Arc<FenceClock>,
+    /// Whether this node's PostgreSQL may accept writes, and until when: what
+    /// the postmaster's fencing guard enforces.
+    fencer: mainstay_pg::Fencer,
     /// Which member keys the HA loop wants to hear about at once.
     member_interest: Arc<std::sync::Mutex<MemberInterest>>,
     wake: Arc<Notify>,
@@ -167,7 +168,7 @@ impl<D: Dcs> Agent<D> {
         let pg = Postgres::new(pg_settings(config));
         let (lease_tx, lease) = watch::channel(LeaseState {
             id: None,
-            valid_until: origin,
+            valid_until: Deadline::now(),
             members_confirmed: false,
         });
         Agent {
@@ -180,11 +181,8 @@ impl<D: Dcs> Agent<D> {
             core: CoreState::default(),
             lease,
             lease_tx: Some(lease_tx),
-            // A server left running by an earlier agent may be a primary:
-            // fenced unless the first turn finds it is a replica.
-            writable: Arc::new(AtomicBool::new(pg.is_running())),
+            fencer: pg.fencer(),
             pg,
-            fence_clock: Arc::new(FenceClock::new(origin.into_std())),
             member_interest: Arc::new(std::sync::Mutex::new(MemberInterest::All)),
             wake: Arc::new(Notify::new()),
             origin,
@@ -375,7 +373,7 @@ impl<D: Dcs> Agent<D> {
                         "PostgreSQL is not running here: nothing to restart",
                     );
                 }
-                let primary = self.writable.load(Ordering::SeqCst);
+                let primary = self.fencer.writable();
                 if primary && !leading {
                     return refuse(
                         StatusCode::CONFLICT,
@@ -385,7 +383,7 @@ impl<D: Dcs> Agent<D> {
                 warn!(primary, "restart requested through the REST API");
                 self.stop(StopMode::Fast).await.map_err(internal)?;
                 let role = if primary {
-                    self.writable.store(true, Ordering::SeqCst);
+                    self.fencer.set_writable(true);
                     StartRole::Primary
                 } else {
                     StartRole::Replica {
@@ -402,7 +400,7 @@ impl<D: Dcs> Agent<D> {
                 Ok("PostgreSQL restarted".into())
             }
             Command::Reinitialize => {
-                if leading || self.writable.load(Ordering::SeqCst) {
+                if leading || self.fencer.writable() {
                     return refuse(
                         StatusCode::CONFLICT,
                         "the leader cannot be reinitialized: switch over first",
@@ -569,7 +567,7 @@ impl<D: Dcs> Agent<D> {
     fn holds_leader(&self) -> bool {
         let lease = *self.lease.borrow();
         match (&self.last_view, lease.id) {
-            (Some(view), Some(id)) if Instant::now() < lease.valid_until => view
+            (Some(view), Some(id)) if !lease.valid_until.passed() => view
                 .leader
                 .as_ref()
                 .is_some_and(|l| l.name == self.name && l.lease_id == id),
@@ -653,7 +651,7 @@ impl<D: Dcs> Agent<D> {
             loop {
                 let hold_until = if *leading.borrow_and_update() {
                     let lease = *lease.borrow_and_update();
-                    lease.id.map(|_| lease.valid_until)
+                    lease.id.map(|_| lease.valid_until.as_instant())
                 } else {
                     None
                 };
@@ -695,6 +693,19 @@ impl<D: Dcs> Agent<D> {
             .write_pgpass()
             .await
             .map_err(|e| format!("cannot write the password file: {e}"))?;
+        if self.pg.is_running() {
+            // Not started by this agent, so no guard of ours enforces its
+            // deadline (started by hand, or an earlier agent's guard could
+            // not stop it): it may be a primary that nobody fences.
+            warn!(
+                "a PostgreSQL not started by this agent runs on the data directory: stopping it \
+                 (immediate) so that it runs under a fencing guard"
+            );
+            self.pg
+                .stop(StopMode::Immediate)
+                .await
+                .map_err(|e| format!("cannot stop the PostgreSQL found running: {e}"))?;
+        }
         let lease_tx = self.lease_tx.take().ok_or("the agent runs only once")?;
         let tls = match &self.api_tls_files {
             Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
@@ -743,8 +754,7 @@ impl<D: Dcs> Agent<D> {
             name: self.name.clone(),
             timing: self.timing,
             tx: lease_tx,
-            clock: self.fence_clock.clone(),
-            writable: self.writable.clone(),
+            fencer: self.fencer.clone(),
             wake: self.wake.clone(),
             latency_us: self.renew_latency_us.clone(),
             paused: self.renewals_paused.clone(),
@@ -754,17 +764,6 @@ impl<D: Dcs> Agent<D> {
                 ca_file: self.api_ca_file.clone(),
             },
         }));
-        let watchdog = {
-            let (clock, writable, fencer) = (
-                self.fence_clock.clone(),
-                self.writable.clone(),
-                self.pg.fencer(),
-            );
-            std::thread::Builder::new()
-                .name("fencing-watchdog".into())
-                .spawn(move || watchdog(&clock, &writable, &fencer))
-                .map_err(|e| format!("cannot start the fencing watchdog thread: {e}"))?
-        };
         let watcher = tokio::spawn(forward_watch(
             self.dcs.clone(),
             self.member_interest.clone(),
@@ -803,9 +802,10 @@ impl<D: Dcs> Agent<D> {
             }
             self.publish_snapshot(turn_started);
             self.publish_route();
-            if keeper.is_finished() || watchdog.is_finished() {
-                // Without them nothing fences a primary whose lease lapses.
-                fatal = Some("the lease keeper or the fencing watchdog stopped".into());
+            if keeper.is_finished() {
+                // Without it no deadline is ever extended: the guard would
+                // fence a healthy primary.
+                fatal = Some("the lease keeper stopped".into());
             }
             if let Some(reason) = fatal {
                 error!("stopping the agent: {reason}");
@@ -831,8 +831,6 @@ impl<D: Dcs> Agent<D> {
         keeper.abort();
         api.abort();
         drop(proxy);
-        self.fence_clock.stop();
-        let _ = watchdog.join();
         watcher.abort();
         dcs_leader_mover.abort();
         result
@@ -1009,7 +1007,7 @@ impl<D: Dcs> Agent<D> {
             cluster: view.as_ref(),
             lease: Lease {
                 id: lease.id,
-                valid_until: self.millis(lease.valid_until),
+                valid_until: self.millis(lease.valid_until.as_instant()),
                 members_confirmed: lease.members_confirmed,
             },
             config: &self.dynamic,
@@ -1079,7 +1077,7 @@ impl<D: Dcs> Agent<D> {
         };
         self.pg_answering = false;
         if !self.pg.is_running() {
-            self.writable.store(false, Ordering::SeqCst);
+            self.fencer.set_writable(false);
             self.last_health = None;
             return Ok(local);
         }
@@ -1105,13 +1103,13 @@ impl<D: Dcs> Agent<D> {
                         streaming: r.state.as_deref() == Some("streaming"),
                     })
                     .collect();
-                self.writable.store(!health.in_recovery, Ordering::SeqCst);
+                self.fencer.set_writable(!health.in_recovery);
                 self.last_health = Some(health);
             }
             // Running but not answering (busy, starting, shutting down after
             // a fence). A possibly writable server counts as a primary, so
             // that the core can fence it; anything else waits for an answer.
-            Err(err) if self.writable.load(Ordering::SeqCst) => {
+            Err(err) if self.fencer.writable() => {
                 warn!("PostgreSQL (writable) runs but does not answer: {err}");
                 local.role = PgRole::Primary;
                 if let Some(health) = &self.last_health {
@@ -1275,7 +1273,7 @@ impl<D: Dcs> Agent<D> {
             Action::StartPrimary => {
                 let before = local.timeline;
                 // The watchdog must guard the server from its first moment.
-                self.writable.store(true, Ordering::SeqCst);
+                self.fencer.set_writable(true);
                 let started = self.pg.start(StartRole::Primary).await;
                 self.forget_writable_if_stopped();
                 started.map_err(|e| failed("starting as primary", &e))?;
@@ -1327,7 +1325,7 @@ impl<D: Dcs> Agent<D> {
                 self.claim_timeline(claimed, local.lsn, reason, lease_id()?)
                     .await?;
                 // A promotion that times out may still complete: guard first.
-                self.writable.store(true, Ordering::SeqCst);
+                self.fencer.set_writable(true);
                 self.pg
                     .promote()
                     .await
@@ -1436,7 +1434,7 @@ impl<D: Dcs> Agent<D> {
         Ok(())
     }
 
-    /// A planned handover (DESIGN.md section 4, "Switchover"): checkpoint
+    /// A planned handover (docs/rules.md section 5, "Switchover"): checkpoint
     /// while still writable, stop cleanly so the walsenders ship everything
     /// including the shutdown checkpoint, check that the candidate received
     /// it, then move the leader key to the candidate's lease in one
@@ -1498,7 +1496,7 @@ impl<D: Dcs> Agent<D> {
 
     fn forget_writable_if_stopped(&self) {
         if !self.pg.is_running() {
-            self.writable.store(false, Ordering::SeqCst);
+            self.fencer.set_writable(false);
         }
     }
 
@@ -1509,7 +1507,7 @@ impl<D: Dcs> Agent<D> {
         }
         let result = self.pg.stop(mode).await;
         if !self.pg.is_running() {
-            self.writable.store(false, Ordering::SeqCst);
+            self.fencer.set_writable(false);
             self.following = None;
         }
         result.map_err(|e| TurnError::Failed(format!("stopping PostgreSQL: {e}")))
@@ -1519,7 +1517,7 @@ impl<D: Dcs> Agent<D> {
         info!("initializing a new cluster (initdb with data checksums)");
         let result = async {
             self.pg.initdb().await.map_err(|e| format!("initdb: {e}"))?;
-            self.writable.store(true, Ordering::SeqCst);
+            self.fencer.set_writable(true);
             let started = self.pg.start(StartRole::Primary).await;
             self.forget_writable_if_stopped();
             started.map_err(|e| format!("first start: {e}"))?;
@@ -1909,7 +1907,7 @@ impl<D: Dcs> Agent<D> {
         }
         let stopped = !self.pg.is_running();
         if stopped {
-            self.writable.store(false, Ordering::SeqCst);
+            self.fencer.set_writable(false);
         }
         if let Some(lease) = lease {
             // A primary that may still accept writes keeps the key: the
@@ -1951,8 +1949,7 @@ struct LeaseKeeper<D> {
     name: String,
     timing: EffectiveTiming,
     tx: watch::Sender<LeaseState>,
-    clock: Arc<FenceClock>,
-    writable: Arc<AtomicBool>,
+    fencer: mainstay_pg::Fencer,
     wake: Arc<Notify>,
     latency_us: Arc<std::sync::atomic::AtomicU64>,
     /// No keep-alive while set: the lease runs out as if the host died.
@@ -2032,15 +2029,14 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         name,
         timing,
         tx,
-        clock,
-        writable,
+        fencer,
         wake,
         latency_us,
         paused,
         failsafe,
     } = keeper;
     let send = |state: LeaseState| {
-        clock.set(state.valid_until.into_std());
+        fencer.set_deadline(state.valid_until.boot);
         tx.send_replace(state);
     };
     let ttl_secs = timing.ttl.as_secs() as i64;
@@ -2052,8 +2048,8 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         if paused.load(Ordering::SeqCst) {
             continue;
         }
-        let sent = Instant::now();
-        let deadline = sent + timing.ttl - timing.fencing_margin;
+        let sent = Deadline::now();
+        let deadline = sent.after(timing.ttl - timing.fencing_margin);
         let outcome = match lease {
             None => tokio::time::timeout(timing.dcs_timeout, dcs.grant_lease(ttl_secs))
                 .await
@@ -2063,9 +2059,10 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                 .map(|r| r.map(|ttl| (ttl > 0).then_some(id))),
         };
         let renewed = matches!(outcome, Ok(Ok(Some(_))));
+        let mut unconfirmed = false;
         match outcome {
             Ok(Ok(Some(id))) => {
-                let micros = sent.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
+                let micros = sent.mono.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
                 latency_us.store(micros, Ordering::Relaxed);
                 let mut valid_until = deadline;
                 let mut members_confirmed = false;
@@ -2073,7 +2070,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                     info!(lease = id, "lease granted");
                     wake.notify_one();
                 }
-                if writable.load(Ordering::SeqCst) {
+                if fencer.writable() {
                     // A keep-alive cannot sit in a transaction: check
                     // separately that the leader key is still ours.
                     match tokio::time::timeout(timing.dcs_timeout, dcs.leader_held_by(&name, id))
@@ -2094,13 +2091,20 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                         }
                         Ok(Ok(false)) => {
                             warn!("the leader key is no longer this node's: fencing");
-                            valid_until = Instant::now();
+                            valid_until = Deadline::now();
                             wake.notify_one();
                         }
                         _ => {
+                            // Renewed, but whether the key is still ours is
+                            // unknown (etcd stopped answering right after the
+                            // keep-alive): no extension, and in failsafe mode
+                            // the members are asked, as after a failed
+                            // renewal; otherwise the deadline could pass
+                            // before the next round even asks them.
                             let previous = *tx.borrow();
                             valid_until = previous.valid_until;
                             members_confirmed = previous.members_confirmed;
+                            unconfirmed = true;
                         }
                     }
                 }
@@ -2113,8 +2117,8 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
             }
             Ok(Ok(None))
                 if tx.borrow().members_confirmed
-                    && writable.load(Ordering::SeqCst)
-                    && Instant::now() < tx.borrow().valid_until =>
+                    && fencer.writable()
+                    && !tx.borrow().valid_until.passed() =>
             {
                 // Failsafe: the lease ran out while etcd was unreachable,
                 // but every member confirmed this primary until
@@ -2143,7 +2147,7 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                 lease = None;
                 send(LeaseState {
                     id: None,
-                    valid_until: Instant::now(),
+                    valid_until: Deadline::now(),
                     members_confirmed: false,
                 });
                 wake.notify_one();
@@ -2154,15 +2158,15 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
                 timing.dcs_timeout
             ),
         }
-        if !renewed && writable.load(Ordering::SeqCst) {
+        if (!renewed || unconfirmed) && fencer.writable() {
             // Failsafe mode: a confirmation from every member extends the
             // deadline from the time the round started, as a renewal would.
-            let asked = Instant::now();
+            let asked = Deadline::now();
             if failsafe.confirmed(&name, lease, timing.dcs_timeout).await {
                 let current = *tx.borrow();
                 let valid_until = current
                     .valid_until
-                    .max(asked + timing.ttl - timing.fencing_margin);
+                    .max(asked.after(timing.ttl - timing.fencing_margin));
                 debug!("failsafe: every member confirmed this leader");
                 send(LeaseState {
                     id: current.id,
@@ -2180,81 +2184,6 @@ async fn leader_key_absent<D: Dcs>(dcs: &D, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, dcs.read_cluster()).await,
         Ok(Ok(view)) if view.leader.is_none()
     )
-}
-
-/// The fencing deadline, shared by the lease keeper and the watchdog thread.
-struct FenceClock {
-    state: std::sync::Mutex<ClockState>,
-    changed: std::sync::Condvar,
-}
-
-struct ClockState {
-    deadline: std::time::Instant,
-    stopped: bool,
-}
-
-impl FenceClock {
-    fn new(deadline: std::time::Instant) -> FenceClock {
-        FenceClock {
-            state: std::sync::Mutex::new(ClockState {
-                deadline,
-                stopped: false,
-            }),
-            changed: std::sync::Condvar::new(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ClockState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn set(&self, deadline: std::time::Instant) {
-        self.lock().deadline = deadline;
-        self.changed.notify_all();
-    }
-
-    fn stop(&self) {
-        self.lock().stopped = true;
-        self.changed.notify_all();
-    }
-}
-
-/// Stops a writable PostgreSQL the moment the lease may lapse. It runs on its
-/// own OS thread so that a busy or starved async runtime cannot delay it, and
-/// it signals before it logs. It keeps signalling while the server is still
-/// considered writable: only the HA loop, seeing the postmaster gone, clears
-/// that.
-fn watchdog(clock: &FenceClock, writable: &AtomicBool, fencer: &mainstay_pg::Fencer) {
-    // Sleeps are capped so that a deadline moved earlier (leadership lost) or
-    // a server that became writable is noticed promptly without a notify.
-    const RECHECK: Duration = Duration::from_millis(100);
-    let mut fenced_for = None;
-    let mut state = clock.lock();
-    while !state.stopped {
-        let now = std::time::Instant::now();
-        if now >= state.deadline && writable.load(Ordering::SeqCst) {
-            let signalled = fencer.fence_now();
-            if fenced_for != Some(state.deadline) {
-                fenced_for = Some(state.deadline);
-                error!(
-                    signalled,
-                    "lease deadline passed without a confirmed renewal: fenced PostgreSQL"
-                );
-            }
-            state = clock
-                .changed
-                .wait_timeout(state, RECHECK)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-            continue;
-        }
-        let sleep = state.deadline.saturating_duration_since(now).min(RECHECK);
-        state = clock
-            .changed
-            .wait_timeout(state, sleep.max(Duration::from_millis(1)))
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-    }
 }
 
 /// Member keys whose changes wake the HA loop at once.

@@ -691,6 +691,20 @@ superuser = { username = "postgres", password = "s3cret" }
 replication = { username = "replicator", password = "r3pl" }
 "#;
 
+    /// Validation refuses a `bin_dir` without `postgres`, so these tests need
+    /// PostgreSQL 15 where the default points; without it they fail, unless
+    /// `MAINSTAY_ALLOW_SKIP=1` (then they return).
+    fn postgres_installed() -> bool {
+        let ok = default_bin_dir().join("postgres").exists();
+        if !ok {
+            mainstay_testkit::skip(&format!(
+                "needs PostgreSQL 15 in {}: run scripts/setup.sh",
+                default_bin_dir().display()
+            ));
+        }
+        ok
+    }
+
     fn check(extra: &str, key: Option<&str>, needle: &str) {
         check_text(&format!("{GOOD}{extra}"), key, needle);
     }
@@ -708,7 +722,7 @@ replication = { username = "replicator", password = "r3pl" }
 
     #[test]
     fn a_good_file_parses_with_defaults() {
-        if !default_bin_dir().join("postgres").exists() {
+        if !postgres_installed() {
             return;
         }
         let config = Config::parse(Path::new("t"), GOOD).unwrap();
@@ -720,7 +734,7 @@ replication = { username = "replicator", password = "r3pl" }
 
     #[test]
     fn bad_files_name_the_key() {
-        if !default_bin_dir().join("postgres").exists() {
+        if !postgres_installed() {
             return;
         }
         check("[timing]\nttl = 1\n", Some("timing.ttl"), "etcd's minimum");
@@ -746,7 +760,7 @@ replication = { username = "replicator", password = "r3pl" }
 
     #[test]
     fn bad_vip_and_proxy_settings_name_the_key() {
-        if !default_bin_dir().join("postgres").exists() {
+        if !postgres_installed() {
             return;
         }
         let top = |lines: &str| format!("{lines}\n{GOOD}");

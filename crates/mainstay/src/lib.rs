@@ -6,6 +6,7 @@ pub mod api;
 pub mod bench;
 pub mod config;
 pub mod ctl;
+pub mod deadline;
 pub mod demo;
 pub mod proxy;
 pub mod tls;

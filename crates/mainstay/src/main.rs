@@ -46,6 +46,9 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    // `mainstay guard ...` is the postmaster's fencing guard, started by the
+    // agent; it must not start a runtime, threads or logging first.
+    mainstay_guard::run_if_asked();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {

@@ -14,7 +14,8 @@
 //!
 //! A plain binary (`harness = false`): scenarios run one after another and
 //! the suite ends with a table and `N passed, N failed`. Needs root; without
-//! it the suite says it was skipped.
+//! it the suite fails, unless `MAINSTAY_ALLOW_SKIP=1` lets it say it was
+//! skipped.
 
 mod common;
 
@@ -22,8 +23,8 @@ use common::{Harness, connect, prerequisites, test_dir};
 use mainstay::demo::{
     LAB_PG_PORT, LAB_PROXY_PORT, LabOptions, LocalCluster, SUPERUSER, SUPERUSER_PASSWORD,
 };
-use mainstay_testkit::Relay;
 use mainstay_testkit::netns::{self, Lab};
+use mainstay_testkit::{Relay, skip};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -944,7 +945,7 @@ fn run_scenario(scenario: &ScenarioFn, needs: Needs) -> Result<Outcome, String> 
 
 fn main() {
     if let Some(why) = netns::unavailable() {
-        println!("SKIPPED: the fault suite: {why}");
+        skip(&format!("the fault suite: {why}"));
         return;
     }
     if !prerequisites() {

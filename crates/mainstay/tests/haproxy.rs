@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
-use mainstay_testkit::HAPROXY;
+use mainstay_testkit::{HAPROXY, skip};
 
 /// An HAProxy process with a `listen primary` and a `listen replicas`
 /// section over every node of the cluster. Drop kills it by PID.
@@ -219,7 +219,7 @@ fn pg_port(h: &Harness, node: &str) -> u16 {
 #[test]
 fn haproxy_configured_for_patroni_routes_to_the_primary_and_follows_a_failover() {
     if !Path::new(HAPROXY).exists() {
-        eprintln!("SKIPPED: needs haproxy: run scripts/setup.sh");
+        skip("needs haproxy: run scripts/setup.sh");
         return;
     }
     cluster_test(async {

@@ -21,6 +21,15 @@ pub struct Account {
 }
 
 impl Account {
+    /// The same account's environment for a process that keeps this
+    /// process's credentials (the fencing guard switches only its child).
+    pub fn unswitched(&self) -> Account {
+        Account {
+            switch: false,
+            ..self.clone()
+        }
+    }
+
     /// Resolves `run_as`, or the current user when `None`.
     pub fn resolve(run_as: Option<&str>) -> Result<Account> {
         let euid = unsafe { libc::geteuid() };

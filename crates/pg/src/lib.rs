@@ -1,6 +1,6 @@
 //! The only code in mainstay that touches PostgreSQL: creating and cloning
-//! data directories (initdb, pg_basebackup), running the postmaster as a
-//! child that dies with the agent, fencing, promotion, re-pointing replicas,
+//! data directories (initdb, pg_basebackup), running the postmaster under its
+//! fencing guard, fencing, promotion, re-pointing replicas,
 //! pg_rewind, replication slots and roles, and the SQL health probe.
 //!
 //! **Invariant:** nothing here deletes a data directory; unusable ones are
@@ -14,13 +14,14 @@ mod controldata;
 mod error;
 mod pidfile;
 mod postgres;
+mod postmaster;
 mod settings;
-mod spawner;
 mod sql;
 mod tool;
 
 pub use controldata::{ClusterState, ControlData, DataDirState, parse_controldata};
 pub use error::{Error, Result};
+pub use mainstay_guard::BootTime;
 pub use postgres::{Fencer, Postgres, RewindOutcome};
 pub use settings::{ConnTarget, Credentials, PgSettings, StartRole, StopMode};
 pub use sql::{Health, ReplicationPeer, SlotChanges, WalReceiver};

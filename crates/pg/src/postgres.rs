@@ -8,11 +8,13 @@ use crate::conf::{self, INCLUDE_LINE, MAINSTAY_CONF};
 use crate::controldata::{ClusterState, ControlData, DataDirState, parse_controldata};
 use crate::error::{Error, Result};
 use crate::pidfile;
+use crate::postmaster::Postmaster;
 use crate::settings::{ConnTarget, PgSettings, StartRole, StopMode};
-use crate::spawner::Postmaster;
 use crate::sql::{self, Health, SlotChanges};
 use crate::tool;
 use mainstay_core::{Lsn, slot_name};
+use mainstay_guard::protocol::ToGuard;
+use mainstay_guard::{BootTime, GuardArgs};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -29,6 +31,9 @@ const SLOT_PREFIX: &str = "mainstay_";
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Immediate shutdown waits for backends at most 5 s before killing them.
 const IMMEDIATE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// From the guard's SIGQUIT to its SIGKILL of the postmaster's process group:
+/// an immediate shutdown takes milliseconds; this only bounds a stuck one.
+const FENCE_GRACE: Duration = Duration::from_secs(1);
 /// Crash recovery in single-user mode (replays everything since the last checkpoint).
 const SINGLE_USER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -47,8 +52,9 @@ const PROBE_SESSION_REUSE: Duration = Duration::from_secs(5);
 /// One node's PostgreSQL.
 pub struct Postgres {
     settings: PgSettings,
-    /// The postmaster this process started, shared with `Fencer`s.
-    child: Arc<Mutex<Option<Postmaster>>>,
+    /// The postmaster this process started and its fencing state, shared
+    /// with `Fencer`s.
+    child: Arc<Mutex<Guarded>>,
     /// Major version of the binaries in `bin_dir`, e.g. "15".
     binary_major: OnceLock<std::result::Result<String, String>>,
     /// The role `mainstay.conf` was last written for, so that a settings
@@ -61,26 +67,93 @@ pub struct Postgres {
     probe_session: tokio::sync::Mutex<Option<(tokio_postgres::Client, std::time::Instant)>>,
 }
 
-/// A handle that can fence (SIGQUIT) the postmaster from any thread, without
-/// async and without waiting: for a watchdog that must act even when the
-/// async runtime is stuck.
+/// The postmaster this process started, and what its guard must enforce.
+struct Guarded {
+    postmaster: Option<Postmaster>,
+    /// PostgreSQL may accept writes (a primary, or about to become one).
+    writable: bool,
+    /// Past this instant a writable PostgreSQL must be stopped.
+    deadline: BootTime,
+}
+
+impl Guarded {
+    fn order(&self) -> ToGuard {
+        if self.writable {
+            ToGuard::Arm(self.deadline)
+        } else {
+            ToGuard::Disarm
+        }
+    }
+
+    fn tell_guard(&self) {
+        if let Some(pm) = self
+            .postmaster
+            .as_ref()
+            .filter(|pm| pm.exit_status().is_none())
+        {
+            pm.tell(&self.order());
+        }
+    }
+}
+
+/// Fencing for one node's PostgreSQL, usable from any task or thread,
+/// without async and without waiting. The postmaster's guard enforces what
+/// this is told: while `writable`, the server is stopped at `deadline`
+/// unless the deadline is extended, whether or not this process still runs.
 #[derive(Clone)]
 pub struct Fencer {
     data_dir: PathBuf,
-    child: Arc<Mutex<Option<Postmaster>>>,
+    child: Arc<Mutex<Guarded>>,
 }
 
 impl Fencer {
-    /// Sends SIGQUIT (immediate shutdown) to the postmaster now. Returns
-    /// whether a postmaster was signalled.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Guarded> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether PostgreSQL may accept writes (as last set).
+    pub fn writable(&self) -> bool {
+        self.lock().writable
+    }
+
+    /// Declares whether PostgreSQL may accept writes. Set it *before* a
+    /// server becomes writable (start as primary, promotion), so that the
+    /// guard enforces the deadline from the server's first moment.
+    pub fn set_writable(&self, writable: bool) {
+        let mut guarded = self.lock();
+        if guarded.writable != writable {
+            guarded.writable = writable;
+            guarded.tell_guard();
+        }
+    }
+
+    /// Moves the deadline, earlier or later: the latest one counts.
+    pub fn set_deadline(&self, deadline: BootTime) {
+        let mut guarded = self.lock();
+        if guarded.deadline != deadline {
+            guarded.deadline = deadline;
+            if guarded.writable {
+                guarded.tell_guard();
+            }
+        }
+    }
+
+    /// The deadline as last set.
+    pub fn deadline(&self) -> BootTime {
+        self.lock().deadline
+    }
+
+    /// Stops the postmaster now (SIGQUIT to its process group, through its
+    /// guard). Returns whether a postmaster was told to stop.
     pub fn fence_now(&self) -> bool {
-        let ours = self.child.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let ours = self.lock().postmaster.clone();
         if let Some(pm) = ours
-            && pm.signal(libc::SIGQUIT)
+            && pm.exit_status().is_none()
+            && pm.tell(&ToGuard::Fence)
         {
             warn!(
                 pid = pm.pid(),
-                "fencing: sent SIGQUIT (immediate shutdown) to postgres"
+                "fencing: told the guard to stop postgres (immediate shutdown)"
             );
             return true;
         }
@@ -113,7 +186,11 @@ impl Postgres {
         }
         Postgres {
             settings,
-            child: Arc::new(Mutex::new(None)),
+            child: Arc::new(Mutex::new(Guarded {
+                postmaster: None,
+                writable: false,
+                deadline: BootTime(0),
+            })),
             binary_major: OnceLock::new(),
             conf_role: Mutex::new(None),
             probe_session: tokio::sync::Mutex::new(None),
@@ -137,7 +214,11 @@ impl Postgres {
     }
 
     fn our_postmaster(&self) -> Option<Postmaster> {
-        self.child.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .postmaster
+            .clone()
     }
 
     /// A handle for fencing from another thread (see `Fencer`).
@@ -455,16 +536,34 @@ impl Postgres {
             .try_clone()
             .map_err(|e| Error::io_path("open", &log_path, e))?;
 
-        let mut cmd = tool::command(&self.bin("postgres"), &account);
-        cmd.arg("-D")
-            .arg(self.data_dir())
+        let fencer = self.fencer();
+        let guard_args = GuardArgs {
+            grace: FENCE_GRACE,
+            deadline: {
+                let guarded = fencer.lock();
+                guarded.writable.then_some(guarded.deadline)
+            },
+            uid: account.switch.then_some(account.uid),
+            gid: account.switch.then_some(account.gid),
+            program: self.bin("postgres").into(),
+            args: vec!["-D".into(), self.data_dir().into()],
+        };
+        // The guard runs as this process's user (it must be able to signal
+        // the postmaster); it switches to the account for the postmaster.
+        let mut cmd = tool::command(&self.settings.guard_program, &account.unswitched());
+        cmd.args(guard_args.to_args())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
         let pm = Postmaster::spawn(cmd)
             .await
             .map_err(|e| Error::io("start postgres", e))?;
-        info!(pid = pm.pid(), ?role, log = %log_path.display(), "postgres started");
-        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(pm.clone());
+        info!(pid = pm.pid(), ?role, log = %log_path.display(), "postgres started under its fencing guard");
+        {
+            let mut guarded = fencer.lock();
+            guarded.postmaster = Some(pm.clone());
+            // The state may have moved while the guard started.
+            guarded.tell_guard();
+        }
         self.wait_ready(&pm, log_start).await
     }
 

@@ -45,6 +45,12 @@ pub struct PgSettings {
     pub stop_timeout: Duration,
     /// Upper bound for pg_basebackup and pg_rewind.
     pub clone_timeout: Duration,
+    /// The program that runs as the postmaster's fencing guard when given
+    /// `guard` as its first argument (see the `mainstay-guard` crate). The
+    /// default, `/proc/self/exe`, is this very binary: its `main` must call
+    /// `mainstay_guard::run_if_asked` first thing. A guard of the same build
+    /// also survives a binary replaced on disk during an upgrade.
+    pub guard_program: PathBuf,
 }
 
 impl PgSettings {
@@ -75,6 +81,7 @@ impl PgSettings {
             start_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(60),
             clone_timeout: Duration::from_secs(6 * 3600),
+            guard_program: PathBuf::from("/proc/self/exe"),
         }
     }
 

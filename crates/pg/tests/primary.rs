@@ -7,7 +7,15 @@ use common::*;
 use mainstay_pg::{ClusterState, DataDirState, Error, Postgres, StartRole, StopMode};
 use std::time::{Duration, Instant};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+fn main() {
+    run_tests(&[
+        ("primary_lifecycle", || Box::pin(primary_lifecycle())),
+        ("refuses_to_use_a_foreign_directory", || {
+            Box::pin(refuses_to_use_a_foreign_directory())
+        }),
+    ]);
+}
+
 async fn primary_lifecycle() {
     if !postgres_available() {
         return;
@@ -147,7 +155,6 @@ async fn primary_lifecycle() {
     assert_eq!(pg.data_dir_state(), DataDirState::Missing);
 }
 
-#[tokio::test]
 async fn refuses_to_use_a_foreign_directory() {
     if !postgres_available() {
         return;

@@ -10,6 +10,17 @@ use mainstay_pg::{
     StopMode,
 };
 
+fn main() {
+    run_tests(&[
+        ("clone_stream_follow_promote_rewind", || {
+            Box::pin(clone_stream_follow_promote_rewind())
+        }),
+        ("failed_clone_leaves_nothing_deleted", || {
+            Box::pin(failed_clone_leaves_nothing_deleted())
+        }),
+    ]);
+}
+
 async fn streaming_from(pg: &Postgres, leader: &PgSettings) -> Option<Health> {
     let h = pg.probe().await.ok()?;
     let w = h.wal_receiver.as_ref()?;
@@ -26,7 +37,6 @@ async fn has_row(s: &PgSettings, src: &str) -> bool {
         .unwrap_or(false)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_stream_follow_promote_rewind() {
     if !postgres_available() {
         return;
@@ -189,7 +199,6 @@ async fn clone_stream_follow_promote_rewind() {
     b.stop(StopMode::Fast).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_clone_leaves_nothing_deleted() {
     if !postgres_available() {
         return;

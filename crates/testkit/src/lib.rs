@@ -1,6 +1,6 @@
-//! Test harness shared by mainstay's integration tests: free loopback ports
-//! and real etcd servers that start fast, answer quickly and never outlive
-//! the test that started them.
+//! Test harness shared by mainstay's integration tests: free loopback ports,
+//! real etcd servers that start fast, answer quickly and never outlive the
+//! test that started them, and [`skip`] for a test that cannot run here.
 //!
 //! Everything here is synchronous on purpose: it is called from `#[test]` and
 //! `#[tokio::test]` functions alike, and must not need (or nest) a runtime.
@@ -9,10 +9,12 @@ mod etcd;
 mod haproxy;
 pub mod netns;
 mod relay;
+mod skip;
 
 pub use etcd::Etcd;
 pub use haproxy::{HAPROXY, Haproxy, health_checked_servers};
 pub use relay::Relay;
+pub use skip::{ALLOW_SKIP_ENV, SKIP_LOG_ENV, skip, skipping_allowed};
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener};

@@ -85,7 +85,7 @@ struct RunResult {
 }
 
 /// min/median/max; the median of an even count is the rounded mean of the two
-/// middle values (DESIGN.md section 10).
+/// middle values (docs/rules.md section 9).
 pub fn distribution(values: &[u64]) -> serde_json::Value {
     let mut sorted = values.to_vec();
     sorted.sort_unstable();

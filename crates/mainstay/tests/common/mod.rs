@@ -14,6 +14,7 @@
 use mainstay::demo::LocalCluster;
 use mainstay_core::{ClusterView, PgRole};
 use mainstay_dcs::Dcs;
+use mainstay_testkit::skip;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -24,7 +25,8 @@ use tokio_postgres::{Client, NoTls};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Runs one cluster test: alone (see the module comment), on its own runtime,
-/// and only when etcd and PostgreSQL are installed.
+/// and only when etcd and PostgreSQL are installed (without them the test
+/// fails, unless `MAINSTAY_ALLOW_SKIP=1`: see [`prerequisites`]).
 pub fn cluster_test(test: impl Future<Output = ()>) {
     if !prerequisites() {
         return;
@@ -38,13 +40,14 @@ pub fn cluster_test(test: impl Future<Output = ()>) {
     runtime.block_on(test);
 }
 
+/// Whether etcd and PostgreSQL 15 are installed. When they are not, the
+/// test fails through [`skip`] (a skip is allowed with
+/// `MAINSTAY_ALLOW_SKIP=1`, and then the caller returns).
 pub fn prerequisites() -> bool {
     let ok = Path::new("/usr/lib/postgresql/15/bin/postgres").exists()
         && Path::new("/usr/bin/etcd").exists();
     if !ok {
-        eprintln!(
-            "SKIPPED: needs PostgreSQL 15 and etcd: run the README's install step (scripts/setup.sh)"
-        );
+        skip("needs PostgreSQL 15 and etcd: run the README's install step (scripts/setup.sh)");
     }
     ok
 }

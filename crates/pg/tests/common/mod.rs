@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use mainstay_pg::{ConnTarget, Credentials, PgSettings};
+use mainstay_testkit::skip;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,11 +16,12 @@ pub const SUPERUSER_PASSWORD: &str = "super:secret\\1";
 pub const REPLICATION_PASSWORD: &str = "repl:secret'2";
 pub const REWIND_PASSWORD: &str = "rewind secret 3";
 
-/// False (with a message saying why) when PostgreSQL 15 is not installed.
+/// False when PostgreSQL 15 is not installed, and then the test fails
+/// through [`skip`], unless `MAINSTAY_ALLOW_SKIP=1` (the caller returns).
 pub fn postgres_available() -> bool {
     let ok = Path::new(BIN_DIR).join("postgres").exists();
     if !ok {
-        eprintln!("SKIPPED: PostgreSQL 15 binaries not found in {BIN_DIR}");
+        skip(&format!("PostgreSQL 15 binaries not found in {BIN_DIR}"));
     }
     ok
 }
@@ -166,5 +168,49 @@ pub async fn eventually<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -
             panic!("timed out after {secs}s waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A test: a name and the async body, run on its own two-thread runtime.
+pub type Test = (
+    &'static str,
+    fn() -> std::pin::Pin<Box<dyn Future<Output = ()>>>,
+);
+
+/// `main` of the test binaries (`harness = false`): the binary must act as
+/// the postmaster's fencing guard when `Postgres::start` re-executes it with
+/// `guard` (the default guard program is `/proc/self/exe`), which libtest's
+/// generated `main` cannot do. Runs the tests whose name contains the first
+/// free argument, each in turn, and exits non-zero if any failed.
+pub fn run_tests(tests: &[Test]) {
+    mainstay_guard::run_if_asked();
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    let mut failed = Vec::new();
+    let selected: Vec<_> = tests.iter().filter(|(n, _)| n.contains(&filter)).collect();
+    println!("running {} tests", selected.len());
+    for (name, body) in selected {
+        let started = std::time::Instant::now();
+        let outcome = std::panic::catch_unwind(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(body())
+        });
+        match outcome {
+            Ok(()) => println!("test {name} ... ok ({:?})", started.elapsed()),
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failed.push(*name);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        println!("failed: {failed:?}");
+        std::process::exit(1);
     }
 }

@@ -1,0 +1,392 @@
+//! The guard's main loop: start the postmaster, then wait on three things at
+//! once (the agent's socket, a timer on `CLOCK_BOOTTIME` set to the next
+//! deadline, the postmaster's pidfd) and carry out what `Rules` says. It
+//! never waits on the agent: reports that do not fit the socket are dropped.
+
+use crate::clock::BootTime;
+use crate::protocol::{FromGuard, ToGuard};
+use crate::rules::{Effect, Rules};
+use crate::sys;
+use rustix::event::{PollFd, PollFlags, poll};
+use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open};
+use rustix::time::{
+    Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create,
+    timerfd_settime,
+};
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The first argument that makes a binary embedding this crate act as the
+/// guard (`mainstay guard ...`).
+pub const GUARD_ARG: &str = "guard";
+
+/// What the guard is started with (everything after `guard`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardArgs {
+    /// SIGQUIT to SIGKILL of the process group.
+    pub grace: Duration,
+    /// `None`: disarmed (a replica).
+    pub deadline: Option<BootTime>,
+    /// The account the postmaster runs as (PostgreSQL refuses root).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub program: OsString,
+    pub args: Vec<OsString>,
+}
+
+impl GuardArgs {
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut out: Vec<OsString> = vec![
+            GUARD_ARG.into(),
+            "--grace-ms".into(),
+            self.grace.as_millis().to_string().into(),
+        ];
+        if let Some(deadline) = self.deadline {
+            out.extend(["--deadline-ns".into(), deadline.0.to_string().into()]);
+        }
+        if let Some(uid) = self.uid {
+            out.extend(["--uid".into(), uid.to_string().into()]);
+        }
+        if let Some(gid) = self.gid {
+            out.extend(["--gid".into(), gid.to_string().into()]);
+        }
+        out.push("--".into());
+        out.push(self.program.clone());
+        out.extend(self.args.iter().cloned());
+        out
+    }
+
+    /// Parses what follows `guard`.
+    pub fn parse(args: &[OsString]) -> Result<GuardArgs, String> {
+        let mut parsed = GuardArgs {
+            grace: Duration::from_secs(1),
+            deadline: None,
+            uid: None,
+            gid: None,
+            program: OsString::new(),
+            args: Vec::new(),
+        };
+        let mut rest = args.iter();
+        while let Some(flag) = rest.next() {
+            if flag == "--" {
+                parsed.program = rest.next().cloned().ok_or("no program after --")?;
+                parsed.args = rest.cloned().collect();
+                return Ok(parsed);
+            }
+            let value = rest
+                .next()
+                .and_then(|v| v.to_str())
+                .ok_or_else(|| format!("{flag:?} needs a value"))?;
+            let number = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("{flag:?}: {v:?} is not a number"))
+            };
+            match flag.to_str() {
+                Some("--grace-ms") => parsed.grace = Duration::from_millis(number(value)?),
+                Some("--deadline-ns") => parsed.deadline = Some(BootTime(number(value)?)),
+                Some("--uid") => parsed.uid = Some(number(value)? as u32),
+                Some("--gid") => parsed.gid = Some(number(value)? as u32),
+                _ => return Err(format!("unknown guard argument {flag:?}")),
+            }
+        }
+        Err("missing -- and the program to guard".into())
+    }
+}
+
+/// Acts as the guard and exits if the process was started as one; returns
+/// otherwise. Call it first thing in `main`.
+pub fn run_if_asked() {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == GUARD_ARG) {
+        std::process::exit(main(&args[1..]));
+    }
+}
+
+/// The guard's entry point; returns the process's exit code.
+pub fn main(args: &[OsString]) -> i32 {
+    let args = match GuardArgs::parse(args) {
+        Ok(args) => args,
+        Err(why) => {
+            log(&format!("bad arguments: {why}"));
+            return 2;
+        }
+    };
+    // The socket to the agent is standard input.
+    let channel = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => UnixStream::from(fd),
+        Err(e) => {
+            log(&format!("no channel to the agent on standard input: {e}"));
+            return 2;
+        }
+    };
+    match run(args, channel) {
+        Ok(()) => 0,
+        Err(why) => {
+            log(&why);
+            1
+        }
+    }
+}
+
+fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
+    // Its own session: a SIGSTOP or Ctrl-Z aimed at the agent's process
+    // group, or a hang-up of its terminal, does not reach the guard.
+    rustix::process::setsid().map_err(|e| format!("cannot start a session of its own: {e}"))?;
+    let _ = rustix::thread::set_name(c"mainstay-guard");
+    channel
+        .set_nonblocking(true)
+        .map_err(|e| format!("channel: {e}"))?;
+    let mut link = Link {
+        channel,
+        open: true,
+        pending: Vec::new(),
+    };
+    let mut rules = Rules::new(args.deadline, args.grace);
+    if let Some(why) = rules.refuses_start(BootTime::now()) {
+        link.report(&FromGuard::Refused(why.clone()));
+        return Err(format!("postgres not started: {why}"));
+    }
+
+    let mut cmd = Command::new(&args.program);
+    cmd.args(&args.args).stdin(Stdio::null()).process_group(0);
+    if let Some(gid) = args.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = args.uid {
+        cmd.uid(uid);
+    }
+    sys::die_with_parent(&mut cmd, Signal::QUIT);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let why = format!("cannot start {:?}: {e}", args.program);
+            link.report(&FromGuard::Refused(why.clone()));
+            return Err(why);
+        }
+    };
+    let pid = Pid::from_raw(child.id() as i32).ok_or("the postmaster has no pid")?;
+    sys::ignore_stray_signals();
+    let exited = pidfd_open(pid, PidfdFlags::empty()).map_err(|e| format!("pidfd_open: {e}"));
+    let timer = timerfd_create(TimerfdClockId::Boottime, TimerfdFlags::CLOEXEC)
+        .map_err(|e| format!("timerfd_create: {e}"));
+    let (exited, timer) = match (exited, timer) {
+        (Ok(exited), Ok(timer)) => (exited, timer),
+        (Err(why), _) | (_, Err(why)) => {
+            // Unguarded, PostgreSQL must not run.
+            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            let _ = child.wait();
+            return Err(why);
+        }
+    };
+    link.report(&FromGuard::Started(pid.as_raw_nonzero().get()));
+    log(&format!(
+        "guarding postmaster {} ({})",
+        pid.as_raw_nonzero(),
+        match args.deadline {
+            Some(d) => format!("writable until boot time {:?}", Duration::from_nanos(d.0)),
+            None => "not writable".into(),
+        }
+    ));
+
+    loop {
+        set_timer(&timer, rules.next_wake())?;
+        let (agent_ready, postmaster_gone) = {
+            let mut fds = vec![
+                PollFd::new(&exited, PollFlags::IN),
+                PollFd::new(&timer, PollFlags::IN),
+            ];
+            if link.open {
+                fds.push(PollFd::new(&link.channel, PollFlags::IN));
+            }
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(format!("poll: {e}")),
+            }
+            let agent_ready = fds.get(2).is_some_and(|fd| !fd.revents().is_empty());
+            (agent_ready, !fds[0].revents().is_empty())
+        };
+        let now = BootTime::now();
+        let mut effects = Vec::new();
+        if agent_ready {
+            match link.receive() {
+                Some(messages) => {
+                    for msg in messages {
+                        effects.extend(rules.on_message(msg, now));
+                    }
+                }
+                None => effects.extend(rules.on_agent_gone(now)),
+            }
+        }
+        effects.extend(rules.on_time(now));
+        for effect in effects {
+            // The postmaster is not reaped before the loop ends, so its pid
+            // (and group id) cannot belong to anybody else here.
+            match effect {
+                Effect::Signal(n) => send(pid, n, false),
+                Effect::SignalGroup(n) => send(pid, n, true),
+                Effect::Report(report) => {
+                    if let FromGuard::Fenced(why) = &report {
+                        log(&format!(
+                            "fencing postgres (SIGQUIT to its process group): {why}"
+                        ));
+                    }
+                    link.report(&report);
+                }
+            }
+        }
+        if postmaster_gone {
+            // The zombie still holds its pid, so the group id is still its
+            // own: no backend may outlive the postmaster.
+            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            let status = child.wait().map_err(|e| format!("wait: {e}"))?;
+            log(&format!("postgres exited ({status})"));
+            link.report(&FromGuard::Exited(status.into_raw()));
+            return Ok(());
+        }
+    }
+}
+
+fn set_timer(timer: &impl AsFd, at: Option<BootTime>) -> Result<(), String> {
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let value = match at {
+        // An absolute time of zero would disarm the timer instead of firing.
+        Some(at) => Timespec {
+            tv_sec: (at.0 / 1_000_000_000) as i64,
+            tv_nsec: (at.0 % 1_000_000_000).max(1) as i64,
+        },
+        None => zero,
+    };
+    let spec = Itimerspec {
+        it_interval: zero,
+        it_value: value,
+    };
+    timerfd_settime(timer, TimerfdTimerFlags::ABSTIME, &spec)
+        .map(|_| ())
+        .map_err(|e| format!("timerfd_settime: {e}"))
+}
+
+fn send(pid: Pid, signal: i32, group: bool) {
+    let Some(sig) = Signal::from_named_raw(signal) else {
+        log(&format!("ignored unknown signal {signal}"));
+        return;
+    };
+    let result = if group {
+        rustix::process::kill_process_group(pid, sig)
+    } else {
+        rustix::process::kill_process(pid, sig)
+    };
+    if let Err(e) = result
+        && e != rustix::io::Errno::SRCH
+    {
+        log(&format!("signal {signal} to {pid:?} (group: {group}): {e}"));
+    }
+}
+
+/// The agent's end of the conversation, never blocking.
+struct Link {
+    channel: UnixStream,
+    open: bool,
+    pending: Vec<u8>,
+}
+
+impl Link {
+    /// The complete messages that arrived; `None` once the agent is gone.
+    fn receive(&mut self) -> Option<Vec<ToGuard>> {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.channel.read(&mut buf) {
+                Ok(0) => {
+                    self.open = false;
+                    return None;
+                }
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.open = false;
+                    return None;
+                }
+            }
+            // A peer that never sends a newline must not grow this forever.
+            if self.pending.len() > 1 << 20 {
+                self.open = false;
+                return None;
+            }
+        }
+        let mut messages = Vec::new();
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line[..end]);
+            match ToGuard::parse(&text) {
+                Some(msg) => messages.push(msg),
+                None => log(&format!("ignored an unknown message {text:?}")),
+            }
+        }
+        Some(messages)
+    }
+
+    fn report(&mut self, report: &FromGuard) {
+        if !self.open {
+            return;
+        }
+        if let Err(e) = self.channel.write_all(report.encode().as_bytes())
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            log(&format!("could not tell the agent {report:?}: {e}"));
+        }
+    }
+}
+
+/// One line on standard error, which is PostgreSQL's log file: the guard's
+/// actions appear right before the server's own shutdown messages.
+fn log(message: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    eprintln!(
+        "mainstay-guard[{}] at unix time {}.{:03}: {message}",
+        std::process::id(),
+        now.as_secs(),
+        now.subsec_millis()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_survive_a_round_trip() {
+        let args = GuardArgs {
+            grace: Duration::from_millis(1500),
+            deadline: Some(BootTime(42)),
+            uid: Some(105),
+            gid: Some(110),
+            program: "/usr/lib/postgresql/15/bin/postgres".into(),
+            args: vec!["-D".into(), "/data dir".into()],
+        };
+        let encoded = args.to_args();
+        assert_eq!(encoded[0], GUARD_ARG);
+        assert_eq!(GuardArgs::parse(&encoded[1..]), Ok(args));
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_with_a_reason() {
+        let parse = |a: &[&str]| {
+            GuardArgs::parse(&a.iter().map(OsString::from).collect::<Vec<_>>()).unwrap_err()
+        };
+        assert!(parse(&["--grace-ms", "x", "--", "p"]).contains("not a number"));
+        assert!(parse(&["--what", "1", "--", "p"]).contains("unknown"));
+        assert!(parse(&["--grace-ms", "1"]).contains("missing --"));
+        assert!(parse(&["--"]).contains("no program"));
+    }
+}

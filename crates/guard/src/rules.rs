@@ -1,0 +1,253 @@
+//! What the guard does, as a pure function of what happened: no clock reads,
+//! no system calls, so that every rule has a unit test.
+//!
+//! The rules, in full:
+//! 1. Armed with a deadline, the guard fences when the deadline is reached.
+//!    The latest `arm` wins, earlier or later: only the agent knows whether
+//!    leadership was lost (earlier) or renewed (later).
+//! 2. When the agent's end of the socket closes (agent dead), it fences at
+//!    once, armed or not: nobody is left to keep the server's role in line.
+//! 3. Fencing is SIGQUIT to the postmaster's whole process group: the
+//!    postmaster goes into immediate shutdown and every backend exits at once
+//!    without waiting for the postmaster to pass the signal on, so nothing
+//!    more is committed or acknowledged. SIGKILL to the group follows after
+//!    `grace` if the postmaster is still there. Fencing never stops before the
+//!    postmaster is gone, whatever arrives meanwhile.
+//! 4. A deadline that has already passed when the guard starts means the
+//!    postmaster is never started (`refuses_start`).
+
+use crate::clock::BootTime;
+use crate::protocol::{FromGuard, ToGuard};
+use std::time::Duration;
+
+pub const SIGQUIT: i32 = 3;
+pub const SIGKILL: i32 = 9;
+
+/// Something the guard must do now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// A signal to the postmaster.
+    Signal(i32),
+    /// A signal to the postmaster's process group.
+    SignalGroup(i32),
+    /// A line for the agent (and the log).
+    Report(FromGuard),
+}
+
+#[derive(Clone, Debug)]
+pub struct Rules {
+    deadline: Option<BootTime>,
+    grace: Duration,
+    /// Since when, and why, the guard is stopping PostgreSQL.
+    fencing: Option<(BootTime, String)>,
+    group_killed: bool,
+}
+
+impl Rules {
+    pub fn new(deadline: Option<BootTime>, grace: Duration) -> Rules {
+        Rules {
+            deadline,
+            grace,
+            fencing: None,
+            group_killed: false,
+        }
+    }
+
+    /// Why the postmaster must not be started at `now`, if it must not.
+    pub fn refuses_start(&self, now: BootTime) -> Option<String> {
+        self.deadline
+            .filter(|d| now >= *d)
+            .map(|d| format!("write permission expired {:?} ago", now.since(d)))
+    }
+
+    pub fn is_fencing(&self) -> bool {
+        self.fencing.is_some()
+    }
+
+    pub fn on_message(&mut self, msg: ToGuard, now: BootTime) -> Vec<Effect> {
+        match msg {
+            ToGuard::Arm(deadline) => {
+                self.deadline = Some(deadline);
+                self.on_time(now)
+            }
+            ToGuard::Disarm => {
+                self.deadline = None;
+                Vec::new()
+            }
+            ToGuard::Signal(n) => vec![Effect::Signal(n)],
+            ToGuard::SignalGroup(n) => vec![Effect::SignalGroup(n)],
+            ToGuard::Fence => self.fence("the agent asked for it".into(), now),
+        }
+    }
+
+    pub fn on_agent_gone(&mut self, now: BootTime) -> Vec<Effect> {
+        self.fence("the agent's channel closed (agent dead)".into(), now)
+    }
+
+    /// Call on every wake-up (and after every message): fences at the
+    /// deadline, escalates after the grace period.
+    pub fn on_time(&mut self, now: BootTime) -> Vec<Effect> {
+        if let Some((since, _)) = &self.fencing {
+            if !self.group_killed && now.since(*since) >= self.grace {
+                self.group_killed = true;
+                return vec![Effect::SignalGroup(SIGKILL)];
+            }
+            return Vec::new();
+        }
+        match self.deadline {
+            Some(deadline) if now >= deadline => {
+                let late = now.since(deadline);
+                self.fence(
+                    format!("write permission expired (deadline passed {late:?} ago) without an extension"),
+                    now,
+                )
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// When `on_time` must run next, if ever.
+    pub fn next_wake(&self) -> Option<BootTime> {
+        match &self.fencing {
+            Some(_) if self.group_killed => None,
+            Some((since, _)) => Some(since.saturating_add(self.grace)),
+            None => self.deadline,
+        }
+    }
+
+    fn fence(&mut self, why: String, now: BootTime) -> Vec<Effect> {
+        if self.fencing.is_some() {
+            return Vec::new();
+        }
+        self.fencing = Some((now, why.clone()));
+        vec![
+            Effect::SignalGroup(SIGQUIT),
+            Effect::Report(FromGuard::Fenced(why)),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(2);
+
+    fn at(ms: u64) -> BootTime {
+        BootTime(ms * 1_000_000)
+    }
+
+    fn fenced(effects: &[Effect]) -> bool {
+        effects.first() == Some(&Effect::SignalGroup(SIGQUIT))
+            && matches!(effects.get(1), Some(Effect::Report(FromGuard::Fenced(_))))
+    }
+
+    #[test]
+    fn fences_exactly_at_the_deadline_not_a_nanosecond_before() {
+        let mut rules = Rules::new(Some(at(1000)), GRACE);
+        assert_eq!(rules.next_wake(), Some(at(1000)));
+        assert!(rules.on_time(BootTime(at(1000).0 - 1)).is_empty());
+        assert!(fenced(&rules.on_time(at(1000))));
+        assert!(rules.is_fencing());
+    }
+
+    #[test]
+    fn the_latest_arm_wins_earlier_or_later() {
+        let mut rules = Rules::new(Some(at(1000)), GRACE);
+        assert!(rules.on_message(ToGuard::Arm(at(5000)), at(900)).is_empty());
+        assert!(rules.on_time(at(4999)).is_empty());
+        // Leadership lost: the agent moves the deadline to now.
+        assert!(fenced(&rules.on_message(ToGuard::Arm(at(3000)), at(3000))));
+    }
+
+    #[test]
+    fn an_extension_that_arrives_after_the_deadline_is_too_late() {
+        let mut rules = Rules::new(Some(at(1000)), GRACE);
+        assert!(fenced(&rules.on_time(at(1200))));
+        assert!(
+            rules
+                .on_message(ToGuard::Arm(at(9000)), at(1201))
+                .is_empty()
+        );
+        assert!(rules.is_fencing(), "an extension must not undo a fence");
+        assert_eq!(rules.on_message(ToGuard::Disarm, at(1202)), vec![]);
+        assert!(rules.is_fencing(), "disarming must not undo a fence");
+    }
+
+    #[test]
+    fn disarmed_means_no_deadline_until_armed_again() {
+        let mut rules = Rules::new(None, GRACE);
+        assert_eq!(rules.next_wake(), None);
+        assert!(rules.on_time(at(1_000_000)).is_empty());
+        assert!(
+            rules
+                .on_message(ToGuard::Arm(at(2_000_000)), at(1_000_000))
+                .is_empty()
+        );
+        assert!(rules.on_message(ToGuard::Disarm, at(1_500_000)).is_empty());
+        assert!(rules.on_time(at(3_000_000)).is_empty());
+    }
+
+    #[test]
+    fn a_closed_channel_fences_even_a_replica() {
+        let mut rules = Rules::new(None, GRACE);
+        assert!(fenced(&rules.on_agent_gone(at(10))));
+    }
+
+    #[test]
+    fn sigkill_to_the_group_after_the_grace_period_once() {
+        let mut rules = Rules::new(Some(at(1000)), GRACE);
+        assert!(fenced(&rules.on_time(at(1000))));
+        assert_eq!(rules.next_wake(), Some(at(3000)));
+        assert!(rules.on_time(at(2999)).is_empty());
+        assert_eq!(rules.on_time(at(3000)), vec![Effect::SignalGroup(SIGKILL)]);
+        assert_eq!(rules.next_wake(), None);
+        assert!(rules.on_time(at(9000)).is_empty());
+        // A second reason to fence changes nothing.
+        assert!(rules.on_agent_gone(at(9001)).is_empty());
+        assert!(rules.on_message(ToGuard::Fence, at(9002)).is_empty());
+    }
+
+    #[test]
+    fn a_suspended_host_fences_on_its_first_wake_up() {
+        // Armed until 1 s; the host sleeps from 0.5 s to 60 s. The timer on
+        // CLOCK_BOOTTIME fires on resume with `now` far past the deadline.
+        let mut rules = Rules::new(Some(at(1000)), GRACE);
+        assert!(rules.on_time(at(500)).is_empty());
+        let effects = rules.on_time(at(60_000));
+        assert!(fenced(&effects));
+    }
+
+    #[test]
+    fn refuses_to_start_past_the_deadline_only() {
+        assert!(
+            Rules::new(Some(at(1000)), GRACE)
+                .refuses_start(at(999))
+                .is_none()
+        );
+        assert!(
+            Rules::new(Some(at(1000)), GRACE)
+                .refuses_start(at(1000))
+                .is_some()
+        );
+        assert!(
+            Rules::new(None, GRACE)
+                .refuses_start(at(1_000_000))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn signals_are_passed_on() {
+        let mut rules = Rules::new(None, GRACE);
+        assert_eq!(
+            rules.on_message(ToGuard::Signal(2), at(0)),
+            vec![Effect::Signal(2)]
+        );
+        assert_eq!(
+            rules.on_message(ToGuard::SignalGroup(9), at(0)),
+            vec![Effect::SignalGroup(9)]
+        );
+        assert!(fenced(&rules.on_message(ToGuard::Fence, at(0))));
+    }
+}

@@ -1,0 +1,174 @@
+//! The agent's side of a postmaster that runs under its fencing guard.
+//!
+//! The agent starts the guard (`mainstay guard ...`, see the
+//! `mainstay-guard` crate) with a socket as its standard input; the guard
+//! starts the postmaster as its own child and tells the agent its pid. From
+//! then on the agent talks to the postmaster only through the guard: signals
+//! (the guard knows whether the pid is still its child, so a signal never
+//! reaches a recycled pid) and the fencing deadline. When the postmaster
+//! exits, the guard reports the status and exits too.
+//!
+//! If the agent dies, its end of the socket closes and the guard stops
+//! PostgreSQL at once; if the guard dies, the kernel sends the postmaster
+//! SIGQUIT (parent-death signal); if the agent is frozen, the guard still
+//! stops PostgreSQL at the deadline it last received.
+
+use mainstay_guard::protocol::{FromGuard, ToGuard};
+use std::io::{self, BufRead, BufReader};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tracing::{error, warn};
+
+/// How long the guard may take to report that the postmaster was forked.
+const GUARD_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A postmaster started under a guard by this process.
+#[derive(Clone)]
+pub struct Postmaster {
+    pid: i32,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The agent's end of the guard's socket; `None` once the guard is gone.
+    link: Mutex<Option<UnixStream>>,
+    status: watch::Sender<Option<ExitStatus>>,
+}
+
+impl Postmaster {
+    /// Starts `guard` (a command whose standard input must be the socket)
+    /// and waits until it reports the postmaster's pid.
+    pub async fn spawn(mut guard: Command) -> io::Result<Postmaster> {
+        let (ours, theirs) = UnixStream::pair()?;
+        guard.stdin(Stdio::from(OwnedFd::from(theirs)));
+        let mut child = guard.spawn()?;
+        // The command holds our copy of the guard's end; a copy left open
+        // here would hide the guard's exit from the reader below.
+        drop(guard);
+        let reader = ours.try_clone()?;
+        let (status, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            link: Mutex::new(Some(ours)),
+            status,
+        });
+        let (started_tx, started) = oneshot::channel();
+        let listener = shared.clone();
+        let guard_pid = child.id();
+        std::thread::Builder::new()
+            .name(format!("pg-guard-{guard_pid}"))
+            .spawn(move || {
+                let mut started_tx = Some(started_tx);
+                let mut exited = None;
+                for line in BufReader::new(reader).lines() {
+                    let Ok(line) = line else { break };
+                    match FromGuard::parse(&line) {
+                        Some(FromGuard::Started(pid)) => {
+                            if let Some(tx) = started_tx.take() {
+                                let _ = tx.send(Ok(pid));
+                            }
+                        }
+                        Some(FromGuard::Refused(why)) => {
+                            if let Some(tx) = started_tx.take() {
+                                let _ = tx.send(Err(why));
+                            }
+                        }
+                        Some(FromGuard::Fenced(why)) => {
+                            error!(guard = guard_pid, "fencing guard stopped postgres: {why}");
+                        }
+                        Some(FromGuard::Exited(raw)) => exited = Some(ExitStatus::from_raw(raw)),
+                        None => warn!(
+                            guard = guard_pid,
+                            "unknown message from the guard: {line:?}"
+                        ),
+                    }
+                }
+                let guard_status = child.wait();
+                *listener.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if let Some(tx) = started_tx.take() {
+                    let _ = tx.send(Err(format!("the guard exited ({guard_status:?})")));
+                }
+                let status = exited.or_else(|| {
+                    error!(
+                        guard = guard_pid,
+                        ?guard_status,
+                        "the fencing guard died before its postmaster; the kernel sends the \
+                         postmaster SIGQUIT (parent-death signal)"
+                    );
+                    guard_status.ok()
+                });
+                listener
+                    .status
+                    .send_replace(Some(status.unwrap_or(ExitStatus::from_raw(9))));
+            })?;
+        let answer = tokio::time::timeout(GUARD_START_TIMEOUT, started)
+            .await
+            .map_err(|_| io::Error::other("the fencing guard did not start postgres in time"))?
+            .map_err(|_| io::Error::other("the fencing guard's listener is gone"))?;
+        match answer {
+            Ok(pid) => Ok(Postmaster { pid, shared }),
+            Err(why) => Err(io::Error::other(format!(
+                "the fencing guard did not start postgres: {why}"
+            ))),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Passes `msg` to the guard without ever waiting on it: a frozen guard
+    /// must not freeze the agent. False if the guard is gone or its socket
+    /// is full.
+    pub fn tell(&self, msg: &ToGuard) -> bool {
+        let link = self.shared.link.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(stream) = link.as_ref() else {
+            return false;
+        };
+        let bytes = msg.encode();
+        let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+        match rustix::net::send(stream, bytes.as_bytes(), flags) {
+            Ok(n) if n == bytes.len() => true,
+            Ok(_) | Err(_) => {
+                warn!(?msg, "could not pass a message to the fencing guard");
+                false
+            }
+        }
+    }
+
+    /// Sends `signal` to the postmaster; false if it has already exited.
+    pub fn signal(&self, signal: libc::c_int) -> bool {
+        self.exit_status().is_none() && self.tell(&ToGuard::Signal(signal))
+    }
+
+    /// Sends `signal` to the postmaster's process group.
+    pub fn signal_group(&self, signal: libc::c_int) -> bool {
+        self.exit_status().is_none() && self.tell(&ToGuard::SignalGroup(signal))
+    }
+
+    /// `Some` once the postmaster has exited and been reaped.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        *self.shared.status.borrow()
+    }
+
+    /// Waits up to `timeout` for the exit; returns the status if it exited.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(timeout, self.exited())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Resolves once the postmaster has exited and been reaped.
+    pub async fn exited(&self) -> Option<ExitStatus> {
+        let mut rx = self.shared.status.subscribe();
+        match rx.wait_for(|s| s.is_some()).await {
+            Ok(status) => *status,
+            Err(_) => self.exit_status(),
+        }
+    }
+}
