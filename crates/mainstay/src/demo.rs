@@ -380,16 +380,25 @@ profile = "{profile}"
         }
     }
 
-    /// SIGKILL the agent and its postmaster together, as a crash would.
+    /// The node crashes: agent, fencing guard and the postmaster's whole
+    /// process group SIGKILLed at one instant, as a host losing power.
     pub fn kill_node(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        if let Some(pid) = node.postmaster_pid() {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        mainstay_testkit::crash::crash_node(
+            node.agent.as_ref().map(|c| c.id()),
+            node.postmaster_pid(),
+        );
         if let Some(mut child) = node.agent.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The fencing guard of node `i`'s running postmaster.
+    pub fn guard_pid(&self, i: usize) -> Option<u32> {
+        let postmaster = self.nodes[i].postmaster_pid()?;
+        let parent = mainstay_testkit::crash::parent_of(postmaster)?;
+        (Some(parent as u32) != self.agent_pid(i) && parent > 1).then_some(parent as u32)
     }
 
     /// SIGTERM the agent and wait (bounded) for its clean exit.
@@ -446,7 +455,7 @@ profile = "{profile}"
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        // Agents take their postmasters with them (parent-death signal);
+        // Agents take their postmasters with them (their guards stop them);
         // kill stragglers by PID anyway so that nothing outlives a test.
         for i in 0..self.nodes.len() {
             self.kill_node(i);

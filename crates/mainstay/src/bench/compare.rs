@@ -469,7 +469,8 @@ impl Cluster {
         }
     }
 
-    /// The host dies: agent and postmaster SIGKILLed together.
+    /// The host dies: agent, guard and the postmaster's process group
+    /// SIGKILLed together (`crash_node`).
     fn kill(&mut self, leader: &str) {
         match self {
             Cluster::Mainstay(c) => {
@@ -526,29 +527,36 @@ impl Cluster {
 
     /// A replica's agent: RSS sampled each second (median) and CPU over
     /// `window`.
+    /// mainstay's includes the fencing guard beside PostgreSQL.
     async fn idle_footprint(&self, leader: &str, window: Duration) -> Result<Idle, String> {
-        let pid = match self {
+        let pids: Vec<u32> = match self {
             Cluster::Mainstay(c) => c
                 .nodes
                 .iter()
                 .position(|n| n.name != leader)
-                .and_then(|i| c.agent_pid(i)),
+                .map(|i| c.agent_pid(i).into_iter().chain(c.guard_pid(i)).collect())
+                .unwrap_or_default(),
             Cluster::Patroni(c) => c
                 .nodes
                 .iter()
                 .find(|n| n.name != leader)
-                .and_then(|n| n.child.as_ref().map(Child::id)),
+                .and_then(|n| n.child.as_ref().map(Child::id))
+                .into_iter()
+                .collect(),
+        };
+        if pids.is_empty() {
+            return Err("no replica agent to sample".into());
         }
-        .ok_or("no replica agent to sample")?;
+        let cpu = || pids.iter().map(|p| cpu_ticks(*p)).sum::<Option<u64>>();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let cpu_before = cpu_ticks(pid).ok_or("cannot read the agent's CPU time")?;
+        let cpu_before = cpu().ok_or("cannot read the agent's CPU time")?;
         let started = Instant::now();
         let mut samples = Vec::new();
         while started.elapsed() < window {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            samples.push(rss_bytes(pid));
+            samples.push(pids.iter().map(|p| rss_bytes(*p)).sum());
         }
-        let cpu_after = cpu_ticks(pid).ok_or("the agent died while idle")?;
+        let cpu_after = cpu().ok_or("the agent died while idle")?;
         let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let busy = (cpu_after - cpu_before) as f64 / ticks_per_second;
         samples.sort_unstable();
@@ -793,13 +801,15 @@ listen primary
         let Some(node) = self.nodes.iter_mut().find(|n| n.name == name) else {
             return;
         };
-        let postmaster = node.postmaster_pid();
+        // The same crash as a mainstay node's: the agent and the
+        // postmaster's whole process group at one instant.
+        mainstay_testkit::crash::crash_node(
+            node.child.as_ref().map(Child::id),
+            node.postmaster_pid(),
+        );
         if let Some(mut child) = node.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-        }
-        if let Some(pid) = postmaster {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         // Patroni starts PostgreSQL detached, not as its child: one it was
         // just (re)starting shows up in postmaster.pid only now. Bounded.

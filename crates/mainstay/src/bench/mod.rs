@@ -133,7 +133,7 @@ async fn failover(args: FailoverArgs, disruption: Disruption) -> ExitCode {
         match one_run(&dir, &exe, &args.profile, disruption, sync).await {
             Ok(result) => {
                 eprintln!(
-                    "run {run}/{}: unavailable {} ms, {} writes acknowledged, {} lost, {} refused by a read-only node, idle agent RSS {:.1} MB",
+                    "run {run}/{}: unavailable {} ms, {} writes acknowledged, {} lost, {} refused by a read-only node, idle agent + guard RSS {:.1} MB",
                     args.runs,
                     result.unavailability_ms,
                     result.acked,
@@ -165,7 +165,7 @@ async fn failover(args: FailoverArgs, disruption: Disruption) -> ExitCode {
         "lost_acked_writes": lost,
         "acked_writes": acked,
         "writes_to_read_only": read_only,
-        "agent_idle_rss_bytes": distribution(&rss),
+        "agent_and_guard_idle_rss_bytes": distribution(&rss),
         "settings": {
             "mode": args.mode,
             "profile": args.profile,
@@ -308,7 +308,9 @@ async fn one_run(
         .iter()
         .position(|n| n.name != leader)
         .unwrap_or(0);
-    let idle_rss_bytes = cluster.agent_pid(replica).map_or(0, rss_bytes);
+    // The agent and its PostgreSQL's fencing guard: what mainstay adds.
+    let idle_rss_bytes = cluster.agent_pid(replica).map_or(0, rss_bytes)
+        + cluster.guard_pid(replica).map_or(0, rss_bytes);
 
     let log = Arc::new(Mutex::new(WriterLog::default()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
