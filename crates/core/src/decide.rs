@@ -174,6 +174,13 @@ pub enum Action {
         members: Vec<String>,
         expected_revision: i64,
     },
+    /// Write the `failsafe` key (the members this leader relies on) if its
+    /// revision is still `expected_revision` and this node holds the leader
+    /// key.
+    WriteFailsafe {
+        state: crate::types::FailsafeState,
+        expected_revision: i64,
+    },
     /// Set `synchronous_standby_names` to `ANY n (names)` (empty: none;
     /// `block`: '*', every commit waits for some standby) and reload.
     SetSyncStandbys {
@@ -383,7 +390,7 @@ fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
         }
         Some(leader) if leader.name == obs.name => {
             state.primary_restart_at = None;
-            if pg.accepts_writes() && failsafe_confirmed(obs) {
+            if pg.accepts_writes() && crate::failsafe::confirmed(obs) {
                 // etcd came back and this agent already holds a new lease,
                 // but has not yet revoked the one that expired during the
                 // outage: the key must move to the new lease, under the
@@ -508,6 +515,7 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
             state.primary_restart_at = None;
             let members = slot_members(state, obs);
             let mut actions = vec![Action::SyncSlots { members }];
+            actions.extend(crate::failsafe::record(obs, view));
             if let Some(step) = crate::sync::manage(&mut state.sync_catchup, obs, view) {
                 actions.push(step);
                 return decision(actions, "leader: adjusting the synchronous standbys");
@@ -729,16 +737,10 @@ fn follow(
     }
 }
 
-/// Every member confirmed this node's primary until a deadline not yet past
-/// (failsafe mode), and the agent holds a lease to put the key on.
-fn failsafe_confirmed(obs: &Observation<'_>) -> bool {
-    obs.lease.members_confirmed && obs.lease.id.is_some() && obs.now < obs.lease.valid_until
-}
-
 fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Decision {
     let pg = obs.pg;
     let since = *state.no_leader_since.get_or_insert(obs.now);
-    if pg.accepts_writes() && failsafe_confirmed(obs) {
+    if pg.accepts_writes() && crate::failsafe::confirmed(obs) {
         // The key expired while etcd was unreachable, but every member
         // confirmed this primary until `valid_until` and promised not to
         // take over, so none races for it: take the key back rather than
@@ -770,6 +772,9 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
         ));
         result.wake_at = Some(at.plus(obs.settings.ttl_ms));
         return result;
+    }
+    if let Err(why) = crate::failsafe::may_run_for_leader(obs, view) {
+        return wait(why);
     }
     let manual = view
         .failover

@@ -187,6 +187,26 @@ pub struct SyncState {
     pub members: Vec<String>,
 }
 
+/// Content of the `failsafe` key: the members a leader in failsafe mode
+/// relies on (name to REST API URL), itself included. When etcd is gone it
+/// asks exactly these to confirm it, and while the key stands no node outside
+/// it may take the leader key: a member that (re)joined after the list was
+/// written was never asked, so its silence promises nothing. Written only by
+/// the leader; not on a lease, since it matters most once leases expire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailsafeState {
+    pub leader: String,
+    pub members: BTreeMap<String, String>,
+}
+
+/// The `failsafe` key as read; unreadable content is kept as an error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailsafeRecord {
+    pub state: Result<FailsafeState, String>,
+    pub mod_revision: i64,
+}
+
 /// The `sync` key as read; unreadable content means "nobody is known to be
 /// synchronous", the safe reading.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -256,6 +276,7 @@ pub struct ClusterView {
     pub history: Vec<HistoryEntry>,
     pub failover: Option<FailoverRecord>,
     pub sync: Option<SyncRecord>,
+    pub failsafe: Option<FailsafeRecord>,
     /// The `config` key (dynamic configuration) as stored, unvalidated:
     /// agents keep their last valid configuration when it does not parse.
     pub config: Option<serde_json::Value>,

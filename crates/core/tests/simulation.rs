@@ -16,9 +16,9 @@ use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings, Standby};
 use mainstay_core::sync::render_standby_names;
 use mainstay_core::timeline::{Divergence, LeaderWal, LocalWal, TimelineSwitch, divergence};
 use mainstay_core::{
-    Action, ClusterView, CoreState, DynamicConfig, HistoryEntry, InitializeRecord, LeaderRecord,
-    Lsn, MemberRecord, MemberStatus, Millis, Observation, PgRole, SyncRecord, SyncState, Tags,
-    decide,
+    Action, ClusterView, CoreState, DynamicConfig, FailsafeRecord, FailsafeState, HistoryEntry,
+    InitializeRecord, LeaderRecord, Lsn, MemberRecord, MemberStatus, Millis, Observation, PgRole,
+    SyncRecord, SyncState, Tags, decide,
 };
 use std::collections::BTreeMap;
 
@@ -85,6 +85,7 @@ struct Dcs {
     next_lease: i64,
     history: Vec<HistoryEntry>,
     sync: Option<(SyncState, i64)>,
+    failsafe: Option<(FailsafeState, i64)>,
 }
 
 impl Dcs {
@@ -150,6 +151,10 @@ impl Dcs {
                 .collect(),
             history: self.history.clone(),
             sync: self.sync.as_ref().map(|(state, rev)| SyncRecord {
+                state: Ok(state.clone()),
+                mod_revision: *rev,
+            }),
+            failsafe: self.failsafe.as_ref().map(|(state, rev)| FailsafeRecord {
                 state: Ok(state.clone()),
                 mod_revision: *rev,
             }),
@@ -978,6 +983,22 @@ impl Sim {
             }
             Action::Fence { .. } => self.nodes[i].role = Role::Stopped,
             Action::SyncSlots { .. } => {}
+            Action::WriteFailsafe {
+                state,
+                expected_revision,
+            } => {
+                let holds = self
+                    .dcs
+                    .leader
+                    .as_ref()
+                    .is_some_and(|l| l.0 == name && Some(l.1) == lease);
+                let revision = self.dcs.failsafe.as_ref().map_or(0, |f| f.1);
+                if !reachable || !holds || revision != *expected_revision {
+                    return false;
+                }
+                let rev = self.dcs.bump();
+                self.dcs.failsafe = Some((state.clone(), rev));
+            }
             Action::WriteSync {
                 members,
                 expected_revision,

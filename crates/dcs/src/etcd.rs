@@ -690,6 +690,22 @@ impl Dcs for EtcdDcs {
         .await
     }
 
+    async fn write_failsafe(
+        &self,
+        state: &mainstay_core::FailsafeState,
+        expected_mod_revision: i64,
+        holder: (&str, i64),
+    ) -> Result<bool> {
+        let holds = held_by(&self.key(keys::LEADER), holder.0, holder.1);
+        self.cas(
+            keys::FAILSAFE,
+            Some(to_json(state)?),
+            expected_mod_revision,
+            holds,
+        )
+        .await
+    }
+
     async fn delete_member(&self, name: &str) -> Result<()> {
         check_name("member", name)?;
         let key = self.key(&keys::member(name));

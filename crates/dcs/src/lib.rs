@@ -13,6 +13,9 @@
 //! | `members/<node>` | JSON [`MemberStatus`] | on the node's lease |
 //! | `history` | JSON array of [`HistoryEntry`] | permanent, CAS on mod revision |
 //! | `config` | JSON object | permanent, CAS on mod revision |
+//! | `failover` | JSON switchover/failover request | until handled |
+//! | `sync` | JSON [`mainstay_core::SyncState`] | permanent, leader only |
+//! | `failsafe` | JSON [`mainstay_core::FailsafeState`] | permanent, leader only |
 //!
 //! Leadership writes are transactions conditioned on the leader key's
 //! current state, so two nodes can never both believe a write made them
@@ -79,6 +82,7 @@ pub enum KeyKind {
     Config,
     Failover,
     Sync,
+    Failsafe,
     /// A key this version of mainstay does not use.
     Other,
 }
@@ -93,6 +97,7 @@ impl KeyKind {
             keys::CONFIG => KeyKind::Config,
             keys::FAILOVER => KeyKind::Failover,
             keys::SYNC => KeyKind::Sync,
+            keys::FAILSAFE => KeyKind::Failsafe,
             _ => match key.strip_prefix(keys::MEMBERS) {
                 Some(name) if !name.is_empty() => KeyKind::Member(name.to_string()),
                 _ => KeyKind::Other,
@@ -117,6 +122,7 @@ pub mod keys {
     pub const CONFIG: &str = "config";
     pub const FAILOVER: &str = "failover";
     pub const SYNC: &str = "sync";
+    pub const FAILSAFE: &str = "failsafe";
 
     pub fn member(name: &str) -> String {
         format!("{MEMBERS}{name}")
@@ -237,6 +243,15 @@ pub trait Dcs: Send + Sync + 'static {
     fn write_sync(
         &self,
         state: &mainstay_core::SyncState,
+        expected_mod_revision: i64,
+        holder: (&str, i64),
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Writes `failsafe` if its mod revision is still the expected one (0:
+    /// only if absent) and the leader key holds `holder` (name, lease).
+    fn write_failsafe(
+        &self,
+        state: &mainstay_core::FailsafeState,
         expected_mod_revision: i64,
         holder: (&str, i64),
     ) -> impl Future<Output = Result<bool>> + Send;
@@ -374,6 +389,13 @@ fn build_view<'a>(
                     mod_revision: kv.mod_revision,
                 });
             }
+            KeyKind::Failsafe => {
+                view.failsafe = Some(mainstay_core::FailsafeRecord {
+                    state: serde_json::from_slice(kv.value)
+                        .map_err(|e| format!("{}: {e}", full_key())),
+                    mod_revision: kv.mod_revision,
+                });
+            }
             KeyKind::Other => {}
         }
     }
@@ -393,6 +415,7 @@ mod tests {
         );
         assert_eq!(KeyKind::from_relative("members/"), KeyKind::Other);
         assert_eq!(KeyKind::from_relative("sync"), KeyKind::Sync);
+        assert_eq!(KeyKind::from_relative("failsafe"), KeyKind::Failsafe);
         assert_eq!(KeyKind::from_relative("failover"), KeyKind::Failover);
         assert_eq!(KeyKind::from_relative("optime"), KeyKind::Other);
         assert_eq!(KeyKind::from_relative("initialize"), KeyKind::Initialize);

@@ -559,6 +559,22 @@ impl Dcs for MemoryDcs {
         )
     }
 
+    async fn write_failsafe(
+        &self,
+        state: &mainstay_core::FailsafeState,
+        expected_mod_revision: i64,
+        holder: (&str, i64),
+    ) -> Result<bool> {
+        self.txn(
+            &[
+                Cmp::ModRevision(keys::FAILSAFE, expected_mod_revision),
+                Cmp::Value(keys::LEADER, holder.0.as_bytes()),
+                Cmp::Lease(keys::LEADER, holder.1),
+            ],
+            vec![put(keys::FAILSAFE, to_json(state)?, 0)],
+        )
+    }
+
     async fn delete_member(&self, name: &str) -> Result<()> {
         check_name("member", name)?;
         let key = keys::member(name);

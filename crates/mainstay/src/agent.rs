@@ -499,17 +499,26 @@ impl<D: Dcs> Agent<D> {
             .leader
             .as_ref()
             .is_some_and(|l| l.name == self.name && Some(l.lease_id) == lease);
-        let peers = (self.dynamic.failsafe_mode && leading && local.accepts_writes()).then(|| {
-            FailsafePeers {
+        // Exactly the members recorded in the failsafe key: a member outside
+        // it cannot run for leader, and one on it is asked. Without a key
+        // naming this leader there is no promise to ask for.
+        let recorded = view
+            .failsafe
+            .as_ref()
+            .and_then(|r| r.state.as_ref().ok())
+            .filter(|f| f.leader == self.name);
+        let peers = (self.dynamic.failsafe_mode && leading && local.accepts_writes())
+            .then_some(recorded)
+            .flatten()
+            .map(|recorded| FailsafePeers {
                 lease: lease.unwrap_or_default(),
-                members: view
+                members: recorded
                     .members
-                    .values()
-                    .filter(|m| m.status.name != self.name)
-                    .map(|m| (m.status.name.clone(), m.status.api_url.clone()))
+                    .iter()
+                    .filter(|(name, _)| **name != self.name)
+                    .map(|(name, url)| (name.clone(), url.clone()))
                     .collect(),
-            }
-        });
+            });
         *self
             .failsafe_peers
             .lock()
@@ -1404,6 +1413,29 @@ impl<D: Dcs> Agent<D> {
                     ));
                 }
                 info!(?members, "synchronous standbys guaranteed (sync key)");
+            }
+            Action::WriteFailsafe {
+                state,
+                expected_revision,
+            } => {
+                let written = tokio::time::timeout(
+                    self.timing.dcs_timeout,
+                    self.dcs
+                        .write_failsafe(state, *expected_revision, (&self.name, lease_id()?)),
+                )
+                .await
+                .map_err(|_| TurnError::Failed("writing the failsafe key: DCS timeout".into()))?
+                .map_err(dcs_failed)?;
+                if !written {
+                    return Err(TurnError::Failed(
+                        "the failsafe key or the leader key changed meanwhile".into(),
+                    ));
+                }
+                let members: Vec<&String> = state.members.keys().collect();
+                info!(
+                    ?members,
+                    "failsafe: the members this leader relies on (failsafe key)"
+                );
             }
             Action::SetSyncStandbys { names, block } => {
                 let value = render_standby_names(names, *block);
