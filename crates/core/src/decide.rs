@@ -75,16 +75,7 @@ impl LocalPg {
 }
 
 /// This agent's lease, as its lease keeper last confirmed it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Lease {
-    pub id: Option<i64>,
-    /// The moment (send time of the last successful keep-alive + ttl - fencing
-    /// margin) before which etcd cannot have expired the lease.
-    pub valid_until: Millis,
-    /// Failsafe mode: `valid_until` rests on every member's confirmation
-    /// (each promised not to take over until then), not on etcd.
-    pub members_confirmed: bool,
-}
+pub use crate::lease::Lease;
 
 #[derive(Clone, Debug)]
 pub struct Observation<'a> {

@@ -7,6 +7,7 @@ pub mod candidate;
 pub mod decide;
 pub mod dynamic;
 pub mod failsafe;
+pub mod lease;
 pub mod switchover;
 pub mod sync;
 pub mod timeline;

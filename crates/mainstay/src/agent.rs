@@ -12,12 +12,13 @@
 //!   deadlines the core asks for.
 
 use crate::api::{ApiAuth, ApiState, Command, NodeSnapshot};
+use crate::boot_clock;
 use crate::config::{Config, EffectiveTiming};
-use crate::deadline::Deadline;
 use crate::proxy::{Access, ProxyStats, Route};
 use axum::http::StatusCode;
 use mainstay_core::decide::Standby;
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
+use mainstay_core::lease::{KeyCheck, LeaseClock, LeaseTiming, Renewal};
 use mainstay_core::sync::render_standby_names;
 use mainstay_core::timeline::{
     Divergence, LeaderWal, LocalWal, divergence, foreign_timeline, parse_history,
@@ -38,18 +39,6 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-/// What the lease keeper last confirmed.
-#[derive(Clone, Copy, Debug)]
-struct LeaseState {
-    id: Option<i64>,
-    /// Before this instant etcd cannot have expired the lease, or (failsafe)
-    /// every member promised not to take over.
-    valid_until: Deadline,
-    /// `valid_until` rests on every member's failsafe confirmation, not on
-    /// a renewal etcd acknowledged.
-    members_confirmed: bool,
-}
-
 pub struct Agent<D: Dcs> {
     name: String,
     tags: mainstay_core::Tags,
@@ -59,9 +48,10 @@ pub struct Agent<D: Dcs> {
     dcs: Arc<D>,
     pg: Postgres,
     core: CoreState,
-    lease: watch::Receiver<LeaseState>,
+    /// The lease as the keeper last confirmed it (boot-time milliseconds).
+    lease: watch::Receiver<Lease>,
     /// Handed to the lease keeper when the agent runs.
-    lease_tx: Option<watch::Sender<LeaseState>>,
+    lease_tx: Option<watch::Sender<Lease>>,
     /// Whether this node's PostgreSQL may accept writes, and until when: what
     /// the postmaster's fencing guard enforces.
     fencer: mainstay_pg::Fencer,
@@ -166,9 +156,9 @@ impl<D: Dcs> Agent<D> {
         };
         let origin = Instant::now();
         let pg = Postgres::new(pg_settings(config));
-        let (lease_tx, lease) = watch::channel(LeaseState {
+        let (lease_tx, lease) = watch::channel(Lease {
             id: None,
-            valid_until: Deadline::now(),
+            valid_until: boot_clock::now(),
             members_confirmed: false,
         });
         Agent {
@@ -576,7 +566,7 @@ impl<D: Dcs> Agent<D> {
     fn holds_leader(&self) -> bool {
         let lease = *self.lease.borrow();
         match (&self.last_view, lease.id) {
-            (Some(view), Some(id)) if !lease.valid_until.passed() => view
+            (Some(view), Some(id)) if boot_clock::now() < lease.valid_until => view
                 .leader
                 .as_ref()
                 .is_some_and(|l| l.name == self.name && l.lease_id == id),
@@ -660,7 +650,7 @@ impl<D: Dcs> Agent<D> {
             loop {
                 let hold_until = if *leading.borrow_and_update() {
                     let lease = *lease.borrow_and_update();
-                    lease.id.map(|_| lease.valid_until.as_instant())
+                    lease.id.map(|_| boot_clock::instant_at(lease.valid_until))
                 } else {
                     None
                 };
@@ -1016,7 +1006,7 @@ impl<D: Dcs> Agent<D> {
             cluster: view.as_ref(),
             lease: Lease {
                 id: lease.id,
-                valid_until: self.millis(lease.valid_until.as_instant()),
+                valid_until: self.millis(boot_clock::instant_at(lease.valid_until)),
                 members_confirmed: lease.members_confirmed,
             },
             config: &self.dynamic,
@@ -1980,7 +1970,7 @@ struct LeaseKeeper<D> {
     dcs: Arc<D>,
     name: String,
     timing: EffectiveTiming,
-    tx: watch::Sender<LeaseState>,
+    tx: watch::Sender<Lease>,
     fencer: mainstay_pg::Fencer,
     wake: Arc<Notify>,
     latency_us: Arc<std::sync::atomic::AtomicU64>,
@@ -2067,146 +2057,127 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         paused,
         failsafe,
     } = keeper;
-    let send = |state: LeaseState| {
-        fencer.set_deadline(state.valid_until.boot);
-        tx.send_replace(state);
+    let lease_timing = LeaseTiming {
+        ttl_ms: timing.ttl.as_millis() as u64,
+        fencing_margin_ms: timing.fencing_margin.as_millis() as u64,
+    };
+    let mut clock = LeaseClock::new(lease_timing, boot_clock::now());
+    // The guard hears of every deadline before anyone acts on it.
+    let publish = |clock: &LeaseClock| {
+        let lease = clock.lease();
+        fencer.set_deadline(boot_clock::boot_time(lease.valid_until));
+        tx.send_replace(lease);
     };
     let ttl_secs = timing.ttl.as_secs() as i64;
     let mut ticker = tokio::time::interval(timing.renew_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lease: Option<i64> = None;
     loop {
         ticker.tick().await;
         if paused.load(Ordering::SeqCst) {
             continue;
         }
-        let sent = Deadline::now();
-        let deadline = sent.after(timing.ttl - timing.fencing_margin);
-        let outcome = match lease {
-            None => tokio::time::timeout(timing.dcs_timeout, dcs.grant_lease(ttl_secs))
-                .await
-                .map(|r| r.map(Some)),
-            Some(id) => tokio::time::timeout(timing.dcs_timeout, dcs.keep_alive(id))
-                .await
-                .map(|r| r.map(|ttl| (ttl > 0).then_some(id))),
-        };
-        let renewed = matches!(outcome, Ok(Ok(Some(_))));
-        let mut unconfirmed = false;
-        match outcome {
-            Ok(Ok(Some(id))) => {
-                let micros = sent.mono.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
-                latency_us.store(micros, Ordering::Relaxed);
-                let mut valid_until = deadline;
-                let mut members_confirmed = false;
-                if lease != Some(id) {
-                    info!(lease = id, "lease granted");
-                    wake.notify_one();
-                }
-                if fencer.writable() {
-                    // A keep-alive cannot sit in a transaction: check
-                    // separately that the leader key is still ours.
-                    match tokio::time::timeout(timing.dcs_timeout, dcs.leader_held_by(&name, id))
-                        .await
-                    {
-                        Ok(Ok(true)) => {}
-                        Ok(Ok(false))
-                            if tx.borrow().members_confirmed
-                                && leader_key_absent(&*dcs, timing.dcs_timeout).await =>
-                        {
-                            // etcd expired the key while every member
-                            // confirmed this primary: the HA loop takes it
-                            // back before the confirmed deadline, which is
-                            // not extended meanwhile.
-                            valid_until = tx.borrow().valid_until;
-                            members_confirmed = true;
-                            wake.notify_one();
-                        }
-                        Ok(Ok(false)) => {
-                            warn!("the leader key is no longer this node's: fencing");
-                            valid_until = Deadline::now();
-                            wake.notify_one();
-                        }
-                        _ => {
-                            // Renewed, but whether the key is still ours is
-                            // unknown (etcd stopped answering right after the
-                            // keep-alive): no extension, and in failsafe mode
-                            // the members are asked, as after a failed
-                            // renewal; otherwise the deadline could pass
-                            // before the next round even asks them.
-                            let previous = *tx.borrow();
-                            valid_until = previous.valid_until;
-                            members_confirmed = previous.members_confirmed;
-                            unconfirmed = true;
-                        }
-                    }
-                }
-                lease = Some(id);
-                send(LeaseState {
-                    id: lease,
-                    valid_until,
-                    members_confirmed,
-                });
-            }
-            Ok(Ok(None))
-                if tx.borrow().members_confirmed
-                    && fencer.writable()
-                    && !tx.borrow().valid_until.passed() =>
+        let sent = boot_clock::now();
+        let round_trip = Instant::now();
+        let previous = clock.lease().id;
+        let outcome = match previous {
+            None => match tokio::time::timeout(timing.dcs_timeout, dcs.grant_lease(ttl_secs)).await
             {
-                // Failsafe: the lease ran out while etcd was unreachable,
-                // but every member confirmed this primary until
-                // `valid_until` and promised not to take over. A new lease
-                // lets the HA loop take the leader key back within that
-                // deadline instead of stopping a healthy primary.
-                let confirmed = tx.borrow().valid_until;
-                warn!(
-                    "the lease expired in etcd while the members confirmed this primary \
-                     (failsafe): requesting a new one to take the leader key back"
-                );
-                let granted = tokio::time::timeout(timing.dcs_timeout, dcs.grant_lease(ttl_secs))
-                    .await
-                    .ok()
-                    .and_then(Result::ok);
-                lease = granted;
-                send(LeaseState {
-                    id: granted,
-                    valid_until: confirmed,
-                    members_confirmed: true,
-                });
-                wake.notify_one();
+                Ok(Ok(id)) => Renewal::Confirmed(id),
+                Ok(Err(err)) => {
+                    warn!("lease grant failed: {err}");
+                    Renewal::NoAnswer
+                }
+                Err(_) => {
+                    warn!(
+                        "lease grant failed: no answer within {:?}",
+                        timing.dcs_timeout
+                    );
+                    Renewal::NoAnswer
+                }
+            },
+            Some(id) => match tokio::time::timeout(timing.dcs_timeout, dcs.keep_alive(id)).await {
+                Ok(Ok(ttl)) if ttl > 0 => Renewal::Confirmed(id),
+                Ok(Ok(_)) => Renewal::Expired,
+                Ok(Err(err)) => {
+                    warn!("lease renewal failed: {err}");
+                    Renewal::NoAnswer
+                }
+                Err(_) => {
+                    warn!(
+                        "lease renewal failed: no answer within {:?}",
+                        timing.dcs_timeout
+                    );
+                    Renewal::NoAnswer
+                }
+            },
+        };
+        let writable = fencer.writable();
+        let key = match outcome {
+            Renewal::Confirmed(id) => {
+                let micros = round_trip.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
+                latency_us.store(micros, Ordering::Relaxed);
+                if previous != Some(id) {
+                    info!(lease = id, "lease granted");
+                }
+                if writable {
+                    Some(check_leader_key(&*dcs, &name, id, &clock, timing.dcs_timeout).await)
+                } else {
+                    None
+                }
             }
-            Ok(Ok(None)) => {
-                warn!("the lease expired in etcd: requesting a new one");
-                lease = None;
-                send(LeaseState {
-                    id: None,
-                    valid_until: Deadline::now(),
-                    members_confirmed: false,
-                });
-                wake.notify_one();
-            }
-            Ok(Err(err)) => warn!("lease renewal failed: {err}"),
-            Err(_) => warn!(
-                "lease renewal failed: no answer within {:?}",
-                timing.dcs_timeout
-            ),
+            _ => None,
+        };
+        let next = clock.on_renewal(sent, boot_clock::now(), outcome, key, writable);
+        if let Some(why) = next.fenced {
+            warn!("{why}: fencing");
         }
-        if (!renewed || unconfirmed) && fencer.writable() {
-            // Failsafe mode: a confirmation from every member extends the
-            // deadline from the time the round started, as a renewal would.
-            let asked = Deadline::now();
-            if failsafe.confirmed(&name, lease, timing.dcs_timeout).await {
-                let current = *tx.borrow();
-                let valid_until = current
-                    .valid_until
-                    .max(asked.after(timing.ttl - timing.fencing_margin));
+        if outcome == Renewal::Expired && !next.grant_for_take_back {
+            warn!("the lease expired in etcd: requesting a new one");
+        }
+        if next.grant_for_take_back {
+            warn!(
+                "the lease expired in etcd while the members confirmed this primary \
+                 (failsafe): requesting a new one to take the leader key back"
+            );
+            let granted = tokio::time::timeout(timing.dcs_timeout, dcs.grant_lease(ttl_secs))
+                .await
+                .ok()
+                .and_then(Result::ok);
+            clock.failsafe_lease_granted(granted);
+        }
+        publish(&clock);
+        if next.wake_loop {
+            wake.notify_one();
+        }
+        if next.ask_members {
+            let asked = boot_clock::now();
+            if failsafe
+                .confirmed(&name, clock.lease().id, timing.dcs_timeout)
+                .await
+            {
                 debug!("failsafe: every member confirmed this leader");
-                send(LeaseState {
-                    id: current.id,
-                    valid_until,
-                    members_confirmed: true,
-                });
+                clock.members_confirmed(asked);
+                publish(&clock);
             }
         }
+    }
+}
+
+/// Whether the leader key is still this node's (and, when only a failsafe
+/// promise could use the answer, whether nobody holds it).
+async fn check_leader_key<D: Dcs>(
+    dcs: &D,
+    name: &str,
+    lease: i64,
+    clock: &LeaseClock,
+    timeout: Duration,
+) -> KeyCheck {
+    match tokio::time::timeout(timeout, dcs.leader_held_by(name, lease)).await {
+        Ok(Ok(true)) => KeyCheck::Ours,
+        Ok(Ok(false)) => KeyCheck::NotOurs {
+            absent: clock.wants_absence_check() && leader_key_absent(dcs, timeout).await,
+        },
+        _ => KeyCheck::Unknown,
     }
 }
 

@@ -4,9 +4,9 @@
 pub mod agent;
 pub mod api;
 pub mod bench;
+pub mod boot_clock;
 pub mod config;
 pub mod ctl;
-pub mod deadline;
 pub mod demo;
 pub mod proxy;
 pub mod tls;
