@@ -551,6 +551,9 @@ impl Postgres {
         // The guard runs as this process's user (it must be able to signal
         // the postmaster); it switches to the account for the postmaster.
         let mut cmd = tool::command(&self.settings.guard_program, &account.unswitched());
+        // `ps` and `pgrep -f` show `mainstay guard ... -D <data dir>`, not
+        // the /proc/self/exe it was started through.
+        std::os::unix::process::CommandExt::arg0(&mut cmd, "mainstay");
         cmd.args(guard_args.to_args())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
@@ -732,7 +735,7 @@ impl Postgres {
             warn!(
                 pid = pf.pid,
                 "a postgres not started by this agent runs on the data directory; stopping it (immediate) so \
-                 that it runs supervised, as a child that dies with the agent"
+                 that it runs under this agent's fencing guard"
             );
             return stop_pid(pf.pid, libc::SIGQUIT, IMMEDIATE_STOP_TIMEOUT).await;
         }
