@@ -137,6 +137,12 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
     // Its own session: a SIGSTOP or Ctrl-Z aimed at the agent's process
     // group, or a hang-up of its terminal, does not reach the guard.
     rustix::process::setsid().map_err(|e| format!("cannot start a session of its own: {e}"))?;
+    // PostgreSQL's children each lead a session of their own; should the
+    // postmaster die first, they become the guard's children instead of
+    // init's, so that it can stop every one of them.
+    let me = rustix::process::getpid();
+    rustix::process::set_child_subreaper(Some(me))
+        .map_err(|e| format!("cannot become a child subreaper: {e}"))?;
     let _ = rustix::thread::set_name(c"mainstay-guard");
     channel
         .set_nonblocking(true)
@@ -178,8 +184,9 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
         (Ok(exited), Ok(timer)) => (exited, timer),
         (Err(why), _) | (_, Err(why)) => {
             // Unguarded, PostgreSQL must not run.
-            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
             let _ = child.wait();
+            kill_orphans(me, pid);
             return Err(why);
         }
     };
@@ -203,7 +210,8 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
             if link.open {
                 fds.push(PollFd::new(&link.channel, PollFlags::IN));
             }
-            match poll(&mut fds, None) {
+            // A periodic wake-up reaps orphans that exited meanwhile.
+            match poll(&mut fds, Some(&ORPHAN_REAP_INTERVAL)) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(format!("poll: {e}")),
@@ -211,6 +219,7 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
             let agent_ready = fds.get(2).is_some_and(|fd| !fd.revents().is_empty());
             (agent_ready, !fds[0].revents().is_empty())
         };
+        reap_exited_orphans(me, pid);
         let now = BootTime::now();
         let mut effects = Vec::new();
         if agent_ready {
@@ -241,14 +250,63 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
             }
         }
         if postmaster_gone {
-            // The zombie still holds its pid, so the group id is still its
-            // own: no backend may outlive the postmaster.
-            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            // Its children were reparented to the guard when it exited: no
+            // backend may outlive the postmaster.
+            let killed = kill_orphans(me, pid);
+            if killed > 0 {
+                log(&format!(
+                    "killed {killed} process(es) the postmaster left behind"
+                ));
+            }
             let status = child.wait().map_err(|e| format!("wait: {e}"))?;
             log(&format!("postgres exited ({status})"));
             link.report(&FromGuard::Exited(status.into_raw()));
             return Ok(());
         }
+    }
+}
+
+/// How often the guard wakes up on its own to reap orphans.
+const ORPHAN_REAP_INTERVAL: Timespec = Timespec {
+    tv_sec: 10,
+    tv_nsec: 0,
+};
+
+/// The guard's children other than the postmaster: processes the postmaster
+/// (or one of its children) left behind when it died. They are the guard's
+/// own until it reaps them, so signalling them cannot hit a recycled pid.
+fn orphans(me: Pid, postmaster: Pid) -> Vec<Pid> {
+    let path = format!("/proc/{0}/task/{0}/children", me.as_raw_nonzero());
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok().and_then(Pid::from_raw))
+        .filter(|p| *p != postmaster)
+        .collect()
+}
+
+/// SIGKILLs and reaps every orphan; returns how many there were.
+fn kill_orphans(me: Pid, postmaster: Pid) -> usize {
+    let mut killed = 0;
+    // Bounded: a killed orphan's own orphans arrive on the next pass.
+    for _ in 0..10 {
+        let found = orphans(me, postmaster);
+        if found.is_empty() {
+            break;
+        }
+        for orphan in found {
+            let _ = rustix::process::kill_process(orphan, Signal::KILL);
+            let _ = rustix::process::waitpid(Some(orphan), rustix::process::WaitOptions::empty());
+            killed += 1;
+        }
+    }
+    killed
+}
+
+/// Reaps orphans that have exited, without waiting.
+fn reap_exited_orphans(me: Pid, postmaster: Pid) {
+    for orphan in orphans(me, postmaster) {
+        let _ = rustix::process::waitpid(Some(orphan), rustix::process::WaitOptions::NOHANG);
     }
 }
 

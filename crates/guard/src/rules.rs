@@ -7,12 +7,14 @@
 //!    leadership was lost (earlier) or renewed (later).
 //! 2. When the agent's end of the socket closes (agent dead), it fences at
 //!    once, armed or not: nobody is left to keep the server's role in line.
-//! 3. Fencing is SIGQUIT to the postmaster's whole process group: the
-//!    postmaster goes into immediate shutdown and every backend exits at once
-//!    without waiting for the postmaster to pass the signal on, so nothing
-//!    more is committed or acknowledged. SIGKILL to the group follows after
-//!    `grace` if the postmaster is still there. Fencing never stops before the
-//!    postmaster is gone, whatever arrives meanwhile.
+//! 3. Fencing is SIGQUIT to the postmaster: immediate shutdown, in which it
+//!    sends SIGQUIT to every child at once (its children each lead a session
+//!    of their own, so only the postmaster can reach them all) and they exit
+//!    without committing or answering anything more. SIGKILL follows after
+//!    `grace` if the postmaster is still there; its children then become the
+//!    guard's (it is their subreaper) and are killed when it exits.
+//!    Fencing never stops before the postmaster is gone, whatever arrives
+//!    meanwhile.
 //! 4. A deadline that has already passed when the guard starts means the
 //!    postmaster is never started (`refuses_start`).
 
@@ -40,7 +42,7 @@ pub struct Rules {
     grace: Duration,
     /// Since when, and why, the guard is stopping PostgreSQL.
     fencing: Option<(BootTime, String)>,
-    group_killed: bool,
+    killed: bool,
 }
 
 impl Rules {
@@ -49,7 +51,7 @@ impl Rules {
             deadline,
             grace,
             fencing: None,
-            group_killed: false,
+            killed: false,
         }
     }
 
@@ -88,9 +90,9 @@ impl Rules {
     /// deadline, escalates after the grace period.
     pub fn on_time(&mut self, now: BootTime) -> Vec<Effect> {
         if let Some((since, _)) = &self.fencing {
-            if !self.group_killed && now.since(*since) >= self.grace {
-                self.group_killed = true;
-                return vec![Effect::SignalGroup(SIGKILL)];
+            if !self.killed && now.since(*since) >= self.grace {
+                self.killed = true;
+                return vec![Effect::Signal(SIGKILL)];
             }
             return Vec::new();
         }
@@ -109,7 +111,7 @@ impl Rules {
     /// When `on_time` must run next, if ever.
     pub fn next_wake(&self) -> Option<BootTime> {
         match &self.fencing {
-            Some(_) if self.group_killed => None,
+            Some(_) if self.killed => None,
             Some((since, _)) => Some(since.saturating_add(self.grace)),
             None => self.deadline,
         }
@@ -121,7 +123,7 @@ impl Rules {
         }
         self.fencing = Some((now, why.clone()));
         vec![
-            Effect::SignalGroup(SIGQUIT),
+            Effect::Signal(SIGQUIT),
             Effect::Report(FromGuard::Fenced(why)),
         ]
     }
@@ -138,7 +140,7 @@ mod tests {
     }
 
     fn fenced(effects: &[Effect]) -> bool {
-        effects.first() == Some(&Effect::SignalGroup(SIGQUIT))
+        effects.first() == Some(&Effect::Signal(SIGQUIT))
             && matches!(effects.get(1), Some(Effect::Report(FromGuard::Fenced(_))))
     }
 
@@ -195,12 +197,12 @@ mod tests {
     }
 
     #[test]
-    fn sigkill_to_the_group_after_the_grace_period_once() {
+    fn sigkill_after_the_grace_period_once() {
         let mut rules = Rules::new(Some(at(1000)), GRACE);
         assert!(fenced(&rules.on_time(at(1000))));
         assert_eq!(rules.next_wake(), Some(at(3000)));
         assert!(rules.on_time(at(2999)).is_empty());
-        assert_eq!(rules.on_time(at(3000)), vec![Effect::SignalGroup(SIGKILL)]);
+        assert_eq!(rules.on_time(at(3000)), vec![Effect::Signal(SIGKILL)]);
         assert_eq!(rules.next_wake(), None);
         assert!(rules.on_time(at(9000)).is_empty());
         // A second reason to fence changes nothing.

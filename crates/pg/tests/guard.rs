@@ -42,6 +42,9 @@ fn main() {
         ("stops_when_the_guard_is_killed", || {
             Box::pin(stops_when_the_guard_is_killed())
         }),
+        ("a_killed_postmaster_leaves_no_backend_behind", || {
+            Box::pin(a_killed_postmaster_leaves_no_backend_behind())
+        }),
         ("never_starts_past_its_deadline", || {
             Box::pin(never_starts_past_its_deadline())
         }),
@@ -334,4 +337,45 @@ async fn never_starts_past_its_deadline() {
     let err = pg.start(StartRole::Primary).await.unwrap_err();
     assert!(err.to_string().contains("expired"), "{err}");
     assert!(!pg.is_running());
+}
+
+/// PostgreSQL's children lead sessions of their own, so a SIGKILL of the
+/// postmaster alone would leave its backends serving their sessions; the
+/// guard, their subreaper, kills them.
+async fn a_killed_postmaster_leaves_no_backend_behind() {
+    let mut dir = TestDir::new();
+    let Some(s) = initialized(&mut dir, "kilo").await else {
+        return;
+    };
+    let mut pg = Postgres::new(s.clone());
+    pg.start(StartRole::Primary).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&conn_string(&s), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let backend: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pm = pg.pid().unwrap();
+    assert_ne!(
+        mainstay_testkit::crash::process_group_of(backend),
+        Some(pm),
+        "PostgreSQL's children are expected to lead groups of their own"
+    );
+    kill(pm, libc::SIGKILL);
+    let killed_at = Instant::now();
+    while std::path::Path::new(&format!("/proc/{backend}")).exists() {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(3),
+            "the backend outlived its postmaster by 3 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "postmaster SIGKILLed -> its backend gone in {:?}",
+        killed_at.elapsed()
+    );
+    assert!(client.simple_query("SELECT 1").await.is_err());
 }
