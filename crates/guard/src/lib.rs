@@ -23,4 +23,4 @@ pub mod rules;
 mod sys;
 
 pub use clock::BootTime;
-pub use process::{GUARD_ARG, GuardArgs, main, run_if_asked};
+pub use process::{GUARD_ARG, GuardArgs, SELF_TEST_ARG, main, run_if_asked, self_test};

@@ -109,6 +109,15 @@ pub fn run_if_asked() {
 
 /// The guard's entry point; returns the process's exit code.
 pub fn main(args: &[OsString]) -> i32 {
+    if args.first().is_some_and(|a| a == SELF_TEST_ARG) {
+        return match self_test() {
+            Ok(()) => 0,
+            Err(why) => {
+                eprintln!("{why}");
+                1
+            }
+        };
+    }
     let args = match GuardArgs::parse(args) {
         Ok(args) => args,
         Err(why) => {
@@ -264,6 +273,28 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
             return Ok(());
         }
     }
+}
+
+/// `guard --self-test`: whether this kernel gives the guard what it needs.
+pub const SELF_TEST_ARG: &str = "--self-test";
+
+/// Checks, without starting anything, every facility the guard relies on,
+/// so that `mainstay config check` can refuse a machine where PostgreSQL
+/// could not run guarded, naming what is missing.
+pub fn self_test() -> Result<(), String> {
+    let me = rustix::process::getpid();
+    timerfd_create(TimerfdClockId::Boottime, TimerfdFlags::CLOEXEC).map_err(|e| {
+        format!("the guard needs timers on CLOCK_BOOTTIME (timerfd, Linux 3.15+): {e}")
+    })?;
+    pidfd_open(me, PidfdFlags::empty())
+        .map_err(|e| format!("the guard needs pidfd_open (Linux 5.3+): {e}"))?;
+    rustix::process::set_child_subreaper(Some(me))
+        .map_err(|e| format!("the guard needs PR_SET_CHILD_SUBREAPER: {e}"))?;
+    let children = format!("/proc/{0}/task/{0}/children", me.as_raw_nonzero());
+    std::fs::read_to_string(&children).map_err(|e| {
+        format!("the guard needs {children} (a kernel with CONFIG_PROC_CHILDREN): {e}")
+    })?;
+    Ok(())
 }
 
 /// How often the guard wakes up on its own to reap orphans.
@@ -435,6 +466,11 @@ mod tests {
         let encoded = args.to_args();
         assert_eq!(encoded[0], GUARD_ARG);
         assert_eq!(GuardArgs::parse(&encoded[1..]), Ok(args));
+    }
+
+    #[test]
+    fn this_kernel_has_what_the_guard_needs() {
+        self_test().unwrap();
     }
 
     #[test]

@@ -683,6 +683,9 @@ impl<D: Dcs> Agent<D> {
     /// Runs until `shutdown` resolves (SIGTERM/SIGINT) or a fatal error.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
         info!(node = %self.name, ttl = ?self.timing.ttl, loop_wait = ?self.timing.loop_wait, "agent starting");
+        // PostgreSQL never runs unguarded: a machine where the guard cannot
+        // run is refused before anything is touched.
+        mainstay_pg::check_guard(&self.pg.settings().guard_program)?;
         // The interface is checked before anything is written.
         let vip = match &self.vip {
             Some(spec) => Some(self.start_vip(spec.clone()).await?),

@@ -23,5 +23,6 @@ pub use controldata::{ClusterState, ControlData, DataDirState, parse_controldata
 pub use error::{Error, Result};
 pub use mainstay_guard::BootTime;
 pub use postgres::{Fencer, Postgres, RewindOutcome};
+pub use postmaster::check_guard;
 pub use settings::{ConnTarget, Credentials, PgSettings, StartRole, StopMode};
 pub use sql::{Health, ReplicationPeer, SlotChanges, WalReceiver};

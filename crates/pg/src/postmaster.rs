@@ -17,7 +17,7 @@ use mainstay_guard::protocol::{FromGuard, ToGuard};
 use std::io::{self, BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -171,4 +171,30 @@ impl Postmaster {
             Err(_) => self.exit_status(),
         }
     }
+}
+
+/// Runs `program guard --self-test`: whether the guard can be started at all
+/// and this kernel gives it what it needs. The reason, if not.
+pub fn check_guard(program: &std::path::Path) -> Result<(), String> {
+    let output = Command::new(program)
+        .arg0("mainstay")
+        .args([mainstay_guard::GUARD_ARG, mainstay_guard::SELF_TEST_ARG])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot start the fencing guard ({}): {e}",
+                program.display()
+            )
+        })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&output.stderr);
+    Err(format!(
+        "the fencing guard ({}) cannot run here ({}): {}",
+        program.display(),
+        output.status,
+        said.trim()
+    ))
 }
