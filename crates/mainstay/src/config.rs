@@ -34,6 +34,13 @@ pub struct Config {
     pub timing: Timing,
     #[serde(default)]
     pub tags: mainstay_core::Tags,
+    /// The `[watchdog]` section as written; `watchdog` is its typed form.
+    #[serde(default, rename = "watchdog")]
+    watchdog_section: WatchdogSection,
+    /// The kernel watchdog, typed and checked against the timing when the
+    /// file is parsed (never read from the file directly).
+    #[serde(skip)]
+    pub watchdog: WatchdogConfig,
 }
 
 #[derive(Deserialize)]
@@ -284,6 +291,79 @@ impl Timing {
     }
 }
 
+pub use mainstay_watchdog::Mode as WatchdogMode;
+
+/// `[watchdog]` as written in the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchdogSection {
+    mode: Option<String>,
+    device: Option<PathBuf>,
+    safety_margin: Option<f64>,
+}
+
+pub fn default_watchdog_device() -> PathBuf {
+    PathBuf::from("/dev/watchdog")
+}
+
+/// The kernel watchdog (`[watchdog]`), as the agent uses it: the leader
+/// opens `device` with `timeout`, feeds it only while a feed cannot outlive
+/// its fencing deadline, and disarms it (magic close) when it stops leading.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchdogConfig {
+    /// off (never opened), automatic (used if it can be opened and
+    /// configured, otherwise a warning), required (a node that cannot open
+    /// and configure it never takes the leader key).
+    pub mode: WatchdogMode,
+    /// The watchdog's character device (absolute), `/dev/watchdog` by default.
+    pub device: PathBuf,
+    /// The device timeout, whole seconds:
+    /// `floor(ttl - fencing_margin - dcs_timeout - safety_margin)`, so that a
+    /// feed right after a renewal confirmed within `dcs_timeout` ends by the
+    /// fencing deadline. At least 1 s unless `mode` is off (then zero when
+    /// the timing leaves less).
+    pub timeout: Duration,
+    /// How much earlier than the fencing deadline the watchdog must fire
+    /// (for a hardware timer that fires late); 0 by default.
+    pub safety_margin: Duration,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            mode: WatchdogMode::Off,
+            device: default_watchdog_device(),
+            timeout: Duration::ZERO,
+            safety_margin: Duration::ZERO,
+        }
+    }
+}
+
+impl WatchdogConfig {
+    /// What `mainstay_watchdog::Watchdog::open` takes.
+    pub fn settings(&self) -> mainstay_watchdog::Settings {
+        mainstay_watchdog::Settings {
+            device: self.device.clone(),
+            timeout: self.timeout,
+            safety_margin: self.safety_margin,
+        }
+    }
+}
+
+/// What `mainstay config check` found about the watchdog.
+#[derive(Debug)]
+pub enum WatchdogCheck {
+    /// `watchdog.mode` is off: the device was not opened.
+    Off,
+    /// The device opened, took its timeout and was closed cleanly; a line
+    /// describing it.
+    Ready(String),
+    /// Mode automatic, device unusable: the node would lead without it.
+    Warning(ConfigError),
+    /// Mode required, device unusable: the node would never lead.
+    Error(ConfigError),
+}
+
 /// A refused configuration: where, what, and how to fix it.
 #[derive(Debug)]
 pub struct ConfigError {
@@ -315,7 +395,7 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|err| ConfigError {
+        let mut config: Config = toml::from_str(text).map_err(|err| ConfigError {
             path: path.to_path_buf(),
             key: None,
             message: format!(
@@ -323,12 +403,125 @@ impl Config {
                 err.to_string().trim_end()
             ),
         })?;
-        config.validate().map_err(|(key, message)| ConfigError {
+        let refuse = |(key, message): (&str, String)| ConfigError {
             path: path.to_path_buf(),
             key: Some(key.to_string()),
             message,
-        })?;
+        };
+        config.validate().map_err(refuse)?;
+        config.watchdog = config.watchdog_config().map_err(refuse)?;
         Ok(config)
+    }
+
+    /// `[watchdog]`, typed; called once the timing is known to be valid.
+    fn watchdog_config(&self) -> Result<WatchdogConfig, (&'static str, String)> {
+        let section = &self.watchdog_section;
+        let mode = match section.mode.as_deref() {
+            None => WatchdogMode::Off,
+            Some(text) => WatchdogMode::parse(text).ok_or_else(|| {
+                (
+                    "watchdog.mode",
+                    format!(
+                        "{text:?} is not a mode: use \"off\" (the default: no watchdog), \
+                         \"automatic\" (used when the device can be opened) or \"required\" \
+                         (never lead without it)"
+                    ),
+                )
+            })?,
+        };
+        let device = section
+            .device
+            .clone()
+            .unwrap_or_else(default_watchdog_device);
+        if device.as_os_str().is_empty() {
+            return Err((
+                "watchdog.device",
+                "is empty: give the watchdog's character device, e.g. \"/dev/watchdog\"".into(),
+            ));
+        }
+        if !device.is_absolute() {
+            return Err((
+                "watchdog.device",
+                format!(
+                    "{} is relative: give an absolute path, e.g. \"/dev/watchdog\"",
+                    device.display()
+                ),
+            ));
+        }
+        let t = self.timing.effective();
+        let s = |d: Duration| d.as_secs_f64();
+        let safety = section.safety_margin.unwrap_or(0.0);
+        if !(safety >= 0.0 && safety < s(t.ttl)) {
+            return Err((
+                "watchdog.safety_margin",
+                format!(
+                    "{safety} is out of range: give seconds, from 0 (the default) to less than timing.ttl"
+                ),
+            ));
+        }
+        let safety_margin = Duration::from_secs_f64(safety);
+        let timeout = match mainstay_watchdog::timeout_for(
+            t.ttl,
+            t.fencing_margin,
+            t.dcs_timeout,
+            safety_margin,
+        ) {
+            Some(timeout) => timeout,
+            None if mode == WatchdogMode::Off => Duration::ZERO,
+            None => {
+                return Err((
+                    "watchdog.mode",
+                    format!(
+                        "\"{mode}\" needs a device timeout of at least 1 s, but timing.ttl ({}) - \
+                         timing.fencing_margin ({}) - timing.dcs_timeout ({}) - \
+                         watchdog.safety_margin ({}) leaves {:.2} s (a feed right after a renewal \
+                         must end by the fencing deadline); raise timing.ttl, lower \
+                         timing.fencing_margin, timing.dcs_timeout or watchdog.safety_margin, or \
+                         set watchdog.mode = \"off\"",
+                        s(t.ttl),
+                        s(t.fencing_margin),
+                        s(t.dcs_timeout),
+                        safety,
+                        s(t.ttl) - s(t.fencing_margin) - s(t.dcs_timeout) - safety
+                    ),
+                ));
+            }
+        };
+        Ok(WatchdogConfig {
+            mode,
+            device,
+            timeout,
+            safety_margin,
+        })
+    }
+
+    /// `mainstay config check`'s look at the watchdog: opens the device,
+    /// sets its timeout and closes it cleanly at once (magic close, so that
+    /// nothing stays armed; a driver with nowayout is refused before it is
+    /// opened when sysfs says so). Only `config check` calls this:
+    /// [`Config::load`] never touches the device.
+    pub fn check_watchdog(&self, path: &Path) -> WatchdogCheck {
+        let watchdog = &self.watchdog;
+        let problem = |message: String| ConfigError {
+            path: path.to_path_buf(),
+            key: Some("watchdog.device".into()),
+            message,
+        };
+        match watchdog.mode {
+            WatchdogMode::Off => WatchdogCheck::Off,
+            mode => match mainstay_watchdog::Watchdog::probe(&watchdog.settings()) {
+                Ok(probe) => WatchdogCheck::Ready(format!(
+                    "watchdog: {} ready ({probe}), mode {mode}",
+                    watchdog.device.display()
+                )),
+                Err(err) if mode == WatchdogMode::Required => WatchdogCheck::Error(problem(
+                    format!("mode \"required\", but this node could never lead: {err}"),
+                )),
+                Err(err) => WatchdogCheck::Warning(problem(format!(
+                    "mode \"automatic\": this node would lead without a watchdog: {err}"
+                ))),
+            },
+        }
     }
 
     /// The virtual IP, if configured (both keys or neither).
@@ -798,6 +991,152 @@ replication = { username = "replicator", password = "r3pl" }
         let good = top("vip = \"10.0.0.50/24\"\nvip_interface = \"eth0\"");
         let config = Config::parse(Path::new("t"), &good).unwrap();
         assert_eq!(config.vip_spec().unwrap().unwrap().cidr(), "10.0.0.50/24");
+    }
+
+    #[test]
+    fn the_watchdog_section_is_typed_with_a_timeout_from_the_timing() {
+        if !postgres_installed() {
+            return;
+        }
+        let parse = |extra: &str| Config::parse(Path::new("t"), &format!("{GOOD}{extra}")).unwrap();
+        let off = parse("").watchdog;
+        assert_eq!(off.mode, WatchdogMode::Off);
+        assert_eq!(off.device, Path::new("/dev/watchdog"));
+        // Default profile: 4 - 1 - 1 = 2 s.
+        assert_eq!(off.timeout, Duration::from_secs(2));
+        let required =
+            parse("[watchdog]\nmode = \"required\"\ndevice = \"/dev/watchdog1\"\n").watchdog;
+        assert_eq!(required.mode, WatchdogMode::Required);
+        assert_eq!(required.timeout, Duration::from_secs(2));
+        let settings = required.settings();
+        assert_eq!(settings.device, Path::new("/dev/watchdog1"));
+        assert_eq!(settings.timeout, Duration::from_secs(2));
+        // Fast profile: 2 - 0.5 - 0.4 = 1.1, rounded down to 1 s.
+        let fast =
+            parse("[timing]\nprofile = \"fast\"\n[watchdog]\nmode = \"automatic\"\n").watchdog;
+        assert_eq!(fast.mode, WatchdogMode::Automatic);
+        assert_eq!(fast.timeout, Duration::from_secs(1));
+        // A safety margin comes off the timeout: 4 - 1 - 1 - 0.5 = 1.5 -> 1 s.
+        let margin = parse("[watchdog]\nmode = \"required\"\nsafety_margin = 0.5\n").watchdog;
+        assert_eq!(margin.timeout, Duration::from_secs(1));
+        assert_eq!(margin.safety_margin, Duration::from_millis(500));
+        // Timing too short for a watchdog is fine while it is off.
+        let short = "[timing]\nprofile = \"fast\"\ndcs_timeout = 0.6\n";
+        assert_eq!(parse(short).watchdog.timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn bad_watchdog_settings_name_the_key_and_the_fix() {
+        if !postgres_installed() {
+            return;
+        }
+        check(
+            "[watchdog]\nmode = \"sometimes\"\n",
+            Some("watchdog.mode"),
+            "\"sometimes\" is not a mode: use \"off\"",
+        );
+        check(
+            "[watchdog]\nmode = \"on\"\n",
+            Some("watchdog.mode"),
+            "\"required\"",
+        );
+        check(
+            "[watchdog]\nmode = \"automatic\"\ndevice = \"\"\n",
+            Some("watchdog.device"),
+            "is empty: give the watchdog's character device, e.g. \"/dev/watchdog\"",
+        );
+        check(
+            "[watchdog]\ndevice = \"watchdog0\"\n",
+            Some("watchdog.device"),
+            "absolute path",
+        );
+        check(
+            "[watchdog]\nsafety_margin = -1\n",
+            Some("watchdog.safety_margin"),
+            "out of range",
+        );
+        check(
+            "[watchdog]\nsafety_margin = inf\n",
+            Some("watchdog.safety_margin"),
+            "out of range",
+        );
+        check("[watchdog]\ntimeout = 5\n", None, "unknown field");
+        // ttl 2 - fencing_margin 0.5 - dcs_timeout 0.6 = 0.9 s: no 1 s watchdog fits.
+        for (timing, left) in [
+            (
+                "[timing]\nprofile = \"fast\"\ndcs_timeout = 0.6\n",
+                "0.90 s",
+            ),
+            ("[watchdog]\nsafety_margin = 1.5\n", "0.50 s"),
+        ] {
+            for mode in ["required", "automatic"] {
+                let extra = if timing.contains("[watchdog]") {
+                    format!("{timing}mode = \"{mode}\"\n")
+                } else {
+                    format!("{timing}[watchdog]\nmode = \"{mode}\"\n")
+                };
+                let text = format!("{GOOD}{extra}");
+                let err = Config::parse(Path::new("t"), &text).unwrap_err();
+                assert_eq!(err.key.as_deref(), Some("watchdog.mode"), "{err}");
+                let message = err.to_string();
+                for needle in [
+                    "needs a device timeout of at least 1 s",
+                    "timing.ttl",
+                    "timing.fencing_margin",
+                    "timing.dcs_timeout",
+                    left,
+                    "set watchdog.mode = \"off\"",
+                ] {
+                    assert!(message.contains(needle), "{message} lacks {needle}");
+                }
+            }
+        }
+    }
+
+    /// These machines have no watchdog device: `config check` is tested on
+    /// what it refuses, never on a real watchdog.
+    #[test]
+    fn config_check_reports_an_unusable_watchdog_by_mode() {
+        if !postgres_installed() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("watchdog");
+        let regular = dir.path().join("file");
+        std::fs::write(&regular, "").unwrap();
+        let config = |mode: &str, device: &Path| {
+            let extra = format!(
+                "[watchdog]\nmode = \"{mode}\"\ndevice = \"{}\"\n",
+                device.display()
+            );
+            Config::parse(Path::new("node.toml"), &format!("{GOOD}{extra}")).unwrap()
+        };
+        let file = Path::new("node.toml");
+        assert!(matches!(
+            config("off", &missing).check_watchdog(file),
+            WatchdogCheck::Off
+        ));
+        let WatchdogCheck::Error(err) = config("required", &missing).check_watchdog(file) else {
+            panic!("a required, missing watchdog must be an error");
+        };
+        assert_eq!(err.key.as_deref(), Some("watchdog.device"));
+        let line = err.to_string();
+        assert!(!line.contains('\n'), "one line: {line}");
+        for needle in [
+            "node.toml: key `watchdog.device`",
+            "mode \"required\", but this node could never lead",
+            missing.to_str().unwrap(),
+            "modprobe softdog",
+        ] {
+            assert!(line.contains(needle), "{line} lacks {needle}");
+        }
+        let WatchdogCheck::Warning(err) = config("automatic", &regular).check_watchdog(file) else {
+            panic!("an automatic, unusable watchdog must be a warning");
+        };
+        let line = err.to_string();
+        assert!(line.contains("would lead without a watchdog"), "{line}");
+        assert!(line.contains("is not a watchdog device"), "{line}");
+        assert_eq!(std::fs::read(&regular).unwrap(), b"", "nothing written");
     }
 
     #[test]

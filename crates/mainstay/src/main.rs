@@ -65,6 +65,17 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
             Ok(config) => {
+                // Opens the watchdog device (and closes it cleanly) only
+                // when watchdog.mode asks for one.
+                let watchdog = config.check_watchdog(&file);
+                match &watchdog {
+                    mainstay::config::WatchdogCheck::Error(err) => {
+                        eprintln!("error: {err}");
+                        return ExitCode::from(2);
+                    }
+                    mainstay::config::WatchdogCheck::Warning(err) => eprintln!("warning: {err}"),
+                    _ => {}
+                }
                 let t = config.timing.effective();
                 println!(
                     "{}: ok (cluster {}, node {}, ttl {:?}, loop_wait {:?}, renew every {:?}, fencing margin {:?})",
@@ -76,6 +87,9 @@ fn main() -> ExitCode {
                     t.renew_interval,
                     t.fencing_margin
                 );
+                if let mainstay::config::WatchdogCheck::Ready(line) = watchdog {
+                    println!("{line}");
+                }
                 ExitCode::SUCCESS
             }
             Err(err) => {
