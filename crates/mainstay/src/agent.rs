@@ -15,6 +15,7 @@ use crate::api::{ApiAuth, ApiState, Command, NodeSnapshot};
 use crate::boot_clock;
 use crate::config::{Config, EffectiveTiming};
 use crate::proxy::{Access, ProxyStats, Route};
+use crate::watchdog_keeper::Availability;
 use axum::http::StatusCode;
 use mainstay_core::decide::Standby;
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
@@ -42,6 +43,9 @@ use tracing::{debug, error, info, warn};
 pub struct Agent<D: Dcs> {
     name: String,
     tags: mainstay_core::Tags,
+    /// The kernel watchdog as probed at start-up, and its settings.
+    watchdog: Availability,
+    watchdog_config: crate::config::WatchdogConfig,
     timing: EffectiveTiming,
     settings: Settings,
     api_url: String,
@@ -156,6 +160,14 @@ impl<D: Dcs> Agent<D> {
         };
         let origin = Instant::now();
         let pg = Postgres::new(pg_settings(config));
+        let watchdog = Availability::probe(&config.watchdog);
+        let mut tags = config.tags.clone();
+        if watchdog.blocks_leadership().is_some() {
+            // Never elected, never waited for in an election; the shell
+            // also refuses to take the key on request (manual failover,
+            // bootstrap).
+            tags.nofailover = true;
+        }
         let (lease_tx, lease) = watch::channel(Lease {
             id: None,
             valid_until: boot_clock::now(),
@@ -163,7 +175,9 @@ impl<D: Dcs> Agent<D> {
         });
         Agent {
             name: config.name.clone(),
-            tags: config.tags.clone(),
+            tags: tags.clone(),
+            watchdog: watchdog.clone(),
+            watchdog_config: config.watchdog.clone(),
             timing,
             settings,
             api_url: config.api_url(),
@@ -187,13 +201,19 @@ impl<D: Dcs> Agent<D> {
             renew_latency_us: Arc::default(),
             stand_down_until: None,
             renewals_paused: Arc::default(),
-            snapshot: watch::Sender::new(Arc::new(NodeSnapshot::new(
-                &config.name,
-                &config.cluster,
-                &config.api_url(),
-                &config.tags,
-                timing.ttl,
-            ))),
+            snapshot: watch::Sender::new(Arc::new(NodeSnapshot {
+                watchdog_failed: match &watchdog {
+                    Availability::Unavailable { reason, .. } => Some(reason.clone()),
+                    _ => None,
+                },
+                ..NodeSnapshot::new(
+                    &config.name,
+                    &config.cluster,
+                    &config.api_url(),
+                    &tags,
+                    timing.ttl,
+                )
+            })),
             api_listen: config.api.listen.clone(),
             dynamic: DynamicConfig::default(),
             dynamic_revision: None,
@@ -775,6 +795,15 @@ impl<D: Dcs> Agent<D> {
             self.dcs.clone(),
             self.leading.subscribe(),
         ));
+        let watchdog = (self.watchdog == Availability::Ready).then(|| {
+            let fencer = self.fencer.clone();
+            tokio::spawn(crate::watchdog_keeper::keep(
+                self.watchdog_config.clone(),
+                self.lease.clone(),
+                move || fencer.writable(),
+                self.timing.fencing_margin,
+            ))
+        });
         tokio::pin!(shutdown);
         let result = loop {
             let turn_started = Instant::now();
@@ -831,6 +860,12 @@ impl<D: Dcs> Agent<D> {
         }
         self.shut_down().await;
         keeper.abort();
+        if let Some(task) = watchdog {
+            // PostgreSQL is stopped: the keeper's lease channel closes with
+            // the lease keeper and the watchdog is closed cleanly, never
+            // dropped (that would reset the host).
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
         api.abort();
         drop(proxy);
         watcher.abort();
@@ -1179,6 +1214,14 @@ impl<D: Dcs> Agent<D> {
                     .create_initialize(&record)
                     .await
                     .map_err(dcs_failed)?;
+            }
+            Action::ClaimInitialize | Action::AcquireLeader
+                if let Some(reason) = self.watchdog.blocks_leadership() =>
+            {
+                return Err(TurnError::Failed(format!(
+                    "not taking the leader key: watchdog.mode = \"required\" and the watchdog \
+                     is unusable: {reason}"
+                )));
             }
             Action::ClaimInitialize => {
                 let record = InitializeRecord {

@@ -11,3 +11,4 @@ pub mod demo;
 pub mod proxy;
 pub mod tls;
 pub mod vip;
+pub mod watchdog_keeper;

@@ -65,6 +65,15 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
             Ok(config) => {
+                // PostgreSQL runs only under its fencing guard: this
+                // machine must be able to run it.
+                if let Err(why) = mainstay_pg::check_guard(std::path::Path::new("/proc/self/exe")) {
+                    eprintln!(
+                        "error: {}: {why}; mainstay needs Linux 5.3 or later with /proc mounted",
+                        file.display()
+                    );
+                    return ExitCode::from(2);
+                }
                 // Opens the watchdog device (and closes it cleanly) only
                 // when watchdog.mode asks for one.
                 let watchdog = config.check_watchdog(&file);

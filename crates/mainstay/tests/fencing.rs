@@ -104,3 +104,78 @@ fn a_frozen_primary_agent_cannot_keep_its_postgres_writable() {
         h.passed = true;
     });
 }
+
+/// `watchdog.mode = "required"` on a machine without the device: `config
+/// check` refuses it, and the agent runs but never takes the leader key (it
+/// says why in `/patroni`), not even when the leader dies or is asked to.
+#[test]
+fn a_node_whose_required_watchdog_is_missing_never_leads() {
+    cluster_test(async {
+        let dir = test_dir("watchdog");
+        let cluster = mainstay::demo::LocalCluster::prepare(
+            &dir,
+            2,
+            std::path::Path::new(env!("CARGO_BIN_EXE_mainstay")),
+            "default",
+        )
+        .unwrap();
+        let mut h = Harness::adopt(cluster);
+        let config = h.cluster.nodes[0].config.clone();
+        let text = std::fs::read_to_string(&config).unwrap();
+        let missing = h.dir.join("no-such-watchdog");
+        std::fs::write(
+            &config,
+            format!(
+                "{text}\n[watchdog]\nmode = \"required\"\ndevice = \"{}\"\n",
+                missing.display()
+            ),
+        )
+        .unwrap();
+        let check = std::process::Command::new(env!("CARGO_BIN_EXE_mainstay"))
+            .args(["config", "check"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&check.stderr);
+        assert_eq!(check.status.code(), Some(2), "config check: {said}");
+        assert!(
+            said.contains("watchdog") && said.contains(&*missing.to_string_lossy()),
+            "config check names the key and the device: {said}"
+        );
+        // node1 starts first, so it would claim the bootstrap.
+        h.cluster.start_agent(0).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        h.cluster.start_agent(1).unwrap();
+        let leader = h.healthy(Duration::from_secs(60)).await;
+        assert_eq!(leader, "node2");
+        let status = api(&h, "node1").get("/patroni").await.unwrap().body;
+        assert_eq!(status["watchdog_failed"], true, "{status}");
+        assert!(
+            status["watchdog_failed_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("no-such-watchdog")),
+            "{status}"
+        );
+        // Asked to take over, it refuses; with the leader gone it stays a
+        // replica.
+        let (code, _, err) = run_ctl(
+            &h,
+            "node2",
+            &["switchover", "--candidate", "node1", "--force"],
+        )
+        .await;
+        assert_ne!(code, 0, "a switchover to node1 was accepted: {err}");
+        h.cluster.kill_node(1);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let view = h.view().await;
+        assert!(
+            view.leader_name() != Some("node1"),
+            "node1 took the leader key without its required watchdog"
+        );
+        assert!(
+            h.agent_log("node1").contains("never takes the leader key"),
+            "the agent says why"
+        );
+        h.passed = true;
+    });
+}

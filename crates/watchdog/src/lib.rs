@@ -32,11 +32,13 @@
 //! 3. when it stops leading, once PostgreSQL is no longer writable:
 //!    [`Feeder::close_cleanly`] (magic close: the kernel disarms it).
 //!
-//! The last allowed feed runs out at the fencing deadline itself, so a
-//! leader that is alive but cannot renew must have stopped PostgreSQL and
-//! closed the device cleanly before [`Feeder::fed_until`], that is before
-//! its fencing deadline; otherwise the host is reset (as a frozen one must
-//! be).
+//! The agent offers feeds against the lease's expiry in etcd (the fencing
+//! deadline + `fencing_margin`, the instant another node may lead): a host
+//! that stops feeding is reset by then. A leader that is alive but cannot
+//! renew closes the device cleanly as soon as its fencing deadline passes
+//! (its guard has stopped PostgreSQL at that instant), within the
+//! `fencing_margin` left before [`Feeder::fed_until`]; a frozen one cannot,
+//! and is reset.
 //!
 //! A node that never leads never opens the device.
 

@@ -67,6 +67,8 @@ pub struct NodeSnapshot {
     pub sync_standbys: Vec<String>,
     /// The configured virtual IP and whether this node holds it now.
     pub vip: Option<(String, bool)>,
+    /// Why the configured kernel watchdog cannot be used, if it cannot.
+    pub watchdog_failed: Option<String>,
 }
 
 impl NodeSnapshot {
@@ -94,6 +96,7 @@ impl NodeSnapshot {
             proxy_refused: Vec::new(),
             sync_standbys: Vec::new(),
             vip: None,
+            watchdog_failed: None,
         }
     }
 

@@ -107,6 +107,11 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
     if tags.as_object().is_some_and(|t| !t.is_empty()) {
         doc.insert("tags".into(), tags);
     }
+    if let Some(reason) = &node.watchdog_failed {
+        // Patroni's key, and why.
+        doc.insert("watchdog_failed".into(), json!(true));
+        doc.insert("watchdog_failed_reason".into(), json!(reason));
+    }
     if node.is_sync_standby() {
         doc.insert("sync_standby".into(), json!(true));
     }
