@@ -142,7 +142,7 @@ pub async fn run(args: EndpointsArgs) -> ExitCode {
         "settings": {
             "hosts": 3,
             "profile": "default",
-            "kill": "SIGKILL of the primary's agent and PostgreSQL together",
+            "kill": "the primary's node crashes: agent, guard and every PostgreSQL process stopped, then SIGKILLed, at one instant",
             "proxy": "read-write listener of a surviving node",
             "keepalived": "VRRP, advert_int 1, master's link down; then keepalived SIGKILLed on the master, hosts watched for 8 s",
             "mainstay": env!("CARGO_PKG_VERSION"),

@@ -1,6 +1,6 @@
 //! `mainstay bench failover|switchover` (and `proxy`, in its own module): a 3-node cluster on loopback, a
 //! steady single-row INSERT load through a read-write multi-host connection,
-//! and either a kill -9 of the primary's agent and postmaster together, or a
+//! and either a crash of the primary's whole node (agent, guard and every PostgreSQL process at one instant), or a
 //! planned switchover through the REST API. Reports write unavailability and
 //! acknowledged writes missing afterwards, over several runs:
 //! - failover: kill -> first acknowledged write on the new primary;
@@ -175,7 +175,7 @@ async fn failover(args: FailoverArgs, disruption: Disruption) -> ExitCode {
             "postgresql": "15",
             "etcd": etcd_version(),
             "disruption": match disruption {
-                Disruption::Kill => "SIGKILL of the primary's agent and postmaster together",
+                Disruption::Kill => "the primary's node crashes: agent, guard and every PostgreSQL process stopped, then SIGKILLed, at one instant",
                 Disruption::Switchover => "POST /switchover to the leader's REST API",
             },
         }
