@@ -186,6 +186,14 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
     };
     let pid = Pid::from_raw(child.id() as i32).ok_or("the postmaster has no pid")?;
     sys::ignore_stray_signals();
+    match sys::prefer_in_scheduler() {
+        sys::Priority::RealTime => {}
+        sys::Priority::Nice => log("no real-time scheduling allowed: running at nice -20"),
+        sys::Priority::Ordinary(e) => log(&format!(
+            "cannot raise its scheduling priority ({e}): after a host resumes, a thawed backend \
+             may run before the fence"
+        )),
+    }
     let exited = pidfd_open(pid, PidfdFlags::empty()).map_err(|e| format!("pidfd_open: {e}"));
     let timer = timerfd_create(TimerfdClockId::Boottime, TimerfdFlags::CLOEXEC)
         .map_err(|e| format!("timerfd_create: {e}"));
@@ -247,12 +255,11 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
             // (and group id) cannot belong to anybody else here.
             match effect {
                 Effect::Signal(n) => send(pid, n, false),
+                Effect::Fence => fence(pid),
                 Effect::SignalGroup(n) => send(pid, n, true),
                 Effect::Report(report) => {
                     if let FromGuard::Fenced(why) = &report {
-                        log(&format!(
-                            "fencing postgres (SIGQUIT to its process group): {why}"
-                        ));
+                        log(&format!("fenced postgres (every process SIGKILLed): {why}"));
                     }
                     link.report(&report);
                 }
@@ -361,6 +368,22 @@ fn set_timer(timer: &impl AsFd, at: Option<BootTime>) -> Result<(), String> {
     timerfd_settime(timer, TimerfdTimerFlags::ABSTIME, &spec)
         .map(|_| ())
         .map_err(|e| format!("timerfd_settime: {e}"))
+}
+
+/// Rule 3 of `rules`: every PostgreSQL process dies now. The postmaster is
+/// stopped first, so its list of children cannot change (no fork, no reap:
+/// a listed pid is still that child) while each gets SIGKILL from here.
+fn fence(postmaster: Pid) {
+    let _ = rustix::process::kill_process(postmaster, Signal::STOP);
+    let path = format!("/proc/{0}/task/{0}/children", postmaster.as_raw_nonzero());
+    let children = std::fs::read_to_string(path).unwrap_or_default();
+    for child in children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok().and_then(Pid::from_raw))
+    {
+        let _ = rustix::process::kill_process(child, Signal::KILL);
+    }
+    let _ = rustix::process::kill_process(postmaster, Signal::KILL);
 }
 
 fn send(pid: Pid, signal: i32, group: bool) {

@@ -7,12 +7,16 @@
 //!    leadership was lost (earlier) or renewed (later).
 //! 2. When the agent's end of the socket closes (agent dead), it fences at
 //!    once, armed or not: nobody is left to keep the server's role in line.
-//! 3. Fencing is SIGQUIT to the postmaster: immediate shutdown, in which it
-//!    sends SIGQUIT to every child at once (its children each lead a session
-//!    of their own, so only the postmaster can reach them all) and they exit
-//!    without committing or answering anything more. SIGKILL follows after
-//!    `grace` if the postmaster is still there; its children then become the
-//!    guard's (it is their subreaper) and are killed when it exits.
+//! 3. Fencing kills every PostgreSQL process at once (`Effect::Fence`): the
+//!    postmaster is stopped (SIGSTOP) so that it can neither fork nor reap,
+//!    each of its children gets SIGKILL straight from the guard, then the
+//!    postmaster does. Relaying through the postmaster's own immediate
+//!    shutdown would leave its backends running until the postmaster is
+//!    scheduled: a backend thawed first after a host suspend acknowledged
+//!    commits for up to 15 ms that way. PostgreSQL recovers from this as
+//!    from any crash. A SIGKILL follows after `grace` should the postmaster
+//!    still be there; whatever it leaves behind is the guard's (it is their
+//!    subreaper) and is killed when it exits.
 //!    Fencing never stops before the postmaster is gone, whatever arrives
 //!    meanwhile.
 //! 4. A deadline that has already passed when the guard starts means the
@@ -22,7 +26,6 @@ use crate::clock::BootTime;
 use crate::protocol::{FromGuard, ToGuard};
 use std::time::Duration;
 
-pub const SIGQUIT: i32 = 3;
 pub const SIGKILL: i32 = 9;
 
 /// Something the guard must do now.
@@ -30,6 +33,8 @@ pub const SIGKILL: i32 = 9;
 pub enum Effect {
     /// A signal to the postmaster.
     Signal(i32),
+    /// Stop every PostgreSQL process now (rule 3).
+    Fence,
     /// A signal to the postmaster's process group.
     SignalGroup(i32),
     /// A line for the agent (and the log).
@@ -122,10 +127,7 @@ impl Rules {
             return Vec::new();
         }
         self.fencing = Some((now, why.clone()));
-        vec![
-            Effect::Signal(SIGQUIT),
-            Effect::Report(FromGuard::Fenced(why)),
-        ]
+        vec![Effect::Fence, Effect::Report(FromGuard::Fenced(why))]
     }
 }
 
@@ -140,7 +142,7 @@ mod tests {
     }
 
     fn fenced(effects: &[Effect]) -> bool {
-        effects.first() == Some(&Effect::Signal(SIGQUIT))
+        effects.first() == Some(&Effect::Fence)
             && matches!(effects.get(1), Some(Effect::Report(FromGuard::Fenced(_))))
     }
 

@@ -45,3 +45,38 @@ pub fn ignore_stray_signals() {
         unsafe { libc::signal(signal, libc::SIG_IGN) };
     }
 }
+
+/// How the guard asked the scheduler to run it first.
+pub enum Priority {
+    /// SCHED_FIFO: it preempts every ordinary process the moment it wakes.
+    RealTime,
+    /// Highest nice value: no real-time allowed here (no CAP_SYS_NICE).
+    Nice,
+    Ordinary(std::io::Error),
+}
+
+/// Makes the guard the first process to run when it wakes up: when a host
+/// resumes from a suspend, every process thaws at once, and each
+/// millisecond the guard waits for a CPU is a millisecond in which a thawed
+/// backend may acknowledge a commit past the deadline. Cluster fencing
+/// daemons (corosync, sbd) run real-time for the same reason. The guard
+/// sleeps in poll() all the time but for a few microseconds per event, so
+/// it cannot starve the host (and the kernel's real-time throttling bounds
+/// it anyway). SCHED_RESET_ON_FORK keeps anything it would start ordinary;
+/// the postmaster is started before this is called.
+pub fn prefer_in_scheduler() -> Priority {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: a plain system call on this process with a valid pointer.
+    let rc = unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
+    };
+    if rc == 0 {
+        return Priority::RealTime;
+    }
+    let realtime = std::io::Error::last_os_error();
+    // SAFETY: as above, no pointers.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -20) } == 0 {
+        return Priority::Nice;
+    }
+    Priority::Ordinary(realtime)
+}

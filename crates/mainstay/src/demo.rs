@@ -354,6 +354,12 @@ profile = "{profile}"
                 Ok(())
             });
         }
+        // Each agent leads a process group of its own, as a service manager
+        // or a shell's job control would start it: a test can stop that
+        // group (Ctrl-Z's SIGTSTP/SIGSTOP to the job) without stopping
+        // itself, and a terminal's Ctrl-C reaches the demo alone, which
+        // stops its agents with SIGTERM.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command
             .args(["agent", "--config"])
             .arg(&node.config)

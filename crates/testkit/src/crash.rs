@@ -1,15 +1,23 @@
 //! A whole node crashing at one instant, as a host that loses power would:
-//! the HA agent, the fencing guard (if any) and every process of the
-//! postmaster's process group stop together, so that no backend or WAL
-//! sender outlives its postmaster and keeps shipping or acknowledging WAL
-//! (which would flatter the loss figures of asynchronous replication). The
-//! same function crashes a Patroni node and a mainstay node, in the same
-//! order.
+//! the HA agent, the fencing guard (if any), the postmaster's process group
+//! and every child of the postmaster stop together, so that no backend or
+//! WAL sender outlives its postmaster and keeps shipping or acknowledging
+//! WAL (which would flatter the loss figures of asynchronous replication).
+//! The same function crashes a Patroni node and a mainstay node, in the
+//! same order.
+//!
+//! PostgreSQL's children are not in the postmaster's process group: each
+//! one calls `setsid()` when it starts (`InitPostmasterChild`, so that the
+//! postmaster can signal a child's own children), and so leads a session
+//! and a group of its own. A signal to the postmaster's group reaches the
+//! postmaster alone; the children are found by their parent instead.
 
 /// SIGSTOPs every process of the node first (nobody reacts to another's
 /// death: a guard would fence, a backend would notice its postmaster gone),
 /// then SIGKILLs them: the agent, the postmaster's parent when it is not the
-/// agent (mainstay's guard), and the postmaster's process group.
+/// agent (mainstay's guard), the postmaster's process group, and the
+/// postmaster's children (listed once the postmaster is stopped, when it
+/// can fork no more).
 pub fn crash_node(agent: Option<u32>, postmaster: Option<i32>) {
     let me = std::process::id() as i32;
     let mut pids: Vec<i32> = agent.map(|p| p as i32).into_iter().collect();
@@ -26,14 +34,28 @@ pub fn crash_node(agent: Option<u32>, postmaster: Option<i32>) {
         // The group a test harness's own processes are in is never killed.
         group = process_group_of(pm).filter(|g| *g > 1 && Some(*g) != process_group_of(me));
     }
-    for signal in [libc::SIGSTOP, libc::SIGKILL] {
-        for pid in &pids {
+    let stop_all = |pids: &[i32], signal| {
+        for pid in pids {
             signal_pid(*pid, signal);
         }
         if let Some(pgid) = group {
             signal_pid(-pgid, signal);
         }
+    };
+    stop_all(&pids, libc::SIGSTOP);
+    // Stopped, the postmaster forks no more: its children are all there,
+    // and still its children (a SIGKILLed parent's would be reparented).
+    let children: Vec<i32> = postmaster
+        .map(children_of)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| *c > 1 && *c != me && !pids.contains(c))
+        .collect();
+    for child in &children {
+        signal_pid(*child, libc::SIGSTOP);
     }
+    pids.extend(children);
+    stop_all(&pids, libc::SIGKILL);
 }
 
 fn signal_pid(pid: i32, signal: i32) {
@@ -49,6 +71,19 @@ pub fn parent_of(pid: i32) -> Option<i32> {
 /// The process group of `pid`.
 pub fn process_group_of(pid: i32) -> Option<i32> {
     stat_field(pid, 2)
+}
+
+/// The processes whose parent is `pid` (from `/proc`), in no particular
+/// order. A process may start or end while the list is made: call it on a
+/// stopped parent for a list that holds.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| parent_of(*p) == Some(pid))
+        .collect()
 }
 
 /// Field `index` after the command name (0: state, 1: ppid, 2: pgrp).
@@ -74,40 +109,64 @@ mod tests {
     }
 
     #[test]
-    fn kills_the_agent_the_parent_and_the_whole_group() {
+    fn kills_the_agent_the_parent_the_whole_group_and_every_child() {
         // "agent": a sleep; "postmaster": a shell in a group of its own with
-        // a child of its own (a "backend").
+        // two children: one in its group, one that made a session of its
+        // own as every PostgreSQL child does.
         let mut agent = Command::new("sleep").arg("60").spawn().unwrap();
         let mut postmaster = Command::new("sh")
-            .args(["-c", "sleep 60 & echo $!; wait"])
+            .args(["-c", "sleep 60 & echo $!; setsid sleep 60 & echo $!; wait"])
             .stdout(std::process::Stdio::piped())
             .process_group(0)
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(postmaster.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let backend: i32 = line.trim().parse().unwrap();
+        let mut out = std::io::BufReader::new(postmaster.stdout.take().unwrap());
+        let mut children = Vec::new();
+        for _ in 0..2 {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            children.push(line.trim().parse::<i32>().unwrap());
+        }
+        // Wait (bounded) until the second one leads its own session.
+        let own_session = children[1];
+        for _ in 0..200 {
+            if stat_field(own_session, 3) == Some(own_session) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(stat_field(own_session, 3), Some(own_session));
+        assert_ne!(process_group_of(own_session), Some(postmaster.id() as i32));
         crash_node(Some(agent.id()), Some(postmaster.id() as i32));
         assert!(agent.wait().unwrap().code().is_none(), "agent not killed");
         assert!(
             postmaster.wait().unwrap().code().is_none(),
             "postmaster not killed"
         );
-        // The backend was reparented; it must be gone too (bounded wait).
-        for _ in 0..200 {
-            // Gone, or a zombie that init has not reaped yet.
-            let state = std::fs::read_to_string(format!("/proc/{backend}/stat"))
-                .ok()
-                .and_then(|s| s.get(s.rfind(')')? + 2..)?.chars().next());
-            if matches!(state, None | Some('Z' | 'X')) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        // The children were reparented; they must be gone too (bounded wait).
+        for child in children {
+            let gone = (0..200).any(|_| {
+                // Gone, or a zombie that init has not reaped yet.
+                let state = std::fs::read_to_string(format!("/proc/{child}/stat"))
+                    .ok()
+                    .and_then(|s| s.get(s.rfind(')')? + 2..)?.chars().next());
+                let gone = matches!(state, None | Some('Z' | 'X'));
+                if !gone {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                gone
+            });
+            assert!(gone, "child {child} of the postmaster survived");
         }
-        panic!("a process of the postmaster's group survived");
+    }
+
+    #[test]
+    fn lists_children() {
+        let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+        let me = std::process::id() as i32;
+        assert!(children_of(me).contains(&(child.id() as i32)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!children_of(me).contains(&(child.id() as i32)));
     }
 }
