@@ -251,6 +251,9 @@ pub struct CoreState {
     /// every turn.
     failed_bootstraps: u32,
     bootstrap_retry_at: Option<Millis>,
+    /// When this agent's core first ran. A failsafe promise not to take
+    /// over lives in the agent's memory only and is lost with a restart.
+    first_turn: Option<Millis>,
 }
 
 /// The first retry after a failed bootstrap; each further failure doubles it.
@@ -291,6 +294,7 @@ fn wait(note: impl Into<String>) -> Decision {
 
 /// The heart of mainstay: see the module documentation.
 pub fn decide(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
+    state.first_turn.get_or_insert(obs.now);
     let mut result = decide_inner(state, obs);
     // A writable primary must look again before its lease may lapse, even if
     // nothing else wakes the agent.
@@ -767,6 +771,14 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
     if let Err(why) = crate::failsafe::may_run_for_leader(obs, view) {
         return wait(why);
     }
+    if let Some(until) = crate::failsafe::promise_may_stand_until(obs, state.first_turn) {
+        let mut result = wait(
+            "failsafe mode: this agent started less than a ttl ago, and before that it may \
+             have promised a leader not to take over; not running for leader yet",
+        );
+        result.wake_at = Some(until);
+        return result;
+    }
     let manual = view
         .failover
         .as_ref()
@@ -848,6 +860,9 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
             continue;
         }
         if sync_mode && !crate::sync::may_take_over(view, name) {
+            continue;
+        }
+        if crate::failsafe::may_lead(obs, view, name).is_err() {
             continue;
         }
         // A status read before the leader vanished may predate the last WAL

@@ -48,6 +48,12 @@ pub fn record(obs: &Observation<'_>, view: &ClusterView) -> Option<Action> {
 /// it never asked cannot know. An unreadable key is read the safe way (it
 /// could hold any list); the leader rewrites it, or an operator deletes it.
 pub fn may_run_for_leader(obs: &Observation<'_>, view: &ClusterView) -> Result<(), String> {
+    may_lead(obs, view, obs.name)
+}
+
+/// The same rule for any member `name`: an election waits only for members
+/// that may run, or it would wait for ever for one that may not.
+pub fn may_lead(obs: &Observation<'_>, view: &ClusterView, name: &str) -> Result<(), String> {
     if !obs.config.failsafe_mode {
         return Ok(());
     }
@@ -55,7 +61,7 @@ pub fn may_run_for_leader(obs: &Observation<'_>, view: &ClusterView) -> Result<(
         return Ok(());
     };
     match &record.state {
-        Ok(state) if state.leader == obs.name || state.members.contains_key(obs.name) => Ok(()),
+        Ok(state) if state.leader == name || state.members.contains_key(name) => Ok(()),
         Ok(state) => Err(format!(
             "failsafe mode: not among the members {} relies on, so it may still write \
              with their confirmation; not running for leader (a member on that list will, \
@@ -68,6 +74,20 @@ pub fn may_run_for_leader(obs: &Observation<'_>, view: &ClusterView) -> Result<(
              turn failsafe_mode off)"
         )),
     }
+}
+
+/// Until when a promise this node may have made before its agent started
+/// (at `first_turn`) could still stand, if that is later than now. A member
+/// that confirms a leader promises not to take over for a ttl, and the
+/// promise lives in the agent's memory only: an agent that restarted
+/// cannot know whether it made one, so in failsafe mode it does not run
+/// for leader until a ttl after its start.
+pub fn promise_may_stand_until(
+    obs: &Observation<'_>,
+    first_turn: Option<crate::types::Millis>,
+) -> Option<crate::types::Millis> {
+    let until = first_turn?.plus(obs.settings.ttl_ms);
+    (obs.config.failsafe_mode && obs.now < until).then_some(until)
 }
 
 #[cfg(test)]
@@ -196,6 +216,116 @@ mod tests {
             &leaderless_view(list(&["a", "b"])),
             false
         )));
+    }
+
+    #[test]
+    fn a_restarted_member_waits_out_a_promise_it_may_have_made() {
+        // c_decides starts a fresh agent at 0 and decides every 500 ms.
+        let actions = c_decides(&leaderless_view(list(&["a", "b", "c"])), true);
+        assert!(runs_for_leader(&actions));
+        let tags = Tags::default();
+        let config = DynamicConfig {
+            failsafe_mode: true,
+            ..DynamicConfig::default()
+        };
+        let pg = LocalPg {
+            data: DataDir::Initialized {
+                system_id: "42".into(),
+                was_primary: false,
+            },
+            role: PgRole::Replica,
+            timeline: 1,
+            lsn: Lsn(200),
+            following: None,
+            streaming: false,
+            sync_standby_names: String::new(),
+            standbys: Vec::new(),
+        };
+        let view = leaderless_view(list(&["a", "b", "c"]));
+        let mut state = CoreState::default();
+        let turn = |state: &mut CoreState, now: u64| {
+            let obs = Observation {
+                now: Millis(now),
+                name: "c",
+                tags: &tags,
+                settings: &SETTINGS,
+                pg: &pg,
+                cluster: Some(&view),
+                lease: Lease {
+                    id: Some(9),
+                    valid_until: Millis(now + 3000),
+                    members_confirmed: false,
+                },
+                config: &config,
+                wall_secs: 0,
+                failsafe_contact: None,
+            };
+            decide(state, &obs)
+        };
+        // Started at 10 s: nothing before 14 s, whatever else holds.
+        for now in (10_000..14_000).step_by(250) {
+            let decision = turn(&mut state, now);
+            assert!(!runs_for_leader(&decision.actions), "at {now} ms");
+        }
+        let ran = (14_000..20_000)
+            .step_by(250)
+            .any(|now| runs_for_leader(&turn(&mut state, now).actions));
+        assert!(ran, "never ran for leader once the promise had lapsed");
+    }
+
+    /// b (listed, behind c) must not wait for c, which may not run.
+    fn b_decides(view: &ClusterView) -> Vec<Action> {
+        let tags = Tags::default();
+        let config = DynamicConfig {
+            failsafe_mode: true,
+            ..DynamicConfig::default()
+        };
+        let pg = LocalPg {
+            data: DataDir::Initialized {
+                system_id: "42".into(),
+                was_primary: false,
+            },
+            role: PgRole::Replica,
+            timeline: 1,
+            lsn: Lsn(100),
+            following: None,
+            streaming: false,
+            sync_standby_names: String::new(),
+            standbys: Vec::new(),
+        };
+        let mut state = CoreState::default();
+        let mut all = Vec::new();
+        for now in (0..20_000).step_by(500) {
+            let obs = Observation {
+                now: Millis(now),
+                name: "b",
+                tags: &tags,
+                settings: &SETTINGS,
+                pg: &pg,
+                cluster: Some(view),
+                lease: Lease {
+                    id: Some(8),
+                    valid_until: Millis(now + 3000),
+                    members_confirmed: false,
+                },
+                config: &config,
+                wall_secs: 0,
+                failsafe_contact: None,
+            };
+            all.extend(decide(&mut state, &obs).actions);
+        }
+        all
+    }
+
+    #[test]
+    fn the_election_does_not_wait_for_a_better_member_that_may_not_run() {
+        assert!(runs_for_leader(&b_decides(&leaderless_view(list(&[
+            "a", "b"
+        ])))));
+        // With c listed too, b defers to c, which has more WAL.
+        assert!(!runs_for_leader(&b_decides(&leaderless_view(list(&[
+            "a", "b", "c"
+        ])))));
     }
 
     #[test]
