@@ -28,7 +28,10 @@ pub fn wanted(obs: &Observation<'_>, view: &ClusterView) -> FailsafeState {
 /// For a leader with a running primary: rewrite the `failsafe` key when the
 /// members it sees changed (only then: an idle cluster writes nothing).
 pub fn record(obs: &Observation<'_>, view: &ClusterView) -> Option<Action> {
-    if !obs.config.failsafe_mode {
+    // While the deadline rests on the listed members' promise (etcd is not
+    // renewing), a new name on the list would be a member that never
+    // promised and may run for leader: the list waits for etcd.
+    if !obs.config.failsafe_mode || obs.lease.members_confirmed {
         return None;
     }
     let wanted = wanted(obs, view);

@@ -84,6 +84,9 @@ pub struct Next {
 pub struct LeaseClock {
     timing: LeaseTiming,
     lease: Lease,
+    /// The deadline the last renewal etcd confirmed gave (this node's key
+    /// still its own), never one resting on members' confirmations.
+    etcd_valid_until: Millis,
 }
 
 impl LeaseClock {
@@ -96,6 +99,7 @@ impl LeaseClock {
                 valid_until: now,
                 members_confirmed: false,
             },
+            etcd_valid_until: now,
         }
     }
 
@@ -133,6 +137,9 @@ impl LeaseClock {
                     valid_until: self.timing.deadline_after(sent),
                     members_confirmed: false,
                 };
+                if !writable || key == Some(KeyCheck::Ours) {
+                    self.etcd_valid_until = self.lease.valid_until;
+                }
                 if writable {
                     match key.unwrap_or(KeyCheck::Unknown) {
                         KeyCheck::Ours => {}
@@ -203,6 +210,17 @@ impl LeaseClock {
         let confirmed = self.timing.deadline_after(asked);
         self.lease.valid_until = self.lease.valid_until.max(confirmed);
         self.lease.members_confirmed = true;
+    }
+
+    /// The members a failsafe promise must come from changed: the list now
+    /// names one that was not asked (the leader rewrote it), who never
+    /// promised anything and may run for leader. The deadline falls back to
+    /// what etcd confirmed until the new list confirms.
+    pub fn members_changed(&mut self) {
+        if self.lease.members_confirmed {
+            self.lease.valid_until = self.lease.valid_until.min(self.etcd_valid_until);
+            self.lease.members_confirmed = false;
+        }
     }
 
     /// The keeper learnt the key is not ours in some other way (a crash
@@ -413,6 +431,35 @@ mod tests {
             true,
         );
         assert_eq!(c.lease().valid_until, Millis(1010));
+    }
+
+    #[test]
+    fn a_new_member_on_the_list_ends_the_promise_of_the_old_list() {
+        let mut c = clock();
+        c.on_renewal(
+            Millis(0),
+            Millis(10),
+            Renewal::Confirmed(7),
+            Some(KeyCheck::Ours),
+            true,
+        );
+        c.on_renewal(Millis(1000), Millis(2000), Renewal::NoAnswer, None, true);
+        c.members_confirmed(Millis(2000));
+        assert_eq!(c.lease().valid_until, Millis(5000));
+        c.members_changed();
+        assert_eq!(
+            c.lease(),
+            Lease {
+                id: Some(7),
+                valid_until: Millis(3000),
+                members_confirmed: false
+            },
+            "back to what etcd confirmed"
+        );
+        // Without a members' promise nothing changes.
+        let before = c.lease();
+        c.members_changed();
+        assert_eq!(c.lease(), before);
     }
 
     #[test]

@@ -535,6 +535,27 @@ impl<D: Dcs> Agent<D> {
             .unwrap_or_else(|e| e.into_inner()) = peers;
     }
 
+    /// Before the failsafe list is written: from now on the lease keeper asks
+    /// its new members too, whether or not the write lands (an answer that
+    /// never came could still have been applied). A member is dropped from
+    /// the keeper's list only once a view shows it off the key.
+    fn widen_failsafe_peers(&self, written: &mainstay_core::FailsafeState) {
+        let lease = self.lease.borrow().id.unwrap_or_default();
+        let mut peers = self
+            .failsafe_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let current = peers.get_or_insert_with(|| FailsafePeers {
+            lease,
+            members: Vec::new(),
+        });
+        for (name, url) in &written.members {
+            if *name != self.name && !current.members.iter().any(|(n, _)| n == name) {
+                current.members.push((name.clone(), url.clone()));
+            }
+        }
+    }
+
     /// Cluster-wide parameters, overridden by this node's own file, into
     /// `mainstay.conf`; a running server reloads, and what only a restart
     /// applies is reported as pending, never applied behind the operator's
@@ -1454,6 +1475,7 @@ impl<D: Dcs> Agent<D> {
                 state,
                 expected_revision,
             } => {
+                self.widen_failsafe_peers(state);
                 let written = tokio::time::timeout(
                     self.timing.dcs_timeout,
                     self.dcs
@@ -2041,13 +2063,27 @@ struct Failsafe {
 }
 
 impl Failsafe {
+    /// The members on the list now, if there is one for this lease.
+    fn current(&self, lease: Option<i64>) -> Option<std::collections::BTreeSet<String>> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers
+            .as_ref()
+            .filter(|p| Some(p.lease) == lease)
+            .map(|p| p.members.iter().map(|(name, _)| name.clone()).collect())
+    }
+
     /// Asks every member to confirm this leader (concurrently, each within
-    /// `timeout`); true only if all of them did.
-    async fn confirmed(&self, name: &str, lease: Option<i64>, timeout: Duration) -> bool {
+    /// `timeout`); the members asked, only if all of them confirmed. A list
+    /// with nobody else on it confirms nothing: a member that joins later
+    /// was never asked.
+    async fn confirmed(
+        &self,
+        name: &str,
+        lease: Option<i64>,
+        timeout: Duration,
+    ) -> Option<std::collections::BTreeSet<String>> {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(peers) = peers.filter(|p| Some(p.lease) == lease) else {
-            return false;
-        };
+        let peers = peers.filter(|p| Some(p.lease) == lease && !p.members.is_empty())?;
         let body = serde_json::json!({ "leader": name });
         let handles: Vec<_> = peers
             .members
@@ -2087,7 +2123,9 @@ impl Failsafe {
                 "failsafe: not every member confirmed this leader: it stops at its lease deadline"
             );
         }
-        refused.is_empty()
+        refused
+            .is_empty()
+            .then(|| peers.members.into_iter().map(|(name, _)| name).collect())
     }
 }
 
@@ -2108,6 +2146,8 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         fencing_margin_ms: timing.fencing_margin.as_millis() as u64,
     };
     let mut clock = LeaseClock::new(lease_timing, boot_clock::now());
+    // The members whose confirmation the current failsafe deadline rests on.
+    let mut confirmed_by = std::collections::BTreeSet::new();
     // The guard hears of every deadline before anyone acts on it.
     let publish = |clock: &LeaseClock| {
         let lease = clock.lease();
@@ -2121,6 +2161,17 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         ticker.tick().await;
         if paused.load(Ordering::SeqCst) {
             continue;
+        }
+        // The leader rewrote the failsafe list with a member it never asked:
+        // the old list's promise no longer covers everyone who may lead.
+        if clock.lease().members_confirmed
+            && failsafe
+                .current(clock.lease().id)
+                .is_some_and(|now| !now.is_subset(&confirmed_by))
+        {
+            warn!("failsafe: the list of members changed since they confirmed this leader");
+            clock.members_changed();
+            publish(&clock);
         }
         let sent = boot_clock::now();
         let round_trip = Instant::now();
@@ -2197,12 +2248,13 @@ async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         }
         if next.ask_members {
             let asked = boot_clock::now();
-            if failsafe
+            if let Some(by) = failsafe
                 .confirmed(&name, clock.lease().id, timing.dcs_timeout)
                 .await
             {
                 debug!("failsafe: every member confirmed this leader");
                 clock.members_confirmed(asked);
+                confirmed_by = by;
                 publish(&clock);
             }
         }

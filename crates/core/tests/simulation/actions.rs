@@ -298,15 +298,29 @@ impl Sim {
             Action::WriteFailsafe {
                 state,
                 expected_revision,
-            } => self.dcs_write(i, |sim| {
-                let revision = sim.dcs.failsafe.as_ref().map_or(0, |f| f.1);
-                if !sim.dcs.holds_leader(&name, lease) || revision != *expected_revision {
-                    return false;
+            } => {
+                // agent.rs `widen_failsafe_peers`: the keeper asks the new
+                // members from now on, whether or not the write lands.
+                let node = &mut self.nodes[i];
+                let own = node.name.clone();
+                let peers = node
+                    .failsafe_peers
+                    .get_or_insert_with(|| (lease.unwrap_or_default(), Vec::new()));
+                for member in state.members.keys() {
+                    if *member != own && !peers.1.contains(member) {
+                        peers.1.push(member.clone());
+                    }
                 }
-                let rev = sim.dcs.bump();
-                sim.dcs.failsafe = Some((state.clone(), rev));
-                true
-            }),
+                self.dcs_write(i, |sim| {
+                    let revision = sim.dcs.failsafe.as_ref().map_or(0, |f| f.1);
+                    if !sim.dcs.holds_leader(&name, lease) || revision != *expected_revision {
+                        return false;
+                    }
+                    let rev = sim.dcs.bump();
+                    sim.dcs.failsafe = Some((state.clone(), rev));
+                    true
+                })
+            }
             Action::SetSyncStandbys { names, block } => {
                 let node = &mut self.nodes[i];
                 node.sync_names = names.clone();

@@ -198,6 +198,8 @@ impl Sim {
                     if local < keeper.next_tick {
                         return;
                     }
+                    self.members_changed(i);
+                    let keeper = &self.nodes[i].keeper;
                     // tokio's interval, MissedTickBehavior::Delay.
                     let late = local >= keeper.next_tick + STEP_MS;
                     let tick = if late { local } else { keeper.next_tick };
@@ -361,16 +363,39 @@ impl Sim {
         self.guard(i);
     }
 
+    /// agent.rs `keep_lease`: the list now names a member the current
+    /// promise did not come from, so the promise no longer covers it.
+    fn members_changed(&mut self, i: usize) {
+        let node = &self.nodes[i];
+        if !node.keeper.clock.lease().members_confirmed {
+            return;
+        }
+        let lease = node.keeper.clock.lease().id;
+        let by: &[String] = node.confirmed_by.as_ref().map_or(&[], |(by, _)| by);
+        let grew = node
+            .failsafe_peers
+            .as_ref()
+            .filter(|(l, _)| Some(*l) == lease)
+            .is_some_and(|(_, now)| now.iter().any(|p| !by.contains(p)));
+        if grew {
+            self.log(|| format!("{} keeper: the failsafe list changed", self.nodes[i].name));
+            self.nodes[i].keeper.clock.members_changed();
+            self.publish_lease(i);
+        }
+    }
+
     /// `POST /failsafe` to every member on the list this leader keeps; each
     /// one that answers promises not to take over for a ttl.
     fn ask_members(&mut self, i: usize) -> Phase {
         let now = self.now;
         let asked = self.nodes[i].local(now);
         let lease = self.nodes[i].keeper.clock.lease().id;
+        // A list with nobody else on it confirms nothing (agent.rs
+        // `Failsafe::confirmed`).
         let Some(peers) = self.nodes[i]
             .failsafe_peers
             .clone()
-            .filter(|(l, _)| Some(*l) == lease)
+            .filter(|(l, p)| Some(*l) == lease && !p.is_empty())
             .map(|(_, p)| p)
         else {
             return Phase::Idle;

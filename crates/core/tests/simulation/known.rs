@@ -23,12 +23,6 @@ pub(crate) enum KnownBug {
     /// promotion attempt that failed after claiming the next number). The
     /// node then follows the leader without a rewind onto different WAL.
     TimelineCreatedTwice,
-    /// failsafe: the leader's deadline rests on the members it asked, taken
-    /// from the list it read at the start of a turn; the `failsafe` key in
-    /// etcd lists a member it never asked (the leader rewrote the list, the
-    /// keeper kept asking the old one). That member may run for leader and
-    /// takes the key while the leader still writes.
-    FailsafeListAhead,
     /// timeline.rs `divergence`: a local history that lacks an entry of the
     /// leader's (the same timeline number created twice from different
     /// parents: one node promoted to N from timeline N-2, having only seen
@@ -65,9 +59,8 @@ impl KnownBug {
     /// `ElectionAfterMissedLeader`: a few seeds in 40,000) are checked by
     /// the tests below on the core directly, with the states they were
     /// found in.
-    pub(crate) const SEEDS: [(KnownBug, u64); 3] = [
+    pub(crate) const SEEDS: [(KnownBug, u64); 2] = [
         (KnownBug::TimelineCreatedTwice, 68),
-        (KnownBug::FailsafeListAhead, 496),
         (KnownBug::StuckFailoverRequest, 539),
     ];
 }
@@ -146,27 +139,6 @@ impl Sim {
             || node.data.is_none();
         (self.dcs.members.contains_key(candidate) && refused)
             .then_some(KnownBug::StuckFailoverRequest)
-    }
-
-    /// `writer` writes on a failsafe deadline while `other` took over.
-    pub(crate) fn failsafe_takeover(&self, writer: usize, other: usize) -> Option<KnownBug> {
-        let w = &self.nodes[writer];
-        let o = &self.nodes[other];
-        if !self.config.failsafe_mode || !w.keeper.clock.lease().members_confirmed {
-            return None;
-        }
-        let (asked, _) = w.confirmed_by.as_ref()?;
-        if asked.contains(&o.name) {
-            // A member that confirmed, even one restarted since, waits out
-            // its promise (fixed in the core): nothing to excuse.
-            return None;
-        }
-        let listed = self
-            .dcs
-            .failsafe
-            .as_ref()
-            .is_some_and(|(f, _)| f.leader == o.name || f.members.contains_key(&o.name));
-        listed.then_some(KnownBug::FailsafeListAhead)
     }
 }
 

@@ -143,7 +143,7 @@ impl Sim {
         if let Some(&j) = others.first() {
             self.fail_known(
                 Kind::TwoWriters,
-                self.failsafe_takeover(j, i),
+                None,
                 format!(
                     "{} starts accepting writes while {} still does",
                     self.nodes[i].name, self.nodes[j].name
@@ -279,12 +279,9 @@ impl Sim {
             .filter(|&i| self.nodes[i].accepts_writes(now))
             .collect();
         if let [a, b, ..] = writers[..] {
-            let known = self
-                .failsafe_takeover(a, b)
-                .or_else(|| self.failsafe_takeover(b, a));
             self.fail_known(
                 Kind::TwoWriters,
-                known,
+                None,
                 format!(
                     "two nodes accept writes: {} and {}",
                     self.nodes[a].name, self.nodes[b].name
@@ -303,10 +300,9 @@ impl Sim {
             if let Some(leader) = &self.dcs.leader
                 && leader.name != writer.name
             {
-                let holder = self.nodes.iter().position(|n| n.name == leader.name);
                 self.fail_known(
                     Kind::WriterNotLeader,
-                    holder.and_then(|h| self.failsafe_takeover(i, h)),
+                    None,
                     format!(
                         "{} accepts writes while the leader key names {}",
                         writer.name, leader.name
