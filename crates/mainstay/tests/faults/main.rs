@@ -27,6 +27,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod evidence;
+mod failsafe;
 mod freeze;
 mod scenarios;
 
@@ -176,6 +177,11 @@ fn main() {
         (
             "etcd_quorum_lost_failsafe",
             Box::new(etcd_quorum_lost(true)),
+            plain,
+        ),
+        (
+            "failsafe_member_rejoins",
+            Box::new(failsafe::failsafe_member_rejoins),
             plain,
         ),
         (

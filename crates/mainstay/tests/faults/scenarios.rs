@@ -267,16 +267,7 @@ pub(crate) fn etcd_quorum_lost(failsafe: bool) -> impl Fn(&mut Harness) -> Runni
         Box::pin(async move {
             let leader = h.healthy(Duration::from_secs(120)).await;
             if failsafe {
-                common::patch_config(h, &leader, serde_json::json!({"failsafe_mode": true})).await;
-                for node in h.names() {
-                    let deadline = Instant::now() + Duration::from_secs(10);
-                    while common::api(h, &node).get("/config").await.unwrap().body["failsafe_mode"]
-                        != true
-                    {
-                        assert!(Instant::now() < deadline, "{node} never saw failsafe_mode");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+                crate::failsafe::enable_failsafe(h, &leader).await;
             }
             let (leader, writers) = under_load(h).await;
             let l = h.cluster.node_index(&leader).unwrap();
