@@ -152,9 +152,16 @@ mod tests {
         })
     }
 
-    /// What c (the most advanced replica, no failsafe contact: a never
-    /// asked it) decides over a few turns.
-    fn c_decides(view: &ClusterView, failsafe_mode: bool) -> Vec<Action> {
+    /// One turn of replica `name` (WAL up to `lsn`, no failsafe contact:
+    /// nobody asked it) in a leaderless cluster.
+    fn turn(
+        state: &mut CoreState,
+        name: &str,
+        lsn: u64,
+        view: &ClusterView,
+        failsafe_mode: bool,
+        now: u64,
+    ) -> crate::decide::Decision {
         let tags = Tags::default();
         let config = DynamicConfig {
             failsafe_mode,
@@ -167,34 +174,49 @@ mod tests {
             },
             role: PgRole::Replica,
             timeline: 1,
-            lsn: Lsn(200),
+            lsn: Lsn(lsn),
             following: None,
             streaming: false,
             sync_standby_names: String::new(),
             standbys: Vec::new(),
         };
+        let obs = Observation {
+            now: Millis(now),
+            name,
+            tags: &tags,
+            settings: &SETTINGS,
+            pg: &pg,
+            cluster: Some(view),
+            lease: Lease {
+                id: Some(9),
+                valid_until: Millis(now + 3000),
+                members_confirmed: false,
+            },
+            config: &config,
+            wall_secs: 0,
+            failsafe_contact: None,
+        };
+        decide(state, &obs)
+    }
+
+    /// Everything `name`, just started, decides every 500 ms until `until`.
+    fn decides(
+        name: &str,
+        lsn: u64,
+        view: &ClusterView,
+        failsafe_mode: bool,
+        until: u64,
+    ) -> Vec<Action> {
         let mut state = CoreState::default();
-        let mut all = Vec::new();
-        for now in (0..10_000).step_by(500) {
-            let obs = Observation {
-                now: Millis(now),
-                name: "c",
-                tags: &tags,
-                settings: &SETTINGS,
-                pg: &pg,
-                cluster: Some(view),
-                lease: Lease {
-                    id: Some(9),
-                    valid_until: Millis(now + 3000),
-                    members_confirmed: false,
-                },
-                config: &config,
-                wall_secs: 0,
-                failsafe_contact: None,
-            };
-            all.extend(decide(&mut state, &obs).actions);
-        }
-        all
+        (0..until)
+            .step_by(500)
+            .flat_map(|now| turn(&mut state, name, lsn, view, failsafe_mode, now).actions)
+            .collect()
+    }
+
+    /// What c (the most advanced replica; a never asked it) decides.
+    fn c_decides(view: &ClusterView, failsafe_mode: bool) -> Vec<Action> {
+        decides("c", 200, view, failsafe_mode, 10_000)
     }
 
     fn runs_for_leader(actions: &[Action]) -> bool {
@@ -223,101 +245,22 @@ mod tests {
 
     #[test]
     fn a_restarted_member_waits_out_a_promise_it_may_have_made() {
-        // c_decides starts a fresh agent at 0 and decides every 500 ms.
-        let actions = c_decides(&leaderless_view(list(&["a", "b", "c"])), true);
-        assert!(runs_for_leader(&actions));
-        let tags = Tags::default();
-        let config = DynamicConfig {
-            failsafe_mode: true,
-            ..DynamicConfig::default()
-        };
-        let pg = LocalPg {
-            data: DataDir::Initialized {
-                system_id: "42".into(),
-                was_primary: false,
-            },
-            role: PgRole::Replica,
-            timeline: 1,
-            lsn: Lsn(200),
-            following: None,
-            streaming: false,
-            sync_standby_names: String::new(),
-            standbys: Vec::new(),
-        };
         let view = leaderless_view(list(&["a", "b", "c"]));
         let mut state = CoreState::default();
-        let turn = |state: &mut CoreState, now: u64| {
-            let obs = Observation {
-                now: Millis(now),
-                name: "c",
-                tags: &tags,
-                settings: &SETTINGS,
-                pg: &pg,
-                cluster: Some(&view),
-                lease: Lease {
-                    id: Some(9),
-                    valid_until: Millis(now + 3000),
-                    members_confirmed: false,
-                },
-                config: &config,
-                wall_secs: 0,
-                failsafe_contact: None,
-            };
-            decide(state, &obs)
-        };
         // Started at 10 s: nothing before 14 s, whatever else holds.
         for now in (10_000..14_000).step_by(250) {
-            let decision = turn(&mut state, now);
+            let decision = turn(&mut state, "c", 200, &view, true, now);
             assert!(!runs_for_leader(&decision.actions), "at {now} ms");
         }
         let ran = (14_000..20_000)
             .step_by(250)
-            .any(|now| runs_for_leader(&turn(&mut state, now).actions));
+            .any(|now| runs_for_leader(&turn(&mut state, "c", 200, &view, true, now).actions));
         assert!(ran, "never ran for leader once the promise had lapsed");
     }
 
     /// b (listed, behind c) must not wait for c, which may not run.
     fn b_decides(view: &ClusterView) -> Vec<Action> {
-        let tags = Tags::default();
-        let config = DynamicConfig {
-            failsafe_mode: true,
-            ..DynamicConfig::default()
-        };
-        let pg = LocalPg {
-            data: DataDir::Initialized {
-                system_id: "42".into(),
-                was_primary: false,
-            },
-            role: PgRole::Replica,
-            timeline: 1,
-            lsn: Lsn(100),
-            following: None,
-            streaming: false,
-            sync_standby_names: String::new(),
-            standbys: Vec::new(),
-        };
-        let mut state = CoreState::default();
-        let mut all = Vec::new();
-        for now in (0..20_000).step_by(500) {
-            let obs = Observation {
-                now: Millis(now),
-                name: "b",
-                tags: &tags,
-                settings: &SETTINGS,
-                pg: &pg,
-                cluster: Some(view),
-                lease: Lease {
-                    id: Some(8),
-                    valid_until: Millis(now + 3000),
-                    members_confirmed: false,
-                },
-                config: &config,
-                wall_secs: 0,
-                failsafe_contact: None,
-            };
-            all.extend(decide(&mut state, &obs).actions);
-        }
-        all
+        decides("b", 100, view, true, 20_000)
     }
 
     #[test]

@@ -244,6 +244,19 @@ mod tests {
         LeaseClock::new(TIMING, Millis(0))
     }
 
+    /// A primary whose renewal sent at 0 was confirmed with its key: 3 s.
+    fn leading() -> LeaseClock {
+        let mut c = clock();
+        c.on_renewal(
+            Millis(0),
+            Millis(10),
+            Renewal::Confirmed(7),
+            Some(KeyCheck::Ours),
+            true,
+        );
+        c
+    }
+
     #[test]
     fn the_deadline_counts_from_the_send_time() {
         let mut c = clock();
@@ -269,14 +282,7 @@ mod tests {
 
     #[test]
     fn a_writable_node_extends_only_when_the_key_is_still_its_own() {
-        let mut c = clock();
-        c.on_renewal(
-            Millis(0),
-            Millis(10),
-            Renewal::Confirmed(7),
-            Some(KeyCheck::Ours),
-            true,
-        );
+        let mut c = leading();
         assert_eq!(c.lease().valid_until, Millis(3000));
         let next = c.on_renewal(
             Millis(1000),
@@ -288,14 +294,7 @@ mod tests {
         assert_eq!(c.lease().valid_until, Millis(1010), "fenced at once");
         assert!(next.fenced.is_some() && next.wake_loop);
         // Key state unknown: keep the old deadline and ask the members.
-        let mut c = clock();
-        c.on_renewal(
-            Millis(0),
-            Millis(10),
-            Renewal::Confirmed(7),
-            Some(KeyCheck::Ours),
-            true,
-        );
+        let mut c = leading();
         let next = c.on_renewal(
             Millis(1000),
             Millis(1010),
@@ -309,14 +308,7 @@ mod tests {
 
     #[test]
     fn a_failed_renewal_keeps_the_deadline_and_asks_the_members_of_a_primary_only() {
-        let mut c = clock();
-        c.on_renewal(
-            Millis(0),
-            Millis(10),
-            Renewal::Confirmed(7),
-            Some(KeyCheck::Ours),
-            true,
-        );
+        let mut c = leading();
         let next = c.on_renewal(Millis(1000), Millis(2000), Renewal::NoAnswer, None, true);
         assert_eq!(c.lease().valid_until, Millis(3000));
         assert!(next.ask_members);
@@ -326,14 +318,7 @@ mod tests {
 
     #[test]
     fn member_confirmations_extend_from_the_time_they_were_asked() {
-        let mut c = clock();
-        c.on_renewal(
-            Millis(0),
-            Millis(10),
-            Renewal::Confirmed(7),
-            Some(KeyCheck::Ours),
-            true,
-        );
+        let mut c = leading();
         c.members_confirmed(Millis(2000));
         assert_eq!(c.lease().valid_until, Millis(5000));
         assert!(c.lease().members_confirmed);
@@ -344,14 +329,7 @@ mod tests {
 
     #[test]
     fn an_expired_lease_fences_unless_the_members_confirmed_this_primary() {
-        let mut c = clock();
-        c.on_renewal(
-            Millis(0),
-            Millis(10),
-            Renewal::Confirmed(7),
-            Some(KeyCheck::Ours),
-            true,
-        );
+        let mut c = leading();
         let next = c.on_renewal(Millis(1000), Millis(1100), Renewal::Expired, None, true);
         assert_eq!(
             c.lease(),
@@ -363,14 +341,7 @@ mod tests {
         );
         assert!(next.fenced.is_some());
 
-        let mut c = clock();
-        c.on_renewal(
-            Millis(0),
-            Millis(10),
-            Renewal::Confirmed(7),
-            Some(KeyCheck::Ours),
-            true,
-        );
+        let mut c = leading();
         c.members_confirmed(Millis(2000));
         let next = c.on_renewal(Millis(4000), Millis(4100), Renewal::Expired, None, true);
         assert!(next.grant_for_take_back && next.wake_loop && next.fenced.is_none());
@@ -391,14 +362,7 @@ mod tests {
 
     #[test]
     fn a_confirmed_primary_takes_the_absent_key_back_under_the_old_deadline() {
-        let mut c = clock();
-        c.on_renewal(
-            Millis(0),
-            Millis(10),
-            Renewal::Confirmed(7),
-            Some(KeyCheck::Ours),
-            true,
-        );
+        let mut c = leading();
         c.members_confirmed(Millis(2000));
         assert!(c.wants_absence_check());
         let next = c.on_renewal(
@@ -415,14 +379,7 @@ mod tests {
         );
         assert!(c.lease().members_confirmed && next.wake_loop && next.fenced.is_none());
         // Without that promise, an absent key fences.
-        let mut c = clock();
-        c.on_renewal(
-            Millis(0),
-            Millis(10),
-            Renewal::Confirmed(7),
-            Some(KeyCheck::Ours),
-            true,
-        );
+        let mut c = leading();
         c.on_renewal(
             Millis(1000),
             Millis(1010),
@@ -435,14 +392,7 @@ mod tests {
 
     #[test]
     fn a_new_member_on_the_list_ends_the_promise_of_the_old_list() {
-        let mut c = clock();
-        c.on_renewal(
-            Millis(0),
-            Millis(10),
-            Renewal::Confirmed(7),
-            Some(KeyCheck::Ours),
-            true,
-        );
+        let mut c = leading();
         c.on_renewal(Millis(1000), Millis(2000), Renewal::NoAnswer, None, true);
         c.members_confirmed(Millis(2000));
         assert_eq!(c.lease().valid_until, Millis(5000));
