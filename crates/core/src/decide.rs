@@ -459,7 +459,21 @@ fn bootstrap_in_progress(obs: &Observation<'_>, view: &ClusterView, by: &str) ->
     }
     match (&pg.data, leader_is_me) {
         (DataDir::Empty, true) if obs.now < obs.lease.valid_until => {
-            decision(vec![Action::Bootstrap], "bootstrapping the cluster")
+            let mut actions = Vec::new();
+            // As before a promotion: in synchronous mode the key must name
+            // this leader (with no standby yet) before it acknowledges a
+            // commit, or a replica without those commits could win an
+            // ordinary election should this leader lose etcd.
+            let record = view.sync.as_ref();
+            let ours = record.is_some_and(|r| matches!(&r.state, Ok(s) if s.leader == obs.name));
+            if obs.config.synchronous_mode && !ours {
+                actions.push(Action::WriteSync {
+                    members: Vec::new(),
+                    expected_revision: record.map_or(0, |r| r.mod_revision),
+                });
+            }
+            actions.push(Action::Bootstrap);
+            decision(actions, "bootstrapping the cluster")
         }
         (DataDir::Empty, true) => wait("bootstrap waits for a lease renewal"),
         (DataDir::Empty, false) if view.leader.is_none() => decision(

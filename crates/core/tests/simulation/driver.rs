@@ -40,7 +40,8 @@ pub(crate) struct Sim {
     /// a client was told its commit is safe (the lost-commit oracle), while
     /// the `sync` key named the primary as its leader ...
     pub(crate) acked: BTreeMap<u64, u64>,
-    /// ... and while it did not (see `KnownBug::AckedBeforeSyncKey`).
+    /// ... and while it did not (a primary must write the key first; the
+    /// simulator once found a bootstrap that did not).
     pub(crate) acked_unguarded: BTreeMap<u64, u64>,
     pub(crate) acked_commits: u64,
     /// Which fault kinds this seed actually got.

@@ -29,13 +29,6 @@ pub(crate) enum KnownBug {
     /// the history file of N-1) passes as a prefix, since only local entries
     /// are looked up in the leader's history.
     HistoryEntryMissing,
-    /// decide.rs, synchronous mode: a bootstrap starts the primary without
-    /// writing the `sync` key first (a promotion and a restart write it
-    /// before the server may write), so commits are acknowledged (no standby
-    /// listed yet) while no key names the leader; if the leader loses etcd
-    /// before its first `WriteSync`, the ordinary election applies and a
-    /// replica without those commits takes over.
-    AckedBeforeSyncKey,
     /// decide.rs `leaderless`: a node that never saw a leadership (cut off
     /// or with failed reads while another node led) still counts its
     /// election wait from when it first saw no leader, long ago, so it
@@ -55,8 +48,8 @@ pub(crate) enum KnownBug {
 impl KnownBug {
     /// A seed that reproduces each (find current ones with
     /// `MAINSTAY_SIM_SURVEY=1`): replayed by `known_core_bugs_still_reproduce`.
-    /// The rare ones (`HistoryEntryMissing`, `AckedBeforeSyncKey`,
-    /// `ElectionAfterMissedLeader`: a few seeds in 40,000) are checked by
+    /// The rare ones (`HistoryEntryMissing`, `ElectionAfterMissedLeader`: a
+    /// few seeds in 40,000) are checked by
     /// the tests below on the core directly, with the states they were
     /// found in.
     pub(crate) const SEEDS: [(KnownBug, u64); 2] = [
@@ -256,10 +249,12 @@ mod tests {
         );
     }
 
-    /// `KnownBug::AckedBeforeSyncKey` (seeds 3079, 4831): in synchronous
-    /// mode a bootstrap starts the primary with no `sync` key written first.
+    /// Found by the simulator (seeds 3079, 4831), fixed, kept as its
+    /// regression test: in synchronous mode a bootstrap wrote no `sync` key
+    /// before the new primary acknowledged commits, so a replica without
+    /// them could win an ordinary election once the leader lost etcd.
     #[test]
-    fn a_bootstrap_in_synchronous_mode_writes_no_sync_key_first() {
+    fn a_bootstrap_in_synchronous_mode_writes_the_sync_key_first() {
         let config = DynamicConfig {
             synchronous_mode: true,
             ..DynamicConfig::default()
@@ -277,8 +272,14 @@ mod tests {
                 &view(None, Some(("c", 5))),
                 &config
             ),
-            vec![Action::Bootstrap],
-            "a bootstrap now writes the sync key first: remove KnownBug::AckedBeforeSyncKey"
+            vec![
+                Action::WriteSync {
+                    members: Vec::new(),
+                    expected_revision: 0,
+                },
+                Action::Bootstrap
+            ],
+            "in synchronous mode the key names the new leader before it writes"
         );
     }
 

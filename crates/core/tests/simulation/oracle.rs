@@ -120,8 +120,8 @@ impl Sim {
     }
 
     /// The first acknowledged commit `wal` does not hold: (session,
-    /// acknowledged end), and whether a known core bug explains it (it was
-    /// acknowledged while no `sync` key named its primary).
+    /// acknowledged end), and whether a known core bug explains it (none
+    /// does today).
     pub(crate) fn missing_commit(&self, wal: &Wal) -> Option<(u64, u64, Option<KnownBug>)> {
         let missing = |acked: &BTreeMap<u64, u64>| {
             acked
@@ -132,7 +132,7 @@ impl Sim {
         if let Some((e, x)) = missing(&self.acked) {
             return Some((e, x, None));
         }
-        missing(&self.acked_unguarded).map(|(e, x)| (e, x, Some(KnownBug::AckedBeforeSyncKey)))
+        missing(&self.acked_unguarded).map(|(e, x)| (e, x, None))
     }
 
     /// Node `i`'s PostgreSQL accepts writes from now on.
