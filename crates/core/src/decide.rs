@@ -793,12 +793,18 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
         result.wake_at = Some(until);
         return result;
     }
+    let sync_mode = obs.config.synchronous_mode;
+    // A request whose candidate may not take over (synchronous mode or the
+    // failsafe list refuse it) is not followed: waiting for it would leave
+    // the cluster leaderless for good, since only a leader clears requests.
     let manual = view
         .failover
         .as_ref()
         .and_then(|f| f.request.as_ref().ok())
         .and_then(|r| r.candidate.as_deref())
-        .filter(|c| view.members.contains_key(*c));
+        .filter(|c| view.members.contains_key(*c))
+        .filter(|c| !sync_mode || crate::sync::may_take_over(view, c))
+        .filter(|c| crate::failsafe::may_lead(obs, view, c).is_ok());
     if obs.config.pause && manual.is_none() {
         return wait("no leader, and the cluster is paused: no automatic failover");
     }
@@ -812,19 +818,7 @@ fn leaderless(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) 
         }
         _ => {}
     }
-    let sync_mode = obs.config.synchronous_mode;
     match manual {
-        Some(candidate)
-            if candidate == obs.name
-                && sync_mode
-                && !crate::sync::may_take_over(view, obs.name) =>
-        {
-            return wait(format!(
-                "manual failover to this node refused: in synchronous mode only {:?} hold \
-                 every acknowledged commit",
-                crate::sync::allowed(view)
-            ));
-        }
         Some(candidate) if candidate == obs.name => {
             if obs.now >= obs.lease.valid_until {
                 return wait("manual failover to this node: waiting for a lease renewal");

@@ -275,6 +275,25 @@ mod tests {
     }
 
     #[test]
+    fn a_request_for_a_member_that_may_not_run_does_not_block_the_election() {
+        // The leader vanished with a failover request to c pending; c is
+        // not on the list, so b must not wait for it (only a leader clears
+        // requests).
+        let mut view = leaderless_view(list(&["a", "b"]));
+        view.failover = Some(crate::types::FailoverRecord {
+            request: Ok(crate::types::FailoverRequest {
+                kind: crate::types::FailoverKind::Failover,
+                leader: None,
+                candidate: Some("c".into()),
+                scheduled_at: None,
+                requested_at: 0,
+            }),
+            mod_revision: 30,
+        });
+        assert!(runs_for_leader(&b_decides(&view)));
+    }
+
+    #[test]
     fn an_unreadable_list_is_read_the_safe_way() {
         let corrupt = Some(FailsafeRecord {
             state: Err("expected value at line 1 column 1".into()),

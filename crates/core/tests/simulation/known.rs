@@ -36,13 +36,6 @@ pub(crate) enum KnownBug {
     /// from that leadership (not final for the election) though it has more
     /// WAL: the WAL only that member had is lost.
     ElectionAfterMissedLeader,
-    /// switchover.rs/decide.rs (liveness): a switchover or failover request
-    /// naming a candidate is left pending when the leader vanishes; without
-    /// a leader every node waits for that candidate, which may not take over
-    /// (synchronous mode refuses it, or it is not on the failsafe list), and
-    /// only a leader ever clears a request: nobody leads until an operator
-    /// deletes it.
-    StuckFailoverRequest,
 }
 
 impl KnownBug {
@@ -52,10 +45,7 @@ impl KnownBug {
     /// few seeds in 40,000) are checked by
     /// the tests below on the core directly, with the states they were
     /// found in.
-    pub(crate) const SEEDS: [(KnownBug, u64); 2] = [
-        (KnownBug::TimelineCreatedTwice, 68),
-        (KnownBug::StuckFailoverRequest, 539),
-    ];
+    pub(crate) const SEEDS: [(KnownBug, u64); 1] = [(KnownBug::TimelineCreatedTwice, 68)];
 }
 
 /// The timeline number `wal` has the byte at `pos` on.
@@ -117,21 +107,6 @@ impl Sim {
                 && !local.history.iter().any(|s| s.timeline == theirs.timeline)
         });
         (missing && local.timeline <= leader.timeline).then_some(KnownBug::HistoryEntryMissing)
-    }
-
-    /// No leader at the end: which known bug keeps the cluster from one.
-    pub(crate) fn leaderless_for_good(&self) -> Option<KnownBug> {
-        // A pending request's candidate that may not take over.
-        let candidate = self.dcs.failover.as_ref()?.0.candidate.as_ref()?;
-        let node = self.nodes.iter().find(|n| &n.name == candidate)?;
-        let refused = !self.sync_allows(candidate)
-            || (self.config.failsafe_mode
-                && self.dcs.failsafe.as_ref().is_some_and(|(f, _)| {
-                    f.leader != *candidate && !f.members.contains_key(candidate)
-                }))
-            || node.data.is_none();
-        (self.dcs.members.contains_key(candidate) && refused)
-            .then_some(KnownBug::StuckFailoverRequest)
     }
 }
 

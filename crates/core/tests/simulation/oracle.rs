@@ -342,10 +342,9 @@ impl Sim {
             return;
         }
         let Some(leader) = &self.dcs.leader else {
-            let known = self.leaderless_for_good();
             return self.fail_known(
                 Kind::NoConvergence,
-                known,
+                None,
                 "no leader after the faults stopped".into(),
             );
         };
