@@ -317,6 +317,19 @@ impl EtcdDcs {
     }
 
     /// The value, mod revision and lease of one key.
+    /// A key only the leader writes: `value` if its revision is still the
+    /// expected one and the leader key holds `holder` (name, lease).
+    async fn put_as_leader(
+        &self,
+        relative: &str,
+        value: Vec<u8>,
+        expected: i64,
+        holder: (&str, i64),
+    ) -> Result<bool> {
+        let holds = held_by(&self.key(keys::LEADER), holder.0, holder.1);
+        self.cas(relative, Some(value), expected, holds).await
+    }
+
     async fn get_one(&self, relative: &str) -> Result<Option<(Vec<u8>, i64, i64)>> {
         let key = self.key(relative);
         let mut response = self
@@ -680,14 +693,8 @@ impl Dcs for EtcdDcs {
         expected_mod_revision: i64,
         holder: (&str, i64),
     ) -> Result<bool> {
-        let holds = held_by(&self.key(keys::LEADER), holder.0, holder.1);
-        self.cas(
-            keys::SYNC,
-            Some(to_json(state)?),
-            expected_mod_revision,
-            holds,
-        )
-        .await
+        self.put_as_leader(keys::SYNC, to_json(state)?, expected_mod_revision, holder)
+            .await
     }
 
     async fn write_failsafe(
@@ -696,12 +703,11 @@ impl Dcs for EtcdDcs {
         expected_mod_revision: i64,
         holder: (&str, i64),
     ) -> Result<bool> {
-        let holds = held_by(&self.key(keys::LEADER), holder.0, holder.1);
-        self.cas(
+        self.put_as_leader(
             keys::FAILSAFE,
-            Some(to_json(state)?),
+            to_json(state)?,
             expected_mod_revision,
-            holds,
+            holder,
         )
         .await
     }

@@ -171,6 +171,25 @@ impl MemoryDcs {
         Ok(())
     }
 
+    /// A key only the leader writes: `value` if its revision is still the
+    /// expected one and the leader key holds `holder` (name, lease).
+    fn put_as_leader(
+        &self,
+        key: &'static str,
+        value: Vec<u8>,
+        expected: i64,
+        holder: (&str, i64),
+    ) -> Result<bool> {
+        self.txn(
+            &[
+                Cmp::ModRevision(key, expected),
+                Cmp::Value(keys::LEADER, holder.0.as_bytes()),
+                Cmp::Lease(keys::LEADER, holder.1),
+            ],
+            vec![put(key, value, 0)],
+        )
+    }
+
     fn txn(&self, compares: &[Cmp<'_>], ops: Vec<Op<'_>>) -> Result<bool> {
         self.reachable()?;
         let mut state = self.state();
@@ -549,14 +568,7 @@ impl Dcs for MemoryDcs {
         expected_mod_revision: i64,
         holder: (&str, i64),
     ) -> Result<bool> {
-        self.txn(
-            &[
-                Cmp::ModRevision(keys::SYNC, expected_mod_revision),
-                Cmp::Value(keys::LEADER, holder.0.as_bytes()),
-                Cmp::Lease(keys::LEADER, holder.1),
-            ],
-            vec![put(keys::SYNC, to_json(state)?, 0)],
-        )
+        self.put_as_leader(keys::SYNC, to_json(state)?, expected_mod_revision, holder)
     }
 
     async fn write_failsafe(
@@ -565,13 +577,11 @@ impl Dcs for MemoryDcs {
         expected_mod_revision: i64,
         holder: (&str, i64),
     ) -> Result<bool> {
-        self.txn(
-            &[
-                Cmp::ModRevision(keys::FAILSAFE, expected_mod_revision),
-                Cmp::Value(keys::LEADER, holder.0.as_bytes()),
-                Cmp::Lease(keys::LEADER, holder.1),
-            ],
-            vec![put(keys::FAILSAFE, to_json(state)?, 0)],
+        self.put_as_leader(
+            keys::FAILSAFE,
+            to_json(state)?,
+            expected_mod_revision,
+            holder,
         )
     }
 

@@ -28,8 +28,6 @@ pub const GUARD_ARG: &str = "guard";
 /// What the guard is started with (everything after `guard`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuardArgs {
-    /// SIGQUIT to SIGKILL of the process group.
-    pub grace: Duration,
     /// `None`: disarmed (a replica).
     pub deadline: Option<BootTime>,
     /// The account the postmaster runs as (PostgreSQL refuses root).
@@ -41,11 +39,7 @@ pub struct GuardArgs {
 
 impl GuardArgs {
     pub fn to_args(&self) -> Vec<OsString> {
-        let mut out: Vec<OsString> = vec![
-            GUARD_ARG.into(),
-            "--grace-ms".into(),
-            self.grace.as_millis().to_string().into(),
-        ];
+        let mut out: Vec<OsString> = vec![GUARD_ARG.into()];
         if let Some(deadline) = self.deadline {
             out.extend(["--deadline-ns".into(), deadline.0.to_string().into()]);
         }
@@ -64,7 +58,6 @@ impl GuardArgs {
     /// Parses what follows `guard`.
     pub fn parse(args: &[OsString]) -> Result<GuardArgs, String> {
         let mut parsed = GuardArgs {
-            grace: Duration::from_secs(1),
             deadline: None,
             uid: None,
             gid: None,
@@ -87,7 +80,6 @@ impl GuardArgs {
                     .map_err(|_| format!("{flag:?}: {v:?} is not a number"))
             };
             match flag.to_str() {
-                Some("--grace-ms") => parsed.grace = Duration::from_millis(number(value)?),
                 Some("--deadline-ns") => parsed.deadline = Some(BootTime(number(value)?)),
                 Some("--uid") => parsed.uid = Some(number(value)? as u32),
                 Some("--gid") => parsed.gid = Some(number(value)? as u32),
@@ -161,7 +153,7 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
         open: true,
         pending: Vec::new(),
     };
-    let mut rules = Rules::new(args.deadline, args.grace);
+    let mut rules = Rules::new(args.deadline);
     if let Some(why) = rules.refuses_start(BootTime::now()) {
         link.report(&FromGuard::Refused(why.clone()));
         return Err(format!("postgres not started: {why}"));
@@ -246,7 +238,7 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
                         effects.extend(rules.on_message(msg, now));
                     }
                 }
-                None => effects.extend(rules.on_agent_gone(now)),
+                None => effects.extend(rules.on_agent_gone()),
             }
         }
         effects.extend(rules.on_time(now));
@@ -254,9 +246,8 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
             // The postmaster is not reaped before the loop ends, so its pid
             // (and group id) cannot belong to anybody else here.
             match effect {
-                Effect::Signal(n) => send(pid, n, false),
+                Effect::Signal(n) => send(pid, n),
                 Effect::Fence => fence(pid),
-                Effect::SignalGroup(n) => send(pid, n, true),
                 Effect::Report(report) => {
                     if let FromGuard::Fenced(why) = &report {
                         log(&format!("fenced postgres (every process SIGKILLed): {why}"));
@@ -314,12 +305,18 @@ const ORPHAN_REAP_INTERVAL: Timespec = Timespec {
 /// (or one of its children) left behind when it died. They are the guard's
 /// own until it reaps them, so signalling them cannot hit a recycled pid.
 fn orphans(me: Pid, postmaster: Pid) -> Vec<Pid> {
-    let path = format!("/proc/{0}/task/{0}/children", me.as_raw_nonzero());
+    let mut children = children_of(me);
+    children.retain(|p| *p != postmaster);
+    children
+}
+
+/// The children of single-threaded `pid` (the guard, the postmaster).
+fn children_of(pid: Pid) -> Vec<Pid> {
+    let path = format!("/proc/{0}/task/{0}/children", pid.as_raw_nonzero());
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .split_whitespace()
         .filter_map(|p| p.parse().ok().and_then(Pid::from_raw))
-        .filter(|p| *p != postmaster)
         .collect()
 }
 
@@ -375,31 +372,21 @@ fn set_timer(timer: &impl AsFd, at: Option<BootTime>) -> Result<(), String> {
 /// a listed pid is still that child) while each gets SIGKILL from here.
 fn fence(postmaster: Pid) {
     let _ = rustix::process::kill_process(postmaster, Signal::STOP);
-    let path = format!("/proc/{0}/task/{0}/children", postmaster.as_raw_nonzero());
-    let children = std::fs::read_to_string(path).unwrap_or_default();
-    for child in children
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok().and_then(Pid::from_raw))
-    {
+    for child in children_of(postmaster) {
         let _ = rustix::process::kill_process(child, Signal::KILL);
     }
     let _ = rustix::process::kill_process(postmaster, Signal::KILL);
 }
 
-fn send(pid: Pid, signal: i32, group: bool) {
+fn send(pid: Pid, signal: i32) {
     let Some(sig) = Signal::from_named_raw(signal) else {
         log(&format!("ignored unknown signal {signal}"));
         return;
     };
-    let result = if group {
-        rustix::process::kill_process_group(pid, sig)
-    } else {
-        rustix::process::kill_process(pid, sig)
-    };
-    if let Err(e) = result
+    if let Err(e) = rustix::process::kill_process(pid, sig)
         && e != rustix::io::Errno::SRCH
     {
-        log(&format!("signal {signal} to {pid:?} (group: {group}): {e}"));
+        log(&format!("signal {signal} to {pid:?}: {e}"));
     }
 }
 
@@ -479,7 +466,6 @@ mod tests {
     #[test]
     fn arguments_survive_a_round_trip() {
         let args = GuardArgs {
-            grace: Duration::from_millis(1500),
             deadline: Some(BootTime(42)),
             uid: Some(105),
             gid: Some(110),
@@ -501,9 +487,9 @@ mod tests {
         let parse = |a: &[&str]| {
             GuardArgs::parse(&a.iter().map(OsString::from).collect::<Vec<_>>()).unwrap_err()
         };
-        assert!(parse(&["--grace-ms", "x", "--", "p"]).contains("not a number"));
+        assert!(parse(&["--uid", "x", "--", "p"]).contains("not a number"));
         assert!(parse(&["--what", "1", "--", "p"]).contains("unknown"));
-        assert!(parse(&["--grace-ms", "1"]).contains("missing --"));
+        assert!(parse(&["--uid", "1"]).contains("missing --"));
         assert!(parse(&["--"]).contains("no program"));
     }
 }

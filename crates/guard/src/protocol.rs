@@ -5,9 +5,8 @@
 //! - `arm <ns>`: PostgreSQL may accept writes until `<ns>` (`BootTime`);
 //!   the latest `arm` replaces the previous deadline, earlier or later;
 //! - `disarm`: PostgreSQL is not writable (a replica): no deadline;
-//! - `signal <n>` / `signal-group <n>`: send signal `n` to the postmaster /
-//!   its process group (the guard knows whether it has been reaped, so a
-//!   signal never reaches a recycled pid);
+//! - `signal <n>`: send signal `n` to the postmaster (the guard knows
+//!   whether it has been reaped, so a signal never reaches a recycled pid);
 //! - `fence`: stop PostgreSQL now.
 //!
 //! Guard to agent:
@@ -23,7 +22,6 @@ pub enum ToGuard {
     Arm(BootTime),
     Disarm,
     Signal(i32),
-    SignalGroup(i32),
     Fence,
 }
 
@@ -41,7 +39,6 @@ impl ToGuard {
             ToGuard::Arm(at) => format!("arm {}\n", at.0),
             ToGuard::Disarm => "disarm\n".into(),
             ToGuard::Signal(n) => format!("signal {n}\n"),
-            ToGuard::SignalGroup(n) => format!("signal-group {n}\n"),
             ToGuard::Fence => "fence\n".into(),
         }
     }
@@ -53,7 +50,6 @@ impl ToGuard {
             ("arm", ns) => ns.parse().ok().map(|ns| ToGuard::Arm(BootTime(ns))),
             ("disarm", "") => Some(ToGuard::Disarm),
             ("signal", n) => n.parse().ok().map(ToGuard::Signal),
-            ("signal-group", n) => n.parse().ok().map(ToGuard::SignalGroup),
             ("fence", "") => Some(ToGuard::Fence),
             _ => None,
         }
@@ -93,7 +89,6 @@ mod tests {
             ToGuard::Arm(BootTime(123_456_789_012)),
             ToGuard::Disarm,
             ToGuard::Signal(2),
-            ToGuard::SignalGroup(9),
             ToGuard::Fence,
         ] {
             let line = msg.encode();

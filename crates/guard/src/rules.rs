@@ -14,19 +14,14 @@
 //!    shutdown would leave its backends running until the postmaster is
 //!    scheduled: a backend thawed first after a host suspend acknowledged
 //!    commits for up to 15 ms that way. PostgreSQL recovers from this as
-//!    from any crash. A SIGKILL follows after `grace` should the postmaster
-//!    still be there; whatever it leaves behind is the guard's (it is their
-//!    subreaper) and is killed when it exits.
-//!    Fencing never stops before the postmaster is gone, whatever arrives
-//!    meanwhile.
+//!    from any crash. Whatever the postmaster leaves behind is the guard's
+//!    (it is their subreaper) and is killed when it exits. A fence is never
+//!    undone, whatever arrives afterwards.
 //! 4. A deadline that has already passed when the guard starts means the
 //!    postmaster is never started (`refuses_start`).
 
 use crate::clock::BootTime;
 use crate::protocol::{FromGuard, ToGuard};
-use std::time::Duration;
-
-pub const SIGKILL: i32 = 9;
 
 /// Something the guard must do now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,8 +30,6 @@ pub enum Effect {
     Signal(i32),
     /// Stop every PostgreSQL process now (rule 3).
     Fence,
-    /// A signal to the postmaster's process group.
-    SignalGroup(i32),
     /// A line for the agent (and the log).
     Report(FromGuard),
 }
@@ -44,19 +37,14 @@ pub enum Effect {
 #[derive(Clone, Debug)]
 pub struct Rules {
     deadline: Option<BootTime>,
-    grace: Duration,
-    /// Since when, and why, the guard is stopping PostgreSQL.
-    fencing: Option<(BootTime, String)>,
-    killed: bool,
+    fenced: bool,
 }
 
 impl Rules {
-    pub fn new(deadline: Option<BootTime>, grace: Duration) -> Rules {
+    pub fn new(deadline: Option<BootTime>) -> Rules {
         Rules {
             deadline,
-            grace,
-            fencing: None,
-            killed: false,
+            fenced: false,
         }
     }
 
@@ -67,8 +55,8 @@ impl Rules {
             .map(|d| format!("write permission expired {:?} ago", now.since(d)))
     }
 
-    pub fn is_fencing(&self) -> bool {
-        self.fencing.is_some()
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
     }
 
     pub fn on_message(&mut self, msg: ToGuard, now: BootTime) -> Vec<Effect> {
@@ -82,32 +70,23 @@ impl Rules {
                 Vec::new()
             }
             ToGuard::Signal(n) => vec![Effect::Signal(n)],
-            ToGuard::SignalGroup(n) => vec![Effect::SignalGroup(n)],
-            ToGuard::Fence => self.fence("the agent asked for it".into(), now),
+            ToGuard::Fence => self.fence("the agent asked for it".into()),
         }
     }
 
-    pub fn on_agent_gone(&mut self, now: BootTime) -> Vec<Effect> {
-        self.fence("the agent's channel closed (agent dead)".into(), now)
+    pub fn on_agent_gone(&mut self) -> Vec<Effect> {
+        self.fence("the agent's channel closed (agent dead)".into())
     }
 
     /// Call on every wake-up (and after every message): fences at the
-    /// deadline, escalates after the grace period.
+    /// deadline.
     pub fn on_time(&mut self, now: BootTime) -> Vec<Effect> {
-        if let Some((since, _)) = &self.fencing {
-            if !self.killed && now.since(*since) >= self.grace {
-                self.killed = true;
-                return vec![Effect::Signal(SIGKILL)];
-            }
-            return Vec::new();
-        }
         match self.deadline {
             Some(deadline) if now >= deadline => {
                 let late = now.since(deadline);
-                self.fence(
-                    format!("write permission expired (deadline passed {late:?} ago) without an extension"),
-                    now,
-                )
+                self.fence(format!(
+                    "write permission expired (deadline passed {late:?} ago) without an extension"
+                ))
             }
             _ => Vec::new(),
         }
@@ -115,18 +94,14 @@ impl Rules {
 
     /// When `on_time` must run next, if ever.
     pub fn next_wake(&self) -> Option<BootTime> {
-        match &self.fencing {
-            Some(_) if self.killed => None,
-            Some((since, _)) => Some(since.saturating_add(self.grace)),
-            None => self.deadline,
-        }
+        if self.fenced { None } else { self.deadline }
     }
 
-    fn fence(&mut self, why: String, now: BootTime) -> Vec<Effect> {
-        if self.fencing.is_some() {
+    fn fence(&mut self, why: String) -> Vec<Effect> {
+        if self.fenced {
             return Vec::new();
         }
-        self.fencing = Some((now, why.clone()));
+        self.fenced = true;
         vec![Effect::Fence, Effect::Report(FromGuard::Fenced(why))]
     }
 }
@@ -134,8 +109,6 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const GRACE: Duration = Duration::from_secs(2);
 
     fn at(ms: u64) -> BootTime {
         BootTime(ms * 1_000_000)
@@ -148,16 +121,16 @@ mod tests {
 
     #[test]
     fn fences_exactly_at_the_deadline_not_a_nanosecond_before() {
-        let mut rules = Rules::new(Some(at(1000)), GRACE);
+        let mut rules = Rules::new(Some(at(1000)));
         assert_eq!(rules.next_wake(), Some(at(1000)));
         assert!(rules.on_time(BootTime(at(1000).0 - 1)).is_empty());
         assert!(fenced(&rules.on_time(at(1000))));
-        assert!(rules.is_fencing());
+        assert!(rules.is_fenced());
     }
 
     #[test]
     fn the_latest_arm_wins_earlier_or_later() {
-        let mut rules = Rules::new(Some(at(1000)), GRACE);
+        let mut rules = Rules::new(Some(at(1000)));
         assert!(rules.on_message(ToGuard::Arm(at(5000)), at(900)).is_empty());
         assert!(rules.on_time(at(4999)).is_empty());
         // Leadership lost: the agent moves the deadline to now.
@@ -166,21 +139,21 @@ mod tests {
 
     #[test]
     fn an_extension_that_arrives_after_the_deadline_is_too_late() {
-        let mut rules = Rules::new(Some(at(1000)), GRACE);
+        let mut rules = Rules::new(Some(at(1000)));
         assert!(fenced(&rules.on_time(at(1200))));
         assert!(
             rules
                 .on_message(ToGuard::Arm(at(9000)), at(1201))
                 .is_empty()
         );
-        assert!(rules.is_fencing(), "an extension must not undo a fence");
+        assert!(rules.is_fenced(), "an extension must not undo a fence");
         assert_eq!(rules.on_message(ToGuard::Disarm, at(1202)), vec![]);
-        assert!(rules.is_fencing(), "disarming must not undo a fence");
+        assert!(rules.is_fenced(), "disarming must not undo a fence");
     }
 
     #[test]
     fn disarmed_means_no_deadline_until_armed_again() {
-        let mut rules = Rules::new(None, GRACE);
+        let mut rules = Rules::new(None);
         assert_eq!(rules.next_wake(), None);
         assert!(rules.on_time(at(1_000_000)).is_empty());
         assert!(
@@ -194,21 +167,18 @@ mod tests {
 
     #[test]
     fn a_closed_channel_fences_even_a_replica() {
-        let mut rules = Rules::new(None, GRACE);
-        assert!(fenced(&rules.on_agent_gone(at(10))));
+        let mut rules = Rules::new(None);
+        assert!(fenced(&rules.on_agent_gone()));
     }
 
     #[test]
-    fn sigkill_after_the_grace_period_once() {
-        let mut rules = Rules::new(Some(at(1000)), GRACE);
+    fn a_fence_happens_once() {
+        let mut rules = Rules::new(Some(at(1000)));
         assert!(fenced(&rules.on_time(at(1000))));
-        assert_eq!(rules.next_wake(), Some(at(3000)));
-        assert!(rules.on_time(at(2999)).is_empty());
-        assert_eq!(rules.on_time(at(3000)), vec![Effect::Signal(SIGKILL)]);
         assert_eq!(rules.next_wake(), None);
         assert!(rules.on_time(at(9000)).is_empty());
         // A second reason to fence changes nothing.
-        assert!(rules.on_agent_gone(at(9001)).is_empty());
+        assert!(rules.on_agent_gone().is_empty());
         assert!(rules.on_message(ToGuard::Fence, at(9002)).is_empty());
     }
 
@@ -216,7 +186,7 @@ mod tests {
     fn a_suspended_host_fences_on_its_first_wake_up() {
         // Armed until 1 s; the host sleeps from 0.5 s to 60 s. The timer on
         // CLOCK_BOOTTIME fires on resume with `now` far past the deadline.
-        let mut rules = Rules::new(Some(at(1000)), GRACE);
+        let mut rules = Rules::new(Some(at(1000)));
         assert!(rules.on_time(at(500)).is_empty());
         let effects = rules.on_time(at(60_000));
         assert!(fenced(&effects));
@@ -224,33 +194,17 @@ mod tests {
 
     #[test]
     fn refuses_to_start_past_the_deadline_only() {
-        assert!(
-            Rules::new(Some(at(1000)), GRACE)
-                .refuses_start(at(999))
-                .is_none()
-        );
-        assert!(
-            Rules::new(Some(at(1000)), GRACE)
-                .refuses_start(at(1000))
-                .is_some()
-        );
-        assert!(
-            Rules::new(None, GRACE)
-                .refuses_start(at(1_000_000))
-                .is_none()
-        );
+        assert!(Rules::new(Some(at(1000))).refuses_start(at(999)).is_none());
+        assert!(Rules::new(Some(at(1000))).refuses_start(at(1000)).is_some());
+        assert!(Rules::new(None).refuses_start(at(1_000_000)).is_none());
     }
 
     #[test]
     fn signals_are_passed_on() {
-        let mut rules = Rules::new(None, GRACE);
+        let mut rules = Rules::new(None);
         assert_eq!(
             rules.on_message(ToGuard::Signal(2), at(0)),
             vec![Effect::Signal(2)]
-        );
-        assert_eq!(
-            rules.on_message(ToGuard::SignalGroup(9), at(0)),
-            vec![Effect::SignalGroup(9)]
         );
         assert!(fenced(&rules.on_message(ToGuard::Fence, at(0))));
     }

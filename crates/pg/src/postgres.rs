@@ -31,9 +31,6 @@ const SLOT_PREFIX: &str = "mainstay_";
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Immediate shutdown waits for backends at most 5 s before killing them.
 const IMMEDIATE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// From the guard's SIGQUIT to its SIGKILL of the postmaster's process group:
-/// an immediate shutdown takes milliseconds; this only bounds a stuck one.
-const FENCE_GRACE: Duration = Duration::from_secs(1);
 /// Crash recovery in single-user mode (replays everything since the last checkpoint).
 const SINGLE_USER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -138,13 +135,8 @@ impl Fencer {
         }
     }
 
-    /// The deadline as last set.
-    pub fn deadline(&self) -> BootTime {
-        self.lock().deadline
-    }
-
-    /// Stops the postmaster now (SIGQUIT to its process group, through its
-    /// guard). Returns whether a postmaster was told to stop.
+    /// Stops PostgreSQL now: its guard kills every PostgreSQL process.
+    /// Returns whether a postmaster was told to stop.
     pub fn fence_now(&self) -> bool {
         let ours = self.lock().postmaster.clone();
         if let Some(pm) = ours
@@ -153,7 +145,7 @@ impl Fencer {
         {
             warn!(
                 pid = pm.pid(),
-                "fencing: told the guard to stop postgres (immediate shutdown)"
+                "fencing: told the guard to kill every postgres process"
             );
             return true;
         }
@@ -538,7 +530,6 @@ impl Postgres {
 
         let fencer = self.fencer();
         let guard_args = GuardArgs {
-            grace: FENCE_GRACE,
             deadline: {
                 let guarded = fencer.lock();
                 guarded.writable.then_some(guarded.deadline)
@@ -773,9 +764,9 @@ impl Postgres {
                     warn!(
                         pid = pm.pid(),
                         ?mode,
-                        "postgres did not stop in {limit:?}; SIGKILL to its process group"
+                        "postgres did not stop in {limit:?}; its guard kills every postgres process"
                     );
-                    pm.signal_group(libc::SIGKILL);
+                    pm.tell(&ToGuard::Fence);
                     pm.wait_exit(Duration::from_secs(10))
                         .await
                         .ok_or_else(|| Error::Timeout {

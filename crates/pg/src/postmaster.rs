@@ -145,11 +145,6 @@ impl Postmaster {
         self.exit_status().is_none() && self.tell(&ToGuard::Signal(signal))
     }
 
-    /// Sends `signal` to the postmaster's process group.
-    pub fn signal_group(&self, signal: libc::c_int) -> bool {
-        self.exit_status().is_none() && self.tell(&ToGuard::SignalGroup(signal))
-    }
-
     /// `Some` once the postmaster has exited and been reaped.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         *self.shared.status.borrow()
