@@ -209,8 +209,18 @@ impl Action {
     }
 }
 
-fn promote(view: &ClusterView) -> Action {
-    let planned = view.failover.as_ref().is_some_and(|f| f.request.is_ok());
+/// A promotion is a switchover only when a request that was due named this
+/// node (or anyone); a crash while a switchover waits for its time, or while
+/// one names another member, is a failover, and the history says so.
+fn promote(view: &ClusterView, me: &str, wall_secs: u64) -> Action {
+    let planned = view
+        .failover
+        .as_ref()
+        .and_then(|f| f.request.as_ref().ok())
+        .is_some_and(|request| {
+            request.scheduled_at.is_none_or(|at| at <= wall_secs)
+                && request.candidate.as_deref().is_none_or(|c| c == me)
+        });
     Action::Promote {
         reason: if planned { "switchover" } else { "failover" }.into(),
     }
@@ -596,7 +606,7 @@ fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterView) -> Dec
                     });
                 }
             }
-            actions.push(promote(view));
+            actions.push(promote(view, obs.name, obs.wall_secs));
             decision(actions, "this node holds the leader key: promoting")
         }
         (_, PgRole::Stopped) if obs.config.pause => {
@@ -1181,6 +1191,41 @@ mod tests {
             vec![Action::Promote {
                 reason: "failover".into()
             }]
+        );
+    }
+
+    #[test]
+    fn only_a_due_request_for_this_node_makes_a_promotion_a_switchover() {
+        let reason = |candidate: Option<&str>, scheduled_at: Option<u64>| {
+            let view = ClusterView {
+                failover: Some(crate::types::FailoverRecord {
+                    request: Ok(crate::types::FailoverRequest {
+                        kind: crate::types::FailoverKind::Switchover,
+                        leader: Some("a".into()),
+                        candidate: candidate.map(str::to_string),
+                        scheduled_at,
+                        requested_at: 0,
+                    }),
+                    mod_revision: 1,
+                }),
+                ..ClusterView::default()
+            };
+            match promote(&view, "b", 1000) {
+                Action::Promote { reason } => reason,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(reason(Some("b"), None), "switchover");
+        assert_eq!(reason(None, Some(1000)), "switchover");
+        // The leader died while a switchover waited for its time, or while
+        // one named another member: this promotion is a failover.
+        assert_eq!(reason(Some("b"), Some(5000)), "failover");
+        assert_eq!(reason(Some("c"), None), "failover");
+        assert_eq!(
+            promote(&ClusterView::default(), "b", 1000),
+            Action::Promote {
+                reason: "failover".into()
+            }
         );
     }
 

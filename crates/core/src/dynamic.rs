@@ -34,6 +34,11 @@ const MAX_MAXIMUM_LAG_ON_FAILOVER: u64 = 1 << 40;
 /// A slot kept for a week pins a week of WAL; beyond that the disk fills
 /// before the member comes back.
 const MAX_MEMBER_SLOTS_TTL: u64 = 7 * 24 * 60 * 60;
+/// A week: far enough for a maintenance window planned on a Monday for the
+/// weekend, near enough that a forgotten request is noticed.
+pub const DEFAULT_SCHEDULED_SWITCHOVER_HORIZON: u64 = 7 * 24 * 60 * 60;
+/// A year: a request further ahead than that is a typo or a script's bug.
+const MAX_SCHEDULED_SWITCHOVER_HORIZON: u64 = 366 * 24 * 60 * 60;
 
 /// The settings that must be the same on every node, so they live in the DCS
 /// rather than in each node's file. Field names are Patroni's wherever the
@@ -67,6 +72,9 @@ pub struct DynamicConfig {
     /// vanished from the DCS, so that it can resume streaming when it returns
     /// instead of being re-cloned.
     pub member_slots_ttl: u64,
+    /// Seconds: how far ahead a switchover may be scheduled. A request
+    /// further ahead is refused by the API and dropped by the leader.
+    pub scheduled_switchover_horizon: u64,
     /// PostgreSQL settings applied on every node.
     pub postgresql: PgDynamic,
 }
@@ -81,6 +89,7 @@ impl Default for DynamicConfig {
             synchronous_node_count: 1,
             failsafe_mode: false,
             member_slots_ttl: DEFAULT_MEMBER_SLOTS_TTL,
+            scheduled_switchover_horizon: DEFAULT_SCHEDULED_SWITCHOVER_HORIZON,
             postgresql: PgDynamic::default(),
         }
     }
@@ -217,6 +226,16 @@ impl DynamicConfig {
                     "{} seconds is more than 7 days ({MAX_MEMBER_SLOTS_TTL}): the slot \
                      would pin that much WAL on the leader; set a shorter time",
                     self.member_slots_ttl
+                ),
+            ));
+        }
+        if !(60..=MAX_SCHEDULED_SWITCHOVER_HORIZON).contains(&self.scheduled_switchover_horizon) {
+            return Err(ConfigProblem::new(
+                "scheduled_switchover_horizon",
+                format!(
+                    "{} seconds is out of range; set from 60 (a minute) to \
+                     {MAX_SCHEDULED_SWITCHOVER_HORIZON} (a year)",
+                    self.scheduled_switchover_horizon
                 ),
             ));
         }
@@ -436,13 +455,25 @@ fn check_parameter(name: &str, value: &Value) -> Result<(), ConfigProblem> {
             ),
         ));
     }
-    if pg_text(value).is_none() {
+    let Some(text) = pg_text(value) else {
         return Err(ConfigProblem::new(
             key,
             format!(
                 "PostgreSQL cannot take {} as a value; write a string, a number or \
                  a boolean, or remove the parameter",
                 json_kind(value)
+            ),
+        ));
+    };
+    // A configuration file holds one setting per line: a line break would
+    // end the value and start a setting nobody asked for, and PostgreSQL's
+    // parser takes no other control character inside a value either.
+    if let Some(bad) = text.chars().find(|c| c.is_control()) {
+        return Err(ConfigProblem::new(
+            key,
+            format!(
+                "the value holds the control character {bad:?}, which cannot be written \
+                 into a configuration file; remove it (one value, on one line)"
             ),
         ));
     }
@@ -605,6 +636,7 @@ mod tests {
             "synchronous_node_count": 2,
             "failsafe_mode": true,
             "member_slots_ttl": 600,
+            "scheduled_switchover_horizon": 3600,
             "postgresql": {"parameters": {
                 "shared_buffers": "1GB",
                 "max_connections": 200,
@@ -620,6 +652,7 @@ mod tests {
         assert_eq!(config.maximum_lag_on_failover, 16_777_216);
         assert_eq!(config.synchronous_node_count, 2);
         assert_eq!(config.member_slots_ttl, 600);
+        assert_eq!(config.scheduled_switchover_horizon, 3600);
         assert_eq!(config.postgresql.parameters.len(), 7);
         let written = serde_json::to_value(&config).unwrap();
         assert_eq!(written, document);
@@ -711,6 +744,31 @@ mod tests {
         accepted(json!({"member_slots_ttl": 0}));
         accepted(json!({"member_slots_ttl": 604800}));
         refused(json!({"member_slots_ttl": 604801}), "member_slots_ttl");
+        accepted(json!({"scheduled_switchover_horizon": 60}));
+        accepted(json!({"scheduled_switchover_horizon": 366 * 86400}));
+        for bad in [0, 59, 366 * 86400 + 1] {
+            refused(
+                json!({"scheduled_switchover_horizon": bad}),
+                "scheduled_switchover_horizon",
+            );
+        }
+    }
+
+    #[test]
+    fn values_that_would_break_the_configuration_file_are_refused() {
+        for value in [
+            "4MB\nwork_mem = 'x'",
+            "4MB\r",
+            "a\u{0}b",
+            "tab\there",
+            "\u{7f}",
+        ] {
+            let message = parameter_refused("work_mem", json!(value));
+            assert!(message.contains("control character"), "{message}");
+        }
+        // Quotes and backslashes are escaped when the file is written.
+        parameter_accepted("application_name", json!("it's a \\ path"));
+        parameter_accepted("search_path", json!("\"$user\", public"));
     }
 
     #[test]

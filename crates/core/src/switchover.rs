@@ -107,6 +107,34 @@ pub fn best_candidate(
         })
 }
 
+/// Seconds a scheduled time may lie in the past when the request arrives:
+/// the client's clock and this node's differ a little, and "now" typed by
+/// hand is already a few seconds old.
+pub const SCHEDULE_CLOCK_TOLERANCE: u64 = 30;
+
+/// Why a switchover cannot be scheduled at Unix time `at` when the request
+/// arrives at `now`; `None` when it can. A time in the past would run at
+/// once (surprising for something meant to be planned); one beyond the
+/// horizon is a typo, and would block every other request while it waits.
+pub fn unfit_schedule(at: u64, now: u64, config: &DynamicConfig) -> Option<String> {
+    if at.saturating_add(SCHEDULE_CLOCK_TOLERANCE) < now {
+        return Some(format!(
+            "scheduled_at is {} seconds in the past; give a future time, or leave \
+             scheduled_at out to switch over now",
+            now - at
+        ));
+    }
+    let horizon = config.scheduled_switchover_horizon;
+    if at > now.saturating_add(horizon) {
+        return Some(format!(
+            "scheduled_at is more than scheduled_switchover_horizon ({horizon} seconds) \
+             ahead; give a nearer time, or raise scheduled_switchover_horizon in the \
+             dynamic configuration"
+        ));
+    }
+    None
+}
+
 /// What the leader should do with a pending request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaderVerdict {
@@ -140,6 +168,14 @@ pub fn judge(
     if let Some(at) = request.scheduled_at
         && at > now_secs
     {
+        // Written by someone else than the API, or the horizon shrank since.
+        if at > now_secs.saturating_add(config.scheduled_switchover_horizon) {
+            return LeaderVerdict::Drop(format!(
+                "refused: scheduled at Unix time {at}, more than \
+                 scheduled_switchover_horizon ({} seconds) ahead",
+                config.scheduled_switchover_horizon
+            ));
+        }
         return LeaderVerdict::Wait { at };
     }
     match &request.candidate {
@@ -266,6 +302,25 @@ mod tests {
     }
 
     #[test]
+    fn a_schedule_lies_between_now_and_the_horizon() {
+        let config = DynamicConfig::default();
+        let now = 1_800_000_000;
+        let horizon = config.scheduled_switchover_horizon;
+        for fine in [now, now - SCHEDULE_CLOCK_TOLERANCE, now + 1, now + horizon] {
+            assert_eq!(unfit_schedule(fine, now, &config), None, "{fine}");
+        }
+        for bad in [
+            0,
+            now - SCHEDULE_CLOCK_TOLERANCE - 1,
+            now + horizon + 1,
+            u64::MAX,
+        ] {
+            assert!(unfit_schedule(bad, now, &config).is_some(), "{bad}");
+        }
+        assert!(unfit_schedule(0, 0, &config).is_none());
+    }
+
+    #[test]
     fn the_leader_hands_over_waits_or_drops() {
         let v = view();
         let config = DynamicConfig::default();
@@ -289,6 +344,14 @@ mod tests {
             judge_at(&request(Some("c"), Some(100)), "a", 10),
             LeaderVerdict::Wait { at: 100 }
         );
+        // Written into the DCS by hand, far beyond the horizon (and beyond
+        // what any clock can show): dropped, nothing overflows.
+        for far in [10 + config.scheduled_switchover_horizon + 1, u64::MAX] {
+            assert!(matches!(
+                judge_at(&request(Some("c"), Some(far)), "a", 10),
+                LeaderVerdict::Drop(reason) if reason.contains("horizon")
+            ));
+        }
         assert!(matches!(
             judge_at(&request(Some("d"), None), "a", 10),
             LeaderVerdict::Drop(_)

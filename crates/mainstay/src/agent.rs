@@ -84,6 +84,7 @@ pub struct Agent<D: Dcs> {
     /// What the REST API serves; replaced after every turn.
     snapshot: watch::Sender<Arc<NodeSnapshot>>,
     api_listen: String,
+    api_limits: crate::api::Limits,
     /// The last valid dynamic configuration read from the DCS, and the
     /// revision of the `config` key last looked at.
     dynamic: DynamicConfig,
@@ -215,6 +216,7 @@ impl<D: Dcs> Agent<D> {
                 )
             })),
             api_listen: config.api.listen.clone(),
+            api_limits: config.api.limits(),
             dynamic: DynamicConfig::default(),
             dynamic_revision: None,
             file_parameters: pg_settings(config).parameters,
@@ -321,6 +323,16 @@ impl<D: Dcs> Agent<D> {
                 Ok(format!("{name} removed: its replication slot is dropped"))
             }
             Command::CrashDrill => {
+                if let Some(until) = self.stand_down_until.filter(|u| Instant::now() < *u) {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        &format!(
+                            "a crash drill is already running here: PostgreSQL is stopped and \
+                             the lease left to expire; this node stands down for {} s more",
+                            until.saturating_duration_since(Instant::now()).as_secs()
+                        ),
+                    );
+                }
                 if !leading {
                     return leader_only("a crash drill runs on the leader");
                 }
@@ -775,7 +787,7 @@ impl<D: Dcs> Agent<D> {
         info!(listen = %self.api_listen, "REST API listening");
         let api = tokio::spawn(crate::api::serve(
             listener,
-            Arc::new(ApiState {
+            crate::api::router(Arc::new(ApiState {
                 proxy: (!self.proxy_listens.is_empty()).then(|| {
                     (
                         self.proxy_stats.clone(),
@@ -789,8 +801,10 @@ impl<D: Dcs> Agent<D> {
                 auth: self.api_auth.clone(),
                 commands: command_tx,
                 failsafe_contact: self.failsafe_contact.clone(),
-            }),
+                running_command: Default::default(),
+            })),
             tls,
+            self.api_limits,
         ));
         let keeper = tokio::spawn(keep_lease(LeaseKeeper {
             dcs: self.dcs.clone(),

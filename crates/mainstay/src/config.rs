@@ -200,6 +200,32 @@ pub struct ApiConfig {
     /// The CA that signed the agents' API certificates: what `mainstay ctl`
     /// and the agents (failsafe mode) trust when they call an https API.
     pub ca_file: Option<PathBuf>,
+    /// Seconds a client has to send a request's header (from connecting, or
+    /// from the previous response on a kept-alive connection) and again its
+    /// body; a slower or idle connection is closed.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: f64,
+    /// Connections open at once; more are closed as they arrive.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_header_timeout() -> f64 {
+    10.0
+}
+
+fn default_max_connections() -> usize {
+    256
+}
+
+impl ApiConfig {
+    /// The bounds on clients (validated with the configuration).
+    pub fn limits(&self) -> crate::api::Limits {
+        crate::api::Limits {
+            header_timeout: Duration::from_secs_f64(self.header_timeout),
+            max_connections: self.max_connections,
+        }
+    }
 }
 
 impl fmt::Debug for ApiConfig {
@@ -213,6 +239,8 @@ impl fmt::Debug for ApiConfig {
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
             .field("ca_file", &self.ca_file)
+            .field("header_timeout", &self.header_timeout)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -228,6 +256,8 @@ impl Default for ApiConfig {
             cert_file: None,
             key_file: None,
             ca_file: None,
+            header_timeout: default_header_timeout(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -668,6 +698,24 @@ impl Config {
                 format!(
                     "{} is out of range: give seconds between 0 and 300",
                     self.proxy.wait_for_leader
+                ),
+            ));
+        }
+        if !(self.api.header_timeout >= 0.1 && self.api.header_timeout <= 300.0) {
+            return Err((
+                "api.header_timeout",
+                format!(
+                    "{} is out of range: give seconds from 0.1 to 300 (default 10)",
+                    self.api.header_timeout
+                ),
+            ));
+        }
+        if !(1..=65_536).contains(&self.api.max_connections) {
+            return Err((
+                "api.max_connections",
+                format!(
+                    "{} is out of range: give a number from 1 to 65536 (default 256)",
+                    self.api.max_connections
                 ),
             ));
         }
@@ -1156,5 +1204,33 @@ replication = { username = "replicator", password = "r3pl" }
                 .as_deref(),
             Some("name")
         );
+    }
+
+    #[test]
+    fn api_client_limits_are_bounded() {
+        if !postgres_installed() {
+            return;
+        }
+        let with =
+            |extra: &str| GOOD.replace("[postgresql]", &format!("[api]\n{extra}\n[postgresql]"));
+        let config = Config::parse(
+            Path::new("t"),
+            &with("header_timeout = 2.5\nmax_connections = 10"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.api.limits().header_timeout,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(config.api.limits().max_connections, 10);
+        for (extra, key) in [
+            ("header_timeout = 0", "api.header_timeout"),
+            ("header_timeout = 301", "api.header_timeout"),
+            ("header_timeout = nan", "api.header_timeout"),
+            ("max_connections = 0", "api.max_connections"),
+        ] {
+            let refused = Config::parse(Path::new("t"), &with(extra)).unwrap_err();
+            assert_eq!(refused.key.as_deref(), Some(key), "{extra}");
+        }
     }
 }

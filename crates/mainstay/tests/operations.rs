@@ -227,28 +227,7 @@ fn pause_blocks_failover_and_bad_requests_change_nothing() {
             (&authed, "POST", "/restart", br#"{"now": true}"#, 400),
         ];
         for (client, method, path, body, expected) in cases {
-            let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
-            let answer = client
-                .raw(
-                    method.clone(),
-                    path,
-                    Some(body.to_vec()),
-                    "application/json",
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                answer.status.as_u16(),
-                expected,
-                "{method} {path} {}: {}",
-                String::from_utf8_lossy(body),
-                answer.text
-            );
-            assert!(
-                answer.body["error"].is_string(),
-                "a JSON reason: {}",
-                answer.text
-            );
+            expect_refusal(client, method, path, body, expected).await;
         }
         let after = h.view().await;
         assert_eq!(

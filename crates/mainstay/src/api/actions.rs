@@ -200,8 +200,15 @@ pub async fn switchover<D: Dcs>(
         _ => {}
     }
     let config = state.config_now().await;
+    if let Some(at) = scheduled_at
+        && let Some(reason) =
+            mainstay_core::switchover::unfit_schedule(at, super::unix_now(), &config)
+    {
+        return error(StatusCode::BAD_REQUEST, reason);
+    }
+    // A scheduled request is checked now as an immediate one is (and again
+    // by the leader when it runs): a typo must not wait days to be found.
     if let Some(candidate) = &body.candidate
-        && scheduled_at.is_none()
         && let Some(reason) = unfit_candidate(&view, &leader, Lag::Unknown, candidate, &config)
     {
         return error(StatusCode::PRECONDITION_FAILED, reason);
@@ -214,7 +221,6 @@ pub async fn switchover<D: Dcs>(
         );
     }
     if body.candidate.is_none()
-        && scheduled_at.is_none()
         && let Err(reason) =
             mainstay_core::switchover::best_candidate(&view, &leader, Lag::Unknown, &config)
     {
@@ -447,6 +453,21 @@ pub async fn change_config<D: Dcs>(
     body: Bytes,
     replace: bool,
 ) -> Response {
+    if let Err(refused) = state.auth.check(&headers) {
+        return refused.into_response();
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            if replace {
+                "the request body is empty: PUT /config replaces the whole dynamic \
+                 configuration, so send the complete document (send {} to reset every \
+                 key to its default)"
+            } else {
+                "the request body is empty: send a JSON merge patch such as {\"pause\": true}"
+            },
+        );
+    }
     let change: Value = match accept(&state.auth, &headers, &body) {
         Ok(value) => value,
         Err(refused) => return refused.into_response(),
@@ -502,6 +523,10 @@ pub async fn command<D: Dcs>(
     if let Err(refused) = accept::<Empty>(&state.auth, &headers, &body) {
         return refused.into_response();
     }
+    let _running = match RunningCommand::claim(&state, &command) {
+        Ok(running) => running,
+        Err(refused) => return refused.into_response(),
+    };
     let (reply, answer) = tokio::sync::oneshot::channel();
     if state.commands.send((command, reply)).await.is_err() {
         return error(
@@ -516,5 +541,40 @@ pub async fn command<D: Dcs>(
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent did not finish the command in time: see its log",
         ),
+    }
+}
+
+/// This node's one command in flight; released when the answer is sent or
+/// the client goes away (the HA loop finishes the command either way).
+struct RunningCommand<'a> {
+    slot: &'a std::sync::Mutex<Option<(String, std::time::Instant)>>,
+}
+
+impl<'a> RunningCommand<'a> {
+    fn claim<D>(state: &'a ApiState<D>, command: &Command) -> Result<Self, Refusal> {
+        let mut slot = state
+            .running_command
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((running, since)) = slot.as_ref() {
+            return Err(Refusal::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "{running} is in progress on this node (for {} s): wait for it to \
+                     finish, then retry",
+                    since.elapsed().as_secs()
+                ),
+            ));
+        }
+        *slot = Some((command.label(), std::time::Instant::now()));
+        Ok(RunningCommand {
+            slot: &state.running_command,
+        })
+    }
+}
+
+impl Drop for RunningCommand<'_> {
+    fn drop(&mut self) {
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }

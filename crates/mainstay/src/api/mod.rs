@@ -8,7 +8,10 @@ mod actions;
 pub mod health;
 mod metrics;
 mod openapi;
+mod serve;
 mod status;
+
+pub use serve::{Limits, MAX_BODY_BYTES, bind, serve};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -164,6 +167,18 @@ pub enum Command {
     CrashDrill,
 }
 
+impl Command {
+    /// What the command does, for "already in progress" answers.
+    pub fn label(&self) -> String {
+        match self {
+            Command::Remove(name) => format!("removing member {name}"),
+            Command::Restart => "a restart".into(),
+            Command::Reinitialize => "a reinitialization".into(),
+            Command::CrashDrill => "a crash drill".into(),
+        }
+    }
+}
+
 /// The HA loop's answer: a message, or the status code and reason of a
 /// refusal.
 pub type CommandReply = tokio::sync::oneshot::Sender<Result<String, (StatusCode, String)>>;
@@ -180,6 +195,9 @@ pub struct ApiState<D> {
     /// The proxy's counters, read live (a snapshot is up to a loop old),
     /// and the labels of its configured listeners.
     pub proxy: Option<(Arc<crate::proxy::ProxyStats>, Vec<&'static str>)>,
+    /// The command handed to the HA loop and not answered yet, and since
+    /// when: a second one is refused rather than queued behind it.
+    pub running_command: std::sync::Mutex<Option<(String, Instant)>>,
 }
 
 impl<D: Dcs> ApiState<D> {
@@ -398,54 +416,4 @@ async fn metrics<D>(State(state): Shared<D>) -> Response {
         text,
     )
         .into_response()
-}
-
-/// Binds the API's address; a failure is a startup error for the agent.
-pub async fn bind(listen: &str) -> Result<tokio::net::TcpListener, String> {
-    tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        format!(
-            "cannot listen on api.listen = {listen:?}: {e}; choose a free address and port \
-             in the [api] section"
-        )
-    })
-}
-
-/// Serves until the task is aborted; HTTPS when `tls` is given.
-pub async fn serve<D: Dcs + 'static>(
-    listener: tokio::net::TcpListener,
-    state: Arc<ApiState<D>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) {
-    let Some(tls) = tls else {
-        if let Err(err) = axum::serve(listener, router(state)).await {
-            tracing::error!("the REST API stopped: {err}");
-        }
-        return;
-    };
-    let app = router(state);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // Out of file descriptors and the like: back off, go on.
-                tracing::warn!("REST API accept failed: {err}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (tls, app) = (tls.clone(), app.clone());
-        tokio::spawn(async move {
-            // A client that never finishes its handshake holds a task only
-            // this long.
-            let handshake = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await;
-            let Ok(Ok(stream)) = handshake else {
-                tracing::debug!(%peer, "TLS handshake failed or timed out");
-                return;
-            };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
-    }
 }

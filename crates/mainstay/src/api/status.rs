@@ -205,9 +205,16 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
     Some(doc)
 }
 
-fn rfc3339(unix_secs: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(unix_secs))
-        .to_string()
+/// A Unix time as RFC 3339, or as the bare number when it is beyond what
+/// RFC 3339 can write (a request stored by hand may hold any number).
+fn rfc3339(unix_secs: u64) -> Value {
+    const YEAR_10000: u64 = 253_402_300_800;
+    match UNIX_EPOCH.checked_add(std::time::Duration::from_secs(unix_secs)) {
+        Some(time) if unix_secs < YEAR_10000 => {
+            json!(humantime::format_rfc3339_seconds(time).to_string())
+        }
+        _ => json!(unix_secs),
+    }
 }
 
 /// `GET /history`: Patroni's rows `[timeline, lsn, reason, time, new_leader]`

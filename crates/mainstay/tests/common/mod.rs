@@ -234,6 +234,38 @@ pub async fn code(h: &Harness, node: &str, method: &str, path: &str) -> u16 {
         .as_u16()
 }
 
+/// Sends `body` as is and checks the refusal: the status code and a JSON
+/// reason, which it returns.
+pub async fn expect_refusal(
+    client: &mainstay::ctl::client::ApiClient,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    expected: u16,
+) -> String {
+    let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
+    let answer = client
+        .raw(
+            method.clone(),
+            path,
+            Some(body.to_vec()),
+            "application/json",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let shown = String::from_utf8_lossy(body);
+    assert_eq!(
+        answer.status.as_u16(),
+        expected,
+        "{method} {path} {shown:?}: {}",
+        answer.text
+    );
+    let reason = answer.body["error"].as_str();
+    reason
+        .unwrap_or_else(|| panic!("{method} {path} {shown:?}: no JSON reason: {}", answer.text))
+        .to_string()
+}
+
 /// Polls `path` on `node` until it answers `expected` (the API follows the
 /// HA loop, which follows PostgreSQL and the DCS).
 pub async fn wait_code(h: &Harness, node: &str, path: &str, expected: u16, timeout: Duration) {
