@@ -104,6 +104,10 @@ pub struct MemberStatus {
     /// The virtual IP this node holds now ("10.0.0.50/24"), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vip: Option<String>,
+    /// Something an operator must fix on this node (e.g. PostgreSQL runs on
+    /// fallback parameters), shown by `/cluster` and `ctl list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl MemberRecord {
@@ -130,6 +134,7 @@ impl MemberRecord {
                 view_revision: 1,
                 view_had_leader: true,
                 vip: None,
+                warning: None,
             },
             mod_revision: 1,
             lease_id: 1,

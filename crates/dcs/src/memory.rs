@@ -669,6 +669,7 @@ mod tests {
             view_revision: 0,
             view_had_leader: false,
             vip: None,
+            warning: None,
         }
     }
 

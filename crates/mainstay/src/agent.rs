@@ -96,6 +96,10 @@ pub struct Agent<D: Dcs> {
     file_parameters: std::collections::BTreeMap<String, String>,
     parameters_dirty: bool,
     pending_restart: Vec<String>,
+    /// PostgreSQL parameters and what became of them: the set the server
+    /// last started with, a set this node's server refused (checked, or
+    /// failed to start with), and why, while that lasts.
+    parameters: crate::parameter_guard::ParameterGuard,
     /// Failsafe mode, as a member: the last leader that asked this node to
     /// confirm it (written by the REST API). As the leader: until when every
     /// member last confirmed it while the DCS was unreachable.
@@ -221,6 +225,7 @@ impl<D: Dcs> Agent<D> {
             dynamic_revision: None,
             file_parameters: pg_settings(config).parameters,
             parameters_dirty: false,
+            parameters: Default::default(),
             pending_restart: Vec::new(),
             failsafe_contact: Arc::default(),
             failsafe_peers: Arc::default(),
@@ -402,6 +407,25 @@ impl<D: Dcs> Agent<D> {
                         "this primary does not hold the leader key: it is being fenced",
                     );
                 }
+                let settings = self.pg.settings();
+                let problems = mainstay_pg::check_data_dir(
+                    &settings.bin_dir,
+                    settings.run_as.as_deref(),
+                    &settings.data_dir,
+                )
+                .await
+                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+                if !problems.is_empty() {
+                    let problems: Vec<String> = problems.into_iter().map(|p| p.message).collect();
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        &format!(
+                            "not restarting: PostgreSQL would not start with its configuration \
+                             files as they are ({}); fix them first, the server keeps running",
+                            problems.join("; ")
+                        ),
+                    );
+                }
                 warn!(primary, "restart requested through the REST API");
                 self.stop(StopMode::Fast).await.map_err(internal)?;
                 let role = if primary {
@@ -412,13 +436,23 @@ impl<D: Dcs> Agent<D> {
                         leader: leader_target.as_ref().map(|(t, _)| t.clone()),
                     }
                 };
-                let started = self.pg.start(role).await;
+                let started = self.start_pg(role).await;
                 self.forget_writable_if_stopped();
                 started.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("start: {e}")))?;
                 if !primary {
                     self.following = leader_target.map(|(t, _)| t.name);
                 }
                 self.wake.notify_one();
+                if let Some(reason) = self.parameters.fallback() {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        &format!(
+                            "PostgreSQL restarted, but on the last parameters it started with: \
+                             {reason}; fix the configuration (`mainstay ctl edit-config`) and \
+                             restart again"
+                        ),
+                    );
+                }
                 Ok("PostgreSQL restarted".into())
             }
             Command::Reinitialize => {
@@ -462,12 +496,11 @@ impl<D: Dcs> Agent<D> {
                         )
                     })?;
                 }
-                self.pg
-                    .start(StartRole::Replica {
-                        leader: Some(target.clone()),
-                    })
-                    .await
-                    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("start: {e}")))?;
+                self.start_pg(StartRole::Replica {
+                    leader: Some(target.clone()),
+                })
+                .await
+                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("start: {e}")))?;
                 self.following = Some(target.name.clone());
                 self.wake.notify_one();
                 Ok(format!(
@@ -575,6 +608,24 @@ impl<D: Dcs> Agent<D> {
     async fn apply_parameters(&mut self) {
         let mut parameters = self.dynamic.parameter_texts();
         parameters.extend(self.file_parameters.clone());
+        let settings = self.pg.settings();
+        let admission = self
+            .parameters
+            .admit(
+                &parameters,
+                &settings.parameters,
+                &settings.bin_dir,
+                settings.run_as.as_deref(),
+            )
+            .await;
+        match admission {
+            crate::parameter_guard::Admission::Apply => {}
+            crate::parameter_guard::Admission::Keep => return,
+            crate::parameter_guard::Admission::Retry => {
+                self.parameters_dirty = true;
+                return;
+            }
+        }
         match self.pg.set_parameters(parameters).await {
             Ok(pending) => {
                 if !pending.is_empty() && pending != self.pending_restart {
@@ -591,6 +642,66 @@ impl<D: Dcs> Agent<D> {
                 self.parameters_dirty = true;
             }
         }
+    }
+
+    /// Starts PostgreSQL. When it does not start with parameters it never
+    /// started with here, it starts again with the last ones that did: a
+    /// server down for a typo in the cluster's configuration is worse than
+    /// one running on yesterday's settings, said loudly.
+    async fn start_pg(&mut self, role: StartRole) -> mainstay_pg::Result<()> {
+        let trying = self.pg.settings().parameters.clone();
+        let failure = match self.pg.start(role.clone()).await {
+            Ok(()) => {
+                self.parameters.started_with(&trying);
+                return Ok(());
+            }
+            Err(failure) => failure,
+        };
+        // Only the server itself failing to come up can be its parameters;
+        // mainstay's own refusals (a standby's directory started as a
+        // primary, say) say nothing about them.
+        let server_failed = matches!(failure, mainstay_pg::Error::StartFailed { .. });
+        let Some(good) = self
+            .parameters
+            .fallback_for(&trying)
+            .filter(|_| server_failed)
+        else {
+            return Err(failure);
+        };
+        error!(
+            %failure,
+            "PostgreSQL did not start with the current parameters: starting it with the last \
+             parameters it started with; this node will not take the leader key until the \
+             configuration is fixed (`mainstay ctl edit-config`) and PostgreSQL restarted"
+        );
+        self.pg.set_parameters(good.clone()).await?;
+        match self.pg.start(role).await {
+            Ok(()) => {
+                self.parameters
+                    .fell_back(&trying, &good, &failure.to_string());
+                // What runs is what is written: nothing waits for a restart.
+                self.pending_restart.clear();
+                Ok(())
+            }
+            Err(again) => {
+                // Not the parameters after all (or not only them): the
+                // cluster's stay written, as a replica must not be left
+                // with settings lower than its primary's.
+                error!(%again, "PostgreSQL did not start with the last good parameters either");
+                if let Err(err) = self.pg.set_parameters(trying).await {
+                    error!(%err, "writing the cluster's parameters back failed");
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// This node's tags as published: a node that must not lead says so,
+    /// so that elections neither choose it nor wait for it.
+    fn published_tags(&self) -> mainstay_core::Tags {
+        let mut tags = self.tags.clone();
+        tags.nofailover |= self.parameters.fallback().is_some();
+        tags
     }
 
     /// The snapshot the REST API serves (tests read it too).
@@ -656,6 +767,7 @@ impl<D: Dcs> Agent<D> {
             lease_renew_latency: (latency > 0).then(|| Duration::from_micros(latency)),
             paused: self.dynamic.pause,
             pending_restart: self.pending_restart.clone(),
+            config_warning: self.parameters.warning(),
             vip: self
                 .vip
                 .as_ref()
@@ -802,6 +914,12 @@ impl<D: Dcs> Agent<D> {
                 commands: command_tx,
                 failsafe_contact: self.failsafe_contact.clone(),
                 running_command: Default::default(),
+                params: crate::api::ParamCheck {
+                    bin_dir: self.pg.settings().bin_dir.clone(),
+                    run_as: self.pg.settings().run_as.clone(),
+                    file_parameters: self.file_parameters.clone(),
+                },
+                ca_file: self.api_ca_file.clone(),
             })),
             tls,
             self.api_limits,
@@ -1070,10 +1188,11 @@ impl<D: Dcs> Agent<D> {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let contact = contact.map(|(leader, at)| (leader, self.millis(Instant::from_std(at))));
+        let tags = self.published_tags();
         let obs = Observation {
             now: self.millis(Instant::now()),
             name: &self.name,
-            tags: &self.tags,
+            tags: &tags,
             settings: &self.settings,
             pg: &local,
             cluster: view.as_ref(),
@@ -1251,6 +1370,13 @@ impl<D: Dcs> Agent<D> {
                     .map_err(dcs_failed)?;
             }
             Action::ClaimInitialize | Action::AcquireLeader
+                if let Some(reason) = self.parameters.fallback() =>
+            {
+                return Err(TurnError::Failed(format!(
+                    "not taking the leader key: PostgreSQL runs on fallback parameters ({reason})"
+                )));
+            }
+            Action::ClaimInitialize | Action::AcquireLeader
                 if let Some(reason) = self.watchdog.blocks_leadership() =>
             {
                 return Err(TurnError::Failed(format!(
@@ -1354,7 +1480,7 @@ impl<D: Dcs> Agent<D> {
                 let before = local.timeline;
                 // The watchdog must guard the server from its first moment.
                 self.fencer.set_writable(true);
-                let started = self.pg.start(StartRole::Primary).await;
+                let started = self.start_pg(StartRole::Primary).await;
                 self.forget_writable_if_stopped();
                 started.map_err(|e| failed("starting as primary", &e))?;
                 self.following = None;
@@ -1374,8 +1500,7 @@ impl<D: Dcs> Agent<D> {
                     Some(name) => Some(self.target(view, name)?.0),
                     None => None,
                 };
-                self.pg
-                    .start(StartRole::Replica { leader: target })
+                self.start_pg(StartRole::Replica { leader: target })
                     .await
                     .map_err(|e| failed("starting as replica", &e))?;
                 self.following = leader.clone();
@@ -1391,12 +1516,11 @@ impl<D: Dcs> Agent<D> {
                     .basebackup(&target)
                     .await
                     .map_err(|e| failed("pg_basebackup", &e))?;
-                self.pg
-                    .start(StartRole::Replica {
-                        leader: Some(target),
-                    })
-                    .await
-                    .map_err(|e| failed("starting the clone", &e))?;
+                self.start_pg(StartRole::Replica {
+                    leader: Some(target),
+                })
+                .await
+                .map_err(|e| failed("starting the clone", &e))?;
                 self.following = Some(leader.clone());
             }
             Action::Promote { reason } => {
@@ -1622,7 +1746,7 @@ impl<D: Dcs> Agent<D> {
         let result = async {
             self.pg.initdb().await.map_err(|e| format!("initdb: {e}"))?;
             self.fencer.set_writable(true);
-            let started = self.pg.start(StartRole::Primary).await;
+            let started = self.start_pg(StartRole::Primary).await;
             self.forget_writable_if_stopped();
             started.map_err(|e| format!("first start: {e}"))?;
             self.pg
@@ -1863,12 +1987,11 @@ impl<D: Dcs> Agent<D> {
         } else {
             self.rewind_if_diverged(target, &local, &leader).await?;
         }
-        self.pg
-            .start(StartRole::Replica {
-                leader: Some(target.clone()),
-            })
-            .await
-            .map_err(|e| failed("starting as replica", &e))?;
+        self.start_pg(StartRole::Replica {
+            leader: Some(target.clone()),
+        })
+        .await
+        .map_err(|e| failed("starting as replica", &e))?;
         self.following = Some(target.name.clone());
         Ok(())
     }
@@ -1949,7 +2072,7 @@ impl<D: Dcs> Agent<D> {
                 None
             },
             streaming: health.is_some_and(|h| h.is_streaming()),
-            tags: self.tags.clone(),
+            tags: self.published_tags(),
             version: env!("CARGO_PKG_VERSION").into(),
             view_revision: view.revision,
             view_had_leader: view.leader.is_some(),
@@ -1958,6 +2081,7 @@ impl<D: Dcs> Agent<D> {
                 .as_ref()
                 .filter(|_| *self.vip_held.borrow())
                 .map(|v| v.cidr()),
+            warning: self.parameters.warning(),
         };
         // The key lives on the lease, so an unchanged status needs no write:
         // an idle cluster then costs etcd no fsync a second per member (flash
@@ -2103,17 +2227,7 @@ impl Failsafe {
             .members
             .iter()
             .map(|(member, url)| {
-                let mut client = crate::ctl::client::ApiClient::new(url).with_timeout(timeout);
-                if let Some(ca) = &self.ca_file
-                    && let Ok(with_ca) = client.clone().with_ca_file(ca)
-                {
-                    client = with_ca;
-                }
-                client = match (&self.auth.basic, &self.auth.token) {
-                    (_, Some(token)) => client.with_token(token),
-                    (Some((user, password)), None) => client.with_basic_auth(user, password),
-                    (None, None) => client,
-                };
+                let client = self.auth.peer_client(url, timeout, &self.ca_file);
                 let (body, member) = (body.clone(), member.clone());
                 tokio::spawn(async move {
                     let answer = client

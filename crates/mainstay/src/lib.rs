@@ -8,6 +8,7 @@ pub mod boot_clock;
 pub mod config;
 pub mod ctl;
 pub mod demo;
+pub mod parameter_guard;
 pub mod proxy;
 pub mod tls;
 pub mod vip;

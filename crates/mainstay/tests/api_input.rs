@@ -313,3 +313,201 @@ fn slow_and_idle_clients_are_cut_off() {
         h.passed = true;
     });
 }
+
+async fn show(h: &Harness, node: &str, parameter: &str) -> String {
+    let client = h.client(node).await;
+    let row = client
+        .query_one(&format!("SHOW {parameter}"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("SHOW {parameter} on {node}: {e}"));
+    row.get(0)
+}
+
+async fn patroni_doc(h: &Harness, node: &str) -> serde_json::Value {
+    api(h, node).get("/patroni").await.unwrap().body
+}
+
+#[test]
+fn postgresql_parameters_are_checked_by_every_member_and_a_failed_start_falls_back() {
+    cluster_test(async {
+        let mut h = Harness::start("api-params", 3);
+        let leader = h.healthy(Duration::from_secs(60)).await;
+        let replica = h.other_than(&leader);
+        let authed = api(&h, &replica).with_basic_auth(API_USER, API_PASSWORD);
+        let before = h.view().await;
+
+        // What PostgreSQL itself would refuse at its next start: refused
+        // now, naming the parameter and the member, and nothing stored.
+        for (parameter, value, words) in [
+            (
+                "shared_preload_libraries",
+                json!("no_such_library"),
+                "not installed",
+            ),
+            ("no_such_parameter", json!(1), "unrecognized"),
+            ("max_connections", json!(0), "outside the valid range"),
+            ("shared_buffers", json!("1TB"), "memory"),
+            ("client_min_messages", json!("bogus"), "Available values"),
+            ("work_mem", json!("4 parsecs"), "invalid value"),
+        ] {
+            let patch = json!({"postgresql": {"parameters": {parameter: value}}});
+            let error = expect_refusal(
+                &authed,
+                "PATCH",
+                "/config",
+                patch.to_string().as_bytes(),
+                400,
+            )
+            .await;
+            assert!(
+                error.contains(&format!("postgresql.parameters.{parameter} on {leader}"))
+                    && error.contains(words),
+                "{parameter}: {error}"
+            );
+        }
+        let after = h.view().await;
+        assert_eq!(
+            after.config_revision, before.config_revision,
+            "nothing stored"
+        );
+
+        // A library every member has is accepted.
+        patch_config(
+            &h,
+            &replica,
+            json!({"postgresql": {"parameters": {"shared_preload_libraries": "pg_stat_statements"}}}),
+        )
+        .await;
+
+        // Written straight into etcd, around the API: each agent checks
+        // what it would apply, refuses it and says so; the server keeps its
+        // value.
+        let dcs = h.cluster.dcs().await.expect("etcd client");
+        let current = h.view().await;
+        let mut document = current.config.clone().unwrap_or(json!({}));
+        document["postgresql"]["parameters"]["work_mem"] = json!("4 parsecs");
+        assert!(
+            dcs.write_config(&document, current.config_revision)
+                .await
+                .unwrap()
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let warning = patroni_doc(&h, &replica).await["config_warning"].clone();
+            if warning.as_str().is_some_and(|w| w.contains("work_mem")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no warning on {replica}: {warning}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(show(&h, &replica, "work_mem").await, "4MB");
+        patch_config(
+            &h,
+            &replica,
+            json!({"postgresql": {"parameters": {"work_mem": "8MB"}}}),
+        )
+        .await;
+        h.wait_for("work_mem applied", Duration::from_secs(15), async |_| {
+            (show(&h, &replica, "work_mem").await == "8MB").then_some(())
+        })
+        .await;
+        h.wait_for("the warning to go", Duration::from_secs(5), async |_| {
+            patroni_doc(&h, &replica).await["config_warning"]
+                .is_null()
+                .then_some(())
+        })
+        .await;
+
+        // Something only a start finds out (ssl without a certificate): the
+        // restart falls back to the last parameters that started, says so
+        // everywhere, and the node stays out of elections.
+        patch_config(
+            &h,
+            &replica,
+            json!({"postgresql": {"parameters": {"ssl": "on"}}}),
+        )
+        .await;
+        let i = h.cluster.node_index(&replica).unwrap();
+        let conf = h.cluster.nodes[i].data_dir().join("mainstay.conf");
+        h.wait_for(
+            "ssl written for the restart",
+            Duration::from_secs(10),
+            async |_| {
+                let text = std::fs::read_to_string(&conf).unwrap_or_default();
+                text.contains("ssl = 'on'").then_some(())
+            },
+        )
+        .await;
+        let restart = api(&h, &replica)
+            .with_basic_auth(API_USER, API_PASSWORD)
+            .request(hyper::Method::POST, "/restart", None)
+            .await
+            .unwrap();
+        assert_eq!(restart.status, 409, "{}", restart.text);
+        assert!(
+            restart.text.contains("last parameters it started with"),
+            "{}",
+            restart.text
+        );
+        assert_eq!(show(&h, &replica, "ssl").await, "off");
+        h.wait_for(
+            "the fallback in /patroni",
+            Duration::from_secs(5),
+            async |_| {
+                let patroni = patroni_doc(&h, &replica).await;
+                patroni["config_warning"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("fallback") && w.contains("ssl"))
+                    .then_some(())
+            },
+        )
+        .await;
+        h.wait_for(
+            "the fallback in the member's status",
+            Duration::from_secs(15),
+            async |view| {
+                let status = &view.members.get(&replica)?.status;
+                (status.tags.nofailover && status.warning.is_some()).then_some(())
+            },
+        )
+        .await;
+        let (code, out, err) = run_ctl(&h, &leader, &["list"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains(&format!("WARNING {replica}: running on fallback")),
+            "{out}"
+        );
+        // The operator takes the change back and restarts: the fallback is
+        // over.
+        patch_config(
+            &h,
+            &replica,
+            json!({"postgresql": {"parameters": {"ssl": null}}}),
+        )
+        .await;
+        let restart = api(&h, &replica)
+            .with_basic_auth(API_USER, API_PASSWORD)
+            .request(hyper::Method::POST, "/restart", None)
+            .await
+            .unwrap();
+        assert_eq!(restart.status, 200, "{}", restart.text);
+        assert_eq!(
+            show(&h, &replica, "shared_preload_libraries").await,
+            "pg_stat_statements"
+        );
+        h.wait_for(
+            "the fallback to end",
+            Duration::from_secs(15),
+            async |view| {
+                let status = &view.members.get(&replica)?.status;
+                (!status.tags.nofailover && status.warning.is_none()).then_some(())
+            },
+        )
+        .await;
+        h.healthy(Duration::from_secs(30)).await;
+        h.passed = true;
+    });
+}

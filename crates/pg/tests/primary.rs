@@ -13,7 +13,82 @@ fn main() {
         ("refuses_to_use_a_foreign_directory", || {
             Box::pin(refuses_to_use_a_foreign_directory())
         }),
+        ("parameters_are_checked_by_the_server_itself", || {
+            Box::pin(parameters_are_checked_by_the_server_itself())
+        }),
     ]);
+}
+
+/// `postgres -C` on a scratch file: what a start would refuse is found
+/// without a server, with PostgreSQL's own words.
+async fn parameters_are_checked_by_the_server_itself() {
+    if !postgres_available() {
+        return;
+    }
+    let check = async |pairs: &[(&str, &str)]| {
+        let parameters = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        mainstay_pg::check_parameters(std::path::Path::new(BIN_DIR), Some("postgres"), &parameters)
+            .await
+            .expect("the check runs")
+    };
+    let fine = check(&[
+        ("work_mem", "64MB"),
+        ("max_connections", "200"),
+        ("wal_level", "logical"),
+        (
+            "shared_preload_libraries",
+            "pg_stat_statements, auto_explain",
+        ),
+        ("auto_explain.log_min_duration", "250ms"),
+        ("application_name", "it's \\ fine"),
+        ("shared_buffers", "128MB"),
+    ])
+    .await;
+    assert!(fine.is_empty(), "{fine:?}");
+    for (pairs, parameter, words) in [
+        (
+            &[("max_connections", "0")][..],
+            "max_connections",
+            "outside the valid range",
+        ),
+        (&[("wal_level", "bogus")], "wal_level", "Available values"),
+        (
+            &[("no_such_parameter", "1")],
+            "no_such_parameter",
+            "unrecognized",
+        ),
+        (
+            &[("block_size", "16384")],
+            "block_size",
+            "cannot be changed",
+        ),
+        (&[("work_mem", "4 parsecs")], "work_mem", "invalid value"),
+        (
+            &[(
+                "shared_preload_libraries",
+                "pg_stat_statements,no_such_library",
+            )],
+            "shared_preload_libraries",
+            "\"no_such_library\" is not installed",
+        ),
+        (
+            &[("local_preload_libraries", "auto_explain")],
+            "local_preload_libraries",
+            "plugins",
+        ),
+        (&[("shared_buffers", "1TB")], "shared_buffers", "memory"),
+    ] {
+        let problems = check(pairs).await;
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.parameter == parameter && p.message.contains(words)),
+            "{pairs:?}: {problems:?}"
+        );
+    }
 }
 
 async fn primary_lifecycle() {

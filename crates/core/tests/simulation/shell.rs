@@ -300,6 +300,7 @@ impl Sim {
             view_revision: view.revision,
             view_had_leader: view.leader.is_some(),
             vip: None,
+            warning: None,
         };
         let published = view.members.get(&node.name).is_some_and(|record| {
             record.lease_id == lease

@@ -34,6 +34,7 @@ pub fn member(name: &str) -> MemberStatus {
         view_revision: 0,
         view_had_leader: false,
         vip: None,
+        warning: None,
     }
 }
 

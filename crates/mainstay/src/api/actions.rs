@@ -62,13 +62,34 @@ impl ApiAuth {
              token (api.token)",
         ))
     }
+
+    /// A client for another agent's API with this agent's own credentials
+    /// (every agent of a cluster shares them) and CA.
+    pub fn peer_client(
+        &self,
+        url: &str,
+        timeout: Duration,
+        ca_file: &Option<std::path::PathBuf>,
+    ) -> crate::ctl::client::ApiClient {
+        let mut client = crate::ctl::client::ApiClient::new(url).with_timeout(timeout);
+        if let Some(ca) = ca_file
+            && let Ok(with_ca) = client.clone().with_ca_file(ca)
+        {
+            client = with_ca;
+        }
+        match (&self.basic, &self.token) {
+            (_, Some(token)) => client.with_token(token),
+            (Some((user, password)), None) => client.with_basic_auth(user, password),
+            (None, None) => client,
+        }
+    }
 }
 
 /// A refused request: the status code and the reason, sent as JSON.
 pub struct Refusal(StatusCode, String);
 
 impl Refusal {
-    fn new(code: StatusCode, reason: impl Into<String>) -> Refusal {
+    pub(super) fn new(code: StatusCode, reason: impl Into<String>) -> Refusal {
         Refusal(code, reason.into())
     }
 }
@@ -106,7 +127,7 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Refusal> {
 }
 
 /// An authenticated request with a well-formed body, or why not.
-fn accept<T: for<'de> Deserialize<'de>>(
+pub(super) fn accept<T: for<'de> Deserialize<'de>>(
     auth: &ApiAuth,
     headers: &HeaderMap,
     body: &Bytes,
@@ -116,7 +137,7 @@ fn accept<T: for<'de> Deserialize<'de>>(
 }
 
 /// The view as the DCS holds it now; refusing on a stale view would be wrong.
-async fn current_view<D: Dcs>(state: &ApiState<D>) -> Result<ClusterView, Refusal> {
+pub(super) async fn current_view<D: Dcs>(state: &ApiState<D>) -> Result<ClusterView, Refusal> {
     match tokio::time::timeout(state.dcs_timeout, state.dcs.read_cluster()).await {
         Ok(Ok(view)) => Ok(view),
         Ok(Err(err)) => Err(Refusal::new(
@@ -496,8 +517,15 @@ pub async fn change_config<D: Dcs>(
     } else {
         merge_patch(&base, &change)
     };
-    if let Err(problem) = DynamicConfig::from_json(&new) {
-        return error(StatusCode::BAD_REQUEST, format!("refused: {problem}"));
+    let parsed = match DynamicConfig::from_json(&new) {
+        Ok(parsed) => parsed,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, format!("refused: {problem}")),
+    };
+    let stored_parameters = DynamicConfig::from_json(&base).map(|c| c.postgresql.parameters);
+    if stored_parameters.as_ref() != Ok(&parsed.postgresql.parameters)
+        && let Err(refused) = super::param_check::check_everywhere(&state, &new, &parsed).await
+    {
+        return refused.into_response();
     }
     match state.dcs.write_config(&new, revision).await {
         Ok(true) => axum::Json(new).into_response(),

@@ -8,9 +8,11 @@ mod actions;
 pub mod health;
 mod metrics;
 mod openapi;
+mod param_check;
 mod serve;
 mod status;
 
+pub use param_check::ParamCheck;
 pub use serve::{Limits, MAX_BODY_BYTES, bind, serve};
 
 use axum::Router;
@@ -72,6 +74,9 @@ pub struct NodeSnapshot {
     pub vip: Option<(String, bool)>,
     /// Why the configured kernel watchdog cannot be used, if it cannot.
     pub watchdog_failed: Option<String>,
+    /// The cluster's PostgreSQL parameters are refused here, or PostgreSQL
+    /// runs on the last parameters it started with.
+    pub config_warning: Option<String>,
 }
 
 impl NodeSnapshot {
@@ -100,6 +105,7 @@ impl NodeSnapshot {
             sync_standbys: Vec::new(),
             vip: None,
             watchdog_failed: None,
+            config_warning: None,
         }
     }
 
@@ -198,6 +204,10 @@ pub struct ApiState<D> {
     /// The command handed to the HA loop and not answered yet, and since
     /// when: a second one is refused rather than queued behind it.
     pub running_command: std::sync::Mutex<Option<(String, Instant)>>,
+    /// How this node checks PostgreSQL parameters (`POST /config/check`).
+    pub params: ParamCheck,
+    /// The CA that signed the other agents' API certificates.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl<D: Dcs> ApiState<D> {
@@ -261,6 +271,7 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
                     actions::change_config(s, h, b, true)
                 }),
         )
+        .route("/config/check", post(param_check::check_here::<D>))
         .route(
             "/switchover",
             post(actions::switchover::<D>).delete(actions::cancel::<D>),

@@ -112,6 +112,9 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
         doc.insert("watchdog_failed".into(), json!(true));
         doc.insert("watchdog_failed_reason".into(), json!(reason));
     }
+    if let Some(warning) = &node.config_warning {
+        doc.insert("config_warning".into(), json!(warning));
+    }
     if node.is_sync_standby() {
         doc.insert("sync_standby".into(), json!(true));
     }
@@ -174,6 +177,9 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
             });
             if let Some(vip) = &m.vip {
                 member["vip"] = json!(vip);
+            }
+            if let Some(warning) = &m.warning {
+                member["warning"] = json!(warning);
             }
             if !is_leader && m.role == PgRole::Replica {
                 let lsn = m.received_lsn.max(m.replayed_lsn);

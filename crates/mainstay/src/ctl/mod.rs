@@ -531,6 +531,11 @@ impl Ctl {
         if let Some(s) = cluster.get("scheduled_switchover") {
             println!("Switchover pending: {s}");
         }
+        for m in cluster["members"].as_array().into_iter().flatten() {
+            if let Some(warning) = m["warning"].as_str() {
+                println!("WARNING {}: {warning}", m["name"].as_str().unwrap_or("?"));
+            }
+        }
         Ok(())
     }
 
