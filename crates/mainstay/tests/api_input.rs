@@ -136,6 +136,13 @@ fn harmful_requests_are_refused_and_change_nothing() {
             .await
             .unwrap();
         assert_eq!(again.status, 409, "{}", again.text);
+        assert!(
+            again
+                .text
+                .contains(&format!("a switchover from {leader} scheduled at")),
+            "says what is pending: {}",
+            again.text
+        );
         let doc = cluster_doc(&h, &replica).await.expect("GET /cluster");
         assert!(
             doc["scheduled_switchover"]["at"].is_string(),

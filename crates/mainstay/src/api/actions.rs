@@ -343,10 +343,16 @@ async fn submit<D: Dcs>(state: &ApiState<D>, request: FailoverRequest, leader: &
     match tokio::time::timeout(state.dcs_timeout, state.dcs.put_failover(&request, 0)).await {
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => {
+            let pending = match current_view(state).await.map(|v| v.failover) {
+                Ok(Some(record)) => describe_pending(&record),
+                _ => "another switchover or failover".into(),
+            };
             return error(
                 StatusCode::CONFLICT,
-                "another switchover or failover is pending: see GET /cluster, cancel it with \
-                 DELETE /switchover",
+                format!(
+                    "{pending} is pending: wait for it, or cancel it with DELETE /switchover \
+                     (`mainstay ctl cancel-switchover`)"
+                ),
             );
         }
         Ok(Err(err)) => {
@@ -406,6 +412,30 @@ async fn submit<D: Dcs>(state: &ApiState<D>, request: FailoverRequest, leader: &
         StatusCode::SERVICE_UNAVAILABLE,
         format!("the {kind} did not finish in time: see GET /cluster"),
     )
+}
+
+/// "a switchover from a to b at 2026-12-24T03:00:00Z", for refusals.
+fn describe_pending(record: &mainstay_core::FailoverRecord) -> String {
+    let Ok(request) = &record.request else {
+        return "an unreadable switchover or failover request".into();
+    };
+    let mut text = match request.kind {
+        FailoverKind::Switchover => "a switchover".to_string(),
+        FailoverKind::Failover => "a failover".to_string(),
+    };
+    if let Some(leader) = &request.leader {
+        text.push_str(&format!(" from {leader}"));
+    }
+    if let Some(candidate) = &request.candidate {
+        text.push_str(&format!(" to {candidate}"));
+    }
+    if let Some(at) = request.scheduled_at {
+        match super::status::rfc3339(at) {
+            Value::String(time) => text.push_str(&format!(" scheduled at {time}")),
+            _ => text.push_str(&format!(" scheduled at Unix time {at}")),
+        }
+    }
+    text
 }
 
 #[derive(Deserialize)]

@@ -213,7 +213,7 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
 
 /// A Unix time as RFC 3339, or as the bare number when it is beyond what
 /// RFC 3339 can write (a request stored by hand may hold any number).
-fn rfc3339(unix_secs: u64) -> Value {
+pub(super) fn rfc3339(unix_secs: u64) -> Value {
     const YEAR_10000: u64 = 253_402_300_800;
     match UNIX_EPOCH.checked_add(std::time::Duration::from_secs(unix_secs)) {
         Some(time) if unix_secs < YEAR_10000 => {
