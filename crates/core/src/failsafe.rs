@@ -4,7 +4,8 @@
 //! restarted or joined after the list was written, and was therefore never
 //! asked) cannot win an election while the promise stands.
 
-use crate::decide::{Action, Observation};
+use crate::action::Action;
+use crate::observation::Observation;
 use crate::types::{ClusterView, FailsafeState};
 
 /// Every member confirmed this node's primary until a deadline not yet past,

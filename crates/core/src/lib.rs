@@ -3,11 +3,13 @@
 //! arrives as a value inside the observation. That is what lets the
 //! simulation tests drive thousands of clusters through faults in seconds.
 
+pub mod action;
 pub mod candidate;
 pub mod decide;
 pub mod dynamic;
 pub mod failsafe;
 pub mod lease;
+pub mod observation;
 pub mod switchover;
 pub mod sync;
 pub mod timeline;

@@ -14,19 +14,10 @@
 //! So every member of `sync` is always in the names, and has every commit
 //! acknowledged since it joined them as well as every one before.
 
-use crate::decide::{Action, LocalPg, Observation};
+use crate::action::Action;
+pub use crate::observation::Standby;
+use crate::observation::{LocalPg, Observation};
 use crate::types::{ClusterView, Lsn};
-
-/// One standby as the primary sees it in `pg_stat_replication`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Standby {
-    /// Its `application_name`: the member's name.
-    pub name: String,
-    pub flush: Lsn,
-    /// "sync", "quorum", "potential", "async".
-    pub sync_state: String,
-    pub streaming: bool,
-}
 
 /// The `synchronous_standby_names` value for `names`; `block` (strict mode
 /// without any standby) makes every commit wait for a standby to appear.

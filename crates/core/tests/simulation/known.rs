@@ -29,7 +29,7 @@ pub(crate) enum KnownBug {
     /// the history file of N-1) passes as a prefix, since only local entries
     /// are looked up in the leader's history.
     HistoryEntryMissing,
-    /// decide.rs `leaderless`: a node that never saw a leadership (cut off
+    /// decide/leaderless.rs: a node that never saw a leadership (cut off
     /// or with failed reads while another node led) still counts its
     /// election wait from when it first saw no leader, long ago, so it
     /// takes the key at once, ignoring a member whose latest status dates
