@@ -594,7 +594,7 @@ pub async fn command<D: Dcs>(
     }
     match tokio::time::timeout(Duration::from_secs(600), answer).await {
         Ok(Ok(Ok(message))) => axum::Json(json!({ "message": message })).into_response(),
-        Ok(Ok(Err((code, reason)))) => error(code, reason),
+        Ok(Ok(Err((refusal, reason)))) => error(refusal.status(), reason),
         _ => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent did not finish the command in time: see its log",

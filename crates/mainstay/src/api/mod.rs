@@ -185,9 +185,33 @@ impl Command {
     }
 }
 
-/// The HA loop's answer: a message, or the status code and reason of a
-/// refusal.
-pub type CommandReply = tokio::sync::oneshot::Sender<Result<String, (StatusCode, String)>>;
+/// Why the HA loop did not do a command; the API turns it into a status
+/// code, so that the agent knows nothing of HTTP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandRefusal {
+    /// Not in this state: another node must do it, or something else runs.
+    Conflict,
+    /// Not now: the DCS or the leader cannot be reached.
+    Unavailable,
+    /// The named member is not known.
+    NotFound,
+    /// Tried, and it failed.
+    Failed,
+}
+
+impl CommandRefusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            CommandRefusal::Conflict => StatusCode::CONFLICT,
+            CommandRefusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            CommandRefusal::NotFound => StatusCode::NOT_FOUND,
+            CommandRefusal::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// The HA loop's answer: a message, or why not.
+pub type CommandReply = tokio::sync::oneshot::Sender<Result<String, (CommandRefusal, String)>>;
 
 pub struct ApiState<D> {
     pub snapshot: watch::Receiver<Arc<NodeSnapshot>>,

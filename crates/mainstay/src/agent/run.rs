@@ -1,0 +1,346 @@
+//! Wiring: the tasks the agent starts (REST API, proxy, VIP, lease keeper,
+//! watch forwarding, etcd leader placement, watchdog), the HA loop that
+//! drives turns, and the clean shutdown.
+
+use super::*;
+
+impl<D: Dcs> Agent<D> {
+    /// Checks the capabilities and the interface (a startup error when
+    /// either is missing), then runs the VIP task: it holds the address
+    /// while this node leads with a running primary, for no longer than
+    /// the lease's fencing deadline, which each renewal extends.
+    pub(super) async fn start_vip(
+        &self,
+        spec: crate::vip::VipSpec,
+    ) -> Result<
+        (
+            tokio::sync::oneshot::Sender<()>,
+            tokio::task::JoinHandle<()>,
+        ),
+        String,
+    > {
+        crate::vip::check_capabilities()?;
+        let cidr = spec.cidr();
+        let vip = crate::vip::Vip::open(spec).await?;
+        info!(vip = %cidr, "virtual IP managed");
+        let (hold_tx, hold_rx) = watch::channel(None);
+        let (mut lease, mut leading) = (self.lease.clone(), self.leading.subscribe());
+        tokio::spawn(async move {
+            loop {
+                let hold_until = if *leading.borrow_and_update() {
+                    let lease = *lease.borrow_and_update();
+                    lease.id.map(|_| boot_clock::instant_at(lease.valid_until))
+                } else {
+                    None
+                };
+                hold_tx.send_if_modified(|current| {
+                    let changed = *current != hold_until;
+                    *current = hold_until;
+                    changed
+                });
+                tokio::select! {
+                    changed = lease.changed() => if changed.is_err() { break },
+                    changed = leading.changed() => if changed.is_err() { break },
+                }
+            }
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(crate::vip::run(
+            vip,
+            hold_rx,
+            self.vip_held.clone(),
+            self.timing.loop_wait.min(Duration::from_secs(1)),
+            stopped,
+        ));
+        Ok((stop, task))
+    }
+
+    /// Runs until `shutdown` resolves (SIGTERM/SIGINT) or a fatal error.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+        info!(node = %self.name, ttl = ?self.timing.ttl, loop_wait = ?self.timing.loop_wait, "agent starting");
+        // PostgreSQL never runs unguarded: a machine where the guard cannot
+        // run is refused before anything is touched.
+        mainstay_pg::check_guard(&self.pg.settings().guard_program)?;
+        // The interface is checked before anything is written.
+        let vip = match &self.vip {
+            Some(spec) => Some(self.start_vip(spec.clone()).await?),
+            None => None,
+        };
+        self.pg
+            .write_pgpass()
+            .await
+            .map_err(|e| format!("cannot write the password file: {e}"))?;
+        if self.pg.is_running() {
+            // Not started by this agent, so no guard of ours enforces its
+            // deadline (started by hand, or an earlier agent's guard could
+            // not stop it): it may be a primary that nobody fences.
+            warn!(
+                "a PostgreSQL not started by this agent runs on the data directory: stopping it \
+                 (immediate) so that it runs under a fencing guard"
+            );
+            self.pg
+                .stop(StopMode::Immediate)
+                .await
+                .map_err(|e| format!("cannot stop the PostgreSQL found running: {e}"))?;
+        }
+        let lease_tx = self.lease_tx.take().ok_or("the agent runs only once")?;
+        let tls = match &self.api_tls_files {
+            Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
+            None => None,
+        };
+        let listener = crate::api::bind(&self.api_listen).await?;
+        let mut listeners = Vec::new();
+        for (access, key, listen) in &self.proxy_listens {
+            listeners.push((*access, crate::proxy::bind(key, listen)?));
+            info!(listen, listener = access.label(), "proxy listening");
+        }
+        let proxy = if listeners.is_empty() {
+            None
+        } else {
+            Some(crate::proxy::spawn(
+                listeners,
+                self.route.subscribe(),
+                self.proxy_wait,
+                self.proxy_stats.clone(),
+            )?)
+        };
+        // One command at a time: a second caller waits its turn.
+        let (command_tx, mut commands) = tokio::sync::mpsc::channel(1);
+        info!(listen = %self.api_listen, "REST API listening");
+        let api = tokio::spawn(crate::api::serve(
+            listener,
+            crate::api::router(Arc::new(ApiState {
+                proxy: (!self.proxy_listens.is_empty()).then(|| {
+                    (
+                        self.proxy_stats.clone(),
+                        self.proxy_listens.iter().map(|l| l.0.label()).collect(),
+                    )
+                }),
+                snapshot: self.snapshot.subscribe(),
+                dcs: self.dcs.clone(),
+                dcs_timeout: self.timing.dcs_timeout,
+                ttl: self.timing.ttl,
+                auth: self.api_auth.clone(),
+                commands: command_tx,
+                failsafe_contact: self.failsafe_contact.clone(),
+                running_command: Default::default(),
+                params: crate::api::ParamCheck {
+                    bin_dir: self.pg.settings().bin_dir.clone(),
+                    run_as: self.pg.settings().run_as.clone(),
+                    file_parameters: self.file_parameters.clone(),
+                },
+                ca_file: self.api_ca_file.clone(),
+            })),
+            tls,
+            self.api_limits,
+        ));
+        let keeper = tokio::spawn(keep_lease(LeaseKeeper {
+            dcs: self.dcs.clone(),
+            name: self.name.clone(),
+            timing: self.timing,
+            tx: lease_tx,
+            fencer: self.fencer.clone(),
+            wake: self.wake.clone(),
+            latency_us: self.renew_latency_us.clone(),
+            paused: self.renewals_paused.clone(),
+            failsafe: Failsafe {
+                peers: self.failsafe_peers.clone(),
+                auth: self.api_auth.clone(),
+                ca_file: self.api_ca_file.clone(),
+            },
+        }));
+        let watcher = tokio::spawn(forward_watch(
+            self.dcs.clone(),
+            self.member_interest.clone(),
+            self.wake.clone(),
+        ));
+        let dcs_leader_mover = tokio::spawn(keep_dcs_leader_away(
+            self.dcs.clone(),
+            self.leading.subscribe(),
+        ));
+        let watchdog = (self.watchdog == Availability::Ready).then(|| {
+            let fencer = self.fencer.clone();
+            tokio::spawn(crate::watchdog_keeper::keep(
+                self.watchdog_config.clone(),
+                self.lease.clone(),
+                move || fencer.writable(),
+                self.timing.fencing_margin,
+            ))
+        });
+        tokio::pin!(shutdown);
+        let result = loop {
+            let turn_started = Instant::now();
+            let mut next = turn_started + self.timing.loop_wait;
+            let mut fatal = None;
+            // A turn that changed something is followed at once by another,
+            // so that e.g. taking the leader key and promoting happen together.
+            for _ in 0..6 {
+                match self.turn().await {
+                    Ok((changed, wake_at)) => {
+                        if let Some(at) = wake_at {
+                            next = next.min(self.origin + Duration::from_millis(at.0));
+                        }
+                        if !changed {
+                            break;
+                        }
+                    }
+                    Err(TurnError::Fatal(reason)) => {
+                        fatal = Some(reason);
+                        break;
+                    }
+                    Err(TurnError::Failed(reason)) => {
+                        warn!("{reason}");
+                        break;
+                    }
+                }
+            }
+            self.publish_snapshot(turn_started);
+            self.publish_route();
+            if keeper.is_finished() {
+                // Without it no deadline is ever extended: the guard would
+                // fence a healthy primary.
+                fatal = Some("the lease keeper stopped".into());
+            }
+            if let Some(reason) = fatal {
+                error!("stopping the agent: {reason}");
+                break Err(reason);
+            }
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                Some((command, reply)) = commands.recv() => {
+                    let answer = self.run_command(command).await;
+                    let _ = reply.send(answer);
+                }
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(5))) => {}
+            }
+        };
+        if let Some((stop, task)) = vip {
+            // The address goes before PostgreSQL stops: clients get a quick
+            // refusal from the next holder instead of a timeout here.
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
+        self.shut_down().await;
+        keeper.abort();
+        if let Some(task) = watchdog {
+            // PostgreSQL is stopped: the keeper's lease channel closes with
+            // the lease keeper and the watchdog is closed cleanly, never
+            // dropped (that would reset the host).
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
+        api.abort();
+        drop(proxy);
+        watcher.abort();
+        dcs_leader_mover.abort();
+        result
+    }
+
+    /// SIGTERM: a primary stops cleanly (replicas receive everything) and
+    /// gives the leader key up so the best replica takes over at once.
+    pub(super) async fn shut_down(&mut self) {
+        let lease = self.lease.borrow().id;
+        let leading = match (self.dcs.read_cluster().await, lease) {
+            (Ok(view), Some(lease)) => view
+                .leader
+                .is_some_and(|l| l.name == self.name && l.lease_id == lease),
+            _ => false,
+        };
+        info!(leading, "shutting down: stopping PostgreSQL");
+        if self.pg.is_running()
+            && let Err(err) = self.pg.stop(StopMode::Fast).await
+        {
+            warn!("fast shutdown failed ({err}): immediate shutdown");
+            self.pg.fencer().fence_now();
+            let _ = self.pg.stop(StopMode::Immediate).await;
+        }
+        let stopped = !self.pg.is_running();
+        if stopped {
+            self.fencer.set_writable(false);
+        }
+        if let Some(lease) = lease {
+            // A primary that may still accept writes keeps the key: the
+            // others take over only once the lease (and the watchdog's
+            // deadline before it) has run out.
+            if leading && !stopped {
+                error!("PostgreSQL did not stop: keeping the leader key until the lease expires");
+                return;
+            }
+            if leading {
+                match self.dcs.release_leader(&self.name, lease).await {
+                    Ok(_) => info!("released the leader key: the best replica takes over"),
+                    Err(err) => warn!("cannot release the leader key: {err}"),
+                }
+            }
+            let _ = self.dcs.revoke_lease(lease).await;
+        }
+        info!("agent stopped");
+    }
+}
+
+/// While this node leads, keeps etcd's leader on another host: if this
+/// host died holding both, etcd's new leader would extend every lease,
+/// ours included, by a full TTL and the failover would take twice as long.
+async fn keep_dcs_leader_away<D: Dcs>(dcs: Arc<D>, mut leading: watch::Receiver<bool>) {
+    const EVERY: Duration = Duration::from_secs(2);
+    const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
+    loop {
+        if !*leading.borrow_and_update() {
+            if leading.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let local = local_addresses();
+        match tokio::time::timeout(MOVE_TIMEOUT, dcs.keep_leader_away(&local)).await {
+            Ok(Ok(Some(member))) => info!(
+                to = %member,
+                "moved etcd's leadership off this host: a host holding both the etcd leader \
+                 and the primary would double the failover time if it died"
+            ),
+            Ok(Ok(None)) => {}
+            Ok(Err(err)) => debug!("cannot check where etcd's leader runs: {err}"),
+            Err(_) => debug!("cannot check where etcd's leader runs: no answer"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            changed = leading.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Every address on this host's interfaces.
+fn local_addresses() -> Vec<std::net::IpAddr> {
+    let mut addresses = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` on success; it is walked read-only
+    // and freed once below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return addresses;
+    }
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*entry };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr of the family it names.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    addresses.push(std::net::IpAddr::from(
+                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                    ));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    addresses.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        entry = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    addresses
+}
