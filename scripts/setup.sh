@@ -5,20 +5,23 @@
 # (the integration tests check mainstay's REST API behind a real one),
 # iproute2 (the virtual IP tests build hosts as network namespaces; tc
 # squeezes a link in the fault suite), nftables (the fault suite drops
-# packets and cuts hosts off etcd) and keepalived (`mainstay bench
-# endpoints` compares the VIP with it).
-# Safe to run again and again; it only calls apt-get when something is missing.
+# packets and cuts hosts off etcd), keepalived (`mainstay bench
+# endpoints` compares the VIP with it), and Python's venv, in which
+# schemathesis (from PyPI) fuzzes the REST API against its OpenAPI document
+# (tests/api_fuzz.rs) from a virtualenv of its own, /opt/mainstay-venv.
+# Safe to run again and again; it only calls apt-get when something is
+# missing, and pip only when schemathesis is not there in its pinned version.
 set -euo pipefail
 
-packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables)
+packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables python3 python3-venv)
 missing=()
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 
 if [ "${#missing[@]}" -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
     # Debian would create and start a cluster on port 5432; mainstay runs its
     # own PostgreSQL, so tell postgresql-common not to.
     $sudo mkdir -p /etc/postgresql-common
@@ -52,8 +55,19 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     done
 fi
 
-for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/sbin/nft /usr/sbin/tc /usr/bin/setpriv; do
+# schemathesis, pinned; tests/api_fuzz.rs runs it from here (or from
+# MAINSTAY_SCHEMATHESIS). Debian's own python3, whatever else is on PATH.
+venv=/opt/mainstay-venv
+schemathesis_version=4.32.5
+if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qx "schemathesis, version $schemathesis_version"; then
+    echo "setup: installing schemathesis $schemathesis_version into $venv"
+    [ -x "$venv/bin/pip" ] || $sudo /usr/bin/python3 -m venv "$venv"
+    $sudo env PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/pip" install --quiet --no-input \
+        "schemathesis==$schemathesis_version"
+fi
+
+for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/sbin/nft /usr/sbin/tc /usr/bin/setpriv "$venv/bin/schemathesis"; do
     [ -x "$tool" ] || { echo "setup: $tool is still missing after the install" >&2; exit 1; }
 done
 id postgres >/dev/null 2>&1 || { echo "setup: the postgres OS user is missing" >&2; exit 1; }
-echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}'), protoc and HAProxy $(/usr/sbin/haproxy -v | head -1 | awk '{print $3}') are in place"
+echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}'), protoc, HAProxy $(/usr/sbin/haproxy -v | head -1 | awk '{print $3}') and schemathesis $schemathesis_version are in place"

@@ -3,6 +3,8 @@
 //! arrives as a value inside the observation. That is what lets the
 //! simulation tests drive thousands of clusters through faults in seconds.
 
+#![forbid(unsafe_code)]
+
 pub mod action;
 pub mod candidate;
 pub mod decide;

@@ -21,6 +21,8 @@
 //! current state, so two nodes can never both believe a write made them
 //! leader.
 
+#![forbid(unsafe_code)]
+
 mod etcd;
 mod memory;
 

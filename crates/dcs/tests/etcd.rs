@@ -2,6 +2,8 @@
 //! test, on free loopback ports), plus the failures only a real server
 //! shows: a frozen etcd, a dead one, and a member cut off from its quorum.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::RawWriter;

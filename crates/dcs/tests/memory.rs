@@ -1,6 +1,8 @@
 //! The DCS contract checks run against `MemoryDcs`, on paused tokio time so
 //! that lease expiry costs nothing.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::RawWriter;

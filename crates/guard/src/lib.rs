@@ -13,14 +13,17 @@
 //! - `clock`: deadlines on `CLOCK_BOOTTIME` (a host suspend counts);
 //! - `rules`: what the guard does on each event, pure and unit-tested;
 //! - `process`: the guard's main loop (poll on the socket, a timer and the
-//!   postmaster's pidfd), which only carries the rules out;
-//! - `sys`: the only `unsafe` of the crate.
+//!   postmaster's pidfd), which only carries the rules out.
+//!
+//! The system calls std has no safe form of come from `mainstay-sys`; this
+//! crate has no `unsafe` of its own.
+
+#![forbid(unsafe_code)]
 
 pub mod clock;
 mod process;
 pub mod protocol;
 pub mod rules;
-mod sys;
 
 pub use clock::BootTime;
 pub use process::{GUARD_ARG, GuardArgs, SELF_TEST_ARG, main, run_if_asked, self_test};

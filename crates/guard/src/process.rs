@@ -6,7 +6,7 @@
 use crate::clock::BootTime;
 use crate::protocol::{FromGuard, ToGuard};
 use crate::rules::{Effect, Rules};
-use crate::sys;
+use mainstay_sys::process as sys;
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open};
 use rustix::time::{
@@ -167,7 +167,7 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
     if let Some(uid) = args.uid {
         cmd.uid(uid);
     }
-    sys::die_with_parent(&mut cmd, Signal::QUIT);
+    sys::die_with_parent(&mut cmd, libc::SIGQUIT);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -177,11 +177,11 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
         }
     };
     let pid = Pid::from_raw(child.id() as i32).ok_or("the postmaster has no pid")?;
-    sys::ignore_stray_signals();
-    match sys::prefer_in_scheduler() {
-        sys::Priority::RealTime => {}
-        sys::Priority::Nice => log("no real-time scheduling allowed: running at nice -20"),
-        sys::Priority::Ordinary(e) => log(&format!(
+    ignore_stray_signals();
+    match prefer_in_scheduler() {
+        Priority::RealTime => {}
+        Priority::Nice => log("no real-time scheduling allowed: running at nice -20"),
+        Priority::Ordinary(e) => log(&format!(
             "cannot raise its scheduling priority ({e}): after a host resumes, a thawed backend \
              may run before the fence"
         )),
@@ -443,6 +443,55 @@ impl Link {
             log(&format!("could not tell the agent {report:?}: {e}"));
         }
     }
+}
+
+/// Signals that would end the guard by default but must not: the guard dies
+/// only when PostgreSQL is gone, or by SIGKILL (and then PostgreSQL gets its
+/// parent-death signal). Called after the postmaster is started, so that
+/// the postmaster does not inherit the ignored dispositions.
+fn ignore_stray_signals() {
+    for signal in [
+        libc::SIGHUP,
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGPIPE,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+    ] {
+        let _ = sys::ignore_signal(signal);
+    }
+}
+
+/// How the guard asked the scheduler to run it first.
+enum Priority {
+    /// SCHED_FIFO: it preempts every ordinary process the moment it wakes.
+    RealTime,
+    /// Highest nice value: no real-time allowed here (no CAP_SYS_NICE).
+    Nice,
+    Ordinary(std::io::Error),
+}
+
+/// Makes the guard the first process to run when it wakes up: when a host
+/// resumes from a suspend, every process thaws at once, and each
+/// millisecond the guard waits for a CPU is a millisecond in which a thawed
+/// backend may acknowledge a commit past the deadline. Cluster fencing
+/// daemons (corosync, sbd) run real-time for the same reason. The guard
+/// sleeps in poll() all the time but for a few microseconds per event, so
+/// it cannot starve the host (and the kernel's real-time throttling bounds
+/// it anyway). SCHED_RESET_ON_FORK keeps anything it would start ordinary;
+/// the postmaster is started before this is called.
+fn prefer_in_scheduler() -> Priority {
+    let realtime = match sys::set_scheduler(libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, 10) {
+        Ok(()) => return Priority::RealTime,
+        Err(e) => e,
+    };
+    if sys::set_nice(-20).is_ok() {
+        return Priority::Nice;
+    }
+    Priority::Ordinary(realtime)
 }
 
 /// One line on standard error, which is PostgreSQL's log file: the guard's

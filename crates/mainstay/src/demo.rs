@@ -4,6 +4,7 @@
 
 use mainstay_core::{ClusterView, PgRole};
 use mainstay_dcs::{Dcs, EtcdDcs, EtcdSettings};
+use mainstay_sys::process;
 use mainstay_testkit::{Etcd, free_port};
 use std::fs;
 use std::io;
@@ -70,7 +71,7 @@ impl Node {
     pub fn postmaster_pid(&self) -> Option<i32> {
         let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
         let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+        process::alive(pid).then_some(pid)
     }
 }
 
@@ -129,13 +130,10 @@ fn make_dir(path: &Path) -> io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
     // PostgreSQL runs as `postgres` when we are root; it writes beside its
     // data directory (password file, log, socket).
-    if unsafe { libc::geteuid() } == 0 {
-        let user = c"postgres";
-        let pw = unsafe { libc::getpwnam(user.as_ptr()) };
-        if !pw.is_null() {
-            let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-            std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
-        }
+    if process::geteuid() == 0
+        && let Ok(Some(pw)) = mainstay_sys::user::by_name(c"postgres")
+    {
+        std::os::unix::fs::chown(path, Some(pw.uid), Some(pw.gid))?;
     }
     Ok(())
 }
@@ -347,13 +345,7 @@ profile = "{profile}"
         };
         // If whoever started the cluster dies, its agents shut down cleanly
         // instead of running on unattended.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+        process::signal_on_parent_death(&mut command, libc::SIGTERM);
         // Each agent leads a process group of its own, as a service manager
         // or a shell's job control would start it: a test can stop that
         // group (Ctrl-Z's SIGTSTP/SIGSTOP to the job) without stopping
@@ -412,7 +404,7 @@ profile = "{profile}"
         let Some(mut child) = self.nodes[i].agent.take() else {
             return true;
         };
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = process::kill(child.id() as i32, libc::SIGTERM);
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {

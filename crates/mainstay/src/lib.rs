@@ -1,6 +1,8 @@
 //! mainstay as a library: the pieces the binary wires together, exposed so
 //! that integration tests and benchmarks drive the same code.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod api;
 pub mod bench;

@@ -1,5 +1,7 @@
 //! The `mainstay` command line: `agent`, `config check`, `ctl`, `demo`, `bench`.
 
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use mainstay::config::Config;
 use std::path::PathBuf;

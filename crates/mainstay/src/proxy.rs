@@ -443,9 +443,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result
             Ok(0) => {
                 // Passes the end of the stream on, as the peer sent it; the
                 // other direction keeps flowing until it ends too.
-                let fd = std::os::fd::AsRawFd::as_raw_fd(to);
-                // SAFETY: `fd` is a live socket owned by `to`.
-                unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                let _ = mainstay_sys::net::shutdown_write(to);
                 return Ok(());
             }
             Ok(n) => n,
@@ -481,16 +479,9 @@ async fn write_all(to: &TcpStream, bytes: &[u8]) -> io::Result<()> {
 /// the same `try_io` as the read is race-free: tokio clears only the
 /// readiness event this read observed, not one that arrives after it.
 fn read_draining(stream: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
     let mut got = None;
     let result = stream.try_io(tokio::io::Interest::READABLE, || {
-        // SAFETY: `fd` is the live socket of `stream`; the buffer is valid
-        // for writes of its length.
-        let n = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
+        let n = mainstay_sys::net::read(stream, buffer)?;
         got = Some(n);
         if n > 0 && n < buffer.len() {
             Err(io::ErrorKind::WouldBlock.into())
@@ -578,25 +569,11 @@ impl Drop for Decrement<'_> {
 /// Every proxied client holds two descriptors: the soft limit (often 1024)
 /// goes up to the hard limit the service manager allows (`LimitNOFILE=`).
 pub fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a valid, owned struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            let wanted = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-                warn!(
-                    "cannot raise the open files limit from {}: the proxy takes fewer clients",
-                    limit.rlim_cur
-                );
-            }
-        }
+    if let Ok((soft, hard)) = mainstay_sys::process::open_files_limit()
+        && soft < hard
+        && mainstay_sys::process::set_open_files_limit(hard, hard).is_err()
+    {
+        warn!("cannot raise the open files limit from {soft}: the proxy takes fewer clients");
     }
 }
 

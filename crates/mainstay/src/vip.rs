@@ -218,36 +218,7 @@ impl Vip {
         packet[8..14].copy_from_slice(&self.mac);
         packet[14..18].copy_from_slice(&ip);
         packet[24..28].copy_from_slice(&ip);
-        let protocol = (libc::ETH_P_ARP as u16).to_be();
-        // SAFETY: a socket we own and close; the address and packet are
-        // valid for the lengths passed.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(protocol));
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut to: libc::sockaddr_ll = std::mem::zeroed();
-            to.sll_family = libc::AF_PACKET as u16;
-            to.sll_protocol = protocol;
-            to.sll_ifindex = self.index as i32;
-            to.sll_halen = 6;
-            to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-            let sent = libc::sendto(
-                fd,
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&to as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            let result = if sent < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(())
-            };
-            libc::close(fd);
-            result
-        }
+        mainstay_sys::net::send_link_broadcast(self.index, libc::ETH_P_ARP as u16, &packet)
     }
 }
 

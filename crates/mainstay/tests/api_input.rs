@@ -4,6 +4,8 @@
 //! /cluster` answers on every node throughout. Real agents, etcd and
 //! PostgreSQL.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;
@@ -90,6 +92,39 @@ fn harmful_requests_are_refused_and_change_nothing() {
                 json!({"scheduled_at": in_an_hour, "candidate": leader}).to_string(),
                 412,
                 "already the leader",
+            ),
+            // Positional arrays are not bodies.
+            ("POST", "/restart", "[]".into(), 400, "JSON object"),
+            ("POST", "/drill/crash", "[]".into(), 400, "JSON object"),
+            (
+                "POST",
+                "/switchover",
+                "[null, null, null]".into(),
+                400,
+                "JSON object",
+            ),
+            (
+                "POST",
+                "/failover",
+                "[\"ghost\", null]".into(),
+                400,
+                "JSON object",
+            ),
+            (
+                "POST",
+                "/failsafe",
+                "[\"node1\"]".into(),
+                400,
+                "JSON object",
+            ),
+            ("DELETE", "/members/%FF", String::new(), 400, "member name"),
+            // Not in failsafe mode: no list names the leader.
+            (
+                "POST",
+                "/failsafe",
+                json!({"leader": leader}).to_string(),
+                409,
+                "failsafe list",
             ),
             ("PUT", "/config", String::new(), 400, "empty"),
             ("PUT", "/config", " \n\t".into(), 400, "empty"),
@@ -330,6 +365,14 @@ async fn show(h: &Harness, node: &str, parameter: &str) -> String {
     row.get(0)
 }
 
+async fn post_restart(h: &Harness, node: &str) -> mainstay::ctl::client::Answer {
+    api(h, node)
+        .with_basic_auth(API_USER, API_PASSWORD)
+        .request(hyper::Method::POST, "/restart", None)
+        .await
+        .unwrap_or_else(|e| panic!("POST /restart on {node}: {e}"))
+}
+
 async fn patroni_doc(h: &Harness, node: &str) -> serde_json::Value {
     api(h, node).get("/patroni").await.unwrap().body
 }
@@ -448,11 +491,7 @@ fn postgresql_parameters_are_checked_by_every_member_and_a_failed_start_falls_ba
             },
         )
         .await;
-        let restart = api(&h, &replica)
-            .with_basic_auth(API_USER, API_PASSWORD)
-            .request(hyper::Method::POST, "/restart", None)
-            .await
-            .unwrap();
+        let restart = post_restart(&h, &replica).await;
         assert_eq!(restart.status, 409, "{}", restart.text);
         assert!(
             restart.text.contains("last parameters it started with"),
@@ -495,11 +534,7 @@ fn postgresql_parameters_are_checked_by_every_member_and_a_failed_start_falls_ba
             json!({"postgresql": {"parameters": {"ssl": null}}}),
         )
         .await;
-        let restart = api(&h, &replica)
-            .with_basic_auth(API_USER, API_PASSWORD)
-            .request(hyper::Method::POST, "/restart", None)
-            .await
-            .unwrap();
+        let restart = post_restart(&h, &replica).await;
         assert_eq!(restart.status, 200, "{}", restart.text);
         assert_eq!(
             show(&h, &replica, "shared_preload_libraries").await,
@@ -515,6 +550,40 @@ fn postgresql_parameters_are_checked_by_every_member_and_a_failed_start_falls_ba
         )
         .await;
         h.healthy(Duration::from_secs(30)).await;
+
+        // Lowered cluster-wide, a setting a standby needs at least as high
+        // as its primary's: a replica restarted before the primary keeps the
+        // primary's value, and starts.
+        patch_config(
+            &h,
+            &replica,
+            json!({"postgresql": {"parameters": {"max_wal_senders": 2}}}),
+        )
+        .await;
+        // The primary waits for a restart to lower it; the replica has
+        // nothing to show (its file keeps the primary's value), so give its
+        // agent the same turn to take the change.
+        h.wait_for(
+            "max_wal_senders pending on the leader",
+            Duration::from_secs(10),
+            async |_| {
+                let patroni = patroni_doc(&h, &leader).await;
+                patroni["pending_restart_reason"]
+                    .to_string()
+                    .contains("max_wal_senders")
+                    .then_some(())
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            std::fs::read_to_string(&conf)
+                .unwrap()
+                .contains("max_wal_senders = '10'")
+        );
+        let restart = post_restart(&h, &replica).await;
+        assert_eq!(restart.status, 200, "{}", restart.text);
+        assert_eq!(show(&h, &replica, "max_wal_senders").await, "10");
         h.passed = true;
     });
 }

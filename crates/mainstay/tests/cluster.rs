@@ -5,10 +5,13 @@
 //! Tests run one at a time: leases are timing, and two clusters on two cores
 //! would measure the machine, not mainstay.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;
 use mainstay_core::{ClusterView, Lsn, PgRole};
+use mainstay_sys::process;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -238,7 +241,7 @@ fn a_diverged_former_primary_is_rewound() {
             .collect();
         assert_eq!(senders.len(), 2);
         for pid in &senders {
-            unsafe { libc::kill(*pid, libc::SIGSTOP) };
+            let _ = process::kill(*pid, libc::SIGSTOP);
         }
         primary
             .execute(
@@ -251,7 +254,7 @@ fn a_diverged_former_primary_is_rewound() {
         let old_index = h.cluster.node_index(&old).unwrap();
         h.cluster.kill_node(old_index);
         for pid in &senders {
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
+            let _ = process::kill(*pid, libc::SIGKILL);
         }
         let new = h
             .wait_for(
@@ -684,7 +687,7 @@ fn a_crashed_primary_postgres_is_recovered_without_waiting_for_the_lease() {
             .postmaster_pid()
             .expect("postmaster running");
         let crashed_at = Instant::now();
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = process::kill(pid, libc::SIGKILL);
         let recovered = writable_primary(&h, Duration::from_secs(30)).await;
         let took = crashed_at.elapsed();
         eprintln!("PostgreSQL crash on {leader}: {recovered} writable again after {took:?}");
@@ -839,12 +842,12 @@ fn rest_api_health_checks_answer_like_patroni() {
         let pid = h.cluster.nodes[i]
             .postmaster_pid()
             .expect("replica postmaster");
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let _ = process::kill(pid, libc::SIGSTOP);
         wait_code(&h, replica, "/health", 503, Duration::from_secs(20)).await;
         assert_eq!(code(&h, replica, "GET", "/replica").await, 503);
         assert_eq!(code(&h, replica, "GET", "/read-only").await, 503);
         assert_eq!(code(&h, replica, "GET", "/liveness").await, 200);
-        unsafe { libc::kill(pid, libc::SIGCONT) };
+        let _ = process::kill(pid, libc::SIGCONT);
         wait_code(&h, replica, "/replica", 200, Duration::from_secs(20)).await;
 
         // A dead node does not answer at all, and the others stop listing

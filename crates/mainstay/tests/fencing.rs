@@ -5,10 +5,13 @@
 //! primary's port (no proxy, no VIP), as the libpq multi-host string the
 //! demo prints would be.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;
 use mainstay_dcs::Dcs;
+use mainstay_sys::process;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -59,7 +62,7 @@ fn a_frozen_primary_agent_cannot_keep_its_postgres_writable() {
 
         let agent = h.cluster.agent_pid(index).unwrap() as i32;
         let dcs = h.cluster.dcs().await.unwrap();
-        unsafe { libc::kill(agent, libc::SIGSTOP) };
+        let _ = process::kill(agent, libc::SIGSTOP);
         let frozen_at = Instant::now();
         // Three lease lengths frozen (ttl is 4 s in the default profile).
         let (mut fenced_at, mut takeover_at) = (None, None);
@@ -75,7 +78,7 @@ fn a_frozen_primary_agent_cannot_keep_its_postgres_writable() {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        unsafe { libc::kill(agent, libc::SIGCONT) };
+        let _ = process::kill(agent, libc::SIGCONT);
         stop.store(true, Ordering::SeqCst);
         let acked = writer.await.unwrap();
 

@@ -9,6 +9,8 @@
 //! in the test directory, and is killed by PID when the test ends, even on
 //! failure.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,8 @@
 //! Operating a running cluster the way an operator does: `mainstay ctl`
 //! (the real binary) against real agents, etcd and PostgreSQL.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;

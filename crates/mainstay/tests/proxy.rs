@@ -1,8 +1,11 @@
 //! The built-in read-write proxy against real agents, etcd and PostgreSQL.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;
+use mainstay_sys::process;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio_postgres::Client;
@@ -114,11 +117,11 @@ fn the_read_write_proxy_reaches_the_primary_and_follows_a_failover() {
         let l = h.cluster.node_index(&leader).unwrap();
         let frozen = h.cluster.agent_pid(l).unwrap() as i32;
         let killed_at = Instant::now();
-        unsafe { libc::kill(frozen, libc::SIGSTOP) };
+        let _ = process::kill(frozen, libc::SIGSTOP);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !idle.is_closed() {
             if Instant::now() > deadline {
-                unsafe { libc::kill(frozen, libc::SIGCONT) };
+                let _ = process::kill(frozen, libc::SIGCONT);
                 panic!("the idle connection to the old primary stayed open");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -132,7 +135,7 @@ fn the_read_write_proxy_reaches_the_primary_and_follows_a_failover() {
                     .map(|s| (s.name.clone(), i32::from(s.pg_port)))
             })
             .await;
-        unsafe { libc::kill(frozen, libc::SIGCONT) };
+        let _ = process::kill(frozen, libc::SIGCONT);
         let deadline = Instant::now() + Duration::from_secs(30);
         let writable_after = loop {
             if through_proxy(&h, &replica).await == Some((false, new_leader.1)) {
@@ -264,7 +267,7 @@ fn the_read_only_proxy_spreads_over_replicas_falls_back_to_the_leader_and_rw_fol
         for replica in &replicas {
             let i = h.cluster.node_index(replica).unwrap();
             let pid = h.cluster.nodes[i].postmaster_pid().unwrap();
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = process::kill(pid, libc::SIGKILL);
             // Gone or a zombie: its listening socket is closed.
             let deadline = Instant::now() + Duration::from_secs(10);
             while std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -9,6 +9,8 @@
 //! before waiting for the standby), so it may or may not survive, and it is
 //! counted neither as acknowledged nor as lost.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;

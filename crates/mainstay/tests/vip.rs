@@ -4,6 +4,8 @@
 //! root); elsewhere it fails, unless `MAINSTAY_ALLOW_SKIP=1` lets it say it
 //! was skipped.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;

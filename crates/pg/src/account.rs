@@ -3,7 +3,8 @@
 //! (data directory, socket directory, password file) must belong to that user.
 
 use crate::error::{Error, Result};
-use std::ffi::{CStr, CString};
+use mainstay_sys::{process, user};
+use std::ffi::CString;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -32,7 +33,7 @@ impl Account {
 
     /// Resolves `run_as`, or the current user when `None`.
     pub fn resolve(run_as: Option<&str>) -> Result<Account> {
-        let euid = unsafe { libc::geteuid() };
+        let euid = process::geteuid();
         let mut account = match run_as {
             Some(name) => lookup(Lookup::Name(name))?,
             None => lookup(Lookup::Uid(euid))?,
@@ -113,43 +114,22 @@ fn lookup(key: Lookup<'_>) -> Result<Account> {
         Lookup::Name(n) => n.to_string(),
         Lookup::Uid(u) => format!("uid {u}"),
     };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // getpwnam is not thread-safe; the _r variants write into our buffer.
-    let rc = match key {
+    let found = match key {
         Lookup::Name(name) => {
             let cname =
                 CString::new(name).map_err(|_| Error::Config(format!("bad user name {name:?}")))?;
-            unsafe {
-                libc::getpwnam_r(
-                    cname.as_ptr(),
-                    &mut pwd,
-                    buf.as_mut_ptr(),
-                    buf.len(),
-                    &mut found,
-                )
-            }
+            user::by_name(&cname)
         }
-        Lookup::Uid(uid) => unsafe {
-            libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found)
-        },
+        Lookup::Uid(uid) => user::by_uid(uid),
     };
-    if rc != 0 {
-        return Err(Error::io(
-            format!("look up user {shown}"),
-            std::io::Error::from_raw_os_error(rc),
-        ));
-    }
-    if found.is_null() {
-        return Err(Error::Config(format!("no such OS user: {shown}")));
-    }
-    let text = |p: *const libc::c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    let user = found
+        .map_err(|e| Error::io(format!("look up user {shown}"), e))?
+        .ok_or_else(|| Error::Config(format!("no such OS user: {shown}")))?;
     Ok(Account {
-        name: text(pwd.pw_name),
-        uid: pwd.pw_uid,
-        gid: pwd.pw_gid,
-        home: PathBuf::from(text(pwd.pw_dir)),
+        name: user.name,
+        uid: user.uid,
+        gid: user.gid,
+        home: user.home,
         switch: false,
     })
 }
@@ -162,7 +142,7 @@ mod tests {
     fn resolves_root_by_name_and_refuses_it() {
         assert_eq!(lookup(Lookup::Name("root")).unwrap().uid, 0);
         assert!(lookup(Lookup::Name("no-such-user-mainstay")).is_err());
-        if unsafe { libc::geteuid() } == 0 {
+        if process::geteuid() == 0 {
             assert!(Account::resolve(None).is_err());
         }
     }

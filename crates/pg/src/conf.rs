@@ -43,12 +43,44 @@ fn defaults(settings: &PgSettings) -> BTreeMap<String, String> {
     .collect()
 }
 
-/// The whole of `mainstay.conf` for a role.
-pub fn render_mainstay_conf(settings: &PgSettings, role: &StartRole) -> Result<String> {
+/// PostgreSQL's own defaults of the settings a standby needs at least as
+/// high as its primary's (15).
+const STANDBY_MINIMUM_DEFAULTS: [(&str, u64); 5] = [
+    ("max_connections", 100),
+    ("max_worker_processes", 8),
+    ("max_wal_senders", 10),
+    ("max_prepared_transactions", 0),
+    ("max_locks_per_transaction", 64),
+];
+
+/// The whole of `mainstay.conf` for a role. A replica runs the settings in
+/// `standby_minimums` (from its control file: the primary's, as last
+/// logged) at least that high, whatever is configured: lower, PostgreSQL
+/// refuses to start or to promote, and the cluster lowers such a setting
+/// safely only by restarting the primary first.
+pub fn render_mainstay_conf(
+    settings: &PgSettings,
+    role: &StartRole,
+    standby_minimums: &BTreeMap<String, u64>,
+) -> Result<String> {
     let mut values = defaults(settings);
     for (key, value) in &settings.parameters {
         check_parameter_name(key)?;
         values.insert(key.clone(), value.clone());
+    }
+    if matches!(role, StartRole::Replica { .. }) {
+        for (name, default) in STANDBY_MINIMUM_DEFAULTS {
+            let Some(&minimum) = standby_minimums.get(name) else {
+                continue;
+            };
+            let configured = match values.get(name) {
+                Some(text) => text.trim().parse::<u64>().ok(),
+                None => Some(default),
+            };
+            if configured.is_some_and(|c| c < minimum) {
+                values.insert(name.to_string(), minimum.to_string());
+            }
+        }
     }
     let (conninfo, slot) = match role {
         StartRole::Replica {
@@ -225,6 +257,7 @@ mod tests {
             &StartRole::Replica {
                 leader: Some(leader()),
             },
+            &BTreeMap::new(),
         )
         .unwrap();
         assert!(conf.contains("port = '5433'\n"));
@@ -237,6 +270,37 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_never_runs_below_its_primarys_minimums() {
+        let mut s = settings();
+        s.parameters.insert("max_wal_senders".into(), "2".into());
+        s.parameters.insert("max_connections".into(), "500".into());
+        let minimums: BTreeMap<String, u64> = [
+            ("max_wal_senders", 10),
+            ("max_connections", 50),
+            ("max_prepared_transactions", 7),
+            ("max_locks_per_transaction", 64),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let replica = StartRole::Replica {
+            leader: Some(leader()),
+        };
+        let conf = render_mainstay_conf(&s, &replica, &minimums).unwrap();
+        // Lowered cluster-wide: the primary's value until it restarted.
+        assert!(conf.contains("max_wal_senders = '10'\n"), "{conf}");
+        // Higher is fine as configured.
+        assert!(conf.contains("max_connections = '500'\n"), "{conf}");
+        // Not configured, PostgreSQL's default (0) too low.
+        assert!(conf.contains("max_prepared_transactions = '7'\n"), "{conf}");
+        // Not configured, the default is enough: left alone.
+        assert!(!conf.contains("max_locks_per_transaction"), "{conf}");
+        // A primary runs what is configured.
+        let conf = render_mainstay_conf(&s, &StartRole::Primary, &minimums).unwrap();
+        assert!(conf.contains("max_wal_senders = '2'\n"), "{conf}");
+    }
+
+    #[test]
     fn primary_conf_clears_replication_and_parameters_override_defaults() {
         let mut s = settings();
         s.parameters
@@ -244,14 +308,14 @@ mod tests {
         s.parameters
             .insert("primary_conninfo".into(), "host=evil".into());
         s.parameters.insert("port".into(), "1".into());
-        let conf = render_mainstay_conf(&s, &StartRole::Primary).unwrap();
+        let conf = render_mainstay_conf(&s, &StartRole::Primary, &BTreeMap::new()).unwrap();
         assert!(conf.contains("max_slot_wal_keep_size = '4GB'\n"));
         assert!(!conf.contains("1GB"));
         assert!(conf.contains("primary_conninfo = ''\n"));
         assert!(conf.contains("port = '5433'\n"));
         assert!(conf.contains("primary_slot_name = ''\n"));
         s.parameters.insert("bad name".into(), "x".into());
-        assert!(render_mainstay_conf(&s, &StartRole::Primary).is_err());
+        assert!(render_mainstay_conf(&s, &StartRole::Primary, &BTreeMap::new()).is_err());
     }
 
     #[test]

@@ -67,7 +67,21 @@ pub struct ControlData {
     pub min_recovery_end_timeline: u32,
     pub data_checksums: bool,
     pub wal_log_hints: bool,
+    /// The settings a standby may not run lower than its primary (as the
+    /// primary last logged them, or this server's own): parameter name to
+    /// value. Missing fields (other versions) are left out.
+    pub standby_minimums: std::collections::BTreeMap<String, u64>,
 }
+
+/// `pg_controldata` field of each setting a standby needs at least as high
+/// as its primary's.
+const STANDBY_MINIMUMS: [(&str, &str); 5] = [
+    ("max_connections", "max_connections setting"),
+    ("max_worker_processes", "max_worker_processes setting"),
+    ("max_wal_senders", "max_wal_senders setting"),
+    ("max_prepared_transactions", "max_prepared_xacts setting"),
+    ("max_locks_per_transaction", "max_locks_per_xact setting"),
+];
 
 /// Parses `LC_ALL=C pg_controldata` output.
 pub fn parse_controldata(text: &str) -> Result<ControlData> {
@@ -106,6 +120,13 @@ pub fn parse_controldata(text: &str) -> Result<ControlData> {
         min_recovery_end_timeline: number("Min recovery ending loc's timeline")? as u32,
         data_checksums: number("Data page checksum version")? != 0,
         wal_log_hints: get("wal_log_hints setting")? == "on",
+        standby_minimums: STANDBY_MINIMUMS
+            .iter()
+            .filter_map(|(name, field)| {
+                let value = fields.get(field)?.parse::<u64>().ok()?;
+                Some((name.to_string(), value))
+            })
+            .collect(),
     })
 }
 
@@ -127,6 +148,11 @@ Latest checkpoint's PrevTimeLineID:   2
 Minimum recovery ending location:     0/30001F8
 Min recovery ending loc's timeline:   2
 wal_log_hints setting:                on
+max_connections setting:              50
+max_worker_processes setting:         8
+max_wal_senders setting:              10
+max_prepared_xacts setting:           7
+max_locks_per_xact setting:           64
 Data page checksum version:           1
 Mock authentication nonce:            abc
 ";
@@ -144,6 +170,9 @@ Mock authentication nonce:            abc
         assert_eq!(c.min_recovery_end_timeline, 2);
         assert!(c.data_checksums);
         assert!(c.wal_log_hints);
+        assert_eq!(c.standby_minimums["max_prepared_transactions"], 7);
+        assert_eq!(c.standby_minimums["max_connections"], 50);
+        assert_eq!(c.standby_minimums.len(), 5);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! **Invariant:** passwords never appear in command lines, logs or errors:
 //! tools get them from a password file, the server gets SCRAM verifiers.
 
+#![forbid(unsafe_code)]
+
 mod account;
 mod conf;
 mod controldata;

@@ -64,7 +64,20 @@ fn check_blocking(
     let run = |name: &str| postgres_c(bin_dir, account, scratch.path(), &conf, name);
     let shared_buffers = match run("shared_buffers")? {
         Ok(blocks) => blocks,
-        Err(stderr) => return Ok(problems_from(&stderr)),
+        Err(stderr) => {
+            // The scratch file's name means nothing to the reader, and would
+            // make the same problem look different on each check.
+            let scratch_file = format!(" in file \"{}\"", conf.display());
+            return Ok(problems_from(&stderr)
+                .into_iter()
+                .map(|mut problem| {
+                    if let Some(at) = problem.message.find(&scratch_file) {
+                        problem.message.truncate(at);
+                    }
+                    problem
+                })
+                .collect());
+        }
     };
     let mut problems = missing_libraries(bin_dir, account, parameters);
     if parameters.contains_key("shared_buffers") {

@@ -41,8 +41,10 @@ pub fn is_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
-    let exists = unsafe { libc::kill(pid, 0) } == 0
-        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    let exists = match mainstay_sys::process::kill(pid, 0) {
+        Ok(()) => true,
+        Err(e) => e.raw_os_error() == Some(libc::EPERM),
+    };
     if !exists {
         return false;
     }

@@ -15,6 +15,7 @@ use crate::tool;
 use mainstay_core::{Lsn, slot_name};
 use mainstay_guard::protocol::ToGuard;
 use mainstay_guard::{BootTime, GuardArgs};
+use mainstay_sys::process;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -57,6 +58,9 @@ pub struct Postgres {
     /// The role `mainstay.conf` was last written for, so that a settings
     /// change (synchronous_standby_names) keeps the replication wiring.
     conf_role: Mutex<Option<StartRole>>,
+    /// The settings a replica must run at least this high, read from the
+    /// control file at the last start.
+    standby_minimums: Mutex<std::collections::BTreeMap<String, u64>>,
     /// The health probe's session and when it was opened, kept between
     /// turns: a new authenticated connection every turn cost the agent and
     /// the server more CPU than the probe itself. Only the probe uses it (no
@@ -152,7 +156,7 @@ impl Fencer {
         // A postmaster this process did not start (left by an earlier agent).
         if let Some(pf) = pidfile::read(&self.data_dir)
             && pidfile::is_postmaster_of(pf.pid, &self.data_dir)
-            && unsafe { libc::kill(pf.pid, libc::SIGQUIT) } == 0
+            && process::kill(pf.pid, libc::SIGQUIT).is_ok()
         {
             warn!(
                 pid = pf.pid,
@@ -185,6 +189,7 @@ impl Postgres {
             })),
             binary_major: OnceLock::new(),
             conf_role: Mutex::new(None),
+            standby_minimums: Mutex::default(),
             probe_session: tokio::sync::Mutex::new(None),
         }
     }
@@ -500,6 +505,10 @@ impl Postgres {
         account.ensure_dir(&self.settings.socket_path(), 0o700)?;
         self.write_pgpass().await?;
         self.ensure_include_line()?;
+        *self
+            .standby_minimums
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = control.standby_minimums.clone();
         self.write_conf(&account, &role)?;
         let standby_signal = self.data_dir().join("standby.signal");
         match &role {
@@ -580,7 +589,12 @@ impl Postgres {
     }
 
     fn write_conf(&self, account: &Account, role: &StartRole) -> Result<()> {
-        let text = conf::render_mainstay_conf(&self.settings, role)?;
+        let minimums = self
+            .standby_minimums
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let text = conf::render_mainstay_conf(&self.settings, role, &minimums)?;
         account.write_file(&self.data_dir().join(MAINSTAY_CONF), text.as_bytes(), 0o600)?;
         *self.conf_role.lock().unwrap_or_else(|e| e.into_inner()) = Some(role.clone());
         Ok(())
@@ -1250,7 +1264,7 @@ fn remove_if_present(path: &Path) -> Result<()> {
 /// Signals a process that is not our child and polls until it is gone,
 /// escalating to SIGKILL.
 async fn stop_pid(pid: i32, signal: libc::c_int, limit: Duration) -> Result<()> {
-    unsafe { libc::kill(pid, signal) };
+    let _ = process::kill(pid, signal);
     for (wait, escalate) in [(limit, true), (Duration::from_secs(10), false)] {
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
@@ -1261,7 +1275,7 @@ async fn stop_pid(pid: i32, signal: libc::c_int, limit: Duration) -> Result<()> 
         }
         if escalate {
             warn!(pid, "postgres did not stop in {wait:?}; sending SIGKILL");
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = process::kill(pid, libc::SIGKILL);
         }
     }
     Err(Error::Timeout {

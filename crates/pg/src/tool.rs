@@ -44,25 +44,7 @@ pub fn command(program: &Path, account: &Account) -> Command {
 /// forking thread is the one awaiting the tool (a runtime worker or a thread
 /// blocked in this call), so it outlives the tool in normal operation.
 fn die_with_parent(cmd: &mut Command) {
-    let parent = std::process::id() as libc::pid_t;
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
+    mainstay_sys::process::die_with_parent(cmd, libc::SIGKILL);
 }
 
 fn describe(cmd: &Command) -> String {

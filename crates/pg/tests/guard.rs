@@ -6,10 +6,13 @@
 //! A separate "agent" process (this binary again, with `HELPER_ENV` set)
 //! starts PostgreSQL for the cases where the agent is killed or frozen.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;
 use mainstay_pg::{BootTime, PgSettings, Postgres, StartRole, StopMode};
+use mainstay_sys::process;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -81,7 +84,7 @@ fn wait_gone(s: &PgSettings, pm: i32, limit: Duration) -> Duration {
 }
 
 fn group_alive(pgid: i32) -> bool {
-    unsafe { libc::kill(-pgid, 0) == 0 }
+    process::alive(-pgid)
 }
 
 /// Worker threads of the runtime that started postgres exit with it; the
@@ -168,11 +171,9 @@ fn start_on_own_runtime(pg: &mut Postgres) {
 }
 
 fn kill(pid: i32, signal: i32) {
-    assert_eq!(
-        unsafe { libc::kill(pid, signal) },
-        0,
-        "kill({pid}, {signal})"
-    );
+    if let Err(e) = process::kill(pid, signal) {
+        panic!("kill({pid}, {signal}): {e}");
+    }
 }
 
 /// SIGKILL of the agent closes its end of the guard's socket: a replica's
@@ -240,7 +241,7 @@ async fn frozen_agent_case(s: &PgSettings, whole_group: bool) {
     );
     kill(agent_pid, libc::SIGKILL);
     if whole_group {
-        let _ = unsafe { libc::kill(-agent_pid, libc::SIGCONT) };
+        let _ = process::kill(-agent_pid, libc::SIGCONT);
     }
     agent.wait().unwrap();
 }

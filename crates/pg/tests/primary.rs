@@ -1,6 +1,8 @@
 //! A single primary against a real PostgreSQL 15: initdb, start, probe,
 //! roles and slots, fencing, crash recovery, stop, moving a data dir aside.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;
@@ -48,6 +50,11 @@ async fn parameters_are_checked_by_the_server_itself() {
     ])
     .await;
     assert!(fine.is_empty(), "{fine:?}");
+    let unknown = check(&[("no_such_parameter", "1")]).await;
+    assert!(
+        unknown.iter().all(|p| !p.message.contains("check.conf")),
+        "the scratch file stays out of the message: {unknown:?}"
+    );
     for (pairs, parameter, words) in [
         (
             &[("max_connections", "0")][..],

@@ -2,6 +2,8 @@
 //! re-point without restart, promote, diverge the old primary, rewind it and
 //! bring it back as a replica of the new one.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use common::*;

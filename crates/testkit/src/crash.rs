@@ -59,8 +59,8 @@ pub fn crash_node(agent: Option<u32>, postmaster: Option<i32>) {
 }
 
 fn signal_pid(pid: i32, signal: i32) {
-    // SAFETY: kill(2) has no memory effects; a pid gone already is ESRCH.
-    unsafe { libc::kill(pid, signal) };
+    // A pid gone already is ESRCH.
+    let _ = mainstay_sys::process::kill(pid, signal);
 }
 
 /// The parent of `pid`, from `/proc/<pid>/stat`.
@@ -103,8 +103,8 @@ mod tests {
     #[test]
     fn reads_parent_and_group() {
         let me = std::process::id() as i32;
-        assert_eq!(parent_of(me), Some(unsafe { libc::getppid() }));
-        assert_eq!(process_group_of(me), Some(unsafe { libc::getpgrp() }));
+        assert_eq!(parent_of(me), Some(mainstay_sys::process::getppid()));
+        assert_eq!(process_group_of(me), Some(mainstay_sys::process::getpgrp()));
         assert_eq!(parent_of(-5), None);
     }
 

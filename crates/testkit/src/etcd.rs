@@ -374,13 +374,9 @@ fn etcd_binary() -> PathBuf {
 
 fn signal(child: &Child, sig: libc::c_int) -> io::Result<()> {
     let pid = libc::pid_t::try_from(child.id()).map_err(io::Error::other)?;
-    // SAFETY: kill(2) has no memory effects. The pid cannot have been reused
-    // because the child is not reaped until we wait for it.
-    if unsafe { libc::kill(pid, sig) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // The pid cannot have been reused because the child is not reaped
+    // until we wait for it.
+    mainstay_sys::process::kill(pid, sig)
 }
 
 /// Whether every thread of `pid` is in state `T` (stopped), per
@@ -490,8 +486,8 @@ mod tests {
         let pid = etcd.pid() as libc::pid_t;
         etcd.pause().unwrap();
         drop(etcd);
-        // SAFETY: signal 0 only checks whether the pid exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        // Signal 0 only checks whether the pid exists.
+        let alive = mainstay_sys::process::alive(pid);
         assert!(!alive, "etcd {pid} survived its handle");
     }
 }

@@ -50,13 +50,7 @@ impl Haproxy {
         let mut command = Command::new(HAPROXY);
         // Should the caller die without unwinding, HAProxy goes with it
         // (the signal follows the thread that started it).
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        mainstay_sys::process::signal_on_parent_death(&mut command, libc::SIGKILL);
         let child = command
             .arg("-f")
             .arg(&file)

@@ -5,6 +5,8 @@
 //! Everything here is synchronous on purpose: it is called from `#[test]` and
 //! `#[tokio::test]` functions alike, and must not need (or nest) a runtime.
 
+#![forbid(unsafe_code)]
+
 pub mod crash;
 mod etcd;
 mod haproxy;

@@ -28,8 +28,7 @@ pub struct Lab {
 
 /// Why netns tests cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if mainstay_sys::process::geteuid() != 0 {
         return Some("network namespace tests need root (CI runs them as root)".into());
     }
     match Command::new("ip").arg("-V").output() {
@@ -278,14 +277,8 @@ impl Lab {
 /// Moves the calling thread into the network namespace at `path`.
 pub fn enter(path: &str) -> io::Result<()> {
     let file = std::fs::File::open(path)?;
-    // SAFETY: a valid descriptor for the call's duration; setns affects
-    // only the calling thread for CLONE_NEWNET.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // Affects only the calling thread.
+    mainstay_sys::net::enter_network_namespace(&file)
 }
 
 /// Loads an nftables ruleset into namespace `ns` (package nftables).

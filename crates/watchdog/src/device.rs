@@ -2,7 +2,7 @@
 //! timeout set and checked, fed, and closed cleanly.
 
 use crate::feeder::{self, Device, Feeder};
-use crate::sys;
+use mainstay_sys::watchdog as sys;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

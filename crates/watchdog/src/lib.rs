@@ -14,7 +14,8 @@
 //!   close ([`close_cleanly`]), tested against a fake device;
 //! - `device`: the real device ([`Watchdog`]): open, set and check the
 //!   timeout, identity, feed, magic close;
-//! - `sys`: the only `unsafe` of the crate, the four ioctls.
+//! - the four ioctls come from `mainstay_sys::watchdog`: this crate has no
+//!   `unsafe` of its own.
 //!
 //! The development and CI machines have no watchdog device and cannot load
 //! softdog: the tests cover the refusals (a missing path, a regular file, a
@@ -42,10 +43,11 @@
 //!
 //! A node that never leads never opens the device.
 
+#![forbid(unsafe_code)]
+
 mod device;
 mod feeder;
 mod schedule;
-mod sys;
 
 pub use device::{
     Identity, Probe, Settings, WDIOF_KEEPALIVEPING, WDIOF_MAGICCLOSE, WDIOF_SETTIMEOUT, Watchdog,

@@ -141,11 +141,12 @@ pub(super) fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterV
 }
 
 /// Every other member seen within the slot retention, so that a member that
-/// restarts keeps its slot (and the WAL it still needs).
+/// restarts keeps its slot (and the WAL it still needs). A member seen in
+/// this turn's view keeps it whatever the retention, even none.
 fn slot_members(state: &mut CoreState, obs: &Observation<'_>) -> Vec<String> {
     let retention = obs.config.member_slots_ttl.saturating_mul(1000);
     state
         .slot_members
-        .retain(|name, seen| name != obs.name && obs.now < seen.plus(retention));
+        .retain(|name, seen| name != obs.name && obs.now <= seen.plus(retention));
     state.slot_members.keys().cloned().collect()
 }

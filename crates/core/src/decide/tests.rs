@@ -513,12 +513,58 @@ fn the_leader_keeps_a_vanished_members_slot_for_the_retention_period() {
     assert!(
         slots(check(
             &mut state,
-            retained,
+            retained + 1,
             &primary,
             Some(&without_b),
             retained + 3000
         ))
         .is_empty()
+    );
+}
+
+#[test]
+fn with_no_slot_retention_a_present_member_still_keeps_its_slot() {
+    let config = DynamicConfig {
+        member_slots_ttl: 0,
+        ..DynamicConfig::default()
+    };
+    let tags = Tags::default();
+    let primary = pg(PgRole::Primary, 500);
+    let mut state = CoreState::default();
+    let mut turn = |now: u64, cluster: &ClusterView| {
+        let obs = Observation {
+            now: Millis(now),
+            name: "a",
+            tags: &tags,
+            settings: &SETTINGS,
+            pg: &primary,
+            cluster: Some(cluster),
+            lease: Lease {
+                id: Some(7),
+                valid_until: Millis(now + 3000),
+                members_confirmed: false,
+            },
+            config: &config,
+            wall_secs: 0,
+            failsafe_contact: None,
+        };
+        decide(&mut state, &obs).actions
+    };
+    let with_b = view(
+        Some(("a", 7)),
+        vec![status("b", PgRole::Replica, 400, 50, true)],
+    );
+    for now in [0, 1000, 2000] {
+        let actions = turn(now, &with_b);
+        assert!(
+            matches!(&actions[..], [Action::SyncSlots { members }] if members == &["b"]),
+            "{now}: {actions:?}"
+        );
+    }
+    let actions = turn(3000, &view(Some(("a", 7)), vec![]));
+    assert!(
+        matches!(&actions[..], [Action::SyncSlots { members }] if members.is_empty()),
+        "{actions:?}"
     );
 }
 

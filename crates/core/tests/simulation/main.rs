@@ -28,6 +28,8 @@
 //! the first, `MAINSTAY_SIM_STRICT=1` fails on known core bugs too.
 //! `MAINSTAY_SIM_THREADS` caps the worker threads (default: every CPU).
 
+#![forbid(unsafe_code)]
+
 mod actions;
 mod driver;
 mod faults;

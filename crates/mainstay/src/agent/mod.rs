@@ -157,7 +157,7 @@ pub fn pg_settings(config: &Config) -> PgSettings {
     settings.replication = credentials(&pg.replication);
     settings.rewind = credentials(config.rewind_credentials());
     // PostgreSQL refuses to run as root; as any other user it runs as us.
-    settings.run_as = (unsafe { libc::geteuid() } == 0).then(|| pg.run_as.clone());
+    settings.run_as = (mainstay_sys::process::geteuid() == 0).then(|| pg.run_as.clone());
     settings.parameters = pg
         .parameters
         .iter()

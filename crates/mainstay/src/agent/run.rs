@@ -311,36 +311,5 @@ async fn keep_dcs_leader_away<D: Dcs>(dcs: Arc<D>, mut leading: watch::Receiver<
 
 /// Every address on this host's interfaces.
 fn local_addresses() -> Vec<std::net::IpAddr> {
-    let mut addresses = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` on success; it is walked read-only
-    // and freed once below.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return addresses;
-    }
-    let mut entry = list;
-    while !entry.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*entry };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points at a sockaddr of the family it names.
-            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
-                libc::AF_INET => {
-                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                    addresses.push(std::net::IpAddr::from(
-                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                    ));
-                }
-                libc::AF_INET6 => {
-                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                    addresses.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
-                }
-                _ => {}
-            }
-        }
-        entry = ifa.ifa_next;
-    }
-    // SAFETY: the list getifaddrs allocated, freed once.
-    unsafe { libc::freeifaddrs(list) };
-    addresses
+    mainstay_sys::net::local_ip_addresses().unwrap_or_default()
 }

@@ -118,12 +118,22 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Refusal> {
     } else {
         &body[..]
     };
-    serde_json::from_slice(text).map_err(|e| {
+    let refused = |e: serde_json::Error| {
         Refusal::new(
             StatusCode::BAD_REQUEST,
             format!("the request body is not what this endpoint takes: {e}"),
         )
-    })
+    };
+    let value: Value = serde_json::from_slice(text).map_err(refused)?;
+    // serde's derived structs also take an array as positional fields:
+    // `[null, null]` would be a switchover to anyone.
+    if !value.is_object() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "the request body must be a JSON object, e.g. {\"candidate\": \"node2\"} (or {})",
+        ));
+    }
+    serde_json::from_value(value).map_err(refused)
 }
 
 /// An authenticated request with a well-formed body, or why not.
@@ -463,6 +473,25 @@ pub async fn failsafe<D: Dcs>(
         return error(
             StatusCode::CONFLICT,
             format!("the DCS names {other} as leader, not {}", body.leader),
+        );
+    }
+    // Only the leader that wrote the failsafe list may ask: a promise to any
+    // name would let a stranger hold off every election, one ttl per call.
+    let listed = node
+        .view
+        .as_ref()
+        .and_then(|v| v.failsafe.as_ref())
+        .and_then(|r| r.state.as_ref().ok())
+        .map(|f| f.leader.clone());
+    if listed.as_deref() != Some(body.leader.as_str()) {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "{} is not the leader of the failsafe list this node last read ({}): \
+                 nothing to confirm",
+                body.leader,
+                listed.as_deref().unwrap_or("no list")
+            ),
         );
     }
     *state

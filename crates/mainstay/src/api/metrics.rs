@@ -282,16 +282,8 @@ pub fn render(node: &NodeSnapshot) -> String {
 /// Free bytes on the file system holding `path` (its parent if it does not
 /// exist yet).
 fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
     let existing = path.ancestors().find(|p| p.exists())?;
-    let c_path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string and stat a valid
-    // out-pointer for the duration of the call.
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return None;
-    }
-    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+    mainstay_sys::fs::available_bytes(existing).ok()
 }
 
 #[cfg(test)]

@@ -307,8 +307,19 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
             axum::routing::delete(
                 |s: Shared<D>,
                  h: HeaderMap,
-                 axum::extract::Path(name): axum::extract::Path<String>| {
-                    actions::command(s, h, Bytes::new(), Command::Remove(name))
+                 path: Result<
+                    axum::extract::Path<String>,
+                    axum::extract::rejection::PathRejection,
+                >| async move {
+                    match path {
+                        Ok(axum::extract::Path(name)) => {
+                            actions::command(s, h, Bytes::new(), Command::Remove(name)).await
+                        }
+                        Err(rejection) => error(
+                            StatusCode::BAD_REQUEST,
+                            format!("the member name in the path: {}", rejection.body_text()),
+                        ),
+                    }
                 },
             ),
         )

@@ -24,6 +24,7 @@ use super::{
     write_loop,
 };
 use crate::demo::{LocalCluster, SUPERUSER, SUPERUSER_PASSWORD};
+use mainstay_sys::process;
 use mainstay_testkit::{Etcd, Haproxy, free_port};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -557,7 +558,7 @@ impl Cluster {
             samples.push(pids.iter().map(|p| rss_bytes(*p)).sum());
         }
         let cpu_after = cpu().ok_or("the agent died while idle")?;
-        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let ticks_per_second = process::clock_ticks_per_second().max(1) as f64;
         let busy = (cpu_after - cpu_before) as f64 / ticks_per_second;
         samples.sort_unstable();
         Ok(Idle {
@@ -686,7 +687,7 @@ listen primary
         let node = &mut self.nodes[i];
         let log = std::fs::File::create(node.dir.join("patroni.log"))
             .map_err(|e| format!("patroni.log: {e}"))?;
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = process::geteuid() == 0;
         let mut command = if root {
             let mut c = Command::new("setpriv");
             c.args([
@@ -700,14 +701,8 @@ listen primary
         } else {
             Command::new(patroni)
         };
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            // Should the benchmark die, its agents go with it.
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        // Should the benchmark die, its agents go with it.
+        process::signal_on_parent_death(&mut command, libc::SIGKILL);
         let child = command
             .arg(node.dir.join("patroni.yml"))
             .env("HOME", &node.dir)
@@ -815,10 +810,10 @@ listen primary
         // just (re)starting shows up in postmaster.pid only now. Bounded.
         let deadline = Instant::now() + Duration::from_secs(5);
         while let Some(pid) = node.postmaster_pid()
-            && unsafe { libc::kill(pid, 0) } == 0
+            && process::alive(pid)
             && Instant::now() < deadline
         {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = process::kill(pid, libc::SIGKILL);
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -839,16 +834,13 @@ impl Drop for PatroniCluster {
 }
 
 fn own_by_postgres(path: &Path) -> std::io::Result<()> {
-    if unsafe { libc::geteuid() } != 0 {
+    if process::geteuid() != 0 {
         return Ok(());
     }
-    let user = c"postgres";
-    let pw = unsafe { libc::getpwnam(user.as_ptr()) };
-    if pw.is_null() {
+    let Ok(Some(pw)) = mainstay_sys::user::by_name(c"postgres") else {
         return Err(std::io::Error::other("no `postgres` user"));
-    }
-    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+    };
+    std::os::unix::fs::chown(path, Some(pw.uid), Some(pw.gid))
 }
 
 /// A Patroni configuration as its documentation shows, with the same

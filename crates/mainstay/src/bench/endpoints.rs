@@ -527,7 +527,7 @@ async fn keepalived_move(
         .and_then(|t| t.trim().parse::<i32>().ok());
     let master = daemons.remove(0);
     if let Some(pid) = vrrp_pid {
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = mainstay_sys::process::kill(pid, libc::SIGKILL);
     }
     drop(master);
     let killed_at = Instant::now();

@@ -10,6 +10,7 @@ use crate::common::Harness;
 use crate::evidence::{Ack, Evidence, check, first_write_elsewhere, now_us};
 use crate::scenarios::{Running, enable_sync, ttl, under_load};
 use mainstay_dcs::Dcs;
+use mainstay_sys::process;
 use mainstay_testkit::crash::{children_of, parent_of, process_group_of};
 use std::time::{Duration, Instant};
 
@@ -37,14 +38,10 @@ impl Stopped {
     fn stop(&mut self, target: i32, what: impl Into<String>, resume_first: bool) {
         let what = what.into();
         assert_safe(target, &what);
-        // SAFETY: kill(2) has no memory effects; the target was checked.
-        let rc = unsafe { libc::kill(target, libc::SIGSTOP) };
-        assert_eq!(
-            rc,
-            0,
-            "SIGSTOP to {what} ({target}): {}",
-            std::io::Error::last_os_error()
-        );
+        // The target was checked.
+        if let Err(e) = process::kill(target, libc::SIGSTOP) {
+            panic!("SIGSTOP to {what} ({target}): {e}");
+        }
         if resume_first {
             self.first.push((target, what));
         } else {
@@ -55,8 +52,8 @@ impl Stopped {
     /// SIGCONTs every target, back to back.
     fn resume(&mut self) {
         for (target, _) in self.first.iter().chain(&self.then) {
-            // SAFETY: as above; checked when stopped.
-            unsafe { libc::kill(*target, libc::SIGCONT) };
+            // Checked when stopped.
+            let _ = process::kill(*target, libc::SIGCONT);
         }
         self.resumed = true;
     }
@@ -77,14 +74,10 @@ impl Drop for Stopped {
 /// node stops or thaws as a whole, nearly as one suspended host would.
 /// Returns whether the policy could be set (root can).
 fn urgently<T>(f: impl FnOnce() -> T) -> (T, bool) {
-    let fifo = libc::sched_param { sched_priority: 50 };
-    // SAFETY: pid 0 is the calling thread; the parameter outlives the call.
-    let raised = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) } == 0;
+    let raised = process::set_scheduler(libc::SCHED_FIFO, 50).is_ok();
     let result = f();
     if raised {
-        let normal = libc::sched_param { sched_priority: 0 };
-        // SAFETY: as above.
-        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal) };
+        let _ = process::set_scheduler(libc::SCHED_OTHER, 0);
     }
     (result, raised)
 }
@@ -92,8 +85,7 @@ fn urgently<T>(f: impl FnOnce() -> T) -> (T, bool) {
 /// Never the test itself, its process group, init, or "every process"
 /// (0 and -1 mean that to kill(2)).
 fn assert_safe(target: i32, what: &str) {
-    // SAFETY: getpid and getpgrp have no preconditions.
-    let (me, my_group) = unsafe { (libc::getpid(), libc::getpgrp()) };
+    let (me, my_group) = (process::getpid(), process::getpgrp());
     if target > 0 {
         assert!(
             target > 1 && target != me,
@@ -281,8 +273,7 @@ fn freeze_agent(group: bool) -> impl Fn(&mut Harness) -> Running<'_> + Sync {
                     "the guard is in the agent's process group"
                 );
                 // Never the test's own group (assert_safe checks it too).
-                // SAFETY: getpgrp has no preconditions.
-                let own = unsafe { libc::getpgrp() };
+                let own = process::getpgrp();
                 assert_ne!(pgid, own, "the agent is in the test's own process group");
                 stopped.stop(-pgid, "the agent's process group", false);
             } else {

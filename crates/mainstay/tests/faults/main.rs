@@ -24,6 +24,8 @@
 //! it the suite fails, unless `MAINSTAY_ALLOW_SKIP=1` lets it say it was
 //! skipped.
 
+#![forbid(unsafe_code)]
+
 #[path = "../common/mod.rs"]
 mod common;
 mod evidence;

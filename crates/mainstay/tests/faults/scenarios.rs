@@ -57,7 +57,7 @@ pub(crate) fn kill_primary_agent(h: &mut Harness) -> Running<'_> {
         let writers = Writers::start(h).await;
         let unavailable = disrupt(h, &writers, |h, l| {
             let pid = h.cluster.agent_pid(l).unwrap();
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let _ = mainstay_sys::process::kill(pid as i32, libc::SIGKILL);
         })
         .await;
         let old = stopped_agents(h)[0];
@@ -164,7 +164,7 @@ pub(crate) fn primary_postgres_crash(h: &mut Harness) -> Running<'_> {
         let l = h.cluster.node_index(&leader).unwrap();
         let pid = h.cluster.nodes[l].postmaster_pid().unwrap();
         let at = Instant::now();
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = mainstay_sys::process::kill(pid, libc::SIGKILL);
         first_write(
             &writers,
             at + Duration::from_millis(500),

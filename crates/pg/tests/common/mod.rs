@@ -78,7 +78,7 @@ pub fn node_settings(data_dir: PathBuf, name: &str, port: u16) -> PgSettings {
     s.superuser = Credentials::new("postgres", SUPERUSER_PASSWORD);
     s.replication = Credentials::new("replicator", REPLICATION_PASSWORD);
     s.rewind = Credentials::new("rewinder", REWIND_PASSWORD);
-    if unsafe { libc::geteuid() } == 0 {
+    if mainstay_sys::process::geteuid() == 0 {
         s.run_as = Some("postgres".into());
     }
     for (k, v) in [
@@ -101,7 +101,7 @@ impl Drop for TestDir {
                 .ok()
                 .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
             if let Some(pid) = pid.filter(|p| *p > 0) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = mainstay_sys::process::kill(pid, libc::SIGKILL);
             }
         }
         if std::env::var_os("MAINSTAY_PG_KEEP").is_some()
