@@ -1,0 +1,312 @@
+use super::*;
+
+const GOOD: &str = r#"
+cluster = "ship"
+name = "node1"
+[etcd]
+endpoints = ["http://127.0.0.1:2379"]
+[postgresql]
+data_dir = "/var/lib/mainstay/data"
+port = 5432
+superuser = { username = "postgres", password = "s3cret" }
+replication = { username = "replicator", password = "r3pl" }
+"#;
+
+/// Validation refuses a `bin_dir` without `postgres`, so these tests need
+/// PostgreSQL 15 where the default points; without it they fail, unless
+/// `MAINSTAY_ALLOW_SKIP=1` (then they return).
+fn postgres_installed() -> bool {
+    let ok = default_bin_dir().join("postgres").exists();
+    if !ok {
+        mainstay_testkit::skip(&format!(
+            "needs PostgreSQL 15 in {}: run scripts/setup.sh",
+            default_bin_dir().display()
+        ));
+    }
+    ok
+}
+
+fn check(extra: &str, key: Option<&str>, needle: &str) {
+    check_text(&format!("{GOOD}{extra}"), key, needle);
+}
+
+fn check_text(text: &str, key: Option<&str>, needle: &str) {
+    let extra = text;
+    match Config::parse(Path::new("test.toml"), text) {
+        Ok(_) => panic!("accepted: {extra}"),
+        Err(err) => {
+            assert_eq!(err.key.as_deref(), key, "{err}");
+            assert!(err.to_string().contains(needle), "{err} lacks {needle}");
+        }
+    }
+}
+
+#[test]
+fn a_good_file_parses_with_defaults() {
+    if !postgres_installed() {
+        return;
+    }
+    let config = Config::parse(Path::new("t"), GOOD).unwrap();
+    let t = config.timing.effective();
+    assert_eq!(t.ttl, Duration::from_secs(4));
+    assert_eq!(config.postgresql.run_as, "postgres");
+    assert!(!format!("{config:?}").contains("s3cret"));
+}
+
+#[test]
+fn bad_files_name_the_key() {
+    if !postgres_installed() {
+        return;
+    }
+    check("[timing]\nttl = 1\n", Some("timing.ttl"), "etcd's minimum");
+    check(
+        "[timing]\nttl = 4\nrenew_interval = 2\n",
+        Some("timing.renew_interval"),
+        "ttl/3",
+    );
+    check(
+        "[timing]\nrenew_interval = 1\ndcs_timeout = 2\n",
+        Some("timing"),
+        "fencing_margin",
+    );
+    check("[timing]\nttl = \"4s\"\n", None, "invalid type");
+    check("bogus = 1\n", None, "unknown field");
+    check("[tags]\npriority = \"high\"\n", None, "invalid type");
+    check(
+        "[api]\nlisten = \"nowhere\"\n",
+        Some("api.listen"),
+        "IP:PORT",
+    );
+}
+
+#[test]
+fn bad_vip_and_proxy_settings_name_the_key() {
+    if !postgres_installed() {
+        return;
+    }
+    let top = |lines: &str| format!("{lines}\n{GOOD}");
+    check_text(
+        &top("vip = \"10.0.0.50/24\""),
+        Some("vip_interface"),
+        "eth0",
+    );
+    check_text(&top("vip_interface = \"eth0\""), Some("vip"), "no address");
+    check_text(
+        &top("vip = \"10.0.0.50\"\nvip_interface = \"eth0\""),
+        Some("vip"),
+        "prefix length",
+    );
+    check(
+        "[proxy]\nread_only_listen = \"everywhere\"\n",
+        Some("proxy.read_only_listen"),
+        "IP:PORT",
+    );
+    let long = GOOD.replace(
+        "/var/lib/mainstay/data",
+        &format!("/{}/data", "x".repeat(90)),
+    );
+    check_text(&long, Some("postgresql.data_dir"), "limit is 107");
+    check(
+        "[proxy]\nreplica_max_lag = \"lots\"\n",
+        Some("proxy.replica_max_lag"),
+        "16MB",
+    );
+    check(
+        "[proxy]\nlisten = \"0.0.0.0:5000\"\nread_only_listen = \"0.0.0.0:5000\"\n",
+        Some("proxy.read_only_listen"),
+        "own port",
+    );
+    let good = top("vip = \"10.0.0.50/24\"\nvip_interface = \"eth0\"");
+    let config = Config::parse(Path::new("t"), &good).unwrap();
+    assert_eq!(config.vip_spec().unwrap().unwrap().cidr(), "10.0.0.50/24");
+}
+
+#[test]
+fn the_watchdog_section_is_typed_with_a_timeout_from_the_timing() {
+    if !postgres_installed() {
+        return;
+    }
+    let parse = |extra: &str| Config::parse(Path::new("t"), &format!("{GOOD}{extra}")).unwrap();
+    let off = parse("").watchdog;
+    assert_eq!(off.mode, WatchdogMode::Off);
+    assert_eq!(off.device, Path::new("/dev/watchdog"));
+    // Default profile: 4 - 1 - 1 = 2 s.
+    assert_eq!(off.timeout, Duration::from_secs(2));
+    let required = parse("[watchdog]\nmode = \"required\"\ndevice = \"/dev/watchdog1\"\n").watchdog;
+    assert_eq!(required.mode, WatchdogMode::Required);
+    assert_eq!(required.timeout, Duration::from_secs(2));
+    let settings = required.settings();
+    assert_eq!(settings.device, Path::new("/dev/watchdog1"));
+    assert_eq!(settings.timeout, Duration::from_secs(2));
+    // Fast profile: 2 - 0.5 - 0.4 = 1.1, rounded down to 1 s.
+    let fast = parse("[timing]\nprofile = \"fast\"\n[watchdog]\nmode = \"automatic\"\n").watchdog;
+    assert_eq!(fast.mode, WatchdogMode::Automatic);
+    assert_eq!(fast.timeout, Duration::from_secs(1));
+    // A safety margin comes off the timeout: 4 - 1 - 1 - 0.5 = 1.5 -> 1 s.
+    let margin = parse("[watchdog]\nmode = \"required\"\nsafety_margin = 0.5\n").watchdog;
+    assert_eq!(margin.timeout, Duration::from_secs(1));
+    assert_eq!(margin.safety_margin, Duration::from_millis(500));
+    // Timing too short for a watchdog is fine while it is off.
+    let short = "[timing]\nprofile = \"fast\"\ndcs_timeout = 0.6\n";
+    assert_eq!(parse(short).watchdog.timeout, Duration::ZERO);
+}
+
+#[test]
+fn bad_watchdog_settings_name_the_key_and_the_fix() {
+    if !postgres_installed() {
+        return;
+    }
+    check(
+        "[watchdog]\nmode = \"sometimes\"\n",
+        Some("watchdog.mode"),
+        "\"sometimes\" is not a mode: use \"off\"",
+    );
+    check(
+        "[watchdog]\nmode = \"on\"\n",
+        Some("watchdog.mode"),
+        "\"required\"",
+    );
+    check(
+        "[watchdog]\nmode = \"automatic\"\ndevice = \"\"\n",
+        Some("watchdog.device"),
+        "is empty: give the watchdog's character device, e.g. \"/dev/watchdog\"",
+    );
+    check(
+        "[watchdog]\ndevice = \"watchdog0\"\n",
+        Some("watchdog.device"),
+        "absolute path",
+    );
+    check(
+        "[watchdog]\nsafety_margin = -1\n",
+        Some("watchdog.safety_margin"),
+        "out of range",
+    );
+    check(
+        "[watchdog]\nsafety_margin = inf\n",
+        Some("watchdog.safety_margin"),
+        "out of range",
+    );
+    check("[watchdog]\ntimeout = 5\n", None, "unknown field");
+    // ttl 2 - fencing_margin 0.5 - dcs_timeout 0.6 = 0.9 s: no 1 s watchdog fits.
+    for (timing, left) in [
+        (
+            "[timing]\nprofile = \"fast\"\ndcs_timeout = 0.6\n",
+            "0.90 s",
+        ),
+        ("[watchdog]\nsafety_margin = 1.5\n", "0.50 s"),
+    ] {
+        for mode in ["required", "automatic"] {
+            let extra = if timing.contains("[watchdog]") {
+                format!("{timing}mode = \"{mode}\"\n")
+            } else {
+                format!("{timing}[watchdog]\nmode = \"{mode}\"\n")
+            };
+            let text = format!("{GOOD}{extra}");
+            let err = Config::parse(Path::new("t"), &text).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some("watchdog.mode"), "{err}");
+            let message = err.to_string();
+            for needle in [
+                "needs a device timeout of at least 1 s",
+                "timing.ttl",
+                "timing.fencing_margin",
+                "timing.dcs_timeout",
+                left,
+                "set watchdog.mode = \"off\"",
+            ] {
+                assert!(message.contains(needle), "{message} lacks {needle}");
+            }
+        }
+    }
+}
+
+/// These machines have no watchdog device: `config check` is tested on
+/// what it refuses, never on a real watchdog.
+#[test]
+fn config_check_reports_an_unusable_watchdog_by_mode() {
+    if !postgres_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("watchdog");
+    let regular = dir.path().join("file");
+    std::fs::write(&regular, "").unwrap();
+    let config = |mode: &str, device: &Path| {
+        let extra = format!(
+            "[watchdog]\nmode = \"{mode}\"\ndevice = \"{}\"\n",
+            device.display()
+        );
+        Config::parse(Path::new("node.toml"), &format!("{GOOD}{extra}")).unwrap()
+    };
+    let file = Path::new("node.toml");
+    assert!(matches!(
+        config("off", &missing).check_watchdog(file),
+        WatchdogCheck::Off
+    ));
+    let WatchdogCheck::Error(err) = config("required", &missing).check_watchdog(file) else {
+        panic!("a required, missing watchdog must be an error");
+    };
+    assert_eq!(err.key.as_deref(), Some("watchdog.device"));
+    let line = err.to_string();
+    assert!(!line.contains('\n'), "one line: {line}");
+    for needle in [
+        "node.toml: key `watchdog.device`",
+        "mode \"required\", but this node could never lead",
+        missing.to_str().unwrap(),
+        "modprobe softdog",
+    ] {
+        assert!(line.contains(needle), "{line} lacks {needle}");
+    }
+    let WatchdogCheck::Warning(err) = config("automatic", &regular).check_watchdog(file) else {
+        panic!("an automatic, unusable watchdog must be a warning");
+    };
+    let line = err.to_string();
+    assert!(line.contains("would lead without a watchdog"), "{line}");
+    assert!(line.contains("is not a watchdog device"), "{line}");
+    assert_eq!(std::fs::read(&regular).unwrap(), b"", "nothing written");
+}
+
+#[test]
+fn missing_and_malformed_keys_are_refused() {
+    for text in [
+        "cluster = \"a\"\n",
+        "cluster = \"a\" name = \"b\"",
+        "name = \"b\"\ncluster = \"a\"\n[etcd]\nendpoints = []\n",
+    ] {
+        assert!(Config::parse(Path::new("t"), text).is_err(), "{text}");
+    }
+    let bad_name = GOOD.replace("\"node1\"", "\"node 1\"");
+    assert_eq!(
+        Config::parse(Path::new("t"), &bad_name)
+            .unwrap_err()
+            .key
+            .as_deref(),
+        Some("name")
+    );
+}
+
+#[test]
+fn api_client_limits_are_bounded() {
+    if !postgres_installed() {
+        return;
+    }
+    let with = |extra: &str| GOOD.replace("[postgresql]", &format!("[api]\n{extra}\n[postgresql]"));
+    let config = Config::parse(
+        Path::new("t"),
+        &with("header_timeout = 2.5\nmax_connections = 10"),
+    )
+    .unwrap();
+    assert_eq!(
+        config.api.limits().header_timeout,
+        Duration::from_millis(2500)
+    );
+    assert_eq!(config.api.limits().max_connections, 10);
+    for (extra, key) in [
+        ("header_timeout = 0", "api.header_timeout"),
+        ("header_timeout = 301", "api.header_timeout"),
+        ("header_timeout = nan", "api.header_timeout"),
+        ("max_connections = 0", "api.max_connections"),
+    ] {
+        let refused = Config::parse(Path::new("t"), &with(extra)).unwrap_err();
+        assert_eq!(refused.key.as_deref(), Some(key), "{extra}");
+    }
+}
