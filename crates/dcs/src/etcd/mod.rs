@@ -31,6 +31,12 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+mod errors;
+mod watch;
+
+use errors::*;
+use watch::forward_watch;
+
 /// How to reach etcd.
 #[derive(Clone)]
 pub struct EtcdSettings {
@@ -804,94 +810,6 @@ fn held_by(key: &str, name: &str, lease: i64) -> Vec<Compare> {
     ]
 }
 
-/// Forwards watch events until the stream breaks or the receiver goes away.
-///
-/// require-leader makes etcd cancel the stream when its member loses the
-/// quorum, but a frozen or unreachable etcd sends nothing at all, which is
-/// indistinguishable from a quiet cluster. So after a request timeout
-/// without a message the task asks for a progress report (etcd answers with
-/// an empty response), and a second one of silence ends the watch with an
-/// error. A broken watch also moves requests to the next member.
-async fn forward_watch(
-    mut watcher: Watcher,
-    mut stream: WatchStream,
-    tx: mpsc::Sender<WatchEvent>,
-    inner: Weak<Inner>,
-    member: usize,
-) {
-    let Some((prefix, quiet)) = inner
-        .upgrade()
-        .map(|i| (i.prefix.clone(), i.request_timeout))
-    else {
-        return;
-    };
-    let mut probing = false;
-    let error = loop {
-        let next = tokio::select! {
-            _ = tx.closed() => {
-                // Nobody listens; the stream ends when `watcher` is dropped.
-                let _ = watcher.cancel().await;
-                return;
-            }
-            next = tokio::time::timeout(quiet, stream.message()) => next,
-        };
-        let response = match next {
-            Err(_) if probing => {
-                break format!(
-                    "etcd sent nothing for {:?}, not even an answer to a progress request",
-                    quiet * 2
-                );
-            }
-            Err(_) => {
-                if let Err(e) = watcher.request_progress().await {
-                    break format!("cannot probe the watch stream: {}", describe(&e));
-                }
-                probing = true;
-                continue;
-            }
-            Ok(Err(e)) => break format!("watch stream failed: {}", describe(&e)),
-            Ok(Ok(None)) => break "etcd closed the watch stream".to_string(),
-            Ok(Ok(Some(response))) => response,
-        };
-        probing = false;
-        if response.canceled() {
-            break if response.compact_revision() != 0 {
-                format!(
-                    "etcd cancelled the watch: history compacted up to revision {}",
-                    response.compact_revision()
-                )
-            } else {
-                format!("etcd cancelled the watch: {}", response.cancel_reason())
-            };
-        }
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
-            let key = std::str::from_utf8(kv.key())
-                .ok()
-                .and_then(|k| k.strip_prefix(&prefix))
-                .map_or(KeyKind::Other, KeyKind::from_relative);
-            let change = WatchEvent::Changed {
-                key,
-                deleted: event.event_type() == EventType::Delete,
-                revision: kv.mod_revision(),
-            };
-            if tx.send(change).await.is_err() {
-                return;
-            }
-        }
-    };
-    let error = match inner.upgrade() {
-        Some(inner) => {
-            let error = format!("{}: {error}", inner.members[member].endpoint);
-            inner.fail_over(member, &DcsError::Unreachable(error.clone()));
-            error
-        }
-        None => error,
-    };
-    tracing::debug!(%error, "etcd watch ended");
-    let _ = tx.send(WatchEvent::Error(error)).await;
-}
-
 fn tls_options(tls: &EtcdTls) -> Result<TlsOptions> {
     let read = |what: &str, path: &PathBuf| {
         std::fs::read(path).map_err(|e| {
@@ -922,109 +840,6 @@ fn tls_options(tls: &EtcdTls) -> Result<TlsOptions> {
         }
     }
     Ok(options)
-}
-
-/// Turns an etcd-client error from `endpoint` into what the caller can act
-/// on.
-fn map_err(error: etcd_client::Error, endpoint: &str) -> DcsError {
-    use etcd_client::Error as E;
-    let unreachable = |reason: String| DcsError::Unreachable(format!("{endpoint}: {reason}"));
-    match &error {
-        E::GRpcStatus(status) => match status_error(status) {
-            DcsError::Unreachable(reason) => unreachable(reason),
-            other => other,
-        },
-        // A broken connection, or the request or response channel of a
-        // stream gone with its connection.
-        E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => {
-            unreachable(describe(&error))
-        }
-        E::InvalidArgs(_) | E::InvalidUri(_) => {
-            DcsError::Other(format!("invalid etcd settings: {}", describe(&error)))
-        }
-        _ => DcsError::Other(describe(&error)),
-    }
-}
-
-fn status_error(status: &tonic::Status) -> DcsError {
-    use tonic::Code;
-    let message = status.message();
-    match status.code() {
-        Code::DeadlineExceeded => DcsError::Timeout,
-        // etcd's own "request timed out": the outcome is unknown, as with
-        // a client-side timeout.
-        Code::Unavailable if message.contains("timed out") => DcsError::Timeout,
-        Code::Unavailable if message.contains("no leader") => DcsError::Unreachable(format!(
-            "the etcd member has no leader, it may be cut off from its quorum ({message})"
-        )),
-        Code::Unavailable | Code::Cancelled => DcsError::Unreachable(describe_status(status)),
-        // tonic makes a status with a source out of a local transport
-        // failure (e.g. a connection that died since the last request); etcd
-        // never sends one.
-        _ if std::error::Error::source(status).is_some() => {
-            DcsError::Unreachable(describe_status(status))
-        }
-        Code::NotFound if message.contains("lease not found") => {
-            DcsError::Conflict("the lease no longer exists: it expired or was revoked".into())
-        }
-        Code::InvalidArgument if message.contains("authentication failed") => DcsError::Other(
-            format!("etcd refused the login ({message}): check the etcd username and password"),
-        ),
-        Code::Unauthenticated | Code::PermissionDenied => DcsError::Other(format!(
-            "etcd refused access ({message}): check the etcd username, password and certificates"
-        )),
-        code => DcsError::Other(format!("etcd answered {code:?}: {message}")),
-    }
-}
-
-/// Whether the request certainly never reached etcd's state machine, so
-/// that sending it to another member cannot apply it twice: the connection
-/// could not be made, or the member refused it for lack of a leader.
-fn is_unsent(error: &etcd_client::Error) -> bool {
-    match error {
-        etcd_client::Error::TransportError(_) => true,
-        etcd_client::Error::GRpcStatus(status) => {
-            status.code() == tonic::Code::Unavailable
-                && (status.message().contains("no leader")
-                    || status.message().contains("connect error"))
-        }
-        _ => false,
-    }
-}
-
-/// etcd forgot the token (member restarted, token expired); a fresh
-/// client authenticates again.
-fn is_invalid_token(error: &etcd_client::Error) -> bool {
-    matches!(error, etcd_client::Error::GRpcStatus(s) if s.message().contains("invalid auth token"))
-}
-
-/// An error with its chain of causes: tonic keeps the useful part ("tcp
-/// connect error: Connection refused") in the sources.
-fn describe(error: &etcd_client::Error) -> String {
-    match error {
-        etcd_client::Error::GRpcStatus(status) => describe_status(status),
-        other => with_causes(other.to_string(), std::error::Error::source(other)),
-    }
-}
-
-fn describe_status(status: &tonic::Status) -> String {
-    with_causes(
-        status.message().to_string(),
-        std::error::Error::source(status),
-    )
-}
-
-fn with_causes(mut text: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // "transport error" and repeats of the message add nothing.
-        if cause_text != "transport error" && !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Whether a member advertising `urls` runs on a host with the addresses
