@@ -71,6 +71,24 @@ fn check(
     cluster: Option<&ClusterView>,
     valid_until: u64,
 ) -> Vec<Action> {
+    check_with(
+        state,
+        now,
+        pg,
+        cluster,
+        valid_until,
+        &DynamicConfig::default(),
+    )
+}
+
+fn check_with(
+    state: &mut CoreState,
+    now: u64,
+    pg: &LocalPg,
+    cluster: Option<&ClusterView>,
+    valid_until: u64,
+    config: &DynamicConfig,
+) -> Vec<Action> {
     let tags = Tags::default();
     let obs = Observation {
         now: Millis(now),
@@ -84,7 +102,7 @@ fn check(
             valid_until: Millis(valid_until),
             members_confirmed: false,
         },
-        config: &DynamicConfig::default(),
+        config,
         wall_secs: 0,
         failsafe_contact: None,
     };
@@ -528,27 +546,17 @@ fn with_no_slot_retention_a_present_member_still_keeps_its_slot() {
         member_slots_ttl: 0,
         ..DynamicConfig::default()
     };
-    let tags = Tags::default();
     let primary = pg(PgRole::Primary, 500);
     let mut state = CoreState::default();
     let mut turn = |now: u64, cluster: &ClusterView| {
-        let obs = Observation {
-            now: Millis(now),
-            name: "a",
-            tags: &tags,
-            settings: &SETTINGS,
-            pg: &primary,
-            cluster: Some(cluster),
-            lease: Lease {
-                id: Some(7),
-                valid_until: Millis(now + 3000),
-                members_confirmed: false,
-            },
-            config: &config,
-            wall_secs: 0,
-            failsafe_contact: None,
-        };
-        decide(&mut state, &obs).actions
+        check_with(
+            &mut state,
+            now,
+            &primary,
+            Some(cluster),
+            now + 3000,
+            &config,
+        )
     };
     let with_b = view(
         Some(("a", 7)),

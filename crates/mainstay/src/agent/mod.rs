@@ -16,7 +16,7 @@
 //!   (`parameters.rs`); after each turn it publishes what others read
 //!   (`publish.rs`); `failsafe.rs` is failsafe mode from the leader's side.
 
-use crate::api::{ApiAuth, ApiState, Command, CommandRefusal, NodeSnapshot};
+use crate::api::{ApiAuth, ApiState, Command, CommandRefusal, NodeSnapshot, unix_now};
 use crate::boot_clock;
 use crate::config::{Config, EffectiveTiming};
 use crate::proxy::{Access, ProxyStats, Route};
@@ -301,12 +301,6 @@ enum TurnError {
 
 fn history(view: Option<&ClusterView>) -> &[HistoryEntry] {
     view.map_or(&[], |v| &v.history)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn now_rfc3339() -> String {
