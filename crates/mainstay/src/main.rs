@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use mainstay::config::Config;
+use mainstay_agent::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,13 +31,13 @@ enum Command {
         command: ConfigCommand,
     },
     /// Operate a running cluster through any agent's REST API.
-    Ctl(mainstay::ctl::CtlArgs),
+    Ctl(mainstay_agent::ctl::CtlArgs),
     /// Start etcd and N agents with PostgreSQL on this machine (loopback).
-    Demo(mainstay::demo::DemoArgs),
+    Demo(mainstay_lab::demo::DemoArgs),
     /// Benchmarks on a local cluster (see README for the figures).
     Bench {
         #[command(subcommand)]
-        command: mainstay::bench::BenchCommand,
+        command: mainstay_lab::bench::BenchCommand,
     },
 }
 
@@ -80,11 +80,13 @@ fn main() -> ExitCode {
                 // when watchdog.mode asks for one.
                 let watchdog = config.check_watchdog(&file);
                 match &watchdog {
-                    mainstay::config::WatchdogCheck::Error(err) => {
+                    mainstay_agent::config::WatchdogCheck::Error(err) => {
                         eprintln!("error: {err}");
                         return ExitCode::from(2);
                     }
-                    mainstay::config::WatchdogCheck::Warning(err) => eprintln!("warning: {err}"),
+                    mainstay_agent::config::WatchdogCheck::Warning(err) => {
+                        eprintln!("warning: {err}")
+                    }
                     _ => {}
                 }
                 let t = config.timing.effective();
@@ -98,7 +100,7 @@ fn main() -> ExitCode {
                     t.renew_interval,
                     t.fencing_margin
                 );
-                if let mainstay::config::WatchdogCheck::Ready(line) = watchdog {
+                if let mainstay_agent::config::WatchdogCheck::Ready(line) = watchdog {
                     println!("{line}");
                 }
                 ExitCode::SUCCESS
@@ -117,15 +119,15 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
-            mainstay::proxy::raise_open_files_limit();
+            mainstay_agent::proxy::raise_open_files_limit();
             runtime().block_on(run_agent(config))
         }
         Command::Demo(args) => {
             init_logging();
-            runtime().block_on(mainstay::demo::run(args))
+            runtime().block_on(mainstay_lab::demo::run(args))
         }
-        Command::Bench { command } => runtime().block_on(mainstay::bench::run(command)),
-        Command::Ctl(args) => runtime().block_on(mainstay::ctl::run(args)),
+        Command::Bench { command } => runtime().block_on(mainstay_lab::bench::run(command)),
+        Command::Ctl(args) => runtime().block_on(mainstay_agent::ctl::run(args)),
     }
 }
 
@@ -150,7 +152,7 @@ async fn run_agent(config: Config) -> ExitCode {
     // Before anything else happens: a VIP the agent cannot manage would be
     // a silent hole in the failover.
     if config.vip.is_some()
-        && let Err(err) = mainstay::vip::check_capabilities()
+        && let Err(err) = mainstay_agent::vip::check_capabilities()
     {
         eprintln!("error: {err}");
         return ExitCode::from(1);
@@ -183,7 +185,7 @@ async fn run_agent(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let agent = mainstay::agent::Agent::new(&config, dcs);
+    let agent = mainstay_agent::agent::Agent::new(&config, dcs);
     match agent.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {

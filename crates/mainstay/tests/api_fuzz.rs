@@ -38,7 +38,7 @@
 mod common;
 
 use common::*;
-use mainstay::demo::{API_PASSWORD, API_USER};
+use mainstay_lab::demo::{API_PASSWORD, API_USER};
 use mainstay_testkit::skip;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -333,7 +333,7 @@ async fn healthy_now(h: &Harness, dcs: &mainstay_dcs::EtcdDcs) -> Result<String,
         .read_cluster()
         .await
         .map_err(|e| format!("etcd: {e:?}"))?;
-    let described = mainstay::demo::describe(&view);
+    let described = mainstay_lab::demo::describe(&view);
     let leader = view
         .leader_status()
         .filter(|s| s.role == PgRole::Primary)

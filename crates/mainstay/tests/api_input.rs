@@ -9,15 +9,15 @@
 mod common;
 
 use common::*;
-use mainstay::demo::{API_PASSWORD, API_USER};
 use mainstay_core::{FailoverKind, FailoverRequest};
 use mainstay_dcs::Dcs;
+use mainstay_lab::demo::{API_PASSWORD, API_USER};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn now() -> u64 {
-    mainstay::api::unix_now()
+    mainstay_agent::api::unix_now()
 }
 
 async fn every_node_answers_cluster(h: &Harness) {
@@ -365,7 +365,7 @@ async fn show(h: &Harness, node: &str, parameter: &str) -> String {
     row.get(0)
 }
 
-async fn post_restart(h: &Harness, node: &str) -> mainstay::ctl::client::Answer {
+async fn post_restart(h: &Harness, node: &str) -> mainstay_agent::ctl::client::Answer {
     api(h, node)
         .with_basic_auth(API_USER, API_PASSWORD)
         .request(hyper::Method::POST, "/restart", None)

@@ -94,7 +94,7 @@ fn three_nodes_bootstrap_and_replicate() {
             assert_eq!(mode, 0o600, "{}", pgpass.display());
             let log = std::fs::read_to_string(node.agent_log()).unwrap();
             assert!(
-                !log.contains(mainstay::demo::SUPERUSER_PASSWORD)
+                !log.contains(mainstay_lab::demo::SUPERUSER_PASSWORD)
                     && !log.contains("demo-replication-secret")
             );
         }
@@ -554,7 +554,7 @@ fn failed_bootstraps(h: &Harness) -> usize {
 fn a_failed_bootstrap_is_moved_aside_and_retried_with_a_growing_wait() {
     cluster_test(async {
         let dir = test_dir("bootstrap-retry");
-        let cluster = mainstay::demo::LocalCluster::prepare(
+        let cluster = mainstay_lab::demo::LocalCluster::prepare(
             &dir,
             2,
             std::path::Path::new(env!("CARGO_BIN_EXE_mainstay")),

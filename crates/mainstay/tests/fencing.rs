@@ -115,7 +115,7 @@ fn a_frozen_primary_agent_cannot_keep_its_postgres_writable() {
 fn a_node_whose_required_watchdog_is_missing_never_leads() {
     cluster_test(async {
         let dir = test_dir("watchdog");
-        let cluster = mainstay::demo::LocalCluster::prepare(
+        let cluster = mainstay_lab::demo::LocalCluster::prepare(
             &dir,
             2,
             std::path::Path::new(env!("CARGO_BIN_EXE_mainstay")),

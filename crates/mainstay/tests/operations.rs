@@ -6,8 +6,8 @@
 mod common;
 
 use common::*;
-use mainstay::demo::{API_PASSWORD, API_USER};
 use mainstay_core::{ClusterView, PgRole};
+use mainstay_lab::demo::{API_PASSWORD, API_USER};
 use std::time::{Duration, Instant};
 
 fn leader_of(view: &ClusterView) -> Option<String> {
@@ -188,7 +188,13 @@ fn pause_blocks_failover_and_bad_requests_change_nothing() {
         let authed = api(&h, &replica).with_basic_auth(API_USER, API_PASSWORD);
         let wrong = api(&h, &replica).with_basic_auth(API_USER, "guess");
         let before = h.view().await;
-        let cases: Vec<(&mainstay::ctl::client::ApiClient, &str, &str, &[u8], u16)> = vec![
+        let cases: Vec<(
+            &mainstay_agent::ctl::client::ApiClient,
+            &str,
+            &str,
+            &[u8],
+            u16,
+        )> = vec![
             (&anonymous, "PATCH", "/config", br#"{"pause": true}"#, 401),
             (&wrong, "PATCH", "/config", br#"{"pause": true}"#, 401),
             (&anonymous, "POST", "/switchover", b"{}", 401),
@@ -369,7 +375,7 @@ fn pause_blocks_failover_and_bad_requests_change_nothing() {
             assert!(
                 view.leader.is_none() || view.leader_name() == Some(leader.as_str()),
                 "a failover happened while paused: {}",
-                mainstay::demo::describe(&view)
+                mainstay_lab::demo::describe(&view)
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -533,7 +539,7 @@ fn the_rest_api_serves_https_when_a_certificate_is_configured() {
         h.cluster.start_agent(0).unwrap();
         let port = h.cluster.nodes[0].api_port;
         let https = format!("https://127.0.0.1:{port}");
-        let client = mainstay::ctl::client::ApiClient::new(&https)
+        let client = mainstay_agent::ctl::client::ApiClient::new(&https)
             .with_ca_file(&ca)
             .unwrap()
             .with_timeout(Duration::from_secs(5));
@@ -596,8 +602,8 @@ fn ctl_drill_reports_switchover_and_crash_failover() {
             "host={} port={} user={} password={} dbname=postgres connect_timeout=2",
             node.host,
             node.proxy_port,
-            mainstay::demo::SUPERUSER,
-            mainstay::demo::SUPERUSER_PASSWORD
+            mainstay_lab::demo::SUPERUSER,
+            mainstay_lab::demo::SUPERUSER_PASSWORD
         );
         let tables = async |h: &Harness| -> i64 {
             let leader = h.healthy(Duration::from_secs(60)).await;

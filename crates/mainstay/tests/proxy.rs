@@ -20,8 +20,8 @@ fn listener_conninfo(h: &Harness, node: &str, read_only: bool) -> String {
         } else {
             n.proxy_port
         },
-        mainstay::demo::SUPERUSER,
-        mainstay::demo::SUPERUSER_PASSWORD
+        mainstay_lab::demo::SUPERUSER,
+        mainstay_lab::demo::SUPERUSER_PASSWORD
     )
 }
 

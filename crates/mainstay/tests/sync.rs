@@ -102,7 +102,7 @@ fn synchronous_mode_loses_no_acknowledged_commit_across_repeated_primary_kills()
                     state.standby,
                     members_summary(&state.cluster),
                     state.standby_names,
-                    mainstay::demo::describe(&view),
+                    mainstay_lab::demo::describe(&view),
                     members_summary(&after)
                 );
             }

@@ -9,7 +9,9 @@
 mod common;
 
 use common::*;
-use mainstay::demo::{LAB_PG_PORT, LAB_PROXY_PORT, LocalCluster, SUPERUSER, SUPERUSER_PASSWORD};
+use mainstay_lab::demo::{
+    LAB_PG_PORT, LAB_PROXY_PORT, LocalCluster, SUPERUSER, SUPERUSER_PASSWORD,
+};
 use mainstay_testkit::netns::{self, Lab};
 use mainstay_testkit::skip;
 use std::path::Path;

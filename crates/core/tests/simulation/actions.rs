@@ -1,5 +1,5 @@
 //! The actions of the core's decisions as the agent carries them out
-//! (crates/mainstay/src/agent.rs): the same checks (timeline claims, the
+//! (crates/agent/src/agent/): the same checks (timeline claims, the
 //! divergence check before following, the guard armed before a server may
 //! write, no start past the deadline), the same order of stops and key
 //! releases. Actions on PostgreSQL take time on a share of seeds and can

@@ -51,7 +51,7 @@ pub(crate) const STEP_MS: u64 = 50;
 pub(crate) const FAULT_WINDOW_MS: u64 = 60_000;
 pub(crate) const SETTLE_MS: u64 = 40_000;
 
-/// The `[timing]` profiles of crates/mainstay/src/config.rs.
+/// The `[timing]` profiles of crates/agent/src/config/.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Timing {
     pub(crate) ttl: u64,

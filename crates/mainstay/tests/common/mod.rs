@@ -11,9 +11,9 @@
 
 #![allow(dead_code)]
 
-use mainstay::demo::LocalCluster;
 use mainstay_core::{ClusterView, PgRole};
 use mainstay_dcs::Dcs;
+use mainstay_lab::demo::LocalCluster;
 use mainstay_testkit::skip;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -142,7 +142,7 @@ impl Harness {
                 if let Some(found) = check(&view).await {
                     return found;
                 }
-                last = mainstay::demo::describe(&view);
+                last = mainstay_lab::demo::describe(&view);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -216,10 +216,10 @@ pub async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
-pub fn api(h: &Harness, node: &str) -> mainstay::ctl::client::ApiClient {
+pub fn api(h: &Harness, node: &str) -> mainstay_agent::ctl::client::ApiClient {
     let i = h.cluster.node_index(node).unwrap();
     let node = &h.cluster.nodes[i];
-    mainstay::ctl::client::ApiClient::new(&format!("http://{}:{}", node.host, node.api_port))
+    mainstay_agent::ctl::client::ApiClient::new(&format!("http://{}:{}", node.host, node.api_port))
         .with_timeout(Duration::from_secs(5))
 }
 
@@ -237,7 +237,7 @@ pub async fn code(h: &Harness, node: &str, method: &str, path: &str) -> u16 {
 /// Sends `body` as is and checks the refusal: the status code and a JSON
 /// reason, which it returns.
 pub async fn expect_refusal(
-    client: &mainstay::ctl::client::ApiClient,
+    client: &mainstay_agent::ctl::client::ApiClient,
     method: &str,
     path: &str,
     body: &[u8],
@@ -305,9 +305,9 @@ pub async fn ctl(h: &Harness, node: &str, auth: bool, args: &[&str]) -> (i32, St
     if auth {
         command.args([
             "--user",
-            mainstay::demo::API_USER,
+            mainstay_lab::demo::API_USER,
             "--password",
-            mainstay::demo::API_PASSWORD,
+            mainstay_lab::demo::API_PASSWORD,
         ]);
     }
     command
@@ -329,8 +329,10 @@ pub async fn ctl(h: &Harness, node: &str, auth: bool, args: &[&str]) -> (i32, St
 /// transient refusals (409: changed meanwhile, 503: etcd slow) for 10 s.
 /// Returns the stored configuration.
 pub async fn patch_config(h: &Harness, node: &str, patch: serde_json::Value) -> serde_json::Value {
-    let client =
-        api(h, node).with_basic_auth(mainstay::demo::API_USER, mainstay::demo::API_PASSWORD);
+    let client = api(h, node).with_basic_auth(
+        mainstay_lab::demo::API_USER,
+        mainstay_lab::demo::API_PASSWORD,
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let last = match client
@@ -456,7 +458,7 @@ async fn sync_state_now(h: &Harness, dcs: &impl Dcs) -> Result<SyncState, String
         .read_cluster()
         .await
         .map_err(|e| format!("reading etcd: {e}"))?;
-    let description = mainstay::demo::describe(&view);
+    let description = mainstay_lab::demo::describe(&view);
     let leader = view
         .leader_status()
         .filter(|s| s.role == PgRole::Primary)

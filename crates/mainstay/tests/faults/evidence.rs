@@ -11,7 +11,7 @@
 
 use crate::VIP;
 use crate::common::{Harness, connect};
-use mainstay::demo::{LAB_PG_PORT, LAB_PROXY_PORT, SUPERUSER, SUPERUSER_PASSWORD};
+use mainstay_lab::demo::{LAB_PG_PORT, LAB_PROXY_PORT, SUPERUSER, SUPERUSER_PASSWORD};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};

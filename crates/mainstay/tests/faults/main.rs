@@ -35,7 +35,7 @@ mod scenarios;
 
 use common::{Harness, prerequisites, test_dir};
 use evidence::Outcome;
-use mainstay::demo::{LabOptions, LocalCluster};
+use mainstay_lab::demo::{LabOptions, LocalCluster};
 use mainstay_testkit::netns::{self, Lab};
 use mainstay_testkit::{Relay, skip};
 use scenarios::{ETCD_PORTS, ScenarioFn};

@@ -81,7 +81,7 @@ pub(crate) fn kill_primary_agent(h: &mut Harness) -> Running<'_> {
 /// (the lab's timing profile: 4 s by default).
 pub(crate) fn ttl(h: &Harness) -> Duration {
     let config = &h.cluster.nodes[0].config;
-    mainstay::config::Config::load(config)
+    mainstay_agent::config::Config::load(config)
         .unwrap_or_else(|e| panic!("reading {}: {e}", config.display()))
         .timing
         .effective()

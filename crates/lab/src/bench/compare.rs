@@ -507,7 +507,7 @@ impl Cluster {
             }
         };
         let mut api =
-            crate::ctl::client::ApiClient::new(&url).with_timeout(Duration::from_secs(60));
+            mainstay_agent::ctl::client::ApiClient::new(&url).with_timeout(Duration::from_secs(60));
         if auth {
             api = api.with_basic_auth(crate::demo::API_USER, crate::demo::API_PASSWORD);
         }
@@ -724,9 +724,11 @@ listen primary
     /// `GET /cluster` from the first agent that answers.
     async fn cluster_doc(&self) -> Option<Value> {
         for node in &self.nodes {
-            let api =
-                crate::ctl::client::ApiClient::new(&format!("http://127.0.0.1:{}", node.api_port))
-                    .with_timeout(Duration::from_secs(2));
+            let api = mainstay_agent::ctl::client::ApiClient::new(&format!(
+                "http://127.0.0.1:{}",
+                node.api_port
+            ))
+            .with_timeout(Duration::from_secs(2));
             if let Ok(answer) = api.get("/cluster").await
                 && answer.status.is_success()
             {
@@ -767,7 +769,8 @@ listen primary
 
     async fn enable_sync(&self) -> Result<(), String> {
         let url = format!("http://127.0.0.1:{}", self.nodes[0].api_port);
-        let api = crate::ctl::client::ApiClient::new(&url).with_timeout(Duration::from_secs(10));
+        let api =
+            mainstay_agent::ctl::client::ApiClient::new(&url).with_timeout(Duration::from_secs(10));
         let answer = api
             .request(
                 hyper::Method::PATCH,

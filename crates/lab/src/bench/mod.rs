@@ -325,7 +325,7 @@ async fn one_run(
             None
         }
         Disruption::Switchover => {
-            let api = crate::ctl::client::ApiClient::new(&format!(
+            let api = mainstay_agent::ctl::client::ApiClient::new(&format!(
                 "http://127.0.0.1:{}",
                 cluster.nodes[index].api_port
             ))
@@ -437,9 +437,12 @@ async fn enable_synchronous_mode(cluster: &LocalCluster, leader: &str) -> Result
     let api_of = |name: &str| {
         let node = cluster.nodes.iter().find(|n| n.name == name)?;
         Some(
-            crate::ctl::client::ApiClient::new(&format!("http://127.0.0.1:{}", node.api_port))
-                .with_basic_auth(crate::demo::API_USER, crate::demo::API_PASSWORD)
-                .with_timeout(Duration::from_secs(5)),
+            mainstay_agent::ctl::client::ApiClient::new(&format!(
+                "http://127.0.0.1:{}",
+                node.api_port
+            ))
+            .with_basic_auth(crate::demo::API_USER, crate::demo::API_PASSWORD)
+            .with_timeout(Duration::from_secs(5)),
         )
     };
     let node = cluster.nodes.first().ok_or("the cluster has no node")?;

@@ -32,7 +32,7 @@ pub struct ProxyArgs {
 }
 
 pub async fn run(args: ProxyArgs) -> ExitCode {
-    let pgbench = crate::config::default_bin_dir().join("pgbench");
+    let pgbench = mainstay_agent::config::default_bin_dir().join("pgbench");
     for (binary, package) in [
         (pgbench.as_path(), "postgresql-15"),
         (Path::new(HAPROXY), "haproxy"),

@@ -1,0 +1,18 @@
+//! The agent: everything one `mainstay agent` process runs (the HA loop,
+//! the REST API, the proxy, the virtual IP, the watchdog keeper), its
+//! configuration, and `mainstay ctl`. A library so that the binary, the
+//! lab (demo and benchmarks) and the integration tests drive the same code;
+//! nothing in it is test tooling.
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod api;
+pub mod boot_clock;
+pub mod config;
+pub mod ctl;
+pub mod parameter_guard;
+pub mod proxy;
+pub mod tls;
+pub mod vip;
+pub mod watchdog_keeper;
