@@ -237,14 +237,14 @@ impl ProxyStats {
 }
 
 /// Binds a proxy listener; a failure is a startup error naming the key.
-pub fn bind(key: &str, listen: &str) -> Result<std::net::TcpListener, String> {
+pub fn bind(key: &str, listen: std::net::SocketAddr) -> Result<std::net::TcpListener, String> {
     let listener = std::net::TcpListener::bind(listen).and_then(|l| {
         l.set_nonblocking(true)?;
         Ok(l)
     });
     listener.map_err(|e| {
         format!(
-            "cannot listen on {key} = {listen:?}: {e}; choose a free address and port \
+            "cannot listen on {key} = \"{listen}\": {e}; choose a free address and port \
              in the [proxy] section"
         )
     })
@@ -672,7 +672,7 @@ mod tests {
 
     /// A read-write listener on a free port, waiting up to 10 s for a target.
     fn start_proxy(route: watch::Receiver<Route>) -> (SocketAddr, Arc<ProxyStats>, ProxyThread) {
-        let listener = bind("proxy.listen", "127.0.0.1:0").unwrap();
+        let listener = bind("proxy.listen", "127.0.0.1:0".parse().unwrap()).unwrap();
         let address = listener.local_addr().unwrap();
         let stats = Arc::new(ProxyStats::default());
         let thread = spawn(

@@ -15,8 +15,10 @@ pub mod observation;
 pub mod switchover;
 pub mod sync;
 pub mod timeline;
+pub mod timing;
 pub mod types;
 
 pub use decide::{Action, CoreState, Decision, Observation, decide};
 pub use dynamic::DynamicConfig;
+pub use timing::Timing;
 pub use types::*;

@@ -89,7 +89,7 @@ fn main() -> ExitCode {
                     }
                     _ => {}
                 }
-                let t = config.timing.effective();
+                let t = config.timing;
                 println!(
                     "{}: ok (cluster {}, node {}, ttl {:?}, loop_wait {:?}, renew every {:?}, fencing margin {:?})",
                     file.display(),
@@ -157,21 +157,7 @@ async fn run_agent(config: Config) -> ExitCode {
         eprintln!("error: {err}");
         return ExitCode::from(1);
     }
-    let timing = config.timing.effective();
-    let mut settings =
-        mainstay_dcs::EtcdSettings::new(config.etcd.endpoints.clone(), config.cluster.clone());
-    settings.request_timeout = timing.dcs_timeout;
-    settings.connect_timeout = timing.dcs_timeout;
-    settings.username = config.etcd.username.clone();
-    settings.password = config.etcd.password.clone();
-    if config.etcd.ca_file.is_some() || config.etcd.cert_file.is_some() {
-        settings.tls = Some(mainstay_dcs::EtcdTls {
-            ca_file: config.etcd.ca_file.clone(),
-            cert_file: config.etcd.cert_file.clone(),
-            key_file: config.etcd.key_file.clone(),
-        });
-    }
-    let dcs = match mainstay_dcs::EtcdDcs::connect(settings).await {
+    let dcs = match mainstay_dcs::EtcdDcs::connect(config.etcd.clone()).await {
         Ok(dcs) => dcs,
         Err(err) => {
             eprintln!("error: cannot set up the etcd client: {err}");

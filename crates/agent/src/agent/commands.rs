@@ -116,7 +116,7 @@ impl<D: Dcs> Agent<D> {
                          streaming, or not synchronous): the drill would only cause an outage",
                     );
                 }
-                let until = Instant::now() + self.timing.ttl * 3 + Duration::from_secs(20);
+                let until = Instant::now() + self.timing.crash_drill_limit();
                 warn!(
                     ?successors,
                     "crash drill requested through the REST API: stopping PostgreSQL hard \

@@ -354,7 +354,7 @@ impl<D: Dcs> Agent<D> {
             .control_data()
             .map_err(|e| TurnError::Failed(format!("pg_controldata after shutdown: {e}")))?
             .checkpoint_lsn;
-        let limit = self.timing.ttl;
+        let limit = self.timing.handover_catch_up_limit();
         let caught_up = self.pg.wait_until_received(&target, end, limit).await;
         let refusal = match caught_up {
             Err(err) => Some(format!("the candidate did not catch up: {err}")),

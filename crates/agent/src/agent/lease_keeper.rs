@@ -7,7 +7,7 @@ use super::*;
 pub(super) struct LeaseKeeper<D> {
     pub(super) dcs: Arc<D>,
     pub(super) name: String,
-    pub(super) timing: EffectiveTiming,
+    pub(super) timing: mainstay_core::Timing,
     pub(super) tx: watch::Sender<Lease>,
     pub(super) fencer: mainstay_pg::Fencer,
     pub(super) wake: Arc<Notify>,
@@ -29,11 +29,7 @@ pub(super) async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         paused,
         failsafe,
     } = keeper;
-    let lease_timing = LeaseTiming {
-        ttl_ms: timing.ttl.as_millis() as u64,
-        fencing_margin_ms: timing.fencing_margin.as_millis() as u64,
-    };
-    let mut clock = LeaseClock::new(lease_timing, boot_clock::now());
+    let mut clock = LeaseClock::new(timing.lease(), boot_clock::now());
     // The members whose confirmation the current failsafe deadline rests on.
     let mut confirmed_by = std::collections::BTreeSet::new();
     // The guard hears of every deadline before anyone acts on it.
@@ -42,7 +38,7 @@ pub(super) async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         fencer.set_deadline(boot_clock::boot_time(lease.valid_until));
         tx.send_replace(lease);
     };
-    let ttl_secs = timing.ttl.as_secs() as i64;
+    let ttl_secs = timing.lease_ttl_secs();
     let mut ticker = tokio::time::interval(timing.renew_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -18,12 +18,12 @@
 
 use crate::api::{ApiAuth, ApiState, Command, CommandRefusal, NodeSnapshot, unix_now};
 use crate::boot_clock;
-use crate::config::{Config, EffectiveTiming};
+use crate::config::Config;
 use crate::proxy::{Access, ProxyStats, Route};
 use crate::watchdog_keeper::Availability;
 use mainstay_core::decide::Standby;
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
-use mainstay_core::lease::{KeyCheck, LeaseClock, LeaseTiming, Renewal};
+use mainstay_core::lease::{KeyCheck, LeaseClock, Renewal};
 use mainstay_core::sync::render_standby_names;
 use mainstay_core::timeline::{
     Divergence, LeaderWal, LocalWal, divergence, foreign_timeline, parse_history,
@@ -33,10 +33,7 @@ use mainstay_core::{
     MemberStatus, Millis, Observation, PgRole, SyncState, decide,
 };
 use mainstay_dcs::{Dcs, KeyKind, WatchEvent};
-use mainstay_pg::{
-    ClusterState, ConnTarget, Credentials, DataDirState, Health, PgSettings, Postgres, StartRole,
-    StopMode,
-};
+use mainstay_pg::{ClusterState, ConnTarget, DataDirState, Health, Postgres, StartRole, StopMode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -65,7 +62,7 @@ pub struct Agent<D: Dcs> {
     /// The kernel watchdog as probed at start-up, and its settings.
     watchdog: Availability,
     watchdog_config: crate::config::WatchdogConfig,
-    timing: EffectiveTiming,
+    timing: mainstay_core::Timing,
     settings: Settings,
     api_url: String,
     dcs: Arc<D>,
@@ -102,7 +99,7 @@ pub struct Agent<D: Dcs> {
     renewals_paused: Arc<AtomicBool>,
     /// What the REST API serves; replaced after every turn.
     snapshot: watch::Sender<Arc<NodeSnapshot>>,
-    api_listen: String,
+    api_listen: std::net::SocketAddr,
     api_limits: crate::api::Limits,
     /// The last valid dynamic configuration read from the DCS, and the
     /// revision of the `config` key last looked at.
@@ -127,11 +124,11 @@ pub struct Agent<D: Dcs> {
     /// renewals fail (kept from the last view while the DCS is away).
     failsafe_peers: Arc<std::sync::Mutex<Option<FailsafePeers>>>,
     /// HTTPS for the API: certificate and key; and the CA for calling peers.
-    api_tls_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    api_tls_files: Option<crate::config::TlsFiles>,
     api_ca_file: Option<std::path::PathBuf>,
     /// The proxy: its listeners, and the route the HA loop gives it after
     /// every turn.
-    proxy_listens: Vec<(crate::proxy::Access, &'static str, String)>,
+    proxy_listens: Vec<(crate::proxy::Access, &'static str, std::net::SocketAddr)>,
     proxy_wait: Duration,
     replica_max_lag: u64,
     route: watch::Sender<Route>,
@@ -146,44 +143,11 @@ pub struct Agent<D: Dcs> {
     vip_held: watch::Sender<bool>,
 }
 
-pub fn pg_settings(config: &Config) -> PgSettings {
-    let pg = &config.postgresql;
-    let mut settings = PgSettings::new(&pg.bin_dir, &pg.data_dir, &config.name);
-    settings.listen_host = pg.listen.clone();
-    settings.connect_host = config.pg_connect_host();
-    settings.port = pg.port;
-    let credentials = |c: &crate::config::Credentials| Credentials::new(&c.username, &c.password);
-    settings.superuser = credentials(&pg.superuser);
-    settings.replication = credentials(&pg.replication);
-    settings.rewind = credentials(config.rewind_credentials());
-    // PostgreSQL refuses to run as root; as any other user it runs as us.
-    settings.run_as = (mainstay_sys::process::geteuid() == 0).then(|| pg.run_as.clone());
-    settings.parameters = pg
-        .parameters
-        .iter()
-        .map(|(k, v)| {
-            let value = match v {
-                toml::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            (k.clone(), value)
-        })
-        .collect();
-    settings
-}
-
 impl<D: Dcs> Agent<D> {
     pub fn new(config: &Config, dcs: D) -> Agent<D> {
-        let timing = config.timing.effective();
-        let ms = |d: Duration| d.as_millis() as u64;
-        let settings = Settings {
-            ttl_ms: ms(timing.ttl),
-            loop_wait_ms: ms(timing.loop_wait),
-            election_wait_ms: 2 * ms(timing.loop_wait) + ms(timing.dcs_timeout),
-            stuck_replica_ms: 30_000,
-        };
+        let timing = config.timing;
         let origin = Instant::now();
-        let pg = Postgres::new(pg_settings(config));
+        let pg = Postgres::new(config.postgresql.clone());
         let watchdog = Availability::probe(&config.watchdog);
         let mut tags = config.tags.clone();
         if watchdog.blocks_leadership().is_some() {
@@ -203,8 +167,8 @@ impl<D: Dcs> Agent<D> {
             watchdog: watchdog.clone(),
             watchdog_config: config.watchdog.clone(),
             timing,
-            settings,
-            api_url: config.api_url(),
+            settings: timing.decide_settings(),
+            api_url: config.api.url.clone(),
             dcs: Arc::new(dcs),
             core: CoreState::default(),
             lease,
@@ -233,50 +197,47 @@ impl<D: Dcs> Agent<D> {
                 ..NodeSnapshot::new(
                     &config.name,
                     &config.cluster,
-                    &config.api_url(),
+                    &config.api.url,
                     &tags,
-                    timing.ttl,
+                    timing,
                 )
             })),
-            api_listen: config.api.listen.clone(),
-            api_limits: config.api.limits(),
+            api_listen: config.api.listen,
+            api_limits: crate::api::Limits {
+                header_timeout: config.api.header_timeout,
+                max_connections: config.api.max_connections,
+            },
             dynamic: DynamicConfig::default(),
             dynamic_revision: None,
-            file_parameters: pg_settings(config).parameters,
+            file_parameters: config.postgresql.parameters.clone(),
             parameters_dirty: false,
             parameters: Default::default(),
             pending_restart: Vec::new(),
             failsafe_contact: Arc::default(),
             failsafe_peers: Arc::default(),
-            api_tls_files: config
-                .api
-                .cert_file
-                .clone()
-                .zip(config.api.key_file.clone()),
+            api_tls_files: config.api.tls.clone(),
             api_ca_file: config.api.ca_file.clone(),
             proxy_listens: [
-                (Access::ReadWrite, "proxy.listen", &config.proxy.listen),
+                (Access::ReadWrite, "proxy.listen", config.proxy.listen),
                 (
                     Access::ReadOnly,
                     "proxy.read_only_listen",
-                    &config.proxy.read_only_listen,
+                    config.proxy.read_only_listen,
                 ),
             ]
             .into_iter()
-            .filter_map(|(access, key, listen)| Some((access, key, listen.clone()?)))
+            .filter_map(|(access, key, listen)| Some((access, key, listen?)))
             .collect(),
-            proxy_wait: Duration::from_secs_f64(config.proxy.wait_for_leader),
-            // Validated with the config.
-            replica_max_lag: config.proxy.replica_max_lag.bytes().unwrap_or(0),
+            proxy_wait: config.proxy.wait_for_leader,
+            replica_max_lag: config.proxy.replica_max_lag,
             route: watch::Sender::new(Route::nowhere()),
             proxy_stats: Arc::default(),
             view_read_at: None,
-            // Validated with the config.
-            vip: config.vip_spec().ok().flatten(),
+            vip: config.vip.clone(),
             leading: watch::Sender::new(false),
             vip_held: watch::Sender::new(false),
             api_auth: ApiAuth {
-                basic: config.api.username.clone().zip(config.api.password.clone()),
+                basic: config.api.basic.clone(),
                 token: config.api.token.clone(),
             },
         }

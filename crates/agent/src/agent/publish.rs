@@ -7,9 +7,9 @@ impl<D: Dcs> Agent<D> {
     /// The proxy's route from the last view, trusted until that view could
     /// be older than the leader's lease.
     pub(super) fn publish_route(&self) {
-        let valid_until = self.view_read_at.map_or_else(Instant::now, |at| {
-            at + self.timing.ttl - self.timing.fencing_margin
-        });
+        let valid_until = self
+            .view_read_at
+            .map_or_else(Instant::now, |at| at + self.timing.view_trusted_for());
         let route = match &self.last_view {
             Some(view) => Route::from_view(view, self.replica_max_lag, valid_until),
             None => Route::nowhere(),

@@ -85,14 +85,14 @@ impl<D: Dcs> Agent<D> {
         }
         let lease_tx = self.lease_tx.take().ok_or("the agent runs only once")?;
         let tls = match &self.api_tls_files {
-            Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
+            Some(files) => Some(crate::tls::acceptor(&files.cert_file, &files.key_file)?),
             None => None,
         };
-        let listener = crate::api::bind(&self.api_listen).await?;
+        let listener = crate::api::bind(self.api_listen).await?;
         let mut listeners = Vec::new();
         for (access, key, listen) in &self.proxy_listens {
-            listeners.push((*access, crate::proxy::bind(key, listen)?));
-            info!(listen, listener = access.label(), "proxy listening");
+            listeners.push((*access, crate::proxy::bind(key, *listen)?));
+            info!(%listen, listener = access.label(), "proxy listening");
         }
         let proxy = if listeners.is_empty() {
             None
@@ -118,8 +118,7 @@ impl<D: Dcs> Agent<D> {
                 }),
                 snapshot: self.snapshot.subscribe(),
                 dcs: self.dcs.clone(),
-                dcs_timeout: self.timing.dcs_timeout,
-                ttl: self.timing.ttl,
+                timing: self.timing,
                 auth: self.api_auth.clone(),
                 commands: command_tx,
                 failsafe_contact: self.failsafe_contact.clone(),

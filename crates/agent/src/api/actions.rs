@@ -148,7 +148,7 @@ pub(super) fn accept<T: for<'de> Deserialize<'de>>(
 
 /// The view as the DCS holds it now; refusing on a stale view would be wrong.
 pub(super) async fn current_view<D: Dcs>(state: &ApiState<D>) -> Result<ClusterView, Refusal> {
-    match tokio::time::timeout(state.dcs_timeout, state.dcs.read_cluster()).await {
+    match tokio::time::timeout(state.timing.dcs_timeout, state.dcs.read_cluster()).await {
         Ok(Ok(view)) => Ok(view),
         Ok(Err(err)) => Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -350,7 +350,12 @@ async fn submit<D: Dcs>(state: &ApiState<D>, request: FailoverRequest, leader: &
         FailoverKind::Switchover => "switchover",
         FailoverKind::Failover => "failover",
     };
-    match tokio::time::timeout(state.dcs_timeout, state.dcs.put_failover(&request, 0)).await {
+    match tokio::time::timeout(
+        state.timing.dcs_timeout,
+        state.dcs.put_failover(&request, 0),
+    )
+    .await
+    {
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => {
             let pending = match current_view(state).await.map(|v| v.failover) {
@@ -387,10 +392,11 @@ async fn submit<D: Dcs>(state: &ApiState<D>, request: FailoverRequest, leader: &
     }
     // Bounded: a switchover waits at most a ttl for the candidate, then the
     // candidate must promote; twice the ttl plus slack covers both.
-    let deadline = tokio::time::Instant::now() + 2 * state.ttl + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + state.timing.switchover_wait_limit();
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let Ok(Ok(view)) = tokio::time::timeout(state.dcs_timeout, state.dcs.read_cluster()).await
+        let Ok(Ok(view)) =
+            tokio::time::timeout(state.timing.dcs_timeout, state.dcs.read_cluster()).await
         else {
             continue;
         };
@@ -558,16 +564,17 @@ pub async fn change_config<D: Dcs>(
             "the configuration is a JSON object, e.g. {\"pause\": true}",
         );
     }
-    let current = match tokio::time::timeout(state.dcs_timeout, state.dcs.read_config()).await {
-        Ok(Ok(current)) => current,
-        Ok(Err(err)) => return error(StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
-        Err(_) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the DCS did not answer in time",
-            );
-        }
-    };
+    let current =
+        match tokio::time::timeout(state.timing.dcs_timeout, state.dcs.read_config()).await {
+            Ok(Ok(current)) => current,
+            Ok(Err(err)) => return error(StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+            Err(_) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the DCS did not answer in time",
+                );
+            }
+        };
     let (base, revision) = current
         .map(|c| (c.value, c.mod_revision))
         .unwrap_or((json!({}), 0));

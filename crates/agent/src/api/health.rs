@@ -4,6 +4,7 @@
 //! answers from mainstay.
 
 use super::NodeSnapshot;
+use crate::config::parse_size;
 use mainstay_core::Lsn;
 use std::collections::BTreeMap;
 
@@ -63,25 +64,6 @@ impl Filters {
     }
 }
 
-/// PostgreSQL's memory units, as Patroni accepts them in `lag`.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "kB" | "KB" => 1 << 10,
-        "MB" => 1 << 20,
-        "GB" => 1 << 30,
-        "TB" => 1 << 40,
-        _ => return None,
-    };
-    number.checked_mul(factor)
-}
-
 /// Whether this node passes `check` with `filters`.
 pub fn passes(check: Check, node: &NodeSnapshot, filters: &Filters) -> bool {
     if !tags_match(node, &filters.tags) {
@@ -137,10 +119,9 @@ pub fn lag(leader: Lsn, lsn: Lsn) -> u64 {
 mod tests {
     use super::*;
     use mainstay_core::Tags;
-    use std::time::Duration;
 
     fn streaming_replica(tags: Tags) -> NodeSnapshot {
-        let mut node = NodeSnapshot::new("r", "c", "", &tags, Duration::from_secs(4));
+        let mut node = NodeSnapshot::new("r", "c", "", &tags, mainstay_core::Timing::DEFAULT);
         node.running = true;
         node.health = Some(mainstay_pg::Health {
             in_recovery: true,
@@ -184,19 +165,6 @@ mod tests {
         wanted.tags.insert("noloadbalance".into(), "true".into());
         assert!(passes(Check::Health, &kept_out, &wanted));
         assert!(!passes(Check::Health, &plain, &wanted));
-    }
-
-    #[test]
-    fn sizes_parse_like_patroni() {
-        assert_eq!(parse_size("10485760"), Some(10_485_760));
-        assert_eq!(parse_size("10MB"), Some(10 << 20));
-        assert_eq!(parse_size("16kB"), Some(16 << 10));
-        assert_eq!(parse_size("1GB"), Some(1 << 30));
-        assert_eq!(parse_size("0"), Some(0));
-        assert_eq!(parse_size("ten"), None);
-        assert_eq!(parse_size("10 parsecs"), None);
-        assert_eq!(parse_size("-1"), None);
-        assert_eq!(parse_size("99999999999999TB"), None);
     }
 
     #[test]

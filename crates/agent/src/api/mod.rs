@@ -40,7 +40,7 @@ pub struct NodeSnapshot {
     pub scope: String,
     pub api_url: String,
     pub tags: Tags,
-    pub ttl: Duration,
+    pub timing: mainstay_core::Timing,
     pub data_dir: PathBuf,
     /// A postmaster runs on the data directory.
     pub running: bool,
@@ -80,13 +80,19 @@ pub struct NodeSnapshot {
 }
 
 impl NodeSnapshot {
-    pub fn new(name: &str, scope: &str, api_url: &str, tags: &Tags, ttl: Duration) -> Self {
+    pub fn new(
+        name: &str,
+        scope: &str,
+        api_url: &str,
+        tags: &Tags,
+        timing: mainstay_core::Timing,
+    ) -> Self {
         NodeSnapshot {
             name: name.into(),
             scope: scope.into(),
             api_url: api_url.into(),
             tags: tags.clone(),
-            ttl,
+            timing,
             data_dir: PathBuf::new(),
             running: false,
             health: None,
@@ -130,14 +136,9 @@ impl NodeSnapshot {
         self.sync_standbys.contains(&self.name)
     }
 
-    /// The loop finished a turn recently: within a ttl on the leader (which
-    /// must renew), within two elsewhere.
+    /// The loop finished a turn recently (see `Timing::loop_alive_within`).
     pub fn loop_is_alive(&self) -> bool {
-        let limit = if self.holds_leader {
-            self.ttl
-        } else {
-            2 * self.ttl
-        };
+        let limit = self.timing.loop_alive_within(self.holds_leader);
         self.turn_finished_at
             .is_some_and(|at| at.elapsed() <= limit)
     }
@@ -216,8 +217,7 @@ pub type CommandReply = tokio::sync::oneshot::Sender<Result<String, (CommandRefu
 pub struct ApiState<D> {
     pub snapshot: watch::Receiver<Arc<NodeSnapshot>>,
     pub dcs: Arc<D>,
-    pub dcs_timeout: Duration,
-    pub ttl: Duration,
+    pub timing: mainstay_core::Timing,
     pub auth: ApiAuth,
     pub commands: tokio::sync::mpsc::Sender<(Command, CommandReply)>,
     /// Failsafe mode: the last leader that asked this node to confirm it.
@@ -238,7 +238,7 @@ impl<D: Dcs> ApiState<D> {
     /// The dynamic configuration as stored now (defaults if unreadable:
     /// only used to pre-check requests the leader checks again).
     async fn config_now(&self) -> mainstay_core::DynamicConfig {
-        match tokio::time::timeout(self.dcs_timeout, self.dcs.read_config()).await {
+        match tokio::time::timeout(self.timing.dcs_timeout, self.dcs.read_config()).await {
             Ok(Ok(Some(config))) => {
                 mainstay_core::DynamicConfig::from_json(&config.value).unwrap_or_default()
             }
@@ -393,7 +393,7 @@ impl<D: Dcs> ApiState<D> {
     /// snapshot's own view when the DCS does not answer in time.
     async fn fresh(&self) -> Arc<NodeSnapshot> {
         let node = self.node();
-        match tokio::time::timeout(self.dcs_timeout, self.dcs.read_cluster()).await {
+        match tokio::time::timeout(self.timing.dcs_timeout, self.dcs.read_cluster()).await {
             Ok(Ok(view)) => Arc::new(NodeSnapshot {
                 view: Some(view),
                 ..(*node).clone()
@@ -426,7 +426,7 @@ async fn history<D: Dcs>(State(state): Shared<D>) -> Response {
 }
 
 async fn config<D: Dcs>(State(state): Shared<D>) -> Response {
-    match tokio::time::timeout(state.dcs_timeout, state.dcs.read_config()).await {
+    match tokio::time::timeout(state.timing.dcs_timeout, state.dcs.read_config()).await {
         Ok(Ok(Some(config))) => axum::Json(config.value).into_response(),
         Ok(Ok(None)) => axum::Json(Value::Object(Default::default())).into_response(),
         Ok(Err(err)) => error(
@@ -437,7 +437,7 @@ async fn config<D: Dcs>(State(state): Shared<D>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "cannot read the dynamic configuration: the DCS did not answer within {:?}",
-                state.dcs_timeout
+                state.timing.dcs_timeout
             ),
         ),
     }

@@ -107,7 +107,7 @@ fn health_parameters() -> Value {
     ])
 }
 
-/// The sizes `health::parse_size` takes, as a regular expression: digits
+/// The sizes `config::parse_size` takes, as a regular expression: digits
 /// and a unit, with white space around either (Rust's `trim`). The number of
 /// digits is bounded per unit so that the size fits in 64 bits (leading
 /// zeros aside); a larger size is refused with 400.

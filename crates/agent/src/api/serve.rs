@@ -34,10 +34,10 @@ pub struct Limits {
 }
 
 /// Binds the API's address; a failure is a startup error for the agent.
-pub async fn bind(listen: &str) -> Result<tokio::net::TcpListener, String> {
+pub async fn bind(listen: std::net::SocketAddr) -> Result<tokio::net::TcpListener, String> {
     tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         format!(
-            "cannot listen on api.listen = {listen:?}: {e}; choose a free address and port \
+            "cannot listen on api.listen = \"{listen}\": {e}; choose a free address and port \
              in the [api] section"
         )
     })

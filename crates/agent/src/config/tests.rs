@@ -47,9 +47,17 @@ fn a_good_file_parses_with_defaults() {
         return;
     }
     let config = Config::parse(Path::new("t"), GOOD).unwrap();
-    let t = config.timing.effective();
-    assert_eq!(t.ttl, Duration::from_secs(4));
-    assert_eq!(config.postgresql.run_as, "postgres");
+    assert_eq!(config.timing, Timing::DEFAULT);
+    let root = mainstay_sys::process::geteuid() == 0;
+    assert_eq!(
+        config.postgresql.run_as.as_deref(),
+        root.then_some("postgres")
+    );
+    assert_eq!(config.postgresql.rewind, config.postgresql.superuser);
+    assert_eq!(config.postgresql.connect_host, "127.0.0.1");
+    assert_eq!(config.api.url, "http://127.0.0.1:8008");
+    assert_eq!(config.proxy.replica_max_lag, 16 << 20);
+    assert_eq!(config.etcd.request_timeout, Duration::from_secs(1));
     assert!(!format!("{config:?}").contains("s3cret"));
 }
 
@@ -70,6 +78,21 @@ fn bad_files_name_the_key() {
         "fencing_margin",
     );
     check("[timing]\nttl = \"4s\"\n", None, "invalid type");
+    check(
+        "[timing]\nttl = 9223372036854775807\n",
+        Some("timing.ttl"),
+        "is over 3600 s",
+    );
+    check(
+        "[timing]\nloop_wait = inf\n",
+        Some("timing.loop_wait"),
+        "not a duration",
+    );
+    check(
+        "[timing]\ndcs_timeout = -0.5\n",
+        Some("timing.dcs_timeout"),
+        "not a duration",
+    );
     check("bogus = 1\n", None, "unknown field");
     check("[tags]\npriority = \"high\"\n", None, "invalid type");
     check(
@@ -118,7 +141,7 @@ fn bad_vip_and_proxy_settings_name_the_key() {
     );
     let good = top("vip = \"10.0.0.50/24\"\nvip_interface = \"eth0\"");
     let config = Config::parse(Path::new("t"), &good).unwrap();
-    assert_eq!(config.vip_spec().unwrap().unwrap().cidr(), "10.0.0.50/24");
+    assert_eq!(config.vip.unwrap().cidr(), "10.0.0.50/24");
 }
 
 #[test]
@@ -295,11 +318,8 @@ fn api_client_limits_are_bounded() {
         &with("header_timeout = 2.5\nmax_connections = 10"),
     )
     .unwrap();
-    assert_eq!(
-        config.api.limits().header_timeout,
-        Duration::from_millis(2500)
-    );
-    assert_eq!(config.api.limits().max_connections, 10);
+    assert_eq!(config.api.header_timeout, Duration::from_millis(2500));
+    assert_eq!(config.api.max_connections, 10);
     for (extra, key) in [
         ("header_timeout = 0", "api.header_timeout"),
         ("header_timeout = 301", "api.header_timeout"),

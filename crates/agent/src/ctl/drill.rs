@@ -65,29 +65,24 @@ struct Evidence {
     unknown: usize,
 }
 
-/// The read-write endpoint from the node's configuration.
+/// The read-write endpoint from the node's configuration: the proxy's
+/// read-write listener (this node's PostgreSQL address when it listens on
+/// every address), else the VIP on PostgreSQL's port.
 fn default_dsn(config: &Config) -> Option<String> {
     let pg = &config.postgresql;
-    let near = pg
-        .connect_address
-        .clone()
-        .unwrap_or_else(|| pg.listen.clone());
-    let (host, port) = if let Some(listen) = &config.proxy.listen {
-        let (host, port) = listen.rsplit_once(':')?;
-        let host = host.trim_matches(['[', ']']);
-        let host = if matches!(host, "0.0.0.0" | "::" | "*" | "") {
-            near
+    let (host, port) = if let Some(listen) = config.proxy.listen {
+        let host = if listen.ip().is_unspecified() {
+            pg.connect_host.clone()
         } else {
-            host.to_string()
+            listen.ip().to_string()
         };
-        (host, port.parse::<u16>().ok()?)
+        (host, listen.port())
     } else {
-        let vip = config.vip.as_deref()?;
-        (vip.split('/').next()?.to_string(), pg.port)
+        (config.vip.as_ref()?.address.to_string(), pg.port)
     };
     Some(format!(
         "host={host} port={port} user='{}' password='{}' dbname=postgres connect_timeout=2",
-        escape(&pg.superuser.username),
+        escape(&pg.superuser.user),
         escape(&pg.superuser.password)
     ))
 }

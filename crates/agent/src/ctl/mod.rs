@@ -202,7 +202,7 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
     let url = args
         .url
         .clone()
-        .or_else(|| config.as_ref().map(|c| c.api_url()))
+        .or_else(|| config.as_ref().map(|c| c.api.url.clone()))
         .ok_or_else(|| {
             Failure::Usage(
                 "which cluster? give --url http://HOST:PORT of any agent, or --config FILE of a \
@@ -226,11 +226,11 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
         let user = args
             .user
             .clone()
-            .or_else(|| api_config.and_then(|a| a.username.clone()));
+            .or_else(|| api_config.and_then(|a| Some(a.basic.as_ref()?.0.clone())));
         let password = args
             .password
             .clone()
-            .or_else(|| api_config.and_then(|a| a.password.clone()));
+            .or_else(|| api_config.and_then(|a| Some(a.basic.as_ref()?.1.clone())));
         match (user, password) {
             (Some(u), Some(p)) => Some(Auth::Basic(u, p)),
             (None, None) => None,

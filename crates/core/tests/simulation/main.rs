@@ -51,7 +51,7 @@ pub(crate) const STEP_MS: u64 = 50;
 pub(crate) const FAULT_WINDOW_MS: u64 = 60_000;
 pub(crate) const SETTLE_MS: u64 = 40_000;
 
-/// The `[timing]` profiles of crates/agent/src/config/.
+/// The agent's `[timing]` profiles (`mainstay_core::Timing`), in milliseconds.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Timing {
     pub(crate) ttl: u64,
@@ -62,20 +62,19 @@ pub(crate) struct Timing {
 }
 
 impl Timing {
-    pub(crate) const DEFAULT: Timing = Timing {
-        ttl: 4000,
-        loop_wait: 1000,
-        renew: 1000,
-        dcs_timeout: 1000,
-        margin: 1000,
-    };
-    pub(crate) const FAST: Timing = Timing {
-        ttl: 2000,
-        loop_wait: 500,
-        renew: 500,
-        dcs_timeout: 400,
-        margin: 500,
-    };
+    pub(crate) const DEFAULT: Timing = Timing::of(mainstay_core::Timing::DEFAULT);
+    pub(crate) const FAST: Timing = Timing::of(mainstay_core::Timing::FAST);
+
+    /// A profile of the agent's, in the simulation's milliseconds.
+    const fn of(profile: mainstay_core::Timing) -> Timing {
+        Timing {
+            ttl: profile.ttl.as_millis() as u64,
+            loop_wait: profile.loop_wait.as_millis() as u64,
+            renew: profile.renew_interval.as_millis() as u64,
+            dcs_timeout: profile.dcs_timeout.as_millis() as u64,
+            margin: profile.fencing_margin.as_millis() as u64,
+        }
+    }
 }
 
 /// A bug planted in the harness, to prove the oracle can fail.

@@ -84,7 +84,6 @@ pub(crate) fn ttl(h: &Harness) -> Duration {
     mainstay_agent::config::Config::load(config)
         .unwrap_or_else(|e| panic!("reading {}: {e}", config.display()))
         .timing
-        .effective()
         .ttl
 }
 

@@ -1,0 +1,122 @@
+//! The node's TOML file as written: every key optional where the file may
+//! leave it out, no defaults and no interpretation. `validate.rs` turns it
+//! into the typed [`Config`](super::Config); nothing else reads these.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct File {
+    pub cluster: String,
+    pub name: String,
+    pub vip: Option<String>,
+    pub vip_interface: Option<String>,
+    pub etcd: EtcdSection,
+    pub postgresql: PgSection,
+    #[serde(default)]
+    pub api: ApiSection,
+    #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
+    pub timing: TimingSection,
+    #[serde(default)]
+    pub tags: mainstay_core::Tags,
+    #[serde(default)]
+    pub watchdog: WatchdogSection,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EtcdSection {
+    pub endpoints: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CredentialsSection {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PgSection {
+    pub bin_dir: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub listen: Option<String>,
+    pub connect_address: Option<String>,
+    pub port: Option<u16>,
+    pub run_as: Option<String>,
+    pub superuser: CredentialsSection,
+    pub replication: CredentialsSection,
+    pub rewind: Option<CredentialsSection>,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ApiSection {
+    pub listen: Option<String>,
+    pub connect_url: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub header_timeout: Option<f64>,
+    pub max_connections: Option<usize>,
+}
+
+/// A size in bytes, written as a number or with a unit ("16MB").
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ProxySection {
+    pub listen: Option<String>,
+    pub read_only_listen: Option<String>,
+    pub replica_max_lag: Option<ByteSize>,
+    pub wait_for_leader: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Profile {
+    #[default]
+    Default,
+    Fast,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TimingSection {
+    #[serde(default)]
+    pub profile: Profile,
+    pub ttl: Option<u64>,
+    pub loop_wait: Option<f64>,
+    pub renew_interval: Option<f64>,
+    pub dcs_timeout: Option<f64>,
+    pub fencing_margin: Option<f64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WatchdogSection {
+    pub mode: Option<String>,
+    pub device: Option<PathBuf>,
+    pub safety_margin: Option<f64>,
+}
