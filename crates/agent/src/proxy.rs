@@ -236,17 +236,35 @@ impl ProxyStats {
     }
 }
 
+/// Why the proxy cannot start: a startup error for the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "cannot listen on {key} = \"{listen}\": {source}; choose a free address and port \
+         in the [proxy] section"
+    )]
+    Bind {
+        /// The configuration key, e.g. `proxy.read_only_listen`.
+        key: String,
+        listen: std::net::SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot start the proxy's runtime: {source}")]
+    Runtime { source: io::Error },
+    #[error("cannot start the proxy thread: {source}")]
+    Thread { source: io::Error },
+}
+
 /// Binds a proxy listener; a failure is a startup error naming the key.
-pub fn bind(key: &str, listen: std::net::SocketAddr) -> Result<std::net::TcpListener, String> {
+pub fn bind(key: &str, listen: std::net::SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
     let listener = std::net::TcpListener::bind(listen).and_then(|l| {
         l.set_nonblocking(true)?;
         Ok(l)
     });
-    listener.map_err(|e| {
-        format!(
-            "cannot listen on {key} = \"{listen}\": {e}; choose a free address and port \
-             in the [proxy] section"
-        )
+    listener.map_err(|source| ProxyError::Bind {
+        key: key.into(),
+        listen,
+        source,
     })
 }
 
@@ -274,11 +292,11 @@ pub fn spawn(
     route: watch::Receiver<Route>,
     wait_for_target: Duration,
     stats: Arc<ProxyStats>,
-) -> Result<ProxyThread, String> {
+) -> Result<ProxyThread, ProxyError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the proxy's runtime: {e}"))?;
+        .map_err(|source| ProxyError::Runtime { source })?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("mainstay-proxy".into())
@@ -301,7 +319,7 @@ pub fn spawn(
                 let _ = stopped.await;
             });
         })
-        .map_err(|e| format!("cannot start the proxy thread: {e}"))?;
+        .map_err(|source| ProxyError::Thread { source })?;
     Ok(ProxyThread {
         stop: Some(stop),
         thread: Some(thread),
@@ -333,10 +351,26 @@ async fn serve(
         tokio::spawn(async move {
             if let Err(reason) = forward(client, access, route, wait_for_target, &stats, turn).await
             {
-                debug!(%peer, listener = access.label(), reason, "proxy connection ended");
+                debug!(%peer, listener = access.label(), %reason, "proxy connection ended");
             }
         });
     }
+}
+
+/// Why a proxied connection ended before both sides closed, for the debug
+/// log: a client that gives up or a reroute is routine, not a fault.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error("no target within {0:?}")]
+    NoTarget(Duration),
+    #[error("the client left while waiting for a target")]
+    ClientLeft,
+    #[error("client: {0}")]
+    Client(#[source] io::Error),
+    #[error("{target}: {source}")]
+    Forwarding { target: String, source: io::Error },
+    #[error("{0} no longer a target")]
+    Rerouted(String),
 }
 
 async fn forward(
@@ -346,7 +380,7 @@ async fn forward(
     wait_for_target: Duration,
     stats: &ProxyStats,
     turn: usize,
-) -> Result<(), String> {
+) -> Result<(), Ended> {
     // Wait (bounded) for a trustworthy target that accepts the connection.
     // A replica that refuses is skipped for this client (its agent reports
     // it down a moment later); a primary that refuses is tried again while
@@ -391,20 +425,20 @@ async fn forward(
             stats
                 .refused_counter(access)
                 .fetch_add(1, Ordering::Relaxed);
-            return Err(format!("no target within {wait_for_target:?}"));
+            return Err(Ended::NoTarget(wait_for_target));
         }
         let recheck = Instant::now() + Duration::from_millis(100);
         tokio::select! {
             _ = route.changed() => {}
             _ = tokio::time::sleep_until(recheck.min(deadline)) => {}
             readable = client.readable(), if early.len() < EARLY_LIMIT => {
-                readable.map_err(|e| format!("client: {e}"))?;
+                readable.map_err(Ended::Client)?;
                 let mut chunk = [0u8; 1024];
                 match client.try_read(&mut chunk) {
-                    Ok(0) => return Err("the client left while waiting for a target".into()),
+                    Ok(0) => return Err(Ended::ClientLeft),
                     Ok(n) => early.extend_from_slice(&chunk[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(format!("client: {e}")),
+                    Err(e) => return Err(Ended::Client(e)),
                 }
             }
         }
@@ -412,9 +446,11 @@ async fn forward(
     counters.total.fetch_add(1, Ordering::Relaxed);
     let _active = Decrement(&counters.active);
     let _ = server.set_nodelay(true);
-    write_all(&server, &early)
-        .await
-        .map_err(|e| format!("{name}: {e}"))?;
+    let forwarding = |source| Ended::Forwarding {
+        target: name.clone(),
+        source,
+    };
+    write_all(&server, &early).await.map_err(forwarding)?;
     counters
         .bytes_to_server
         .fetch_add(early.len() as u64, Ordering::Relaxed);
@@ -429,8 +465,8 @@ async fn forward(
         )
     };
     tokio::select! {
-        result = both_ways => result.map(|_| ()).map_err(|e| format!("{name}: {e}")),
-        _ = moved_away(&mut route, access, &name) => Err(format!("{name} no longer a target")),
+        result = both_ways => result.map(|_| ()).map_err(forwarding),
+        _ = moved_away(&mut route, access, &name) => Err(Ended::Rerouted(name.clone())),
     }
 }
 

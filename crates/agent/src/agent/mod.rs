@@ -52,6 +52,8 @@ mod run;
 mod turn;
 mod watch_forward;
 
+pub use run::RunError;
+
 use failsafe::{Failsafe, FailsafePeers};
 use lease_keeper::{LeaseKeeper, keep_lease};
 use watch_forward::{MemberInterest, forward_watch};

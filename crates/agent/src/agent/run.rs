@@ -4,6 +4,33 @@
 
 use super::*;
 
+/// Why the agent did not start, or stopped on its own; `mainstay agent`
+/// prints it and exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The fencing guard cannot run on this machine.
+    #[error("{0}")]
+    Guard(String),
+    /// The virtual IP cannot be managed (capabilities, interface).
+    #[error("{0}")]
+    Vip(String),
+    #[error("cannot write the password file: {source}")]
+    PasswordFile { source: mainstay_pg::Error },
+    #[error("cannot stop the PostgreSQL found running: {source}")]
+    StrayPostgres { source: mainstay_pg::Error },
+    #[error("the agent runs only once")]
+    AlreadyRan,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ServeError),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
+    /// Continuing could damage data (a fatal turn, the lease keeper gone).
+    #[error("{0}")]
+    Fatal(String),
+}
+
 impl<D: Dcs> Agent<D> {
     /// Checks the capabilities and the interface (a startup error when
     /// either is missing), then runs the VIP task: it holds the address
@@ -17,11 +44,11 @@ impl<D: Dcs> Agent<D> {
             tokio::sync::oneshot::Sender<()>,
             tokio::task::JoinHandle<()>,
         ),
-        String,
+        RunError,
     > {
-        crate::vip::check_capabilities()?;
+        crate::vip::check_capabilities().map_err(RunError::Vip)?;
         let cidr = spec.cidr();
-        let vip = crate::vip::Vip::open(spec).await?;
+        let vip = crate::vip::Vip::open(spec).await.map_err(RunError::Vip)?;
         info!(vip = %cidr, "virtual IP managed");
         let (hold_tx, hold_rx) = watch::channel(None);
         let (mut lease, mut leading) = (self.lease.clone(), self.leading.subscribe());
@@ -56,11 +83,11 @@ impl<D: Dcs> Agent<D> {
     }
 
     /// Runs until `shutdown` resolves (SIGTERM/SIGINT) or a fatal error.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
         info!(node = %self.name, ttl = ?self.timing.ttl, loop_wait = ?self.timing.loop_wait, "agent starting");
         // PostgreSQL never runs unguarded: a machine where the guard cannot
         // run is refused before anything is touched.
-        mainstay_pg::check_guard(&self.pg.settings().guard_program)?;
+        mainstay_pg::check_guard(&self.pg.settings().guard_program).map_err(RunError::Guard)?;
         // The interface is checked before anything is written.
         let vip = match &self.vip {
             Some(spec) => Some(self.start_vip(spec.clone()).await?),
@@ -69,7 +96,7 @@ impl<D: Dcs> Agent<D> {
         self.pg
             .write_pgpass()
             .await
-            .map_err(|e| format!("cannot write the password file: {e}"))?;
+            .map_err(|source| RunError::PasswordFile { source })?;
         if self.pg.is_running() {
             // Not started by this agent, so no guard of ours enforces its
             // deadline (started by hand, or an earlier agent's guard could
@@ -81,9 +108,9 @@ impl<D: Dcs> Agent<D> {
             self.pg
                 .stop(StopMode::Immediate)
                 .await
-                .map_err(|e| format!("cannot stop the PostgreSQL found running: {e}"))?;
+                .map_err(|source| RunError::StrayPostgres { source })?;
         }
-        let lease_tx = self.lease_tx.take().ok_or("the agent runs only once")?;
+        let lease_tx = self.lease_tx.take().ok_or(RunError::AlreadyRan)?;
         let tls = match &self.api_tls_files {
             Some(files) => Some(crate::tls::acceptor(&files.cert_file, &files.key_file)?),
             None => None,
@@ -202,7 +229,7 @@ impl<D: Dcs> Agent<D> {
             }
             if let Some(reason) = fatal {
                 error!("stopping the agent: {reason}");
-                break Err(reason);
+                break Err(RunError::Fatal(reason));
             }
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),

@@ -12,8 +12,8 @@ mod param_check;
 mod serve;
 mod status;
 
-pub use param_check::ParamCheck;
-pub use serve::{Limits, MAX_BODY_BYTES, bind, serve};
+pub use param_check::{ParamCheck, ParamCheckError};
+pub use serve::{Limits, MAX_BODY_BYTES, ServeError, bind, serve};
 
 use axum::Router;
 use axum::body::Bytes;

@@ -30,6 +30,15 @@ pub struct ParamCheck {
 /// A member's answer: `(parameter, message)` for each problem.
 type Problems = Vec<(String, String)>;
 
+/// This member could not judge the parameters at all (the server's binary
+/// could not run, say): unlike a problem found, a reason to retry.
+#[derive(Debug, thiserror::Error)]
+#[error("the parameter check could not run: {source}")]
+pub struct ParamCheckError {
+    #[from]
+    source: mainstay_pg::Error,
+}
+
 impl ParamCheck {
     /// What this node would write for `config`.
     pub fn effective(&self, config: &DynamicConfig) -> BTreeMap<String, String> {
@@ -41,13 +50,12 @@ impl ParamCheck {
     /// What this node's server would refuse in `config`: in what it would
     /// write, and in the cluster's values on their own (this node's file may
     /// override a bad one, a node added later may not).
-    pub async fn problems(&self, config: &DynamicConfig) -> Result<Problems, String> {
+    pub async fn problems(&self, config: &DynamicConfig) -> Result<Problems, ParamCheckError> {
         let mut problems = Problems::new();
         for parameters in [config.parameter_texts(), self.effective(config)] {
             let found =
                 mainstay_pg::check_parameters(&self.bin_dir, self.run_as.as_deref(), &parameters)
-                    .await
-                    .map_err(|e| format!("the parameter check could not run: {e}"))?;
+                    .await?;
             for problem in found {
                 let problem = (problem.parameter, problem.message);
                 if !problems.contains(&problem) {
@@ -86,7 +94,7 @@ pub async fn check_here<D: Dcs>(
                 .collect::<Vec<_>>(),
         }))
         .into_response(),
-        Err(reason) => Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        Err(err) => Refusal::new(StatusCode::SERVICE_UNAVAILABLE, err.to_string()).into_response(),
     }
 }
 

@@ -33,14 +33,24 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+/// Why the API cannot serve: a startup error for the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "cannot listen on api.listen = \"{listen}\": {source}; choose a free address and port \
+         in the [api] section"
+    )]
+    Bind {
+        listen: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
 /// Binds the API's address; a failure is a startup error for the agent.
-pub async fn bind(listen: std::net::SocketAddr) -> Result<tokio::net::TcpListener, String> {
-    tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        format!(
-            "cannot listen on api.listen = \"{listen}\": {e}; choose a free address and port \
-             in the [api] section"
-        )
-    })
+pub async fn bind(listen: std::net::SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind { listen, source })
 }
 
 /// Serves until the task is aborted; HTTPS when `tls` is given.

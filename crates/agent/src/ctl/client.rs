@@ -7,6 +7,68 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::time::Duration;
 
+/// Why a request got no answer. The URL problems come before anything is
+/// sent (ctl reports them as a usage error); `Exchange` says where talking
+/// to the API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{url} is not a URL: {source}")]
+    BadUrl {
+        url: String,
+        source: hyper::http::uri::InvalidUri,
+    },
+    #[error("{url}: only http:// and https:// URLs are supported")]
+    Scheme { url: String },
+    #[error("{url} has no host")]
+    NoHost { url: String },
+    #[error(
+        "{url} uses https: give the CA that signed the API's certificate \
+         (--ca-file, or api.ca_file in the configuration)"
+    )]
+    NoCa { url: String },
+    /// The request itself cannot be written, e.g. a credential that is not
+    /// a valid header value.
+    #[error("{method} {url}: {source}")]
+    Request {
+        method: Method,
+        url: String,
+        source: hyper::http::Error,
+    },
+    #[error("{method} {url}: {failure}")]
+    Exchange {
+        method: Method,
+        url: String,
+        #[source]
+        failure: ExchangeError,
+    },
+}
+
+impl ClientError {
+    /// Failed before connecting: the URL or the request is at fault, not
+    /// the network or the agent asked.
+    pub fn before_connecting(&self) -> bool {
+        !matches!(self, ClientError::Exchange { .. })
+    }
+}
+
+/// Where the exchange with the API failed; the messages carry the whole
+/// chain of causes (e.g. "connection refused") since ctl prints only this.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("connect: {}", error_chain(.0))]
+    Connect(#[source] std::io::Error),
+    #[error("server name: {}", error_chain(.0))]
+    ServerName(#[source] rustls_pki_types::InvalidDnsNameError),
+    #[error("TLS: {}", error_chain(.0))]
+    Tls(#[source] std::io::Error),
+    #[error("HTTP: {}", error_chain(.0))]
+    Http(#[source] hyper::Error),
+    #[error("reading the answer: {0}")]
+    Body(#[source] hyper::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 /// One connection per request: ctl and the agents send a handful, and a
 /// fresh connection never meets a server-side idle timeout.
 #[derive(Clone)]
@@ -37,7 +99,10 @@ impl ApiClient {
     }
 
     /// Trust the CA certificates in `ca_file` for https:// URLs.
-    pub fn with_ca_file(mut self, ca_file: &std::path::Path) -> Result<ApiClient, String> {
+    pub fn with_ca_file(
+        mut self,
+        ca_file: &std::path::Path,
+    ) -> Result<ApiClient, crate::tls::TlsError> {
         self.tls = Some(crate::tls::connector(ca_file)?);
         Ok(self)
     }
@@ -66,7 +131,7 @@ impl ApiClient {
         self
     }
 
-    pub async fn get(&self, path: &str) -> Result<Answer, String> {
+    pub async fn get(&self, path: &str) -> Result<Answer, ClientError> {
         self.request(Method::GET, path, None).await
     }
 
@@ -75,7 +140,7 @@ impl ApiClient {
         method: Method,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<Answer, String> {
+    ) -> Result<Answer, ClientError> {
         let raw = body.map(|b| b.to_string().into_bytes());
         self.raw(method, path, raw, "application/json").await
     }
@@ -87,37 +152,28 @@ impl ApiClient {
         path: &str,
         body: Option<Vec<u8>>,
         content_type: &str,
-    ) -> Result<Answer, String> {
+    ) -> Result<Answer, ClientError> {
         let url = format!("{}{path}", self.base);
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|e| format!("{url} is not a URL: {e}"))?;
+        let uri: hyper::Uri = match url.parse() {
+            Ok(uri) => uri,
+            Err(source) => return Err(ClientError::BadUrl { url, source }),
+        };
         let https = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
-            _ => {
-                return Err(format!(
-                    "{url}: only http:// and https:// URLs are supported"
-                ));
-            }
+            _ => return Err(ClientError::Scheme { url }),
         };
-        let host = uri
-            .host()
-            .ok_or_else(|| format!("{url} has no host"))?
-            .trim_matches(|c| c == '[' || c == ']')
-            .to_string();
+        let Some(host) = uri.host() else {
+            return Err(ClientError::NoHost { url });
+        };
+        let host = host.trim_matches(|c| c == '[' || c == ']').to_string();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let authority = uri
             .authority()
             .map(|a| a.to_string())
             .unwrap_or_else(|| host.clone());
         let tls = match (https, &self.tls) {
-            (true, None) => {
-                return Err(format!(
-                    "{url} uses https: give the CA that signed the API's certificate \
-                     (--ca-file, or api.ca_file in the configuration)"
-                ));
-            }
+            (true, None) => return Err(ClientError::NoCa { url }),
             (true, Some(tls)) => Some(tls.clone()),
             (false, _) => None,
         };
@@ -132,43 +188,49 @@ impl ApiClient {
         if body.is_some() {
             builder = builder.header(hyper::header::CONTENT_TYPE, content_type);
         }
-        let request = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| format!("{method} {url}: {e}"))?;
+        let request = match builder.body(Full::new(Bytes::from(body.unwrap_or_default()))) {
+            Ok(request) => request,
+            Err(source) => {
+                return Err(ClientError::Request {
+                    method,
+                    url,
+                    source,
+                });
+            }
+        };
         let exchange = async {
-            let failed = |what: &str, e: &dyn std::error::Error| {
-                format!("{method} {url}: {what}: {}", error_chain(e))
-            };
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
-                .map_err(|e| failed("connect", &e))?;
+                .map_err(ExchangeError::Connect)?;
             let response = match tls {
                 Some(tls) => {
                     let name = rustls_pki_types::ServerName::try_from(host.clone())
-                        .map_err(|e| failed("server name", &e))?;
-                    let stream = tls
-                        .connect(name, tcp)
-                        .await
-                        .map_err(|e| failed("TLS", &e))?;
+                        .map_err(ExchangeError::ServerName)?;
+                    let stream = tls.connect(name, tcp).await.map_err(ExchangeError::Tls)?;
                     send(TokioIo::new(stream), request).await
                 }
                 None => send(TokioIo::new(tcp), request).await,
             }
-            .map_err(|e| failed("HTTP", &e))?;
+            .map_err(ExchangeError::Http)?;
             let status = response.status();
             let bytes = response
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| format!("{method} {url}: reading the answer: {e}"))?
+                .map_err(ExchangeError::Body)?
                 .to_bytes();
             let text = String::from_utf8_lossy(&bytes).into_owned();
             let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             Ok(Answer { status, body, text })
         };
-        tokio::time::timeout(self.timeout, exchange)
+        let answered = tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|_| format!("{method} {url}: no answer within {:?}", self.timeout))?
+            .unwrap_or(Err(ExchangeError::Timeout(self.timeout)));
+        answered.map_err(|failure| ClientError::Exchange {
+            method,
+            url,
+            failure,
+        })
     }
 }
 
@@ -193,4 +255,55 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn url_problems_are_found_before_connecting() {
+        let err = ApiClient::new("ftp://x").get("/").await.unwrap_err();
+        assert!(err.before_connecting());
+        assert_eq!(
+            err.to_string(),
+            "ftp://x/: only http:// and https:// URLs are supported"
+        );
+        let err = ApiClient::new("https://x:1").get("/").await.unwrap_err();
+        assert!(matches!(err, ClientError::NoCa { .. }), "{err:?}");
+        assert!(err.to_string().contains("--ca-file"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn exchange_failures_say_where_and_keep_their_cause() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        // Accepted and never answered.
+        let client = ApiClient::new(&url).with_timeout(Duration::from_millis(200));
+        let err = client.get("/patroni").await.unwrap_err();
+        assert!(!err.before_connecting());
+        assert_eq!(
+            err.to_string(),
+            format!("GET {url}/patroni: no answer within 200ms")
+        );
+        drop(listener);
+        let err = client.get("/patroni").await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ClientError::Exchange {
+                    failure: ExchangeError::Connect(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with(&format!("GET {url}/patroni: connect: ")),
+            "{err}"
+        );
+        let cause = std::error::Error::source(&err).and_then(|e| e.source());
+        assert!(cause.is_some_and(|io| io.is::<std::io::Error>()), "{err:?}");
+    }
 }

@@ -43,6 +43,17 @@ pub struct DrillArgs {
     force: bool,
 }
 
+/// Why the drill's own SQL through the read-write endpoint failed.
+#[derive(Debug, thiserror::Error)]
+enum EndpointError {
+    #[error("no answer within {} s", CONNECT_TIMEOUT.as_secs())]
+    ConnectTimeout,
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// A connection through the endpoint may wait this long for a server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long each phase may take before the drill gives up on it.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(90);
 const REJOIN_TIMEOUT: Duration = Duration::from_secs(90);
@@ -208,8 +219,8 @@ impl Ctl {
                      at timestamptz NOT NULL DEFAULT clock_timestamp()); \
                      COMMENT ON TABLE {table} IS 'mainstay ctl drill: dropped when the drill ends'"
                 ))
-                .await
-                .map_err(|e| e.to_string())
+                .await?;
+            Ok::<_, EndpointError>(())
         };
         setup.await.map_err(|e| {
             Failure::Refused(format!(
@@ -439,12 +450,11 @@ fn describe(config: &tokio_postgres::Config) -> String {
     format!("{} port {}", hosts.join(","), ports.join(","))
 }
 
-async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, String> {
+async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, EndpointError> {
     let connecting = config.connect(NoTls);
-    let (client, connection) = tokio::time::timeout(Duration::from_secs(5), connecting)
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| "no answer within 5 s".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| EndpointError::ConnectTimeout)??;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -497,16 +507,18 @@ async fn write_loop(
 
 /// Every id in the drill's table, read through the endpoint (retried while
 /// the cluster settles).
-async fn read_ids(config: &tokio_postgres::Config, table: &str) -> Result<BTreeSet<i64>, String> {
+async fn read_ids(
+    config: &tokio_postgres::Config,
+    table: &str,
+) -> Result<BTreeSet<i64>, EndpointError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let attempt = async {
             let client = connect(config).await?;
             let rows = client
                 .query(&format!("SELECT id FROM {table}"), &[])
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+                .await?;
+            Ok::<_, EndpointError>(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
         };
         match attempt.await {
             Ok(ids) => return Ok(ids),
@@ -516,15 +528,15 @@ async fn read_ids(config: &tokio_postgres::Config, table: &str) -> Result<BTreeS
     }
 }
 
-async fn drop_table(config: &tokio_postgres::Config, table: &str) -> Result<(), String> {
+async fn drop_table(config: &tokio_postgres::Config, table: &str) -> Result<(), EndpointError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let attempt = async {
             let client = connect(config).await?;
             client
                 .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
-                .await
-                .map_err(|e| e.to_string())
+                .await?;
+            Ok::<_, EndpointError>(())
         };
         match attempt.await {
             Ok(()) => return Ok(()),

@@ -134,6 +134,16 @@ enum Failure {
     Unreachable(String),
 }
 
+impl From<client::ClientError> for Failure {
+    fn from(err: client::ClientError) -> Failure {
+        if err.before_connecting() {
+            Failure::Usage(err.to_string())
+        } else {
+            Failure::Unreachable(err.to_string())
+        }
+    }
+}
+
 impl Failure {
     fn exit(self, json: bool) -> ExitCode {
         let (code, reason) = match self {
@@ -181,7 +191,9 @@ fn client_for(
 ) -> Result<ApiClient, Failure> {
     let mut client = authorize(ApiClient::new(url).with_timeout(timeout), auth);
     if let Some(ca) = ca_file {
-        client = client.with_ca_file(ca).map_err(Failure::Usage)?;
+        client = client
+            .with_ca_file(ca)
+            .map_err(|e| Failure::Usage(e.to_string()))?;
     }
     Ok(client)
 }
@@ -574,10 +586,7 @@ async fn call(
     path: &str,
     body: Option<&Value>,
 ) -> Result<Answer, Failure> {
-    let answer = api
-        .request(method, path, body)
-        .await
-        .map_err(Failure::Unreachable)?;
+    let answer = api.request(method, path, body).await?;
     if answer.status.is_success() {
         return Ok(answer);
     }
@@ -634,5 +643,16 @@ mod tests {
         assert!(settings_patch(&["novalue".into()]).is_err());
         assert!(settings_patch(&["a..b=1".into()]).is_err());
         assert!(settings_patch(&["a=1".into(), "a.b=2".into()]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_request_that_never_left_is_a_usage_error() {
+        let err = ApiClient::new("https://x:1").get("/").await.unwrap_err();
+        assert!(matches!(Failure::from(err), Failure::Usage(_)));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let err = ApiClient::new(&url).get("/").await.unwrap_err();
+        assert!(matches!(Failure::from(err), Failure::Unreachable(_)));
     }
 }

@@ -777,7 +777,8 @@ listen primary
                 "/config",
                 Some(&json!({ "synchronous_mode": true })),
             )
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         if !answer.status.is_success() {
             return Err(format!("PATCH /config: {} {}", answer.status, answer.text));
         }

@@ -470,7 +470,7 @@ async fn enable_synchronous_mode(cluster: &LocalCluster, leader: &str) -> Result
                     node.name, answer.status, answer.text
                 ));
             }
-            Err(err) => err,
+            Err(err) => err.to_string(),
         };
         if Instant::now() > deadline {
             return Err(format!(
@@ -493,7 +493,7 @@ async fn enable_synchronous_mode(cluster: &LocalCluster, leader: &str) -> Result
                 last = answer.text;
             }
             Ok(answer) => last = format!("{}: {}", answer.status, answer.text),
-            Err(err) => last = err,
+            Err(err) => last = err.to_string(),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -347,7 +347,7 @@ pub async fn patch_config(h: &Harness, node: &str, patch: serde_json::Value) -> 
                 "PATCH /config {patch} on {node} was refused: {}: {}",
                 answer.status, answer.text
             ),
-            Err(err) => err,
+            Err(err) => err.to_string(),
         };
         if Instant::now() > deadline {
             h.dump_logs();
@@ -477,7 +477,7 @@ async fn sync_state_now(h: &Harness, dcs: &impl Dcs) -> Result<SyncState, String
     };
     let sync_code = match api(h, standby).get("/sync").await {
         Ok(answer) => answer.status.as_u16().to_string(),
-        Err(err) => err,
+        Err(err) => err.to_string(),
     };
     if sync_code != "200" {
         return Err(format!(
