@@ -15,6 +15,7 @@
 //! thousands of idle clients hold no buffer memory, and a busy connection
 //! reuses pooled buffers instead of allocating per read.
 
+use mainstay_core::poison;
 use mainstay_core::{ClusterView, PgRole};
 use std::collections::BTreeMap;
 use std::io;
@@ -193,18 +194,14 @@ pub struct TargetCounters {
 
 impl ProxyStats {
     fn target(&self, access: Access, name: &str) -> Arc<TargetStats> {
-        self.targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        poison::lock(&self.targets)
             .entry((access, name.to_string()))
             .or_default()
             .clone()
     }
 
     fn active(&self, access: Access, name: &str) -> u64 {
-        self.targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        poison::lock(&self.targets)
             .get(&(access, name.to_string()))
             .map_or(0, |s| s.active.load(Ordering::Relaxed))
     }
@@ -220,9 +217,7 @@ impl ProxyStats {
     }
 
     pub fn snapshot(&self) -> Vec<TargetCounters> {
-        self.targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        poison::lock(&self.targets)
             .iter()
             .map(|((access, name), s)| TargetCounters {
                 listener: access.label(),
@@ -506,7 +501,7 @@ struct PooledBuffer(Option<Box<[u8]>>);
 
 impl PooledBuffer {
     fn take() -> PooledBuffer {
-        let reused = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let reused = poison::lock(&POOL).pop();
         PooledBuffer(Some(
             reused.unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice()),
         ))
@@ -529,7 +524,7 @@ impl std::ops::DerefMut for PooledBuffer {
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
         if let Some(buffer) = self.0.take() {
-            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pool = poison::lock(&POOL);
             if pool.len() < POOL_LIMIT {
                 pool.push(buffer);
             }

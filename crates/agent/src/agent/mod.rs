@@ -24,6 +24,7 @@ use crate::watchdog_keeper::Availability;
 use mainstay_core::decide::Standby;
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
 use mainstay_core::lease::{KeyCheck, LeaseClock, LeaseTiming, Renewal};
+use mainstay_core::poison;
 use mainstay_core::sync::render_standby_names;
 use mainstay_core::timeline::{
     Divergence, LeaderWal, LocalWal, divergence, foreign_timeline, parse_history,
