@@ -264,6 +264,7 @@ impl Drop for ProxyThread {
 /// runtime: a forwarded packet is read, written and waited for on one
 /// thread, with no hand-over between worker threads (which costs a wake-up
 /// per packet), and the HA loop's work never queues behind client traffic.
+/// The thread logs in the caller's current span.
 pub fn spawn(
     listeners: Vec<(Access, std::net::TcpListener)>,
     route: watch::Receiver<Route>,
@@ -275,9 +276,14 @@ pub fn spawn(
         .build()
         .map_err(|e| format!("cannot start the proxy's runtime: {e}"))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let span = tracing::Span::current();
     let thread = std::thread::Builder::new()
         .name("mainstay-proxy".into())
         .spawn(move || {
+            // Entered once for the thread's life: every task of this
+            // runtime runs on this thread, so each line carries the span
+            // without an enter and exit per poll of a connection.
+            let _in_span = span.enter();
             runtime.block_on(async move {
                 for (access, listener) in listeners {
                     match TcpListener::from_std(listener) {

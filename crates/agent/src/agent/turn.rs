@@ -129,6 +129,20 @@ impl<D: Dcs> Agent<D> {
         }
     }
 
+    /// The role this node goes into a turn with, for the turn's log span:
+    /// the leader key as last read, else PostgreSQL as last probed.
+    pub(super) fn role_going_in(&self) -> &'static str {
+        if self.holds_leader() {
+            return "leader";
+        }
+        match self.last_health.as_ref().filter(|_| self.pg_answering) {
+            Some(health) if health.in_recovery => "replica",
+            // A primary without the key: one that lost it, or a stray.
+            Some(_) => "primary",
+            None => "stopped",
+        }
+    }
+
     pub(super) async fn observe_pg(&mut self) -> Result<LocalPg, TurnError> {
         let data = match self.pg.data_dir_state() {
             DataDirState::Missing | DataDirState::Empty => DataDir::Empty,
