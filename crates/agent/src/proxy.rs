@@ -15,6 +15,7 @@
 //! thousands of idle clients hold no buffer memory, and a busy connection
 //! reuses pooled buffers instead of allocating per read.
 
+use mainstay_core::poison;
 use mainstay_core::{ClusterView, PgRole};
 use std::collections::BTreeMap;
 use std::io;
@@ -193,18 +194,14 @@ pub struct TargetCounters {
 
 impl ProxyStats {
     fn target(&self, access: Access, name: &str) -> Arc<TargetStats> {
-        self.targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        poison::lock(&self.targets)
             .entry((access, name.to_string()))
             .or_default()
             .clone()
     }
 
     fn active(&self, access: Access, name: &str) -> u64 {
-        self.targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        poison::lock(&self.targets)
             .get(&(access, name.to_string()))
             .map_or(0, |s| s.active.load(Ordering::Relaxed))
     }
@@ -220,9 +217,7 @@ impl ProxyStats {
     }
 
     pub fn snapshot(&self) -> Vec<TargetCounters> {
-        self.targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        poison::lock(&self.targets)
             .iter()
             .map(|((access, name), s)| TargetCounters {
                 listener: access.label(),
@@ -287,6 +282,7 @@ impl Drop for ProxyThread {
 /// runtime: a forwarded packet is read, written and waited for on one
 /// thread, with no hand-over between worker threads (which costs a wake-up
 /// per packet), and the HA loop's work never queues behind client traffic.
+/// The thread logs in the caller's current span.
 pub fn spawn(
     listeners: Vec<(Access, std::net::TcpListener)>,
     route: watch::Receiver<Route>,
@@ -298,9 +294,14 @@ pub fn spawn(
         .build()
         .map_err(|source| ProxyError::Runtime { source })?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let span = tracing::Span::current();
     let thread = std::thread::Builder::new()
         .name("mainstay-proxy".into())
         .spawn(move || {
+            // Entered once for the thread's life: every task of this
+            // runtime runs on this thread, so each line carries the span
+            // without an enter and exit per poll of a connection.
+            let _in_span = span.enter();
             runtime.block_on(async move {
                 for (access, listener) in listeners {
                     match TcpListener::from_std(listener) {
@@ -542,7 +543,7 @@ struct PooledBuffer(Option<Box<[u8]>>);
 
 impl PooledBuffer {
     fn take() -> PooledBuffer {
-        let reused = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let reused = poison::lock(&POOL).pop();
         PooledBuffer(Some(
             reused.unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice()),
         ))
@@ -565,7 +566,7 @@ impl std::ops::DerefMut for PooledBuffer {
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
         if let Some(buffer) = self.0.take() {
-            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pool = poison::lock(&POOL);
             if pool.len() < POOL_LIMIT {
                 pool.push(buffer);
             }

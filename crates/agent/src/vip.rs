@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 pub use crate::config::VipSpec;
 
@@ -63,7 +63,7 @@ impl Vip {
     pub async fn open(spec: VipSpec) -> Result<Vip, String> {
         let (connection, handle, _) = rtnetlink::new_connection()
             .map_err(|e| format!("cannot open a netlink socket: {e}"))?;
-        let connection = tokio::spawn(connection);
+        let connection = tokio::spawn(connection.in_current_span());
         let mut links = handle
             .link()
             .get()
@@ -225,7 +225,7 @@ pub async fn run(
                             previous.abort();
                         }
                         let vip = vip.clone();
-                        announcer = Some(tokio::spawn(async move {
+                        let announce = async move {
                             let start = Instant::now();
                             for at in ANNOUNCE_AT_MS {
                                 tokio::time::sleep_until(start + Duration::from_millis(at)).await;
@@ -233,7 +233,8 @@ pub async fn run(
                                     warn!("VIP: gratuitous ARP failed: {err}");
                                 }
                             }
-                        }));
+                        };
+                        announcer = Some(tokio::spawn(announce.in_current_span()));
                     }
                     held.send_replace(true);
                 }

@@ -12,6 +12,7 @@ pub mod dynamic;
 pub mod failsafe;
 pub mod lease;
 pub mod observation;
+pub mod poison;
 pub mod switchover;
 pub mod sync;
 pub mod timeline;

@@ -11,6 +11,7 @@ use crate::{
     ConfigValue, Dcs, DcsError, HISTORY_ATTEMPTS, KeyKind, RawKey, Result, WATCH_CHANNEL,
     WatchEvent, build_view, check_name, corrupt, keys, not_leader, parse_history, to_json,
 };
+use mainstay_core::poison;
 use mainstay_core::{ClusterView, HistoryEntry, InitializeRecord, MemberStatus};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -155,7 +156,7 @@ impl MemoryDcs {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = poison::lock(&self.shared.state);
         // Expire here as well as in the reaper: with paused time a call may
         // run before the reaper has been polled past a deadline.
         state.expire(Instant::now(), &self.shared.events);
@@ -256,7 +257,7 @@ async fn reap(shared: Weak<Shared>, wake: Arc<Notify>) {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = poison::lock(&shared.state);
             state.expire(Instant::now(), &shared.events);
             state.leases.values().map(|l| l.deadline).min()
         };

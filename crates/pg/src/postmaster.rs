@@ -13,6 +13,7 @@
 //! SIGQUIT (parent-death signal); if the agent is frozen, the guard still
 //! stops PostgreSQL at the deadline it last received.
 
+use mainstay_core::poison;
 use mainstay_guard::protocol::{FromGuard, ToGuard};
 use std::io::{self, BufRead, BufReader};
 use std::os::fd::OwnedFd;
@@ -88,7 +89,7 @@ impl Postmaster {
                     }
                 }
                 let guard_status = child.wait();
-                *listener.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *poison::lock(&listener.link) = None;
                 if let Some(tx) = started_tx.take() {
                     let _ = tx.send(Err(format!("the guard exited ({guard_status:?})")));
                 }
@@ -125,7 +126,7 @@ impl Postmaster {
     /// must not freeze the agent. False if the guard is gone or its socket
     /// is full.
     pub fn tell(&self, msg: &ToGuard) -> bool {
-        let link = self.shared.link.lock().unwrap_or_else(|e| e.into_inner());
+        let link = poison::lock(&self.shared.link);
         let Some(stream) = link.as_ref() else {
             return false;
         };

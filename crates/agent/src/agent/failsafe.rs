@@ -34,10 +34,7 @@ impl<D: Dcs> Agent<D> {
                     .map(|(name, url)| (name.clone(), url.clone()))
                     .collect(),
             });
-        *self
-            .failsafe_peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = peers;
+        *poison::lock(&self.failsafe_peers) = peers;
     }
 
     /// Before the failsafe list is written: from now on the lease keeper asks
@@ -46,10 +43,7 @@ impl<D: Dcs> Agent<D> {
     /// the keeper's list only once a view shows it off the key.
     pub(super) fn widen_failsafe_peers(&self, written: &mainstay_core::FailsafeState) {
         let lease = self.lease.borrow().id.unwrap_or_default();
-        let mut peers = self
-            .failsafe_peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut peers = poison::lock(&self.failsafe_peers);
         let current = peers.get_or_insert_with(|| FailsafePeers {
             lease,
             members: Vec::new(),
@@ -80,7 +74,7 @@ pub(super) struct Failsafe {
 impl Failsafe {
     /// The members on the list now, if there is one for this lease.
     pub(super) fn current(&self, lease: Option<i64>) -> Option<std::collections::BTreeSet<String>> {
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let peers = poison::lock(&self.peers);
         peers
             .as_ref()
             .filter(|p| Some(p.lease) == lease)
@@ -97,7 +91,7 @@ impl Failsafe {
         lease: Option<i64>,
         timeout: Duration,
     ) -> Option<std::collections::BTreeSet<String>> {
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let peers = poison::lock(&self.peers).clone();
         let peers = peers.filter(|p| Some(p.lease) == lease && !p.members.is_empty())?;
         let body = serde_json::json!({ "leader": name });
         let handles: Vec<_> = peers

@@ -24,6 +24,7 @@ use crate::watchdog_keeper::Availability;
 use mainstay_core::decide::Standby;
 use mainstay_core::decide::{DataDir, Lease, LocalPg, Settings};
 use mainstay_core::lease::{KeyCheck, LeaseClock, Renewal};
+use mainstay_core::poison;
 use mainstay_core::sync::render_standby_names;
 use mainstay_core::timeline::{
     Divergence, LeaderWal, LocalWal, divergence, foreign_timeline, parse_history,
@@ -39,7 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 mod commands;
 mod execute;

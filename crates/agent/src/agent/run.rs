@@ -48,11 +48,15 @@ impl<D: Dcs> Agent<D> {
     > {
         crate::vip::check_capabilities().map_err(RunError::Vip)?;
         let cidr = spec.cidr();
-        let vip = crate::vip::Vip::open(spec).await.map_err(RunError::Vip)?;
+        let span = info_span!(parent: None, "vip", node = %self.name);
+        let vip = crate::vip::Vip::open(spec)
+            .instrument(span.clone())
+            .await
+            .map_err(RunError::Vip)?;
         info!(vip = %cidr, "virtual IP managed");
         let (hold_tx, hold_rx) = watch::channel(None);
         let (mut lease, mut leading) = (self.lease.clone(), self.leading.subscribe());
-        tokio::spawn(async move {
+        let hold = async move {
             loop {
                 let hold_until = if *leading.borrow_and_update() {
                     let lease = *lease.borrow_and_update();
@@ -70,21 +74,31 @@ impl<D: Dcs> Agent<D> {
                     changed = leading.changed() => if changed.is_err() { break },
                 }
             }
-        });
+        };
+        tokio::spawn(hold.instrument(span.clone()));
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(crate::vip::run(
+        let vip = crate::vip::run(
             vip,
             hold_rx,
             self.vip_held.clone(),
             self.timing.loop_wait.min(Duration::from_secs(1)),
             stopped,
-        ));
+        );
+        let task = tokio::spawn(vip.instrument(span));
         Ok((stop, task))
     }
 
     /// Runs until `shutdown` resolves (SIGTERM/SIGINT) or a fatal error.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-        info!(node = %self.name, ttl = ?self.timing.ttl, loop_wait = ?self.timing.loop_wait, "agent starting");
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        // Every line says which node wrote it and which task: the HA loop
+        // here, and each task it starts in a root span of its own (not
+        // below this one, which would print both).
+        let span = info_span!("ha_loop", node = %self.name);
+        self.run_in_span(shutdown).instrument(span).await
+    }
+
+    async fn run_in_span(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        info!(ttl = ?self.timing.ttl, loop_wait = ?self.timing.loop_wait, "agent starting");
         // PostgreSQL never runs unguarded: a machine where the guard cannot
         // run is refused before anything is touched.
         mainstay_pg::check_guard(&self.pg.settings().guard_program).map_err(RunError::Guard)?;
@@ -124,17 +138,20 @@ impl<D: Dcs> Agent<D> {
         let proxy = if listeners.is_empty() {
             None
         } else {
-            Some(crate::proxy::spawn(
-                listeners,
-                self.route.subscribe(),
-                self.proxy_wait,
-                self.proxy_stats.clone(),
-            )?)
+            let span = info_span!(parent: None, "proxy", node = %self.name);
+            Some(span.in_scope(|| {
+                crate::proxy::spawn(
+                    listeners,
+                    self.route.subscribe(),
+                    self.proxy_wait,
+                    self.proxy_stats.clone(),
+                )
+            })?)
         };
         // One command at a time: a second caller waits its turn.
         let (command_tx, mut commands) = tokio::sync::mpsc::channel(1);
         info!(listen = %self.api_listen, "REST API listening");
-        let api = tokio::spawn(crate::api::serve(
+        let api = crate::api::serve(
             listener,
             crate::api::router(Arc::new(ApiState {
                 proxy: (!self.proxy_listens.is_empty()).then(|| {
@@ -159,8 +176,9 @@ impl<D: Dcs> Agent<D> {
             })),
             tls,
             self.api_limits,
-        ));
-        let keeper = tokio::spawn(keep_lease(LeaseKeeper {
+        );
+        let api = tokio::spawn(api.instrument(info_span!(parent: None, "api", node = %self.name)));
+        let keeper = keep_lease(LeaseKeeper {
             dcs: self.dcs.clone(),
             name: self.name.clone(),
             timing: self.timing,
@@ -174,26 +192,33 @@ impl<D: Dcs> Agent<D> {
                 auth: self.api_auth.clone(),
                 ca_file: self.api_ca_file.clone(),
             },
-        }));
-        let watcher = tokio::spawn(forward_watch(
+        });
+        let span = info_span!(parent: None, "lease_keeper", node = %self.name);
+        let keeper = tokio::spawn(keeper.instrument(span));
+        let watcher = forward_watch(
             self.dcs.clone(),
             self.member_interest.clone(),
             self.wake.clone(),
-        ));
-        let dcs_leader_mover = tokio::spawn(keep_dcs_leader_away(
-            self.dcs.clone(),
-            self.leading.subscribe(),
-        ));
+        );
+        let span = info_span!(parent: None, "watch_forward", node = %self.name);
+        let watcher = tokio::spawn(watcher.instrument(span));
+        let dcs_leader_mover = keep_dcs_leader_away(self.dcs.clone(), self.leading.subscribe());
+        let span = info_span!(parent: None, "etcd_leader_mover", node = %self.name);
+        let dcs_leader_mover = tokio::spawn(dcs_leader_mover.instrument(span));
         let watchdog = (self.watchdog == Availability::Ready).then(|| {
             let fencer = self.fencer.clone();
-            tokio::spawn(crate::watchdog_keeper::keep(
+            let keeper = crate::watchdog_keeper::keep(
                 self.watchdog_config.clone(),
                 self.lease.clone(),
                 move || fencer.writable(),
                 self.timing.fencing_margin,
-            ))
+            );
+            let span = info_span!(parent: None, "watchdog_keeper", node = %self.name);
+            tokio::spawn(keeper.instrument(span))
         });
         tokio::pin!(shutdown);
+        // Numbered so that one turn's lines read together in the log.
+        let mut turns: u64 = 0;
         let result = loop {
             let turn_started = Instant::now();
             let mut next = turn_started + self.timing.loop_wait;
@@ -201,7 +226,9 @@ impl<D: Dcs> Agent<D> {
             // A turn that changed something is followed at once by another,
             // so that e.g. taking the leader key and promoting happen together.
             for _ in 0..6 {
-                match self.turn().await {
+                turns += 1;
+                let span = info_span!("turn", n = turns, role = %self.role_going_in());
+                match self.turn().instrument(span.clone()).await {
                     Ok((changed, wake_at)) => {
                         if let Some(at) = wake_at {
                             next = next.min(self.origin + Duration::from_millis(at.0));
@@ -215,7 +242,7 @@ impl<D: Dcs> Agent<D> {
                         break;
                     }
                     Err(TurnError::Failed(reason)) => {
-                        warn!("{reason}");
+                        span.in_scope(|| warn!("{reason}"));
                         break;
                     }
                 }

@@ -39,10 +39,7 @@ impl<D: Dcs> Agent<D> {
                 }
                 Some(_) => MemberInterest::None,
             };
-            *self
-                .member_interest
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = interest;
+            *poison::lock(&self.member_interest) = interest;
             self.last_view = Some(view.clone());
             self.view_read_at = Some(Instant::now());
             self.dcs_last_seen = Some(std::time::SystemTime::now());
@@ -83,11 +80,7 @@ impl<D: Dcs> Agent<D> {
             self.update_failsafe_peers(view, &local);
         }
         let lease = *self.lease.borrow();
-        let contact = self
-            .failsafe_contact
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let contact = poison::lock(&self.failsafe_contact).clone();
         let contact = contact.map(|(leader, at)| (leader, self.millis(Instant::from_std(at))));
         let tags = self.published_tags();
         let obs = Observation {
@@ -133,6 +126,20 @@ impl<D: Dcs> Agent<D> {
         match failure {
             Some(reason) => Err(TurnError::Failed(reason)),
             None => Ok((changed, decision.wake_at)),
+        }
+    }
+
+    /// The role this node goes into a turn with, for the turn's log span:
+    /// the leader key as last read, else PostgreSQL as last probed.
+    pub(super) fn role_going_in(&self) -> &'static str {
+        if self.holds_leader() {
+            return "leader";
+        }
+        match self.last_health.as_ref().filter(|_| self.pg_answering) {
+            Some(health) if health.in_recovery => "replica",
+            // A primary without the key: one that lost it, or a stray.
+            Some(_) => "primary",
+            None => "stopped",
         }
     }
 

@@ -43,8 +43,7 @@ pub(super) async fn forward_watch<D: Dcs>(
                             key: KeyKind::Member(name),
                             ..
                         } => {
-                            let wanted = match &*interest.lock().unwrap_or_else(|e| e.into_inner())
-                            {
+                            let wanted = match &*poison::lock(&interest) {
                                 MemberInterest::All => true,
                                 MemberInterest::One(leader) => *leader == name,
                                 MemberInterest::None => false,

@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mainstay_core::dynamic::{DynamicConfig, merge_patch};
+use mainstay_core::poison;
 use mainstay_core::switchover::{Lag, unfit_candidate};
 use mainstay_core::{ClusterView, FailoverKind, FailoverRequest, PgRole};
 use mainstay_dcs::Dcs;
@@ -500,10 +501,7 @@ pub async fn failsafe<D: Dcs>(
             ),
         );
     }
-    *state
-        .failsafe_contact
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = Some((body.leader, std::time::Instant::now()));
+    *poison::lock(&state.failsafe_contact) = Some((body.leader, std::time::Instant::now()));
     axum::Json(json!({ "accepted": true, "member": node.name })).into_response()
 }
 
@@ -646,10 +644,7 @@ struct RunningCommand<'a> {
 
 impl<'a> RunningCommand<'a> {
     fn claim<D>(state: &'a ApiState<D>, command: &Command) -> Result<Self, Refusal> {
-        let mut slot = state
-            .running_command
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut slot = poison::lock(&state.running_command);
         if let Some((running, since)) = slot.as_ref() {
             return Err(Refusal::new(
                 StatusCode::CONFLICT,
@@ -669,6 +664,6 @@ impl<'a> RunningCommand<'a> {
 
 impl Drop for RunningCommand<'_> {
     fn drop(&mut self) {
-        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *poison::lock(self.slot) = None;
     }
 }

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 /// Bodies are small JSON documents; 2 MiB leaves room for a large
 /// configuration while a client cannot make the agent buffer more.
@@ -91,7 +92,7 @@ pub async fn serve(
             continue;
         };
         let (tls, app) = (tls.clone(), app.clone());
-        tokio::spawn(async move {
+        let connection = async move {
             let _slot = slot;
             match tls {
                 None => serve_connection(tcp, app, limits).await,
@@ -103,7 +104,9 @@ pub async fn serve(
                     }
                 }
             }
-        });
+        };
+        // A handler's lines (a panic's too) carry the server's span.
+        tokio::spawn(connection.in_current_span());
     }
 }
 

@@ -10,6 +10,7 @@
 use super::{Ctl, Failure, call, client_for, confirm};
 use crate::config::Config;
 use hyper::Method;
+use mainstay_core::poison;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -283,7 +284,7 @@ impl Ctl {
         let timeline = new_status.and_then(|m| m["timeline"].as_u64());
         let new_server =
             new_status.map(|m| format!("{}:{}", m["host"].as_str().unwrap_or_default(), m["port"]));
-        let evidence = std::mem::take(&mut *evidence.lock().unwrap_or_else(|e| e.into_inner()));
+        let evidence = std::mem::take(&mut *poison::lock(&evidence));
         let present = read_ids(pg_config, table)
             .await
             .map_err(|e| Failure::Refused(format!("cannot read back the drill's writes: {e}")))?;
@@ -337,12 +338,7 @@ impl Ctl {
         evidence: &Mutex<Evidence>,
     ) -> Result<(Instant, String, Option<Duration>), Failure> {
         tokio::time::sleep(STEADY).await;
-        if evidence
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .acked
-            .is_empty()
-        {
+        if poison::lock(evidence).acked.is_empty() {
             return Err(Failure::Refused(
                 "no drill: the test writer could not commit anything through the endpoint in 2 s"
                     .into(),
@@ -374,9 +370,7 @@ impl Ctl {
                 && let Some((name, status)) = leader_of(&cluster)
                 && name != old_leader
                 && status["state"] == "running"
-                && evidence
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                && poison::lock(evidence)
                     .acked
                     .iter()
                     .any(|a| a.heard > fault_at)
@@ -487,18 +481,14 @@ async fn write_loop(
                     heard: Instant::now(),
                     server: row.try_get(0).unwrap_or_default(),
                 };
-                evidence
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .acked
-                    .push(ack);
+                poison::lock(&evidence).acked.push(ack);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             // Refused by the server (read-only, shutting down): nothing
             // was committed.
             Ok(Err(e)) if e.as_db_error().is_some() => client = None,
             _ => {
-                evidence.lock().unwrap_or_else(|e| e.into_inner()).unknown += 1;
+                poison::lock(&evidence).unknown += 1;
                 client = None;
             }
         }

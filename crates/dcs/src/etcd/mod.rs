@@ -21,6 +21,7 @@ use etcd_client::{
     LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
     WatchStream, Watcher,
 };
+use mainstay_core::poison::lock;
 use mainstay_core::{ClusterView, HistoryEntry, InitializeRecord, MemberStatus};
 use std::collections::HashMap;
 use std::fmt;
@@ -448,10 +449,6 @@ impl Inner {
     fn keepers(&self) -> MutexGuard<'_, HashMap<i64, Keeper>> {
         lock(&self.keepers)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Keeper {

@@ -24,6 +24,7 @@ use super::{
     write_loop,
 };
 use crate::demo::{LocalCluster, SUPERUSER, SUPERUSER_PASSWORD};
+use mainstay_core::poison;
 use mainstay_sys::process;
 use mainstay_testkit::{Etcd, Haproxy, free_port};
 use serde_json::{Value, json};
@@ -386,9 +387,7 @@ async fn one_case(
     }
     let deadline = at + Duration::from_secs(100);
     let recovered_at = loop {
-        let first = log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let first = poison::lock(&log)
             .acked
             .iter()
             .find(|(_, heard, port)| *heard > at && *port != old_port)
@@ -404,9 +403,7 @@ async fn one_case(
     };
     let outage_start = match case.fault {
         Fault::Crash => at,
-        Fault::Switchover => log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        Fault::Switchover => poison::lock(&log)
             .acked
             .iter()
             .filter(|(_, heard, port)| *port == old_port && *heard < recovered_at)

@@ -16,6 +16,7 @@
 
 use super::distribution;
 use crate::demo::{LAB_PG_PORT, LAB_PROXY_PORT, LocalCluster, SUPERUSER, SUPERUSER_PASSWORD};
+use mainstay_core::poison;
 use mainstay_testkit::netns::{self, Lab};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
@@ -315,8 +316,7 @@ type AckLog = Arc<std::sync::Mutex<Vec<(Instant, String)>>>;
 /// a write the old primary acknowledged just after the kill signal was
 /// sent, before it landed, does not count as the new primary's.
 fn first_after(log: &AckLog, after: Instant, old: &str) -> Option<Instant> {
-    log.lock()
-        .unwrap_or_else(|e| e.into_inner())
+    poison::lock(log)
         .iter()
         .find(|(at, node)| *at > after && node != old)
         .map(|(at, _)| *at)
@@ -348,7 +348,7 @@ async fn write_loop(conninfo: String, log: AckLog, stop: Arc<AtomicBool>) {
         match tokio::time::timeout(Duration::from_millis(500), insert).await {
             Ok(Ok(_)) => {
                 let acked = (Instant::now(), node.clone());
-                log.lock().unwrap_or_else(|e| e.into_inner()).push(acked);
+                poison::lock(&log).push(acked);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             _ => client = None,

@@ -14,6 +14,7 @@
 
 use crate::demo::LocalCluster;
 use mainstay_core::PgRole;
+use mainstay_core::poison;
 use mainstay_dcs::Dcs;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -406,9 +407,7 @@ async fn settle_and_count(
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = writer.await;
-    let acked: Vec<i64> = log
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    let acked: Vec<i64> = poison::lock(log)
         .acked
         .iter()
         .map(|(id, _, _)| *id)

@@ -31,7 +31,7 @@ pub fn cluster_test(test: impl Future<Output = ()>) {
     if !prerequisites() {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = mainstay_core::poison::lock(&SERIAL);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

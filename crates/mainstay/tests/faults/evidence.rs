@@ -237,7 +237,7 @@ impl Writers {
         }
         // An aborted writer may not have dropped its handle on the evidence
         // yet (abort takes effect later): take it out, do not unwrap it.
-        std::mem::take(&mut *self.evidence.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *mainstay_core::poison::lock(&self.evidence))
     }
 }
 

@@ -116,7 +116,7 @@ fn run_scenario(scenario: &ScenarioFn, needs: Needs) -> Result<Outcome, String> 
             })
         });
         let joined = handle.join();
-        RELAYS.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        mainstay_core::poison::lock(&RELAYS).clear();
         match joined {
             Ok(result) => result,
             Err(panic) => Err(panic

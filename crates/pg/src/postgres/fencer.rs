@@ -44,7 +44,7 @@ pub struct Fencer {
 
 impl Fencer {
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Guarded> {
-        self.child.lock().unwrap_or_else(|e| e.into_inner())
+        poison::lock(&self.child)
     }
 
     /// Whether PostgreSQL may accept writes (as last set).

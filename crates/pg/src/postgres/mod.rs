@@ -12,6 +12,7 @@ use crate::postmaster::Postmaster;
 use crate::settings::{ConnTarget, PgSettings, StartRole, StopMode};
 use crate::sql::{self, Health, SlotChanges};
 use crate::tool;
+use mainstay_core::poison;
 use mainstay_core::{Lsn, slot_name};
 use mainstay_guard::protocol::ToGuard;
 use mainstay_guard::{BootTime, GuardArgs};
@@ -117,11 +118,7 @@ impl Postgres {
     }
 
     fn our_postmaster(&self) -> Option<Postmaster> {
-        self.child
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .postmaster
-            .clone()
+        poison::lock(&self.child).postmaster.clone()
     }
 
     /// A handle for fencing from another thread (see `Fencer`).
@@ -277,10 +274,7 @@ impl Postgres {
         account.ensure_dir(&self.settings.socket_path(), 0o700)?;
         self.write_pgpass().await?;
         self.ensure_include_line()?;
-        *self
-            .standby_minimums
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = control.standby_minimums.clone();
+        *poison::lock(&self.standby_minimums) = control.standby_minimums.clone();
         self.write_conf(&account, &role)?;
         let standby_signal = self.data_dir().join("standby.signal");
         match &role {
@@ -361,14 +355,10 @@ impl Postgres {
     }
 
     fn write_conf(&self, account: &Account, role: &StartRole) -> Result<()> {
-        let minimums = self
-            .standby_minimums
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let minimums = poison::lock(&self.standby_minimums).clone();
         let text = conf::render_mainstay_conf(&self.settings, role, &minimums)?;
         account.write_file(&self.data_dir().join(MAINSTAY_CONF), text.as_bytes(), 0o600)?;
-        *self.conf_role.lock().unwrap_or_else(|e| e.into_inner()) = Some(role.clone());
+        *poison::lock(&self.conf_role) = Some(role.clone());
         Ok(())
     }
 
@@ -395,11 +385,7 @@ impl Postgres {
     /// replication wiring stays) and reloads a running server. False when
     /// there was nothing to reload: never written yet, or not running.
     async fn rewrite_conf_and_reload(&self) -> Result<bool> {
-        let role = self
-            .conf_role
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let role = poison::lock(&self.conf_role).clone();
         let Some(role) = role else {
             return Ok(false);
         };
