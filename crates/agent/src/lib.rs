@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_client;
 pub mod boot_clock;
 pub mod config;
 pub mod ctl;

@@ -365,7 +365,7 @@ async fn show(h: &Harness, node: &str, parameter: &str) -> String {
     row.get(0)
 }
 
-async fn post_restart(h: &Harness, node: &str) -> mainstay_agent::ctl::client::Answer {
+async fn post_restart(h: &Harness, node: &str) -> mainstay_agent::api_client::Answer {
     api(h, node)
         .with_basic_auth(API_USER, API_PASSWORD)
         .request(hyper::Method::POST, "/restart", None)

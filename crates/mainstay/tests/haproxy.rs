@@ -273,7 +273,7 @@ fn haproxy_configured_for_patroni_routes_to_the_primary_and_follows_a_failover()
         let killed_at = Instant::now();
         let watcher = {
             let transitions = transitions.clone();
-            let survivors: Vec<(String, mainstay_agent::ctl::client::ApiClient)> = replicas
+            let survivors: Vec<(String, mainstay_agent::api_client::ApiClient)> = replicas
                 .iter()
                 .map(|r| (r.clone(), api(&h, r).with_timeout(Duration::from_secs(1))))
                 .collect();

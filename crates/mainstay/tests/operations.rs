@@ -189,7 +189,7 @@ fn pause_blocks_failover_and_bad_requests_change_nothing() {
         let wrong = api(&h, &replica).with_basic_auth(API_USER, "guess");
         let before = h.view().await;
         let cases: Vec<(
-            &mainstay_agent::ctl::client::ApiClient,
+            &mainstay_agent::api_client::ApiClient,
             &str,
             &str,
             &[u8],
@@ -539,7 +539,7 @@ fn the_rest_api_serves_https_when_a_certificate_is_configured() {
         h.cluster.start_agent(0).unwrap();
         let port = h.cluster.nodes[0].api_port;
         let https = format!("https://127.0.0.1:{port}");
-        let client = mainstay_agent::ctl::client::ApiClient::new(&https)
+        let client = mainstay_agent::api_client::ApiClient::new(&https)
             .with_ca_file(&ca)
             .unwrap()
             .with_timeout(Duration::from_secs(5));

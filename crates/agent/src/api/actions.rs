@@ -71,8 +71,8 @@ impl ApiAuth {
         url: &str,
         timeout: Duration,
         ca_file: &Option<std::path::PathBuf>,
-    ) -> crate::ctl::client::ApiClient {
-        let mut client = crate::ctl::client::ApiClient::new(url).with_timeout(timeout);
+    ) -> crate::api_client::ApiClient {
+        let mut client = crate::api_client::ApiClient::new(url).with_timeout(timeout);
         if let Some(ca) = ca_file
             && let Ok(with_ca) = client.clone().with_ca_file(ca)
         {

@@ -7,11 +7,10 @@
 //! - 2: bad usage or configuration (nothing was sent);
 //! - 3: no agent could be reached.
 
-pub mod client;
 mod drill;
 
+use crate::api_client::{self, Answer, ApiClient};
 use crate::config::Config;
-use client::{Answer, ApiClient};
 use hyper::Method;
 use serde_json::{Value, json};
 use std::io::{BufRead, IsTerminal, Write};
@@ -134,8 +133,8 @@ enum Failure {
     Unreachable(String),
 }
 
-impl From<client::ClientError> for Failure {
-    fn from(err: client::ClientError) -> Failure {
+impl From<api_client::ClientError> for Failure {
+    fn from(err: api_client::ClientError) -> Failure {
         if err.before_connecting() {
             Failure::Usage(err.to_string())
         } else {

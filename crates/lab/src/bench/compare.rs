@@ -504,7 +504,7 @@ impl Cluster {
             }
         };
         let mut api =
-            mainstay_agent::ctl::client::ApiClient::new(&url).with_timeout(Duration::from_secs(60));
+            mainstay_agent::api_client::ApiClient::new(&url).with_timeout(Duration::from_secs(60));
         if auth {
             api = api.with_basic_auth(crate::demo::API_USER, crate::demo::API_PASSWORD);
         }
@@ -721,7 +721,7 @@ listen primary
     /// `GET /cluster` from the first agent that answers.
     async fn cluster_doc(&self) -> Option<Value> {
         for node in &self.nodes {
-            let api = mainstay_agent::ctl::client::ApiClient::new(&format!(
+            let api = mainstay_agent::api_client::ApiClient::new(&format!(
                 "http://127.0.0.1:{}",
                 node.api_port
             ))
@@ -767,7 +767,7 @@ listen primary
     async fn enable_sync(&self) -> Result<(), String> {
         let url = format!("http://127.0.0.1:{}", self.nodes[0].api_port);
         let api =
-            mainstay_agent::ctl::client::ApiClient::new(&url).with_timeout(Duration::from_secs(10));
+            mainstay_agent::api_client::ApiClient::new(&url).with_timeout(Duration::from_secs(10));
         let answer = api
             .request(
                 hyper::Method::PATCH,

@@ -326,7 +326,7 @@ async fn one_run(
             None
         }
         Disruption::Switchover => {
-            let api = mainstay_agent::ctl::client::ApiClient::new(&format!(
+            let api = mainstay_agent::api_client::ApiClient::new(&format!(
                 "http://127.0.0.1:{}",
                 cluster.nodes[index].api_port
             ))
@@ -436,7 +436,7 @@ async fn enable_synchronous_mode(cluster: &LocalCluster, leader: &str) -> Result
     let api_of = |name: &str| {
         let node = cluster.nodes.iter().find(|n| n.name == name)?;
         Some(
-            mainstay_agent::ctl::client::ApiClient::new(&format!(
+            mainstay_agent::api_client::ApiClient::new(&format!(
                 "http://127.0.0.1:{}",
                 node.api_port
             ))

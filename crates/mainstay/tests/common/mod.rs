@@ -216,10 +216,10 @@ pub async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
-pub fn api(h: &Harness, node: &str) -> mainstay_agent::ctl::client::ApiClient {
+pub fn api(h: &Harness, node: &str) -> mainstay_agent::api_client::ApiClient {
     let i = h.cluster.node_index(node).unwrap();
     let node = &h.cluster.nodes[i];
-    mainstay_agent::ctl::client::ApiClient::new(&format!("http://{}:{}", node.host, node.api_port))
+    mainstay_agent::api_client::ApiClient::new(&format!("http://{}:{}", node.host, node.api_port))
         .with_timeout(Duration::from_secs(5))
 }
 
@@ -237,7 +237,7 @@ pub async fn code(h: &Harness, node: &str, method: &str, path: &str) -> u16 {
 /// Sends `body` as is and checks the refusal: the status code and a JSON
 /// reason, which it returns.
 pub async fn expect_refusal(
-    client: &mainstay_agent::ctl::client::ApiClient,
+    client: &mainstay_agent::api_client::ApiClient,
     method: &str,
     path: &str,
     body: &[u8],

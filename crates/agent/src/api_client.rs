@@ -1,4 +1,7 @@
-//! A small client of the REST API, for `mainstay ctl` and the tests.
+//! A small client of the REST API: what `mainstay ctl` uses, what an agent
+//! uses to call its peers (failsafe confirmations, parameter checks), and
+//! what the tests and the lab drive clusters with. It lives beside the API,
+//! not inside ctl, so the agent does not depend on the command line's code.
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
