@@ -13,6 +13,7 @@ pub mod failsafe;
 pub mod lease;
 pub mod observation;
 pub mod poison;
+pub mod published;
 pub mod switchover;
 pub mod sync;
 pub mod timeline;
@@ -21,5 +22,6 @@ pub mod types;
 
 pub use decide::{Action, CoreState, Decision, Observation, decide};
 pub use dynamic::DynamicConfig;
+pub use published::{LocalState, Published};
 pub use timing::Timing;
 pub use types::*;

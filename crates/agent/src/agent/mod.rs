@@ -30,8 +30,8 @@ use mainstay_core::timeline::{
     Divergence, LeaderWal, LocalWal, divergence, foreign_timeline, parse_history,
 };
 use mainstay_core::{
-    Action, ClusterView, CoreState, DynamicConfig, HistoryEntry, InitializeRecord, Lsn,
-    MemberStatus, Millis, Observation, PgRole, SyncState, decide,
+    Action, ClusterView, CoreState, DynamicConfig, HistoryEntry, InitializeRecord, LocalState, Lsn,
+    MemberStatus, Millis, Observation, PgRole, Published, SyncState, decide,
 };
 use mainstay_dcs::{Dcs, KeyKind, WatchEvent};
 use mainstay_pg::{ClusterState, ConnTarget, DataDirState, Health, Postgres, StartRole, StopMode};
@@ -142,7 +142,8 @@ pub struct Agent<D: Dcs> {
     /// running primary (published after every turn); whether it holds the
     /// VIP now (published by the VIP task).
     vip: Option<crate::vip::VipSpec>,
-    leading: watch::Sender<bool>,
+    /// What the subsystems that follow this agent see (`follow`).
+    published: watch::Sender<Published>,
     vip_held: watch::Sender<bool>,
 }
 
@@ -237,13 +238,20 @@ impl<D: Dcs> Agent<D> {
             proxy_stats: Arc::default(),
             view_read_at: None,
             vip: config.vip.clone(),
-            leading: watch::Sender::new(false),
+            published: watch::Sender::new(Published::default()),
             vip_held: watch::Sender::new(false),
             api_auth: ApiAuth {
                 basic: config.api.basic.clone(),
                 token: config.api.token.clone(),
             },
         }
+    }
+
+    /// The cluster view and this node's place in it, republished after
+    /// every turn: how a subsystem follows the agent (see
+    /// `mainstay_core::published`).
+    pub fn follow(&self) -> watch::Receiver<Published> {
+        self.published.subscribe()
     }
 
     /// The snapshot the REST API serves (tests read it too).

@@ -33,15 +33,36 @@ impl<D: Dcs> Agent<D> {
         }
     }
 
-    /// Whether the VIP belongs here: leader, with PostgreSQL running as
-    /// primary (as last observed).
-    pub(super) fn publish_leading(&self) {
-        let leading = self.holds_leader()
-            && self.pg_answering
-            && self.pg.is_running()
-            && self.last_health.as_ref().is_some_and(|h| !h.in_recovery);
-        self.leading
-            .send_if_modified(|current| std::mem::replace(current, leading) != leading);
+    /// What the followers see: the last view, and this node's place, where
+    /// leading means the leader key with PostgreSQL running as a writable
+    /// primary (as last observed). Sent only when something changed.
+    pub(super) fn publish_state(&self) {
+        let pg_role = match &self.last_health {
+            Some(health) if self.pg_answering && self.pg.is_running() => {
+                if health.in_recovery {
+                    PgRole::Replica
+                } else {
+                    PgRole::Primary
+                }
+            }
+            _ => PgRole::Stopped,
+        };
+        let local = LocalState {
+            leading: self.holds_leader() && pg_role == PgRole::Primary,
+            pg_role,
+        };
+        let view = self.last_view.as_ref();
+        self.published.send_if_modified(|current| {
+            let view_changed = current.view.as_deref() != view;
+            if !view_changed && current.local == local {
+                return false;
+            }
+            if view_changed {
+                current.view = view.cloned().map(Arc::new);
+            }
+            current.local = local;
+            true
+        });
     }
 
     pub(super) fn publish_snapshot(&self, turn_started: Instant) {
@@ -82,7 +103,7 @@ impl<D: Dcs> Agent<D> {
                 .unwrap_or_default(),
             ..(*previous).clone()
         };
-        self.publish_leading();
+        self.publish_state();
         self.snapshot.send_replace(Arc::new(snapshot));
     }
 

@@ -55,10 +55,10 @@ impl<D: Dcs> Agent<D> {
             .map_err(RunError::Vip)?;
         info!(vip = %cidr, "virtual IP managed");
         let (hold_tx, hold_rx) = watch::channel(None);
-        let (mut lease, mut leading) = (self.lease.clone(), self.leading.subscribe());
+        let (mut lease, mut published) = (self.lease.clone(), self.follow());
         let hold = async move {
             loop {
-                let hold_until = if *leading.borrow_and_update() {
+                let hold_until = if published.borrow_and_update().local.leading {
                     let lease = *lease.borrow_and_update();
                     lease.id.map(|_| boot_clock::instant_at(lease.valid_until))
                 } else {
@@ -71,7 +71,7 @@ impl<D: Dcs> Agent<D> {
                 });
                 tokio::select! {
                     changed = lease.changed() => if changed.is_err() { break },
-                    changed = leading.changed() => if changed.is_err() { break },
+                    changed = published.changed() => if changed.is_err() { break },
                 }
             }
         };
@@ -202,7 +202,7 @@ impl<D: Dcs> Agent<D> {
         );
         let span = info_span!(parent: None, "watch_forward", node = %self.name);
         let watcher = tokio::spawn(watcher.instrument(span));
-        let dcs_leader_mover = keep_dcs_leader_away(self.dcs.clone(), self.leading.subscribe());
+        let dcs_leader_mover = keep_dcs_leader_away(self.dcs.clone(), self.follow());
         let span = info_span!(parent: None, "etcd_leader_mover", node = %self.name);
         let dcs_leader_mover = tokio::spawn(dcs_leader_mover.instrument(span));
         let watchdog = (self.watchdog == Availability::Ready).then(|| {
@@ -334,12 +334,12 @@ impl<D: Dcs> Agent<D> {
 /// While this node leads, keeps etcd's leader on another host: if this
 /// host died holding both, etcd's new leader would extend every lease,
 /// ours included, by a full TTL and the failover would take twice as long.
-async fn keep_dcs_leader_away<D: Dcs>(dcs: Arc<D>, mut leading: watch::Receiver<bool>) {
+async fn keep_dcs_leader_away<D: Dcs>(dcs: Arc<D>, mut published: watch::Receiver<Published>) {
     const EVERY: Duration = Duration::from_secs(2);
     const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
     loop {
-        if !*leading.borrow_and_update() {
-            if leading.changed().await.is_err() {
+        if !published.borrow_and_update().local.leading {
+            if published.changed().await.is_err() {
                 return;
             }
             continue;
@@ -355,9 +355,21 @@ async fn keep_dcs_leader_away<D: Dcs>(dcs: Arc<D>, mut leading: watch::Receiver<
             Ok(Err(err)) => debug!("cannot check where etcd's leader runs: {err}"),
             Err(_) => debug!("cannot check where etcd's leader runs: no answer"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(EVERY) => {}
-            changed = leading.changed() => if changed.is_err() { return },
+        // Every EVERY while leading; a new view alone does not make it ask
+        // etcd again.
+        let next = Instant::now() + EVERY;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => break,
+                changed = published.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if !published.borrow().local.leading {
+                        break;
+                    }
+                }
+            }
         }
     }
 }

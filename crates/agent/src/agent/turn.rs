@@ -75,7 +75,7 @@ impl<D: Dcs> Agent<D> {
         }
         let local = self.observe_pg().await?;
         // A primary just promoted takes the VIP now, not after this turn.
-        self.publish_leading();
+        self.publish_state();
         if let Some(view) = &view {
             self.update_failsafe_peers(view, &local);
         }
