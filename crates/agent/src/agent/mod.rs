@@ -278,3 +278,6 @@ fn history(view: Option<&ClusterView>) -> &[HistoryEntry] {
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
+
+#[cfg(test)]
+mod tests;
