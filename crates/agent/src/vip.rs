@@ -15,16 +15,52 @@ use tracing::{Instrument, info, warn};
 
 pub use crate::config::VipSpec;
 
+/// Why the VIP cannot be managed: a startup error for the agent, or a
+/// failed netlink call the VIP task logs and retries.
+#[derive(Debug, thiserror::Error)]
+pub enum VipError {
+    #[error("cannot read /proc/self/status to check capabilities: {0}")]
+    Status(#[source] std::io::Error),
+    #[error("cannot read the effective capabilities from /proc/self/status")]
+    NoCapabilities,
+    #[error(
+        "vip is set but the agent lacks {missing}: run it as root, or grant them \
+         (systemd: AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW), or remove vip from the \
+         configuration"
+    )]
+    MissingCapabilities { missing: String },
+    #[error("cannot open a netlink socket: {0}")]
+    Netlink(#[source] std::io::Error),
+    #[error("vip_interface = {interface:?}: no such interface on this host (see `ip link`)")]
+    NoInterface { interface: String },
+    #[error("listing the addresses of {interface}: {source}")]
+    List {
+        interface: String,
+        source: rtnetlink::Error,
+    },
+    #[error("adding {cidr} to {interface}: {source}")]
+    Add {
+        cidr: String,
+        interface: String,
+        source: rtnetlink::Error,
+    },
+    #[error("removing {cidr} from {interface}: {source}")]
+    Remove {
+        cidr: String,
+        interface: String,
+        source: rtnetlink::Error,
+    },
+}
+
 /// The effective capabilities the VIP needs: CAP_NET_ADMIN (12) to change
 /// addresses, CAP_NET_RAW (13) for gratuitous ARP.
-pub fn check_capabilities() -> Result<(), String> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("cannot read /proc/self/status to check capabilities: {e}"))?;
+pub fn check_capabilities() -> Result<(), VipError> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(VipError::Status)?;
     let effective = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or("cannot read the effective capabilities from /proc/self/status")?;
+        .ok_or(VipError::NoCapabilities)?;
     let missing: Vec<&str> = [(12, "CAP_NET_ADMIN"), (13, "CAP_NET_RAW")]
         .into_iter()
         .filter(|(bit, _)| effective & (1u64 << bit) == 0)
@@ -33,12 +69,9 @@ pub fn check_capabilities() -> Result<(), String> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "vip is set but the agent lacks {}: run it as root, or grant them \
-             (systemd: AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW), or remove vip from the \
-             configuration",
-            missing.join(" and ")
-        ))
+        Err(VipError::MissingCapabilities {
+            missing: missing.join(" and "),
+        })
     }
 }
 
@@ -60,9 +93,8 @@ impl Drop for Vip {
 impl Vip {
     /// Opens netlink and finds the interface; a missing interface is an
     /// error naming it.
-    pub async fn open(spec: VipSpec) -> Result<Vip, String> {
-        let (connection, handle, _) = rtnetlink::new_connection()
-            .map_err(|e| format!("cannot open a netlink socket: {e}"))?;
+    pub async fn open(spec: VipSpec) -> Result<Vip, VipError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(VipError::Netlink)?;
         let connection = tokio::spawn(connection.in_current_span());
         let mut links = handle
             .link()
@@ -73,10 +105,9 @@ impl Vip {
             Ok(Some(link)) => link,
             Ok(None) | Err(_) => {
                 connection.abort();
-                return Err(format!(
-                    "vip_interface = {:?}: no such interface on this host (see `ip link`)",
-                    spec.interface
-                ));
+                return Err(VipError::NoInterface {
+                    interface: spec.interface,
+                });
             }
         };
         let mac = link
@@ -97,7 +128,7 @@ impl Vip {
     }
 
     /// The address as the kernel has it on the interface, if it does.
-    async fn find(&self) -> Result<Option<AddressMessage>, String> {
+    async fn find(&self) -> Result<Option<AddressMessage>, VipError> {
         let mut addresses = self
             .handle
             .address()
@@ -107,16 +138,19 @@ impl Vip {
             .execute();
         futures_util::TryStreamExt::try_next(&mut addresses)
             .await
-            .map_err(|e| format!("listing the addresses of {}: {e}", self.spec.interface))
+            .map_err(|source| VipError::List {
+                interface: self.spec.interface.clone(),
+                source,
+            })
     }
 
-    pub async fn present(&self) -> Result<bool, String> {
+    pub async fn present(&self) -> Result<bool, VipError> {
         Ok(self.find().await?.is_some())
     }
 
     /// Adds the address, or extends it, valid for `valid` (whole seconds,
     /// as the kernel counts them).
-    async fn hold(&self, valid: u32) -> Result<(), String> {
+    async fn hold(&self, valid: u32) -> Result<(), VipError> {
         let mut request = self
             .handle
             .address()
@@ -133,17 +167,15 @@ impl Vip {
             .message_mut()
             .attributes
             .push(AddressAttribute::CacheInfo(lifetime));
-        request.execute().await.map_err(|e| {
-            format!(
-                "adding {} to {}: {e}",
-                self.spec.cidr(),
-                self.spec.interface
-            )
+        request.execute().await.map_err(|source| VipError::Add {
+            cidr: self.spec.cidr(),
+            interface: self.spec.interface.clone(),
+            source,
         })
     }
 
     /// Removes the address; true if it was there.
-    pub async fn release(&self) -> Result<bool, String> {
+    pub async fn release(&self) -> Result<bool, VipError> {
         let Some(message) = self.find().await? else {
             return Ok(false);
         };
@@ -152,12 +184,10 @@ impl Vip {
             .del(message)
             .execute()
             .await
-            .map_err(|e| {
-                format!(
-                    "removing {} from {}: {e}",
-                    self.spec.cidr(),
-                    self.spec.interface
-                )
+            .map_err(|source| VipError::Remove {
+                cidr: self.spec.cidr(),
+                interface: self.spec.interface.clone(),
+                source,
             })?;
         Ok(true)
     }

@@ -27,6 +27,6 @@ pub use error::{Error, Result};
 pub use mainstay_guard::BootTime;
 pub use param_check::{ParamProblem, check_data_dir, check_parameters, library_names};
 pub use postgres::{Fencer, Postgres, RewindOutcome};
-pub use postmaster::check_guard;
+pub use postmaster::{GuardCheckError, check_guard};
 pub use settings::{ConnTarget, Credentials, PgSettings, StartRole, StopMode};
 pub use sql::{Health, ReplicationPeer, SlotChanges, WalReceiver};

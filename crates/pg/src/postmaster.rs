@@ -171,26 +171,39 @@ impl Postmaster {
 
 /// Runs `program guard --self-test`: whether the guard can be started at all
 /// and this kernel gives it what it needs. The reason, if not.
-pub fn check_guard(program: &std::path::Path) -> Result<(), String> {
+pub fn check_guard(program: &std::path::Path) -> Result<(), GuardCheckError> {
     let output = Command::new(program)
         .arg0("mainstay")
         .args([mainstay_guard::GUARD_ARG, mainstay_guard::SELF_TEST_ARG])
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| {
-            format!(
-                "cannot start the fencing guard ({}): {e}",
-                program.display()
-            )
+        .map_err(|source| GuardCheckError::Spawn {
+            program: program.to_path_buf(),
+            source,
         })?;
     if output.status.success() {
         return Ok(());
     }
-    let said = String::from_utf8_lossy(&output.stderr);
-    Err(format!(
-        "the fencing guard ({}) cannot run here ({}): {}",
-        program.display(),
-        output.status,
-        said.trim()
-    ))
+    Err(GuardCheckError::Refused {
+        program: program.to_path_buf(),
+        status: output.status,
+        said: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+    })
+}
+
+/// Why the fencing guard cannot run on this machine: PostgreSQL then never
+/// starts.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardCheckError {
+    #[error("cannot start the fencing guard ({}): {source}", program.display())]
+    Spawn {
+        program: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the fencing guard ({}) cannot run here ({status}): {said}", program.display())]
+    Refused {
+        program: std::path::PathBuf,
+        status: std::process::ExitStatus,
+        said: String,
+    },
 }

@@ -9,11 +9,11 @@ use super::*;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The fencing guard cannot run on this machine.
-    #[error("{0}")]
-    Guard(String),
+    #[error(transparent)]
+    Guard(#[from] mainstay_pg::GuardCheckError),
     /// The virtual IP cannot be managed (capabilities, interface).
-    #[error("{0}")]
-    Vip(String),
+    #[error(transparent)]
+    Vip(#[from] crate::vip::VipError),
     #[error("cannot write the password file: {source}")]
     PasswordFile { source: mainstay_pg::Error },
     #[error("cannot stop the PostgreSQL found running: {source}")]
@@ -46,13 +46,10 @@ impl<D: Dcs> Agent<D> {
         ),
         RunError,
     > {
-        crate::vip::check_capabilities().map_err(RunError::Vip)?;
+        crate::vip::check_capabilities()?;
         let cidr = spec.cidr();
         let span = info_span!(parent: None, "vip", node = %self.name);
-        let vip = crate::vip::Vip::open(spec)
-            .instrument(span.clone())
-            .await
-            .map_err(RunError::Vip)?;
+        let vip = crate::vip::Vip::open(spec).instrument(span.clone()).await?;
         info!(vip = %cidr, "virtual IP managed");
         let (hold_tx, hold_rx) = watch::channel(None);
         let (mut lease, mut published) = (self.lease.clone(), self.follow());
@@ -101,7 +98,7 @@ impl<D: Dcs> Agent<D> {
         info!(ttl = ?self.timing.ttl, loop_wait = ?self.timing.loop_wait, "agent starting");
         // PostgreSQL never runs unguarded: a machine where the guard cannot
         // run is refused before anything is touched.
-        mainstay_pg::check_guard(&self.pg.settings().guard_program).map_err(RunError::Guard)?;
+        mainstay_pg::check_guard(&self.pg.settings().guard_program)?;
         // The interface is checked before anything is written.
         let vip = match &self.vip {
             Some(spec) => Some(self.start_vip(spec.clone()).await?),
