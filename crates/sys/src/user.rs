@@ -1,4 +1,5 @@
-//! The password database: an account's ids and home directory.
+//! The password and group databases: an account's ids and home directory,
+//! a group's id.
 
 use std::ffi::{CStr, c_char};
 use std::io;
@@ -34,6 +35,33 @@ pub fn by_uid(uid: u32) -> io::Result<Option<User>> {
         // SAFETY: as in `by_name`, without the name.
         unsafe { libc::getpwuid_r(uid, pwd, buf.as_mut_ptr(), buf.len(), found) }
     })
+}
+
+/// `getgrnam_r`: the id of the group named `name`; `Ok(None)` when there
+/// is none.
+pub fn group_id(name: &CStr) -> io::Result<Option<u32>> {
+    let mut buf = vec![0 as c_char; BUFFER];
+    // SAFETY: `group` is a C struct of integers and pointers, for which
+    // all-zero bytes (null pointers) are a valid value.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: `name` is NUL-terminated; `group`, `buf` (valid for
+    // `buf.len()` bytes) and `found` are exclusively borrowed for the call,
+    // and getgrnam_r writes nothing beyond them. Only the id is read back,
+    // so no pointer into `buf` outlives it.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok((!found.is_null()).then_some(group.gr_gid))
 }
 
 /// getpwnam is not thread-safe; the _r variants write into our buffer.
@@ -79,6 +107,12 @@ mod tests {
         assert_eq!((root.uid, root.gid), (0, 0));
         assert_eq!(root.name, "root");
         assert_eq!(by_uid(0).unwrap(), Some(root));
+    }
+
+    #[test]
+    fn groups_by_name() {
+        assert_eq!(group_id(c"root").unwrap(), Some(0));
+        assert_eq!(group_id(c"no-such-group-mainstay").unwrap(), None);
     }
 
     #[test]

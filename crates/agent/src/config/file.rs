@@ -25,6 +25,8 @@ pub(super) struct File {
     pub tags: mainstay_core::Tags,
     #[serde(default)]
     pub watchdog: WatchdogSection,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceSection>,
 }
 
 #[derive(Deserialize)]
@@ -119,4 +121,56 @@ pub(super) struct WatchdogSection {
     pub mode: Option<String>,
     pub device: Option<PathBuf>,
     pub safety_margin: Option<f64>,
+}
+
+/// One `[[service]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ServiceSection {
+    pub name: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    pub placement: Option<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub working_directory: Option<PathBuf>,
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    pub log_file: Option<PathBuf>,
+    pub log_max_size: Option<ByteSize>,
+    pub log_keep: Option<u32>,
+    pub stop_signal: Option<String>,
+    pub stop_grace: Option<f64>,
+    pub start_timeout: Option<f64>,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default, rename = "check")]
+    pub checks: Vec<CheckSection>,
+    #[serde(default)]
+    pub restart: RestartSection,
+    pub on_failure: Option<String>,
+}
+
+/// One `[[service.check]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CheckSection {
+    pub kind: String,
+    pub address: Option<String>,
+    pub url: Option<String>,
+    pub status: Option<u16>,
+    pub command: Option<Vec<String>>,
+    pub interval: Option<f64>,
+    pub timeout: Option<f64>,
+    pub failures: Option<u32>,
+}
+
+/// `[service.restart]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RestartSection {
+    pub backoff: Option<f64>,
+    pub max_backoff: Option<f64>,
+    pub limit: Option<u32>,
+    pub window: Option<f64>,
 }

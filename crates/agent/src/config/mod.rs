@@ -7,7 +7,7 @@
 //! types (refusing a bad value with its key, the reason and the fix,
 //! before anything touches the disk; timing is checked so that a leader can
 //! always fence itself before etcd can expire its lease), `size.rs` and
-//! `vip.rs` read two value syntaxes. This module imports none of the code
+//! `vip.rs` read two value syntaxes, `service.rs` the `[[service]]` sections. This module imports none of the code
 //! that consumes it: subsystems take their part from here.
 //!
 //! Where a type of a lower crate already says what a subsystem needs, the
@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod file;
+mod service;
 mod size;
 mod validate;
 mod vip;
@@ -55,6 +56,8 @@ pub struct Config {
     pub tags: mainstay_core::Tags,
     /// `[watchdog]`, with the device timeout the timing allows.
     pub watchdog: WatchdogConfig,
+    /// `[[service]]`, in start order (each after those it depends on).
+    pub services: Vec<mainstay_services::ServiceSpec>,
 }
 
 /// Where PostgreSQL 15's programs are unless `postgresql.bin_dir` says.

@@ -330,3 +330,165 @@ fn api_client_limits_are_bounded() {
         assert_eq!(refused.key.as_deref(), Some(key), "{extra}");
     }
 }
+
+/// A node file with `services` appended, its data directory in `dir`.
+fn with_services(dir: &Path, services: &str) -> String {
+    let data = dir.join("data");
+    format!(
+        "{}{services}",
+        GOOD.replace("/var/lib/mainstay/data", data.to_str().unwrap())
+    )
+}
+
+#[test]
+fn services_are_typed_in_start_order_with_defaults() {
+    if !postgres_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = with_services(
+        dir.path(),
+        r#"
+[[service]]
+name = "synapse"
+command = ["sh", "-c", "exec sleep 1000"]
+placement = "with-leader"
+depends_on = ["redis"]
+on_failure = "failover"
+[[service.check]]
+kind = "http"
+url = "http://127.0.0.1:8008/health"
+[[service]]
+name = "redis"
+command = ["/bin/sleep", "1000"]
+placement = "everywhere"
+user = "root"
+stop_signal = "SIGINT"
+[[service.check]]
+kind = "tcp"
+address = "127.0.0.1:6379"
+interval = 1
+timeout = 0.5
+"#,
+    );
+    let config = Config::parse(Path::new("t"), &text).unwrap();
+    let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["redis", "synapse"], "dependencies first");
+    let synapse = &config.services[1];
+    assert!(synapse.program.is_absolute(), "sh resolved through PATH");
+    assert_eq!(synapse.args, ["-c", "exec sleep 1000"]);
+    assert_eq!(synapse.placement, mainstay_services::Placement::WithLeader);
+    assert_eq!(synapse.on_failure, mainstay_services::OnFailure::Failover);
+    assert_eq!(synapse.log.path, dir.path().join("node1.synapse.log"));
+    assert_eq!(synapse.stop_signal, libc::SIGTERM);
+    assert_eq!(synapse.checks[0].interval, Duration::from_secs(5));
+    assert_eq!(
+        synapse.checks[0].probe,
+        mainstay_services::CheckProbe::Http {
+            url: "http://127.0.0.1:8008/health".into(),
+            status: 200
+        }
+    );
+    let redis = &config.services[0];
+    assert_eq!(redis.account.as_ref().map(|a| (a.uid, a.gid)), Some((0, 0)));
+    assert_eq!(redis.stop_signal, libc::SIGINT);
+    assert_eq!(redis.checks[0].timeout, Duration::from_millis(500));
+}
+
+#[test]
+fn bad_services_are_refused_with_the_service_the_key_and_the_fix() {
+    if !postgres_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let service = |extra: &str| {
+        format!(
+            "[[service]]\nname = \"web\"\ncommand = [\"/bin/sleep\", \"9\"]\nplacement = \"everywhere\"\n{extra}"
+        )
+    };
+    for (text, key, needle) in [
+        (
+            "[[service]]\nname = \"web\"\nplacement = \"everywhere\"\n".to_string(),
+            "service.web.command",
+            "is missing or empty",
+        ),
+        (
+            "[[service]]\nname = \"web\"\ncommand = [\"/no/such/program\"]\nplacement = \"everywhere\"\n".into(),
+            "service.web.command",
+            "not an executable file",
+        ),
+        (
+            "[[service]]\nname = \"web\"\ncommand = [\"no-such-program-mainstay\"]\nplacement = \"everywhere\"\n".into(),
+            "service.web.command",
+            "not an executable in PATH",
+        ),
+        (service("user = \"no-such-user-mainstay\"\n"), "service.web.user", "create it"),
+        (service("group = \"wheel\"\n"), "service.web.group", "needs a user"),
+        (
+            service("user = \"root\"\ngroup = \"no-such-group-mainstay\"\n"),
+            "service.web.group",
+            "not a group of this host",
+        ),
+        (
+            "[[service]]\nname = \"web\"\ncommand = [\"/bin/sleep\", \"9\"]\n".into(),
+            "service.web.placement",
+            "is missing",
+        ),
+        (service("").replace("everywhere", "primary"), "service.web.placement", "with-leader"),
+        (service("depends_on = [\"db\"]\n"), "service.web.depends_on", "not a service of this node"),
+        (
+            format!(
+                "{}{}",
+                service("depends_on = [\"b\"]\n"),
+                "[[service]]\nname = \"b\"\ncommand = [\"/bin/sleep\", \"9\"]\nplacement = \"everywhere\"\ndepends_on = [\"web\"]\n"
+            ),
+            "service.b.depends_on",
+            "b -> web -> b",
+        ),
+        (
+            format!(
+                "{}{}",
+                service("depends_on = [\"b\"]\n"),
+                "[[service]]\nname = \"b\"\ncommand = [\"/bin/sleep\", \"9\"]\nplacement = \"with-leader\"\n"
+            ),
+            "service.web.depends_on",
+            "could not start",
+        ),
+        (service("[[service.check]]\nkind = \"tcp\"\n"), "service.web.check[0].address", "needs the address"),
+        (service("[[service.check]]\nkind = \"http\"\n"), "service.web.check[0].url", "needs the URL"),
+        (
+            service("[[service.check]]\nkind = \"http\"\nurl = \"https://x/\"\n"),
+            "service.web.check[0].url",
+            "plain http",
+        ),
+        (service("[[service.check]]\nkind = \"command\"\n"), "service.web.check[0].command", "is missing"),
+        (service("[[service.check]]\nkind = \"ping\"\n"), "service.web.check[0].kind", "not a check"),
+        (
+            service("[[service.check]]\nkind = \"process\"\ninterval = 1\ntimeout = 2\n"),
+            "service.web.check[0].timeout",
+            "longer than interval",
+        ),
+        (service("on_failure = \"failover\"\n"), "service.web.on_failure", "only a with-leader"),
+        (service("stop_signal = \"SIGKILL\"\n"), "service.web.stop_signal", "not a stop signal"),
+        (service("stop_grace = 0\n"), "service.web.stop_grace", "out of range"),
+        (service("stop_grace = inf\n"), "service.web.stop_grace", "out of range"),
+        (service("working_directory = \"relative\"\n"), "service.web.working_directory", "absolute path"),
+        (service("log_file = \"/no/such/dir/web.log\"\n"), "service.web.log_file", "existing directory"),
+        (service("[service.restart]\nlimit = 0\n"), "service.web.restart.limit", "out of range"),
+        (
+            format!("{}{}", service(""), service("")),
+            "service.web.name",
+            "two [[service]] sections",
+        ),
+        (
+            "[[service]]\nname = \"a b\"\ncommand = [\"/bin/sleep\"]\nplacement = \"everywhere\"\n".into(),
+            "service[0].name",
+            "not a valid service name",
+        ),
+    ] {
+        let err = Config::parse(Path::new("node.toml"), &with_services(dir.path(), &text))
+            .expect_err(&text);
+        assert_eq!(err.key.as_deref(), Some(key), "{text}\n{err}");
+        assert!(err.to_string().contains(needle), "{err} lacks {needle}");
+    }
+}

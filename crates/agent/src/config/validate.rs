@@ -48,22 +48,31 @@ impl Config {
         })?;
         Config::from_file(file).map_err(|(key, message)| ConfigError {
             path: path.to_path_buf(),
-            key: Some(key.to_string()),
+            key: Some(key),
             message,
         })
     }
 
-    fn from_file(file: File) -> Result<Config, Refusal> {
-        check_name("cluster", &file.cluster)?;
-        check_name("name", &file.name)?;
-        let timing = timing(&file.timing)?;
+    fn from_file(file: File) -> Result<Config, (String, String)> {
+        let owned = |(key, message): Refusal| (key.to_string(), message);
+        check_name("cluster", &file.cluster).map_err(owned)?;
+        check_name("name", &file.name).map_err(owned)?;
+        let timing = timing(&file.timing).map_err(owned)?;
+        let postgresql = postgresql(file.postgresql, &file.name).map_err(owned)?;
+        // Beside the data directory, like PostgreSQL's own log.
+        let log_dir = postgresql
+            .data_dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         Ok(Config {
-            vip: vip(file.vip.as_deref(), file.vip_interface.as_deref())?,
-            etcd: etcd(file.etcd, &file.cluster, &timing)?,
-            api: api(file.api)?,
-            proxy: proxy(file.proxy)?,
-            postgresql: postgresql(file.postgresql, &file.name)?,
-            watchdog: watchdog(&file.watchdog, &timing)?,
+            vip: vip(file.vip.as_deref(), file.vip_interface.as_deref()).map_err(owned)?,
+            etcd: etcd(file.etcd, &file.cluster, &timing).map_err(owned)?,
+            api: api(file.api).map_err(owned)?,
+            proxy: proxy(file.proxy).map_err(owned)?,
+            watchdog: watchdog(&file.watchdog, &timing).map_err(owned)?,
+            services: super::service::services(file.services, &log_dir, &file.name)?,
+            postgresql,
             timing,
             tags: file.tags,
             cluster: file.cluster,
