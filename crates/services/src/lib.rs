@@ -7,12 +7,22 @@
 //! - `spec`: what a service is, as the node's configuration gives it
 //!   (typed and validated by the agent's config module);
 //! - `order`: the order `depends_on` imposes, and the cycles it refuses;
-//! - `rules`: where a service should run and how restarts back off, pure.
+//! - `rules`: where a service should run and how restarts back off, pure;
+//! - `supervisor`: one task per service that carries the rules out,
+//!   `process` one run of it under a fencing guard, `check` its health
+//!   probes, `log` its rotated log file, `status` what it reports.
 
 #![forbid(unsafe_code)]
 
+pub mod check;
+pub mod log;
 pub mod order;
+mod process;
 pub mod rules;
 pub mod spec;
+pub mod status;
+pub mod supervisor;
 
 pub use spec::{CheckProbe, HealthCheck, OnFailure, Placement, RestartPolicy, ServiceSpec};
+pub use status::{ServiceState, ServiceStatus};
+pub use supervisor::{Allowed, Inputs, Services};

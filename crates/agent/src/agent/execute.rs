@@ -115,19 +115,12 @@ impl<D: Dcs> Agent<D> {
                 info!("took the leader key");
             }
             Action::ReleaseLeader { reason } => {
-                // Writes stop before the key goes, or two nodes could write.
-                if self.pg.is_running() {
-                    warn!(
-                        reason,
-                        "stopping PostgreSQL (immediate) before releasing leadership"
-                    );
-                    self.stop(StopMode::Immediate).await?;
-                }
-                self.dcs
-                    .release_leader(&self.name, lease_id()?)
-                    .await
-                    .map_err(dcs_failed)?;
-                warn!(reason, "released the leader key");
+                // Services beside the primary, then writes, stop before the
+                // key goes, or two nodes could run them.
+                self.stop_with_leader_services().await;
+                let released = self.release_leader(reason, lease_id()?).await;
+                self.allow_with_leader_services();
+                released?
             }
             Action::ReleaseStaleLeader { lease_id } => {
                 self.dcs
@@ -246,8 +239,16 @@ impl<D: Dcs> Agent<D> {
                 candidate,
                 failover_revision,
             } => {
-                self.switchover(view, candidate, *failover_revision, lease_id()?)
-                    .await?
+                let lease = lease_id()?;
+                // The candidate starts its with-leader services right after
+                // its promotion: ours stop first. Whatever happens next, they
+                // may run again once this node leads (an aborted switchover).
+                self.stop_with_leader_services().await;
+                let handed_over = self
+                    .switchover(view, candidate, *failover_revision, lease)
+                    .await;
+                self.allow_with_leader_services();
+                handed_over?
             }
             Action::WriteSync {
                 members,
@@ -382,6 +383,23 @@ impl<D: Dcs> Agent<D> {
             shutdown_checkpoint = %end,
             "switchover: leadership handed over; following the new leader"
         );
+        Ok(())
+    }
+
+    async fn release_leader(&mut self, reason: &str, lease: i64) -> Result<(), TurnError> {
+        // Writes stop before the key goes, or two nodes could write.
+        if self.pg.is_running() {
+            warn!(
+                reason,
+                "stopping PostgreSQL (immediate) before releasing leadership"
+            );
+            self.stop(StopMode::Immediate).await?;
+        }
+        self.dcs
+            .release_leader(&self.name, lease)
+            .await
+            .map_err(|e| TurnError::Failed(format!("DCS: {e}")))?;
+        warn!(reason, "released the leader key");
         Ok(())
     }
 

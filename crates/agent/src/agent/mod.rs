@@ -145,6 +145,9 @@ pub struct Agent<D: Dcs> {
     /// What the subsystems that follow this agent see (`follow`).
     published: watch::Sender<Published>,
     vip_held: watch::Sender<bool>,
+    /// `[[service]]`, and their supervisor once the agent runs.
+    service_specs: Vec<mainstay_services::ServiceSpec>,
+    services: Option<Arc<mainstay_services::Services>>,
 }
 
 impl<D: Dcs> Agent<D> {
@@ -240,6 +243,8 @@ impl<D: Dcs> Agent<D> {
             vip: config.vip.clone(),
             published: watch::Sender::new(Published::default()),
             vip_held: watch::Sender::new(false),
+            service_specs: config.services.clone(),
+            services: None,
             api_auth: ApiAuth {
                 basic: config.api.basic.clone(),
                 token: config.api.token.clone(),

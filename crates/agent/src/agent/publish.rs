@@ -101,6 +101,11 @@ impl<D: Dcs> Agent<D> {
                 })
                 .map(|s| s.members.clone())
                 .unwrap_or_default(),
+            services: self
+                .services
+                .as_ref()
+                .map(|s| s.statuses().borrow().clone())
+                .unwrap_or_default(),
             ..(*previous).clone()
         };
         self.publish_state();

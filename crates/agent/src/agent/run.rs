@@ -202,6 +202,7 @@ impl<D: Dcs> Agent<D> {
         let dcs_leader_mover = keep_dcs_leader_away(self.dcs.clone(), self.follow());
         let span = info_span!(parent: None, "etcd_leader_mover", node = %self.name);
         let dcs_leader_mover = tokio::spawn(dcs_leader_mover.instrument(span));
+        self.start_services();
         let watchdog = (self.watchdog == Availability::Ready).then(|| {
             let fencer = self.fencer.clone();
             let keeper = crate::watchdog_keeper::keep(
@@ -271,6 +272,11 @@ impl<D: Dcs> Agent<D> {
             let _ = stop.send(());
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
         }
+        if let Some(services) = self.services.take() {
+            // Before PostgreSQL stops and the leader key goes: a with-leader
+            // service must be gone before another node can start its copy.
+            services.stop(services.stop_limit()).await;
+        }
         self.shut_down().await;
         keeper.abort();
         if let Some(task) = watchdog {
@@ -284,6 +290,59 @@ impl<D: Dcs> Agent<D> {
         watcher.abort();
         dcs_leader_mover.abort();
         result
+    }
+
+    /// Starts the supervisor of `[[service]]`, if any: it follows what this
+    /// agent publishes, and a with-leader service's guard gets every new
+    /// fencing deadline.
+    fn start_services(&mut self) {
+        if self.service_specs.is_empty() {
+            return;
+        }
+        let mut lease = self.lease.clone();
+        let deadline =
+            watch::Sender::new(boot_clock::boot_time(lease.borrow_and_update().valid_until));
+        let relay = deadline.clone();
+        tokio::spawn(async move {
+            while lease.changed().await.is_ok() {
+                let at = boot_clock::boot_time(lease.borrow_and_update().valid_until);
+                relay.send_if_modified(|current| std::mem::replace(current, at) != at);
+            }
+        });
+        let inputs = mainstay_services::Inputs {
+            published: self.follow(),
+            deadline: deadline.subscribe(),
+            guard_program: self.pg.settings().guard_program.clone(),
+        };
+        let specs = std::mem::take(&mut self.service_specs);
+        self.services = Some(Arc::new(mainstay_services::Services::start(
+            specs, inputs, &self.name,
+        )));
+    }
+
+    /// Stops this node's with-leader services and waits for them, before it
+    /// gives leadership away on purpose (a switchover, a release): the next
+    /// leader starts its copies right after its promotion.
+    pub(super) async fn stop_with_leader_services(&self) {
+        if let Some(services) = &self.services {
+            services
+                .allow(
+                    mainstay_services::Allowed::NotWithLeader,
+                    services.stop_limit(),
+                )
+                .await;
+        }
+    }
+
+    /// Lets with-leader services run again, once they can see that this
+    /// node no longer leads: the state published before the hand-over
+    /// still says it does, and a service let go on that would start a copy
+    /// beside the new leader's.
+    pub(super) fn allow_with_leader_services(&self) {
+        if let Some(services) = &self.services {
+            self.publish_state();
+            services.allow_now(mainstay_services::Allowed::All);
+        }
     }
 
     /// SIGTERM: a primary stops cleanly (replicas receive everything) and

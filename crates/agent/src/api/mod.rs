@@ -77,6 +77,8 @@ pub struct NodeSnapshot {
     /// The cluster's PostgreSQL parameters are refused here, or PostgreSQL
     /// runs on the last parameters it started with.
     pub config_warning: Option<String>,
+    /// This node's supervised services (`[[service]]`), in start order.
+    pub services: Vec<mainstay_services::ServiceStatus>,
 }
 
 impl NodeSnapshot {
@@ -108,6 +110,7 @@ impl NodeSnapshot {
             pending_restart: Vec::new(),
             proxy: Vec::new(),
             proxy_refused: Vec::new(),
+            services: Vec::new(),
             sync_standbys: Vec::new(),
             vip: None,
             watchdog_failed: None,
@@ -285,6 +288,12 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
         .route("/patroni", get(patroni::<D>).options(patroni::<D>))
         .route("/cluster", get(cluster::<D>))
         .route("/history", get(history::<D>))
+        .route(
+            "/services",
+            get(|State(state): Shared<D>| async move {
+                axum::Json(status::services(&state.node())).into_response()
+            }),
+        )
         .route(
             "/config",
             get(config::<D>)

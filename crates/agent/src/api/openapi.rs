@@ -141,6 +141,36 @@ fn health(summary: &str) -> Value {
 }
 
 /// A read-only document, for GET and HEAD.
+/// A supervised service's status (`mainstay_services::ServiceStatus`).
+fn service_status_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["name", "placement", "state", "pid", "restarts", "check_failures", "last_check", "since", "reason"],
+        "properties": {
+            "name": {"type": "string"},
+            "placement": {"enum": ["with-leader", "everywhere", "with-replica"]},
+            "state": {"enum": ["stopped", "waiting", "starting", "running", "backing_off", "failed", "stopping"]},
+            "pid": {"type": ["integer", "null"]},
+            "restarts": {"type": "integer", "minimum": 0},
+            "check_failures": {"type": "integer", "minimum": 0},
+            "last_check": {"type": ["string", "null"]},
+            "since": {"type": "integer", "minimum": 0},
+            "reason": {"type": ["string", "null"]}
+        }
+    })
+}
+
+/// `GET /services`.
+fn services_schema() -> Value {
+    json!({
+        "type": "object", "required": ["name", "services"],
+        "properties": {
+            "name": {"type": "string"},
+            "services": {"type": "array", "items": schema("ServiceStatus")}
+        }
+    })
+}
+
 fn read(summary: &str, answer: Value, unavailable: Option<&str>) -> Value {
     let mut operation = json!({"summary": summary, "responses": {"200": answer}});
     if let Some(when) = unavailable {
@@ -324,6 +354,8 @@ fn components() -> Value {
                 "type": "object", "additionalProperties": false, "maxProperties": 0
             },
             "Tags": tags_schema(),
+            "ServiceStatus": service_status_schema(),
+            "Services": services_schema(),
             "NodeStatus": {
                 "type": "object",
                 "required": ["state", "role", "patroni", "mainstay"],
@@ -333,6 +365,7 @@ fn components() -> Value {
                     "server_version": {"type": "integer"},
                     "timeline": {"type": "integer", "minimum": 0},
                     "database_system_identifier": {"type": "string"},
+                    "services": {"type": "array", "items": schema("ServiceStatus")},
                     "xlog": {"type": "object", "properties": {
                         "location": lsn, "received_location": lsn, "replayed_location": lsn,
                         "replayed_timestamp": {"type": "null"}, "paused": {"type": "boolean"}
@@ -501,6 +534,7 @@ pub fn document() -> Value {
                 "options": {"summary": "This node's status document.", "responses": {"200": ok("This node's status.", schema("NodeStatus"))}}
             },
             "/cluster": read("Every member, the pause flag and any pending switchover.", ok("The cluster as the DCS holds it now (as this agent last read it if the DCS does not answer in time).", schema("Cluster")), Some(NO_DCS_YET)),
+            "/services": read("This node's supervised services ([[service]]), in start order.", ok("Each service's state.", schema("Services")), None),
             "/history": read("Timeline switches.", ok("Timeline switches, oldest first.", schema("History")), Some(NO_DCS_YET)),
             "/metrics": read("Prometheus text exposition.", text("Metrics in Prometheus' text format 0.0.4."), None),
             "/openapi.json": read("This document.", ok("This document.", json!({"type": "object", "required": ["openapi", "paths"]})), None),

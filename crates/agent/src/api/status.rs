@@ -118,6 +118,9 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
     if node.is_sync_standby() {
         doc.insert("sync_standby".into(), json!(true));
     }
+    if !node.services.is_empty() {
+        doc.insert("services".into(), json!(node.services));
+    }
     doc.insert(
         "patroni".into(),
         json!({
@@ -240,4 +243,9 @@ pub fn history(entries: &[HistoryEntry]) -> Value {
             })
             .collect(),
     )
+}
+
+/// `GET /services`: this node's supervised services.
+pub fn services(node: &NodeSnapshot) -> Value {
+    json!({ "name": node.name, "services": node.services })
 }

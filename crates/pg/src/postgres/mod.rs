@@ -8,7 +8,7 @@ use crate::conf::{self, INCLUDE_LINE, MAINSTAY_CONF};
 use crate::controldata::{ClusterState, ControlData, DataDirState, parse_controldata};
 use crate::error::{Error, Result};
 use crate::pidfile;
-use crate::postmaster::Postmaster;
+// The postmaster is the child of its fencing guard.
 use crate::settings::{ConnTarget, PgSettings, StartRole, StopMode};
 use crate::sql::{self, Health, SlotChanges};
 use crate::tool;
@@ -16,6 +16,7 @@ use mainstay_core::poison;
 use mainstay_core::{Lsn, slot_name};
 use mainstay_guard::protocol::ToGuard;
 use mainstay_guard::{BootTime, GuardArgs};
+use mainstay_guarded::Guarded as Postmaster;
 use mainstay_sys::process;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -323,7 +324,7 @@ impl Postgres {
         cmd.args(guard_args.to_args())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
-        let pm = Postmaster::spawn(cmd)
+        let pm = Postmaster::spawn(cmd, "postgres")
             .await
             .map_err(|e| Error::io("start postgres", e))?;
         info!(pid = pm.pid(), ?role, log = %log_path.display(), "postgres started under its fencing guard");

@@ -1,17 +1,21 @@
-//! The agent's side of a postmaster that runs under its fencing guard.
+//! The agent's side of a process that runs under a fencing guard:
+//! PostgreSQL's postmaster, and every service that must not outlive the
+//! node's write permission.
 //!
 //! The agent starts the guard (`mainstay guard ...`, see the
 //! `mainstay-guard` crate) with a socket as its standard input; the guard
-//! starts the postmaster as its own child and tells the agent its pid. From
-//! then on the agent talks to the postmaster only through the guard: signals
+//! starts the program as its own child and tells the agent its pid. From
+//! then on the agent talks to the child only through the guard: signals
 //! (the guard knows whether the pid is still its child, so a signal never
-//! reaches a recycled pid) and the fencing deadline. When the postmaster
-//! exits, the guard reports the status and exits too.
+//! reaches a recycled pid) and the fencing deadline. When the child exits,
+//! the guard reports the status and exits too.
 //!
-//! If the agent dies, its end of the socket closes and the guard stops
-//! PostgreSQL at once; if the guard dies, the kernel sends the postmaster
-//! SIGQUIT (parent-death signal); if the agent is frozen, the guard still
-//! stops PostgreSQL at the deadline it last received.
+//! If the agent dies, its end of the socket closes and the guard stops the
+//! child at once; if the guard dies, the kernel sends the child SIGQUIT
+//! (parent-death signal); if the agent is frozen, the guard still stops the
+//! child at the deadline it last received.
+
+#![forbid(unsafe_code)]
 
 use mainstay_core::poison;
 use mainstay_guard::protocol::{FromGuard, ToGuard};
@@ -25,12 +29,12 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, warn};
 
-/// How long the guard may take to report that the postmaster was forked.
+/// How long the guard may take to report that the child was forked.
 const GUARD_START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A postmaster started under a guard by this process.
+/// A child started under a guard by this process.
 #[derive(Clone)]
-pub struct Postmaster {
+pub struct Guarded {
     pid: i32,
     shared: Arc<Shared>,
 }
@@ -41,10 +45,12 @@ struct Shared {
     status: watch::Sender<Option<ExitStatus>>,
 }
 
-impl Postmaster {
+impl Guarded {
     /// Starts `guard` (a command whose standard input must be the socket)
-    /// and waits until it reports the postmaster's pid.
-    pub async fn spawn(mut guard: Command) -> io::Result<Postmaster> {
+    /// and waits until it reports its child's pid. `what` names the child
+    /// in the log ("postgres", "service synapse").
+    pub async fn spawn(mut guard: Command, what: &str) -> io::Result<Guarded> {
+        let what = what.to_string();
         let (ours, theirs) = UnixStream::pair()?;
         guard.stdin(Stdio::from(OwnedFd::from(theirs)));
         let mut child = guard.spawn()?;
@@ -60,8 +66,9 @@ impl Postmaster {
         let (started_tx, started) = oneshot::channel();
         let listener = shared.clone();
         let guard_pid = child.id();
+        let what2 = what.clone();
         std::thread::Builder::new()
-            .name(format!("pg-guard-{guard_pid}"))
+            .name(format!("guard-{guard_pid}"))
             .spawn(move || {
                 let mut started_tx = Some(started_tx);
                 let mut exited = None;
@@ -79,7 +86,7 @@ impl Postmaster {
                             }
                         }
                         Some(FromGuard::Fenced(why)) => {
-                            error!(guard = guard_pid, "fencing guard stopped postgres: {why}");
+                            error!(guard = guard_pid, "fencing guard stopped {what}: {why}");
                         }
                         Some(FromGuard::Exited(raw)) => exited = Some(ExitStatus::from_raw(raw)),
                         None => warn!(
@@ -97,8 +104,8 @@ impl Postmaster {
                     error!(
                         guard = guard_pid,
                         ?guard_status,
-                        "the fencing guard died before its postmaster; the kernel sends the \
-                         postmaster SIGQUIT (parent-death signal)"
+                        "the fencing guard of {what} died before it; the kernel sends {what} \
+                         SIGQUIT (parent-death signal)"
                     );
                     guard_status.ok()
                 });
@@ -108,12 +115,14 @@ impl Postmaster {
             })?;
         let answer = tokio::time::timeout(GUARD_START_TIMEOUT, started)
             .await
-            .map_err(|_| io::Error::other("the fencing guard did not start postgres in time"))?
+            .map_err(|_| {
+                io::Error::other(format!("the fencing guard did not start {what2} in time"))
+            })?
             .map_err(|_| io::Error::other("the fencing guard's listener is gone"))?;
         match answer {
-            Ok(pid) => Ok(Postmaster { pid, shared }),
+            Ok(pid) => Ok(Guarded { pid, shared }),
             Err(why) => Err(io::Error::other(format!(
-                "the fencing guard did not start postgres: {why}"
+                "the fencing guard did not start {what2}: {why}"
             ))),
         }
     }
@@ -141,12 +150,12 @@ impl Postmaster {
         }
     }
 
-    /// Sends `signal` to the postmaster; false if it has already exited.
+    /// Sends `signal` to the child; false if it has already exited.
     pub fn signal(&self, signal: libc::c_int) -> bool {
         self.exit_status().is_none() && self.tell(&ToGuard::Signal(signal))
     }
 
-    /// `Some` once the postmaster has exited and been reaped.
+    /// `Some` once the child has exited and been reaped.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         *self.shared.status.borrow()
     }
@@ -159,7 +168,7 @@ impl Postmaster {
             .flatten()
     }
 
-    /// Resolves once the postmaster has exited and been reaped.
+    /// Resolves once the child has exited and been reaped.
     pub async fn exited(&self) -> Option<ExitStatus> {
         let mut rx = self.shared.status.subscribe();
         match rx.wait_for(|s| s.is_some()).await {
