@@ -108,6 +108,10 @@ pub struct MemberStatus {
     /// fallback parameters), shown by `/cluster` and `ctl list`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// This node's supervised services and the state of each ("running",
+    /// "failed"...), by name; empty when it runs none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, String>,
 }
 
 impl MemberRecord {
@@ -135,6 +139,7 @@ impl MemberRecord {
                 view_had_leader: true,
                 vip: None,
                 warning: None,
+                services: Default::default(),
             },
             mod_revision: 1,
             lease_id: 1,

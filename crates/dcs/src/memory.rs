@@ -671,6 +671,7 @@ mod tests {
             view_had_leader: false,
             vip: None,
             warning: None,
+            services: Default::default(),
         }
     }
 

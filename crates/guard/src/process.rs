@@ -33,6 +33,9 @@ pub struct GuardArgs {
     /// The account the postmaster runs as (PostgreSQL refuses root).
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// What the child is, for the guard's log lines ("postgres" unless
+    /// said otherwise: "service synapse").
+    pub what: Option<String>,
     pub program: OsString,
     pub args: Vec<OsString>,
 }
@@ -49,6 +52,9 @@ impl GuardArgs {
         if let Some(gid) = self.gid {
             out.extend(["--gid".into(), gid.to_string().into()]);
         }
+        if let Some(what) = &self.what {
+            out.extend(["--what".into(), what.into()]);
+        }
         out.push("--".into());
         out.push(self.program.clone());
         out.extend(self.args.iter().cloned());
@@ -61,6 +67,7 @@ impl GuardArgs {
             deadline: None,
             uid: None,
             gid: None,
+            what: None,
             program: OsString::new(),
             args: Vec::new(),
         };
@@ -83,6 +90,7 @@ impl GuardArgs {
                 Some("--deadline-ns") => parsed.deadline = Some(BootTime(number(value)?)),
                 Some("--uid") => parsed.uid = Some(number(value)? as u32),
                 Some("--gid") => parsed.gid = Some(number(value)? as u32),
+                Some("--what") => parsed.what = Some(value.to_string()),
                 _ => return Err(format!("unknown guard argument {flag:?}")),
             }
         }
@@ -153,10 +161,11 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
         open: true,
         pending: Vec::new(),
     };
+    let what = args.what.clone().unwrap_or_else(|| "postgres".into());
     let mut rules = Rules::new(args.deadline);
     if let Some(why) = rules.refuses_start(BootTime::now()) {
         link.report(&FromGuard::Refused(why.clone()));
-        return Err(format!("postgres not started: {why}"));
+        return Err(format!("{what} not started: {why}"));
     }
 
     let mut cmd = Command::new(&args.program);
@@ -201,7 +210,7 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
     };
     link.report(&FromGuard::Started(pid.as_raw_nonzero().get()));
     log(&format!(
-        "guarding postmaster {} ({})",
+        "guarding {what} {} ({})",
         pid.as_raw_nonzero(),
         match args.deadline {
             Some(d) => format!("writable until boot time {:?}", Duration::from_nanos(d.0)),
@@ -250,7 +259,7 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
                 Effect::Fence => fence(pid),
                 Effect::Report(report) => {
                     if let FromGuard::Fenced(why) = &report {
-                        log(&format!("fenced postgres (every process SIGKILLed): {why}"));
+                        log(&format!("fenced {what} (every process SIGKILLed): {why}"));
                     }
                     link.report(&report);
                 }
@@ -261,12 +270,10 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
             // backend may outlive the postmaster.
             let killed = kill_orphans(me, pid);
             if killed > 0 {
-                log(&format!(
-                    "killed {killed} process(es) the postmaster left behind"
-                ));
+                log(&format!("killed {killed} process(es) {what} left behind"));
             }
             let status = child.wait().map_err(|e| format!("wait: {e}"))?;
-            log(&format!("postgres exited ({status})"));
+            log(&format!("{what} exited ({status})"));
             link.report(&FromGuard::Exited(status.into_raw()));
             return Ok(());
         }
@@ -518,6 +525,7 @@ mod tests {
             deadline: Some(BootTime(42)),
             uid: Some(105),
             gid: Some(110),
+            what: Some("service synapse".into()),
             program: "/usr/lib/postgresql/15/bin/postgres".into(),
             args: vec!["-D".into(), "/data dir".into()],
         };

@@ -8,6 +8,7 @@
 mod common;
 
 use common::*;
+use mainstay_dcs::Dcs;
 use mainstay_lab::demo::LocalCluster;
 use mainstay_testkit::free_port;
 use serde_json::Value;
@@ -32,6 +33,11 @@ url = "http://127.0.0.1:{port}/"
 interval = 0.5
 timeout = 0.4
 failures = 2
+
+[callbacks]
+on_start = ["/bin/sh", "-c", "echo \"$@\" >> {dir}/hooks.log", "hook"]
+on_role_change = ["/bin/sh", "-c", "echo \"$@\" >> {dir}/hooks.log", "hook"]
+timeout = 5
 
 [[service]]
 name = "relay"
@@ -88,27 +94,32 @@ async fn relay_pids(h: &Harness, nodes: &[String]) -> Vec<i64> {
     pids
 }
 
+/// Three nodes on loopback, each with the two services.
+fn start_with_services(name: &str) -> Harness {
+    let dir = test_dir(name);
+    let port = free_port();
+    let mut cluster = LocalCluster::prepare(
+        &dir,
+        3,
+        Path::new(env!("CARGO_BIN_EXE_mainstay")),
+        "default",
+    )
+    .expect("preparing the cluster");
+    for node in &cluster.nodes {
+        let mut text = std::fs::read_to_string(&node.config).unwrap();
+        text.push_str(&services_config(port, &node.dir));
+        std::fs::write(&node.config, text).unwrap();
+    }
+    for i in 0..3 {
+        cluster.start_agent(i).expect("starting an agent");
+    }
+    Harness::adopt(cluster)
+}
+
 #[test]
 fn services_follow_the_leader_and_never_run_twice() {
     cluster_test(async {
-        let dir = test_dir("services");
-        let port = free_port();
-        let mut cluster = LocalCluster::prepare(
-            &dir,
-            3,
-            Path::new(env!("CARGO_BIN_EXE_mainstay")),
-            "default",
-        )
-        .expect("preparing the cluster");
-        for node in &cluster.nodes {
-            let mut text = std::fs::read_to_string(&node.config).unwrap();
-            text.push_str(&services_config(port, &node.dir));
-            std::fs::write(&node.config, text).unwrap();
-        }
-        for i in 0..3 {
-            cluster.start_agent(i).expect("starting an agent");
-        }
-        let mut h = Harness::adopt(cluster);
+        let mut h = start_with_services("services");
         let leader = h.healthy(Duration::from_secs(120)).await;
         let names = h.names();
         let web = wait_state(&h, &leader, "web", "running").await;
@@ -140,6 +151,27 @@ fn services_follow_the_leader_and_never_run_twice() {
             "the new leader's copy started once: {web}"
         );
         wait_state(&h, &leader, "web", "stopped").await;
+        // The hooks saw it: every node started, the candidate was promoted.
+        let hooks_of = |node: &str| {
+            let index = h.cluster.node_index(node).unwrap();
+            std::fs::read_to_string(h.cluster.nodes[index].dir.join("hooks.log"))
+                .unwrap_or_default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !hooks_of(&target).contains("on_role_change primary demo") {
+            assert!(Instant::now() < deadline, "{target}: {}", hooks_of(&target));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            hooks_of(&target).starts_with("on_start replica demo\n"),
+            "{}",
+            hooks_of(&target)
+        );
+        assert!(
+            hooks_of(&leader).starts_with("on_start primary demo\n"),
+            "{}",
+            hooks_of(&leader)
+        );
         assert_eq!(
             relay_pids(&h, &names).await,
             relays,
@@ -187,6 +219,145 @@ fn services_follow_the_leader_and_never_run_twice() {
             let theirs = services(&h, node).await;
             let running = find(&theirs, "web").unwrap()["state"] == "running";
             assert_eq!(running, *node == next, "{node}: {theirs:?}");
+        }
+
+        // What operators see: ctl, /cluster (through the member keys) and
+        // the metrics; and an operator's restart.
+        let (code, out, err) = ctl(&h, &next, false, &["services"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.lines().any(|l| l.starts_with(next.as_str())
+                && l.contains("web")
+                && l.contains("running")),
+            "{out}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, list, _) = ctl(&h, &next, false, &["list"]).await;
+            if list.contains("relay=running,web=running") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ctl list never showed the services: {list}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let metrics = api(&h, &next).get("/metrics").await.unwrap().text;
+        assert!(
+            metrics.contains("mainstay_service_up{service=\"web\",placement=\"with-leader\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(
+                "mainstay_service_restarts_total{service=\"web\",placement=\"with-leader\"} 1"
+            ),
+            "{metrics}"
+        );
+        let before = wait_state(&h, &next, "web", "running").await;
+        let (code, out, err) = ctl(
+            &h,
+            &next,
+            true,
+            &["restart-service", &next, "web", "--force"],
+        )
+        .await;
+        assert_eq!(code, 0, "{out}{err}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = services(&h, &next).await;
+            let web = find(&now, "web").cloned().unwrap_or_default();
+            if web["state"] == "running" && web["pid"] != before["pid"] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never restarted: {web}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (code, _, err) = ctl(
+            &h,
+            &next,
+            true,
+            &["restart-service", &next, "ghost", "--force"],
+        )
+        .await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("no service \"ghost\""), "{err}");
+        h.passed = true;
+    });
+}
+
+/// The leader's agent freezes (its process group stopped, as Ctrl-Z or a
+/// container freeze would): nobody is left to stop its with-leader service,
+/// so the service's guard kills it at the node's fencing deadline, before
+/// another node can have been promoted and started its own copy.
+#[test]
+fn a_frozen_leaders_service_dies_before_another_node_starts_its_copy() {
+    cluster_test(async {
+        let mut h = start_with_services("services-frozen");
+        let old = h.healthy(Duration::from_secs(120)).await;
+        let web = wait_state(&h, &old, "web", "running").await;
+        let old_pid = web["pid"].as_i64().unwrap() as i32;
+        let index = h.cluster.node_index(&old).unwrap();
+        let agent = h.cluster.agent_pid(index).unwrap() as i32;
+        let dcs = h.cluster.dcs().await.unwrap();
+        // The agent leads a process group of its own; the guards have
+        // sessions of their own and keep running.
+        mainstay_sys::process::kill(-agent, libc::SIGSTOP).unwrap();
+        let frozen_at = Instant::now();
+        let (mut dead_at, mut takeover_at) = (None, None);
+        while frozen_at.elapsed() < Duration::from_secs(15)
+            && (dead_at.is_none() || takeover_at.is_none())
+        {
+            if dead_at.is_none() && !mainstay_sys::process::alive(old_pid) {
+                dead_at = Some(Instant::now());
+            }
+            if takeover_at.is_none()
+                && let Ok(view) = dcs.read_cluster().await
+                && view.leader.as_ref().is_some_and(|l| l.name != old)
+            {
+                takeover_at = Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let next = h
+            .wait_for(
+                "a new leader",
+                Duration::from_secs(30),
+                async |view: &mainstay_core::ClusterView| {
+                    view.leader_name().filter(|l| *l != old).map(str::to_string)
+                },
+            )
+            .await;
+        let web = wait_state(&h, &next, "web", "running").await;
+        mainstay_sys::process::kill(-agent, libc::SIGCONT).unwrap();
+        let dead_at = dead_at.expect("the frozen leader's service was never stopped");
+        let takeover_at = takeover_at.expect("no other node took the lead");
+        eprintln!(
+            "agent frozen: its with-leader service killed after {:?}, new leader after {:?}",
+            dead_at - frozen_at,
+            takeover_at - frozen_at
+        );
+        assert!(
+            dead_at <= takeover_at,
+            "the frozen leader's service still ran when another node led"
+        );
+        assert_eq!(web["restarts"], 0, "the new copy started once: {web}");
+        let log =
+            std::fs::read_to_string(h.cluster.nodes[index].dir.join(format!("{old}.web.log")))
+                .unwrap_or_default();
+        assert!(
+            log.contains("fenced service web"),
+            "the guard's line is missing: {log}"
+        );
+        // Thawed, the old leader rejoins as a replica without its copy.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let theirs = services(&h, &old).await;
+            if find(&theirs, "web").is_some_and(|w| w["state"] == "stopped") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{old}: {theirs:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         h.passed = true;
     });

@@ -10,11 +10,14 @@
 //! - `rules`: where a service should run and how restarts back off, pure;
 //! - `supervisor`: one task per service that carries the rules out,
 //!   `process` one run of it under a fencing guard, `check` its health
-//!   probes, `log` its rotated log file, `status` what it reports.
+//!   probes, `log` its rotated log file, `status` what it reports;
+//! - `hooks`: Patroni-style callbacks when PostgreSQL starts, stops or
+//!   changes role.
 
 #![forbid(unsafe_code)]
 
 pub mod check;
+pub mod hooks;
 pub mod log;
 pub mod order;
 mod process;

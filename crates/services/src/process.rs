@@ -39,6 +39,7 @@ impl Running {
             deadline: (spec.placement == Placement::WithLeader).then_some(deadline),
             uid: spec.account.as_ref().map(|a| a.uid),
             gid: spec.account.as_ref().map(|a| a.gid),
+            what: Some(format!("service {}", spec.name)),
             program: spec.program.clone().into(),
             args: spec.args.iter().map(Into::into).collect(),
         };

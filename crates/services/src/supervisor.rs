@@ -214,6 +214,9 @@ impl Task {
                 backoff.reset();
                 retry_at = None;
                 failed = false;
+                if run.is_none() {
+                    self.set(ServiceState::Stopped, None, None);
+                }
             }
             let deps_up = self.dependencies_up(&statuses.borrow_and_update());
             if let Some(current) = &mut run {

@@ -36,6 +36,19 @@ impl<D: Dcs> Agent<D> {
             ))
         };
         match command {
+            Command::RestartService(name) => match &self.services {
+                Some(services) if services.restart(&name) => {
+                    info!(
+                        service = name,
+                        "restart of a service requested through the REST API"
+                    );
+                    Ok(format!("restarting service {name}"))
+                }
+                _ => refuse(
+                    CommandRefusal::NotFound,
+                    &format!("this node has no service {name:?} (see GET /services)"),
+                ),
+            },
             Command::Remove(name) => {
                 if !leading {
                     return leader_only("only the leader removes members");

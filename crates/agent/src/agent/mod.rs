@@ -148,6 +148,9 @@ pub struct Agent<D: Dcs> {
     /// `[[service]]`, and their supervisor once the agent runs.
     service_specs: Vec<mainstay_services::ServiceSpec>,
     services: Option<Arc<mainstay_services::Services>>,
+    /// `[callbacks]`, run by a follower of the published state.
+    hooks: mainstay_services::hooks::Hooks,
+    cluster: String,
 }
 
 impl<D: Dcs> Agent<D> {
@@ -245,6 +248,8 @@ impl<D: Dcs> Agent<D> {
             vip_held: watch::Sender::new(false),
             service_specs: config.services.clone(),
             services: None,
+            hooks: config.hooks.clone(),
+            cluster: config.cluster.clone(),
             api_auth: ApiAuth {
                 basic: config.api.basic.clone(),
                 token: config.api.token.clone(),

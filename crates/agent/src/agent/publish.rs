@@ -155,6 +155,18 @@ impl<D: Dcs> Agent<D> {
                 .filter(|_| *self.vip_held.borrow())
                 .map(|v| v.cidr()),
             warning: self.parameters.warning(),
+            services: self
+                .services
+                .as_ref()
+                .map(|services| {
+                    services
+                        .statuses()
+                        .borrow()
+                        .iter()
+                        .map(|s| (s.name.clone(), state_label(s.state)))
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         // The key lives on the lease, so an unchanged status needs no write:
         // an idle cluster then costs etcd no fsync a second per member (flash
@@ -187,4 +199,12 @@ impl<D: Dcs> Agent<D> {
             Err(_) => warn!("cannot publish the member status: DCS timeout"),
         }
     }
+}
+
+/// A service's state as `/cluster` and `ctl list` show it.
+fn state_label(state: mainstay_services::ServiceState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }

@@ -203,6 +203,16 @@ impl<D: Dcs> Agent<D> {
         let span = info_span!(parent: None, "etcd_leader_mover", node = %self.name);
         let dcs_leader_mover = tokio::spawn(dcs_leader_mover.instrument(span));
         self.start_services();
+        let hooks_closing = watch::Sender::new(false);
+        let hooks = (!self.hooks.is_empty()).then(|| {
+            mainstay_services::hooks::spawn(
+                self.hooks.clone(),
+                self.follow(),
+                hooks_closing.subscribe(),
+                self.cluster.clone(),
+                &self.name,
+            )
+        });
         let watchdog = (self.watchdog == Availability::Ready).then(|| {
             let fencer = self.fencer.clone();
             let keeper = crate::watchdog_keeper::keep(
@@ -289,6 +299,12 @@ impl<D: Dcs> Agent<D> {
         drop(proxy);
         watcher.abort();
         dcs_leader_mover.abort();
+        if let Some(hooks) = hooks {
+            // PostgreSQL has stopped: on_stop runs, within its timeout.
+            self.publish_state();
+            hooks_closing.send_replace(true);
+            let _ = tokio::time::timeout(self.hooks.timeout + Duration::from_secs(1), hooks).await;
+        }
         result
     }
 

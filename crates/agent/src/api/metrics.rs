@@ -264,6 +264,41 @@ pub fn render(node: &NodeSnapshot) -> String {
             &samples,
         );
     }
+    if !node.services.is_empty() {
+        let per_service = |value: &dyn Fn(&mainstay_services::ServiceStatus) -> f64| {
+            node.services
+                .iter()
+                .map(|s| {
+                    (
+                        format!(
+                            "{{{},{}}}",
+                            label("service", &s.name),
+                            label("placement", s.placement)
+                        ),
+                        value(s),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        out.metric(
+            "service_up",
+            "gauge",
+            "1 while the service runs and passes its checks on this node.",
+            &per_service(&|s| flag(s.up())),
+        );
+        out.metric(
+            "service_restarts_total",
+            "counter",
+            "Restarts of the service after it exited or failed its checks.",
+            &per_service(&|s| s.restarts as f64),
+        );
+        out.metric(
+            "service_check_failures_total",
+            "counter",
+            "Health checks of the service that failed.",
+            &per_service(&|s| s.check_failures as f64),
+        );
+    }
     out.gauge(
         "loop_duration_seconds",
         "Duration of the last HA loop turn.",

@@ -171,6 +171,9 @@ pub enum Command {
     Restart,
     /// Replica only: move the data directory aside and clone afresh.
     Reinitialize,
+    /// Restart this node's service NAME now, forgetting its restart
+    /// history (a failed service gets another chance).
+    RestartService(String),
     /// Leader only (`ctl drill`): stop PostgreSQL hard and let the lease
     /// expire without renewal, as if the host died, until another node
     /// leads.
@@ -182,6 +185,7 @@ impl Command {
     pub fn label(&self) -> String {
         match self {
             Command::Remove(name) => format!("removing member {name}"),
+            Command::RestartService(name) => format!("restarting service {name}"),
             Command::Restart => "a restart".into(),
             Command::Reinitialize => "a reinitialization".into(),
             Command::CrashDrill => "a crash drill".into(),
@@ -311,6 +315,28 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
         )
         .route("/failover", post(actions::failover::<D>))
         .route("/failsafe", post(actions::failsafe::<D>))
+        .route(
+            "/services/{name}/restart",
+            post(
+                |s: Shared<D>,
+                 h: HeaderMap,
+                 path: Result<
+                    axum::extract::Path<String>,
+                    axum::extract::rejection::PathRejection,
+                >,
+                 body: Bytes| async move {
+                    match path {
+                        Ok(axum::extract::Path(name)) => {
+                            actions::command(s, h, body, Command::RestartService(name)).await
+                        }
+                        Err(rejection) => error(
+                            StatusCode::BAD_REQUEST,
+                            format!("the service name in the path: {}", rejection.body_text()),
+                        ),
+                    }
+                },
+            ),
+        )
         .route(
             "/members/{name}",
             axum::routing::delete(

@@ -417,6 +417,7 @@ fn components() -> Value {
                             "tags": schema("Tags"),
                             "vip": {"type": "string"},
                             "warning": {"type": "string", "description": "What the member reports wrong with it (e.g. parameters it refused)."},
+                            "services": {"type": "object", "description": "The member's supervised services: name to state.", "additionalProperties": {"enum": ["stopped", "waiting", "starting", "running", "backing_off", "failed", "stopping"]}},
                             "lag": {"description": "Bytes behind the leader's last published position, or unknown.",
                                     "anyOf": [{"type": "integer", "minimum": 0}, {"const": "unknown"}]},
                             "lsn": {"type": "integer", "minimum": 0},
@@ -504,6 +505,20 @@ pub fn document() -> Value {
     );
     remove_member["parameters"] = json!([
         {"name": "name", "in": "path", "required": true, "description": "The member's node name.", "schema": {"type": "string", "minLength": 1}}
+    ]);
+    let mut restart_service = unsafe_op(
+        "Restart this node's service now, forgetting its restart history (a failed service gets another chance); it starts again only if it belongs on this node.",
+        Some((schema("Empty"), false)),
+        json!({
+            "200": ok("Restarting.", schema("Message")),
+            "400": err("The body is not empty, `{}` or whitespace."),
+            "404": err("This node has no such service."),
+            "409": err("Another command is running on this node."),
+            "503": err("The agent is shutting down.")
+        }),
+    );
+    restart_service["parameters"] = json!([
+        {"name": "name", "in": "path", "required": true, "description": "The service's name ([[service]] name).", "schema": {"type": "string", "minLength": 1}}
     ]);
     let text = |what: &str| json!({"description": what, "content": {"text/plain": {"schema": {"type": "string"}}}});
     json!({
@@ -609,7 +624,8 @@ pub fn document() -> Value {
                 ("409", "This node is not the leader, a drill already runs here, the cluster is paused, no streaming replica could take over, or another command is running on this node."),
                 ("503", "No view of the cluster yet, the agent is shutting down, or the command did not finish within 600 s.")
             ])},
-            "/members/{name}": {"delete": remove_member}
+            "/members/{name}": {"delete": remove_member},
+            "/services/{name}/restart": {"post": restart_service}
         },
         "components": components()
     })
@@ -643,6 +659,7 @@ mod tests {
             "/failsafe",
             "/drill/crash",
             "/members/{name}",
+            "/services/{name}/restart",
             "/config",
             "/config/check",
         ] {

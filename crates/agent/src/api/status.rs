@@ -184,6 +184,9 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
             if let Some(warning) = &m.warning {
                 member["warning"] = json!(warning);
             }
+            if !m.services.is_empty() {
+                member["services"] = json!(m.services);
+            }
             if !is_leader && m.role == PgRole::Replica {
                 let lsn = m.received_lsn.max(m.replayed_lsn);
                 let lag_value = leader_lsn.map_or(json!("unknown"), |l| json!(lag(l, lsn)));

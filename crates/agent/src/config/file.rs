@@ -27,6 +27,8 @@ pub(super) struct File {
     pub watchdog: WatchdogSection,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceSection>,
+    #[serde(default)]
+    pub callbacks: CallbacksSection,
 }
 
 #[derive(Deserialize)]
@@ -173,4 +175,14 @@ pub(super) struct RestartSection {
     pub max_backoff: Option<f64>,
     pub limit: Option<u32>,
     pub window: Option<f64>,
+}
+
+/// `[callbacks]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CallbacksSection {
+    pub on_start: Option<Vec<String>>,
+    pub on_stop: Option<Vec<String>>,
+    pub on_role_change: Option<Vec<String>>,
+    pub timeout: Option<f64>,
 }

@@ -58,6 +58,9 @@ pub struct Config {
     pub watchdog: WatchdogConfig,
     /// `[[service]]`, in start order (each after those it depends on).
     pub services: Vec<mainstay_services::ServiceSpec>,
+    /// `[callbacks]`: commands run when PostgreSQL starts, stops or
+    /// changes role.
+    pub hooks: mainstay_services::hooks::Hooks,
 }
 
 /// Where PostgreSQL 15's programs are unless `postgresql.bin_dir` says.

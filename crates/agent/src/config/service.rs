@@ -1,11 +1,14 @@
 //! `[[service]]`: the applications this node runs beside PostgreSQL,
-//! turned into `mainstay_services::ServiceSpec`s in start order. Every
+//! turned into `mainstay_services::ServiceSpec`s in start order; and
+//! `[callbacks]`, the hooks run when PostgreSQL starts, stops or changes
+//! role. Every
 //! refusal names the service and the key (`service.synapse.user`) and says
 //! how to fix it; programs, accounts and directories are looked up here, so
 //! a node never starts with a service it could not run.
 
-use super::file::{ByteSize, CheckSection, RestartSection, ServiceSection};
+use super::file::{ByteSize, CallbacksSection, CheckSection, RestartSection, ServiceSection};
 use super::parse_size;
+use mainstay_services::hooks::Hooks;
 use mainstay_services::order::start_order;
 use mainstay_services::spec::{Account, LogSpec};
 use mainstay_services::{
@@ -27,6 +30,7 @@ const DEFAULT_CHECK_INTERVAL_SECS: f64 = 5.0;
 const DEFAULT_CHECK_TIMEOUT_SECS: f64 = 2.0;
 const DEFAULT_CHECK_FAILURES: u32 = 3;
 const DEFAULT_HTTP_STATUS: u16 = 200;
+const DEFAULT_HOOK_TIMEOUT_SECS: f64 = 30.0;
 const DEFAULT_RESTART: RestartPolicy = RestartPolicy {
     initial_backoff: Duration::from_secs(1),
     max_backoff: Duration::from_secs(60),
@@ -108,7 +112,7 @@ fn service(
 ) -> Result<ServiceSpec, ServiceRefusal> {
     let name = section.name;
     let key = |k: &str| format!("service.{name}.{k}");
-    let (program, args) = argv(&section.command).map_err(|why| (key("command"), why))?;
+    let (program, args) = argv_of(&section.command).map_err(|why| (key("command"), why))?;
     let placement = match section.placement.as_deref() {
         Some(text) => Placement::parse(text).ok_or_else(|| {
             (
@@ -269,9 +273,33 @@ fn service(
     })
 }
 
+/// `[callbacks]`: each hook's program resolved like a service's.
+pub(super) fn hooks(section: CallbacksSection) -> Result<Hooks, ServiceRefusal> {
+    let command = |key: &str, argv: Option<Vec<String>>| -> Result<_, ServiceRefusal> {
+        argv.map(|argv| {
+            let (program, args) =
+                argv_of(&argv).map_err(|why| (format!("callbacks.{key}"), why))?;
+            let mut command = vec![program.to_string_lossy().into_owned()];
+            command.extend(args);
+            Ok(command)
+        })
+        .transpose()
+    };
+    Ok(Hooks {
+        on_start: command("on_start", section.on_start)?,
+        on_stop: command("on_stop", section.on_stop)?,
+        on_role_change: command("on_role_change", section.on_role_change)?,
+        timeout: seconds(
+            "callbacks.timeout",
+            section.timeout,
+            DEFAULT_HOOK_TIMEOUT_SECS,
+        )?,
+    })
+}
+
 /// A command as an argv: the program resolved to an absolute, executable
 /// file (through `PATH` when it has no '/'), and its arguments.
-fn argv(command: &[String]) -> Result<(PathBuf, Vec<String>), String> {
+fn argv_of(command: &[String]) -> Result<(PathBuf, Vec<String>), String> {
     let Some((program, args)) = command.split_first() else {
         return Err(
             "is missing or empty: give the program and its arguments as a list, e.g. \
@@ -385,7 +413,7 @@ fn health_check(check: CheckSection) -> Result<HealthCheck, (&'static str, Strin
         }
         "command" => {
             let command = check.command.unwrap_or_default();
-            let (program, args) = argv(&command).map_err(|why| ("command", why))?;
+            let (program, args) = argv_of(&command).map_err(|why| ("command", why))?;
             let mut argv = vec![program.to_string_lossy().into_owned()];
             argv.extend(args);
             CheckProbe::Command(argv)

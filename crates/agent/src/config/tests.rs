@@ -492,3 +492,48 @@ fn bad_services_are_refused_with_the_service_the_key_and_the_fix() {
         assert!(err.to_string().contains(needle), "{err} lacks {needle}");
     }
 }
+
+#[test]
+fn callbacks_are_resolved_and_checked() {
+    if !postgres_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::parse(
+        Path::new("t"),
+        &with_services(
+            dir.path(),
+            "[callbacks]\non_role_change = [\"sh\", \"-c\", \"true\"]\n",
+        ),
+    )
+    .unwrap();
+    let hooks = &config.hooks;
+    let argv = hooks.on_role_change.as_ref().unwrap();
+    assert!(
+        argv[0].starts_with('/') && argv[0].ends_with("/sh"),
+        "{argv:?}"
+    );
+    assert_eq!(hooks.on_start, None);
+    assert_eq!(hooks.timeout, Duration::from_secs(30));
+    for (text, key, needle) in [
+        (
+            "[callbacks]\non_start = []\n",
+            "callbacks.on_start",
+            "is missing or empty",
+        ),
+        (
+            "[callbacks]\non_stop = [\"/no/such/hook\"]\n",
+            "callbacks.on_stop",
+            "not an executable",
+        ),
+        (
+            "[callbacks]\ntimeout = 0\n",
+            "callbacks.timeout",
+            "out of range",
+        ),
+    ] {
+        let err = Config::parse(Path::new("t"), &with_services(dir.path(), text)).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some(key), "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+}

@@ -72,6 +72,7 @@ impl Config {
             proxy: proxy(file.proxy).map_err(owned)?,
             watchdog: watchdog(&file.watchdog, &timing).map_err(owned)?,
             services: super::service::services(file.services, &log_dir, &file.name)?,
+            hooks: super::service::hooks(file.callbacks)?,
             postgresql,
             timing,
             tags: file.tags,

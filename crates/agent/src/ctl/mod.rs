@@ -8,6 +8,7 @@
 //! - 3: no agent could be reached.
 
 mod drill;
+mod services;
 
 use crate::api_client::{self, Answer, ApiClient};
 use crate::config::Config;
@@ -120,6 +121,15 @@ enum CtlCommand {
     /// the outage, acknowledged and lost writes, the new leader and whether
     /// the old one rejoined. Refused on a paused or unhealthy cluster.
     Drill(drill::DrillArgs),
+    /// Every member's supervised services: state, pid, restarts, last check.
+    Services,
+    /// Restart SERVICE on NODE now; a failed service gets another chance.
+    RestartService {
+        node: String,
+        service: String,
+        #[arg(long)]
+        force: bool,
+    },
     /// Cancel a scheduled switchover.
     CancelSwitchover {
         #[arg(long)]
@@ -270,6 +280,15 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
         CtlCommand::List => ctl.list().await,
         CtlCommand::Drill(drill) => ctl.drill(drill, config.as_ref()).await,
         CtlCommand::History => ctl.history().await,
+        CtlCommand::Services => ctl.services().await,
+        CtlCommand::RestartService {
+            node,
+            service,
+            force,
+        } => {
+            confirm(force, &format!("Restart service {service} on {node}?"))?;
+            ctl.restart_service(&node, &service).await
+        }
         CtlCommand::ShowConfig => {
             let answer = ctl.call(Method::GET, "/config", None).await?;
             println!(
@@ -499,6 +518,7 @@ impl Ctl {
             "Lag (bytes)".into(),
             "Tags".into(),
             "VIP".into(),
+            "Services".into(),
         ]];
         for m in cluster["members"].as_array().into_iter().flatten() {
             let text = |v: &Value| match v {
@@ -524,6 +544,15 @@ impl Ctl {
                 text(&m["lag"]),
                 tags,
                 text(&m["vip"]),
+                m["services"]
+                    .as_object()
+                    .map(|s| {
+                        s.iter()
+                            .map(|(name, state)| format!("{name}={}", text(state)))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default(),
             ]);
         }
         print_table(&rows);

@@ -301,6 +301,7 @@ impl Sim {
             view_had_leader: view.leader.is_some(),
             vip: None,
             warning: None,
+            services: Default::default(),
         };
         let published = view.members.get(&node.name).is_some_and(|record| {
             record.lease_id == lease

@@ -35,6 +35,7 @@ pub fn member(name: &str) -> MemberStatus {
         view_had_leader: false,
         vip: None,
         warning: None,
+        services: Default::default(),
     }
 }
 

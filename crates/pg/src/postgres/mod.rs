@@ -312,6 +312,7 @@ impl Postgres {
             },
             uid: account.switch.then_some(account.uid),
             gid: account.switch.then_some(account.gid),
+            what: None,
             program: self.bin("postgres").into(),
             args: vec!["-D".into(), self.data_dir().into()],
         };
