@@ -545,7 +545,8 @@ mod tests {
             GuardArgs::parse(&a.iter().map(OsString::from).collect::<Vec<_>>()).unwrap_err()
         };
         assert!(parse(&["--uid", "x", "--", "p"]).contains("not a number"));
-        assert!(parse(&["--what", "1", "--", "p"]).contains("unknown"));
+        assert!(parse(&["--colour", "1", "--", "p"]).contains("unknown"));
+        assert!(parse(&["--what"]).contains("needs a value"));
         assert!(parse(&["--uid", "1"]).contains("missing --"));
         assert!(parse(&["--"]).contains("no program"));
     }
