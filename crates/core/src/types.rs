@@ -112,6 +112,10 @@ pub struct MemberStatus {
     /// "failed"...), by name; empty when it runs none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, String>,
+    /// What the node alerts its operators to (a replica's lag, its disk),
+    /// in words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
 }
 
 impl MemberRecord {
@@ -140,6 +144,7 @@ impl MemberRecord {
                 vip: None,
                 warning: None,
                 services: Default::default(),
+                alerts: Vec::new(),
             },
             mod_revision: 1,
             lease_id: 1,

@@ -39,6 +39,10 @@ on_start = ["/bin/sh", "-c", "echo \"$@\" >> {dir}/hooks.log", "hook"]
 on_role_change = ["/bin/sh", "-c", "echo \"$@\" >> {dir}/hooks.log", "hook"]
 timeout = 5
 
+# Every disk has less than this left: each node raises its disk alert.
+[alerts]
+data_disk_free_percent = 99.99
+
 [[service]]
 name = "relay"
 command = ["/bin/sleep", "100000"]
@@ -243,7 +247,18 @@ fn services_follow_the_leader_and_never_run_twice() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let (_, list, _) = ctl(&h, &next, false, &["list"]).await;
+        assert!(
+            list.contains(&format!("ALERT {next}: {next}'s data disk has")),
+            "{list}"
+        );
         let metrics = api(&h, &next).get("/metrics").await.unwrap().text;
+        assert!(
+            metrics.contains(&format!(
+                "mainstay_alert{{alert=\"data_disk\",subject=\"{next}\"}} 1"
+            )),
+            "{metrics}"
+        );
         assert!(
             metrics.contains("mainstay_service_up{service=\"web\",placement=\"with-leader\"} 1"),
             "{metrics}"

@@ -62,7 +62,7 @@ pub async fn bounded<T>(
 }
 
 /// What a running PostgreSQL says about itself.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Health {
     pub in_recovery: bool,
     /// Primary: the timeline it writes (from the current WAL file name;

@@ -6,10 +6,24 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// `statvfs`: the bytes unprivileged users may still write on the file
-/// system holding `path` (`f_bavail * f_frsize`). A path with a NUL byte is
-/// `InvalidInput`.
+/// The bytes unprivileged users may still write on the file system holding
+/// `path`; see [`space`].
 pub fn available_bytes(path: &Path) -> io::Result<u64> {
+    space(path).map(|s| s.available)
+}
+
+/// A file system's size and what is left of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes unprivileged users may still write (`f_bavail * f_frsize`).
+    pub available: u64,
+    /// The file system's size (`f_blocks * f_frsize`).
+    pub total: u64,
+}
+
+/// `statvfs` of the file system holding `path`. A path with a NUL byte is
+/// `InvalidInput`.
+pub fn space(path: &Path) -> io::Result<Space> {
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `statvfs` is a C struct of integers, for which all-zero bytes
@@ -19,7 +33,10 @@ pub fn available_bytes(path: &Path) -> io::Result<u64> {
     // exclusively borrowed statvfs, both alive for the duration of the call;
     // the kernel writes exactly one statvfs and keeps no pointer.
     check(unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) })?;
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    Ok(Space {
+        available: stat.f_bavail as u64 * stat.f_frsize as u64,
+        total: stat.f_blocks as u64 * stat.f_frsize as u64,
+    })
 }
 
 #[cfg(test)]
@@ -28,7 +45,8 @@ mod tests {
 
     #[test]
     fn free_space_of_a_directory_and_errors() {
-        available_bytes(&std::env::temp_dir()).unwrap();
+        let tmp = space(&std::env::temp_dir()).unwrap();
+        assert!(tmp.total >= tmp.available && tmp.total > 0, "{tmp:?}");
         let missing = available_bytes(Path::new("/no/such/dir/mainstay")).unwrap_err();
         assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
         let nul = available_bytes(Path::new("a\0b")).unwrap_err();

@@ -151,6 +151,7 @@ pub struct Agent<D: Dcs> {
     /// `[callbacks]`, run by a follower of the published state.
     hooks: mainstay_services::hooks::Hooks,
     cluster: String,
+    alert_thresholds: crate::config::AlertThresholds,
 }
 
 impl<D: Dcs> Agent<D> {
@@ -250,6 +251,7 @@ impl<D: Dcs> Agent<D> {
             services: None,
             hooks: config.hooks.clone(),
             cluster: config.cluster.clone(),
+            alert_thresholds: config.alerts,
             api_auth: ApiAuth {
                 basic: config.api.basic.clone(),
                 token: config.api.token.clone(),

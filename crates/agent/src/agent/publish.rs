@@ -106,6 +106,12 @@ impl<D: Dcs> Agent<D> {
                 .as_ref()
                 .map(|s| s.statuses().borrow().clone())
                 .unwrap_or_default(),
+            alerts: crate::alerts::evaluate(
+                &self.alert_thresholds,
+                &self.name,
+                self.last_health.as_ref().filter(|_| self.pg_answering),
+                data_disk_space(&self.pg.settings().data_dir),
+            ),
             ..(*previous).clone()
         };
         self.publish_state();
@@ -154,6 +160,13 @@ impl<D: Dcs> Agent<D> {
                 .as_ref()
                 .filter(|_| *self.vip_held.borrow())
                 .map(|v| v.cidr()),
+            alerts: self
+                .snapshot
+                .borrow()
+                .alerts
+                .iter()
+                .map(|a| a.message.clone())
+                .collect(),
             warning: self.parameters.warning(),
             services: self
                 .services
@@ -207,4 +220,11 @@ fn state_label(state: mainstay_services::ServiceState) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// The space on the data directory's file system (its nearest existing
+/// ancestor's before it is made).
+fn data_disk_space(data_dir: &std::path::Path) -> Option<mainstay_sys::fs::Space> {
+    let existing = data_dir.ancestors().find(|p| p.exists())?;
+    mainstay_sys::fs::space(existing).ok()
 }

@@ -299,6 +299,25 @@ pub fn render(node: &NodeSnapshot) -> String {
             &per_service(&|s| s.check_failures as f64),
         );
     }
+    out.metric(
+        "alert",
+        "gauge",
+        "1 for each alert this node raises now ([alerts]: a replica's lag, the data disk).",
+        &node
+            .alerts
+            .iter()
+            .map(|a| {
+                (
+                    format!(
+                        "{{{},{}}}",
+                        label("alert", a.alert),
+                        label("subject", &a.subject)
+                    ),
+                    1.0,
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
     out.gauge(
         "loop_duration_seconds",
         "Duration of the last HA loop turn.",

@@ -79,6 +79,8 @@ pub struct NodeSnapshot {
     pub config_warning: Option<String>,
     /// This node's supervised services (`[[service]]`), in start order.
     pub services: Vec<mainstay_services::ServiceStatus>,
+    /// What this node alerts its operators to now (`[alerts]`).
+    pub alerts: Vec<crate::alerts::Alert>,
 }
 
 impl NodeSnapshot {
@@ -111,6 +113,7 @@ impl NodeSnapshot {
             proxy: Vec::new(),
             proxy_refused: Vec::new(),
             services: Vec::new(),
+            alerts: Vec::new(),
             sync_standbys: Vec::new(),
             vip: None,
             watchdog_failed: None,

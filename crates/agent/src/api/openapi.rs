@@ -366,6 +366,9 @@ fn components() -> Value {
                     "timeline": {"type": "integer", "minimum": 0},
                     "database_system_identifier": {"type": "string"},
                     "services": {"type": "array", "items": schema("ServiceStatus")},
+                    "alerts": {"type": "array", "items": {"type": "object", "required": ["alert", "subject", "message"], "properties": {
+                        "alert": {"enum": ["replication_lag", "data_disk"]}, "subject": {"type": "string"}, "message": {"type": "string"}
+                    }}},
                     "xlog": {"type": "object", "properties": {
                         "location": lsn, "received_location": lsn, "replayed_location": lsn,
                         "replayed_timestamp": {"type": "null"}, "paused": {"type": "boolean"}
@@ -417,6 +420,7 @@ fn components() -> Value {
                             "tags": schema("Tags"),
                             "vip": {"type": "string"},
                             "warning": {"type": "string", "description": "What the member reports wrong with it (e.g. parameters it refused)."},
+                            "alerts": {"type": "array", "items": {"type": "string"}, "description": "What the member alerts its operators to ([alerts])."},
                             "services": {"type": "object", "description": "The member's supervised services: name to state.", "additionalProperties": {"enum": ["stopped", "waiting", "starting", "running", "backing_off", "failed", "stopping"]}},
                             "lag": {"description": "Bytes behind the leader's last published position, or unknown.",
                                     "anyOf": [{"type": "integer", "minimum": 0}, {"const": "unknown"}]},

@@ -121,6 +121,9 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
     if !node.services.is_empty() {
         doc.insert("services".into(), json!(node.services));
     }
+    if !node.alerts.is_empty() {
+        doc.insert("alerts".into(), json!(node.alerts));
+    }
     doc.insert(
         "patroni".into(),
         json!({
@@ -186,6 +189,9 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
             }
             if !m.services.is_empty() {
                 member["services"] = json!(m.services);
+            }
+            if !m.alerts.is_empty() {
+                member["alerts"] = json!(m.alerts);
             }
             if !is_leader && m.role == PgRole::Replica {
                 let lsn = m.received_lsn.max(m.replayed_lsn);

@@ -29,6 +29,8 @@ pub(super) struct File {
     pub services: Vec<ServiceSection>,
     #[serde(default)]
     pub callbacks: CallbacksSection,
+    #[serde(default)]
+    pub alerts: AlertsSection,
 }
 
 #[derive(Deserialize)]
@@ -185,4 +187,14 @@ pub(super) struct CallbacksSection {
     pub on_stop: Option<Vec<String>>,
     pub on_role_change: Option<Vec<String>>,
     pub timeout: Option<f64>,
+}
+
+/// `[alerts]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AlertsSection {
+    pub replication_lag: Option<f64>,
+    pub replication_lag_bytes: Option<ByteSize>,
+    pub data_disk_free: Option<ByteSize>,
+    pub data_disk_free_percent: Option<f64>,
 }

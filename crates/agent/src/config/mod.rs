@@ -61,6 +61,23 @@ pub struct Config {
     /// `[callbacks]`: commands run when PostgreSQL starts, stops or
     /// changes role.
     pub hooks: mainstay_services::hooks::Hooks,
+    /// `[alerts]`: when replication lag and disk space raise an alert.
+    pub alerts: AlertThresholds,
+}
+
+/// `[alerts]`: past these, the node reports an alert (`/patroni`,
+/// `/cluster`, `ctl list`, `mainstay_alert` in `/metrics`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AlertThresholds {
+    /// A replica replaying commits later than this after the primary (seen
+    /// on the leader).
+    pub replication_lag: Duration,
+    /// A replica this many bytes behind the leader.
+    pub replication_lag_bytes: u64,
+    /// The data directory's file system has less than this left ...
+    pub data_disk_free_bytes: u64,
+    /// ... or less than this share of its size, in percent.
+    pub data_disk_free_percent: f64,
 }
 
 /// Where PostgreSQL 15's programs are unless `postgresql.bin_dir` says.

@@ -537,3 +537,37 @@ fn callbacks_are_resolved_and_checked() {
         assert!(err.to_string().contains(needle), "{err}");
     }
 }
+
+#[test]
+fn alert_thresholds_have_defaults_and_bounds() {
+    if !postgres_installed() {
+        return;
+    }
+    let config = Config::parse(Path::new("t"), GOOD).unwrap();
+    assert_eq!(config.alerts.replication_lag, Duration::from_secs(10));
+    assert_eq!(config.alerts.replication_lag_bytes, 64 << 20);
+    assert_eq!(config.alerts.data_disk_free_bytes, 1 << 30);
+    let set = Config::parse(
+        Path::new("t"),
+        &format!("{GOOD}[alerts]\nreplication_lag = 2.5\ndata_disk_free = \"10GB\"\n"),
+    )
+    .unwrap();
+    assert_eq!(set.alerts.replication_lag, Duration::from_millis(2500));
+    assert_eq!(set.alerts.data_disk_free_bytes, 10 << 30);
+    check(
+        "[alerts]\nreplication_lag = 0\n",
+        Some("alerts.replication_lag"),
+        "out of range",
+    );
+    check(
+        "[alerts]\ndata_disk_free_percent = 100\n",
+        Some("alerts.data_disk_free_percent"),
+        "out of range",
+    );
+    check(
+        "[alerts]\ndata_disk_free = \"lots\"\n",
+        Some("alerts.data_disk_free"),
+        "not a size",
+    );
+    check("[alerts]\ncpu = 90\n", None, "unknown field");
+}

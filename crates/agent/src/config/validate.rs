@@ -25,6 +25,12 @@ const DEFAULT_HEADER_TIMEOUT_SECS: f64 = 10.0;
 const DEFAULT_MAX_CONNECTIONS: usize = 256;
 const DEFAULT_REPLICA_MAX_LAG: u64 = 16 << 20;
 const DEFAULT_WAIT_FOR_LEADER_SECS: f64 = 10.0;
+/// A replica more than 10 s behind is what a ship's operators are told to
+/// watch for; a full disk is the commonest cause of a dead database.
+const DEFAULT_LAG_ALERT_SECS: f64 = 10.0;
+const DEFAULT_LAG_ALERT_BYTES: u64 = 64 << 20;
+const DEFAULT_DISK_FREE_ALERT_BYTES: u64 = 1 << 30;
+const DEFAULT_DISK_FREE_ALERT_PERCENT: f64 = 10.0;
 
 impl Config {
     /// Reads and validates a file. Touches nothing on disk.
@@ -73,6 +79,7 @@ impl Config {
             watchdog: watchdog(&file.watchdog, &timing).map_err(owned)?,
             services: super::service::services(file.services, &log_dir, &file.name)?,
             hooks: super::service::hooks(file.callbacks)?,
+            alerts: alerts(file.alerts).map_err(owned)?,
             postgresql,
             timing,
             tags: file.tags,
@@ -425,6 +432,49 @@ fn proxy(section: ProxySection) -> Result<ProxyConfig, Refusal> {
         read_only_listen,
         replica_max_lag,
         wait_for_leader: Duration::from_secs_f64(wait_for_leader),
+    })
+}
+
+fn alerts(section: AlertsSection) -> Result<AlertThresholds, Refusal> {
+    let size = |key: &'static str, value: Option<ByteSize>, default: u64| match value {
+        None => Ok(default),
+        Some(ByteSize::Bytes(bytes)) => Ok(bytes),
+        Some(ByteSize::Text(text)) => parse_size(&text).ok_or_else(|| {
+            (
+                key,
+                format!("{text:?} is not a size: give bytes or a number with kB, MB, GB or TB"),
+            )
+        }),
+    };
+    let lag = section.replication_lag.unwrap_or(DEFAULT_LAG_ALERT_SECS);
+    if !(lag > 0.0 && lag <= 86_400.0) {
+        return Err((
+            "alerts.replication_lag",
+            format!("{lag} is out of range: give seconds above 0, at most a day"),
+        ));
+    }
+    let percent = section
+        .data_disk_free_percent
+        .unwrap_or(DEFAULT_DISK_FREE_ALERT_PERCENT);
+    if !(0.0..100.0).contains(&percent) {
+        return Err((
+            "alerts.data_disk_free_percent",
+            format!("{percent} is out of range: give a percentage from 0 to below 100"),
+        ));
+    }
+    Ok(AlertThresholds {
+        replication_lag: Duration::from_secs_f64(lag),
+        replication_lag_bytes: size(
+            "alerts.replication_lag_bytes",
+            section.replication_lag_bytes,
+            DEFAULT_LAG_ALERT_BYTES,
+        )?,
+        data_disk_free_bytes: size(
+            "alerts.data_disk_free",
+            section.data_disk_free,
+            DEFAULT_DISK_FREE_ALERT_BYTES,
+        )?,
+        data_disk_free_percent: percent,
     })
 }
 

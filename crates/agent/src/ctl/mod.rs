@@ -575,6 +575,13 @@ impl Ctl {
             if let Some(warning) = m["warning"].as_str() {
                 println!("WARNING {}: {warning}", m["name"].as_str().unwrap_or("?"));
             }
+            for alert in m["alerts"].as_array().into_iter().flatten() {
+                println!(
+                    "ALERT {}: {}",
+                    m["name"].as_str().unwrap_or("?"),
+                    alert.as_str().unwrap_or_default()
+                );
+            }
         }
         Ok(())
     }
