@@ -107,6 +107,40 @@ pub fn best_candidate(
         })
 }
 
+/// Where a `with-leader` service that keeps failing on the leader should
+/// move leadership to (a planned switchover), or why it must not move:
+/// never a failover loop, so a service already failed on another member
+/// (two nodes in a row) stops the moving, and so does a cluster without a
+/// replica fit to take over. `failed` is the state members publish for a
+/// service that gave up.
+pub fn service_move(
+    view: &ClusterView,
+    leader: &str,
+    service: &str,
+    config: &DynamicConfig,
+) -> Result<String, String> {
+    if config.pause {
+        return Err("the cluster is paused (maintenance mode)".into());
+    }
+    let failed_elsewhere: Vec<&str> = view
+        .members
+        .values()
+        .map(|m| &m.status)
+        .filter(|s| {
+            s.name != leader && s.services.get(service).map(String::as_str) == Some("failed")
+        })
+        .map(|s| s.name.as_str())
+        .collect();
+    if !failed_elsewhere.is_empty() {
+        return Err(format!(
+            "{service} failed on {} too: not moving leadership again ({service} failed on two \
+             nodes in a row); fix it, then `mainstay ctl restart-service NODE {service}`",
+            failed_elsewhere.join(", ")
+        ));
+    }
+    best_candidate(view, leader, Lag::Unknown, config)
+}
+
 /// Seconds a scheduled time may lie in the past when the request arrives:
 /// the client's clock and this node's differ a little, and "now" typed by
 /// hand is already a few seconds old.
@@ -255,6 +289,34 @@ mod tests {
                 streaming: true,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_failing_service_moves_leadership_once_then_stops_the_moving() {
+        let mut v = view();
+        let config = DynamicConfig::default();
+        assert_eq!(service_move(&v, "a", "synapse", &config), Ok("b".into()));
+        // It failed on b before (b still says so): a is the second node in
+        // a row.
+        v.members.get_mut("b").unwrap().status.services =
+            [("synapse".to_string(), "failed".to_string())].into();
+        let refused = service_move(&v, "a", "synapse", &config).unwrap_err();
+        assert!(refused.contains("failed on b too"), "{refused}");
+        assert!(refused.contains("two nodes in a row"), "{refused}");
+        // Another service's failure there does not count.
+        assert_eq!(service_move(&v, "a", "coturn", &config), Ok("b".into()));
+        let paused = DynamicConfig {
+            pause: true,
+            ..DynamicConfig::default()
+        };
+        assert!(service_move(&v, "a", "coturn", &paused).is_err());
+        let mut alone = view();
+        alone.members.retain(|name, _| name == "a");
+        assert!(
+            service_move(&alone, "a", "synapse", &config)
+                .unwrap_err()
+                .contains("no replica can take over")
+        );
     }
 
     #[test]

@@ -100,10 +100,15 @@ async fn relay_pids(h: &Harness, nodes: &[String]) -> Vec<i64> {
 
 /// Three nodes on loopback, each with the two services.
 fn start_with_services(name: &str) -> Harness {
-    let dir = test_dir(name);
     let port = free_port();
+    start_with(name, |node_dir| services_config(port, node_dir))
+}
+
+/// Three nodes on loopback, `extra(node's directory)` appended to each
+/// node's configuration.
+fn start_with(name: &str, extra: impl Fn(&Path) -> String) -> Harness {
     let mut cluster = LocalCluster::prepare(
-        &dir,
+        &test_dir(name),
         3,
         Path::new(env!("CARGO_BIN_EXE_mainstay")),
         "default",
@@ -111,7 +116,7 @@ fn start_with_services(name: &str) -> Harness {
     .expect("preparing the cluster");
     for node in &cluster.nodes {
         let mut text = std::fs::read_to_string(&node.config).unwrap();
-        text.push_str(&services_config(port, &node.dir));
+        text.push_str(&extra(&node.dir));
         std::fs::write(&node.config, text).unwrap();
     }
     for i in 0..3 {
@@ -374,6 +379,75 @@ fn a_frozen_leaders_service_dies_before_another_node_starts_its_copy() {
             assert!(Instant::now() < deadline, "{old}: {theirs:?}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        h.passed = true;
+    });
+}
+
+/// A with-leader service that cannot run anywhere, with `on_failure =
+/// "failover"`: it gives up on the first leader, which hands leadership to
+/// a replica; it gives up there too, and the cluster stops moving and says
+/// so: one switchover, never a loop.
+#[test]
+fn a_service_that_keeps_failing_moves_leadership_once() {
+    cluster_test(async {
+        let mut h = start_with("services-doomed", |_| {
+            r#"
+[[service]]
+name = "doomed"
+command = ["/bin/sh", "-c", "echo cannot start; exit 3"]
+placement = "with-leader"
+on_failure = "failover"
+[service.restart]
+backoff = 0.2
+limit = 1
+window = 600
+"#
+            .to_string()
+        });
+        let first = h.healthy(Duration::from_secs(120)).await;
+        wait_state(&h, &first, "doomed", "failed").await;
+        let second = h
+            .wait_for(
+                "leadership handed over",
+                Duration::from_secs(60),
+                async |view: &mainstay_core::ClusterView| {
+                    view.leader_name()
+                        .filter(|l| *l != first)
+                        .map(str::to_string)
+                },
+            )
+            .await;
+        let failed = wait_state(&h, &second, "doomed", "failed").await;
+        assert_eq!(failed["restarts"], 2, "{failed}");
+        // The first leader keeps it failed while it is not placed there.
+        assert_eq!(
+            find(&services(&h, &first).await, "doomed").unwrap()["state"],
+            "failed"
+        );
+        // No second move: the leader stays for several loops.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let view = h.view().await;
+            assert_eq!(view.leader_name(), Some(second.as_str()), "moved again");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let view = h.view().await;
+        let moves = view
+            .history
+            .iter()
+            .filter(|e| e.reason == "switchover")
+            .count();
+        assert_eq!(moves, 1, "{:?}", view.history);
+        let log = h.agent_log(&second);
+        assert!(
+            log.contains("two nodes in a row"),
+            "the refusal is not logged"
+        );
+        let log = h.agent_log(&first);
+        assert!(
+            log.contains(&format!("handing leadership to {second}")),
+            "the move is not logged"
+        );
         h.passed = true;
     });
 }

@@ -10,7 +10,7 @@
 use crate::check;
 use crate::process::Running;
 use crate::rules::{AfterFailure, Backoff, belongs_here};
-use crate::spec::{Placement, ServiceSpec};
+use crate::spec::{OnFailure, Placement, ServiceSpec};
 use crate::status::{ServiceState, ServiceStatus};
 use mainstay_core::Published;
 use mainstay_guard::BootTime;
@@ -46,6 +46,8 @@ pub struct Services {
     restart: Vec<Arc<Notify>>,
     names: Vec<String>,
     stop_limit: Duration,
+    /// Services whose give-up hands leadership over.
+    moves_leadership: Vec<String>,
 }
 
 /// Which services may run at all.
@@ -66,6 +68,11 @@ impl Services {
         let mut tasks = Vec::new();
         let mut restart = Vec::new();
         let names = specs.iter().map(|s| s.name.clone()).collect();
+        let moves_leadership = specs
+            .iter()
+            .filter(|s| s.placement == Placement::WithLeader && s.on_failure == OnFailure::Failover)
+            .map(|s| s.name.clone())
+            .collect();
         let stop_limit = specs.iter().map(|s| s.stop_grace).max().unwrap_or_default()
             + crate::process::KILL_WAIT;
         for (index, spec) in specs.into_iter().enumerate() {
@@ -89,6 +96,7 @@ impl Services {
             restart,
             names,
             stop_limit,
+            moves_leadership,
         }
     }
 
@@ -96,6 +104,18 @@ impl Services {
     /// time a kill takes to be reaped.
     pub fn stop_limit(&self) -> Duration {
         self.stop_limit
+    }
+
+    /// The `with-leader` services with `on_failure = "failover"` that gave up
+    /// on this node, each with why: the HA loop then hands leadership to a
+    /// replica, unless the service failed there too.
+    pub fn failover_wanted(&self) -> Vec<(String, String)> {
+        self.statuses
+            .borrow()
+            .iter()
+            .filter(|s| s.state == ServiceState::Failed && self.moves_leadership.contains(&s.name))
+            .map(|s| (s.name.clone(), s.reason.clone().unwrap_or_default()))
+            .collect()
     }
 
     /// Every service's status, in start order.
@@ -210,11 +230,17 @@ impl Task {
             let allowed = may_run(*self.allowed.borrow_and_update(), self.spec.placement);
             let placed = allowed && belongs_here(self.spec.placement, &local);
             if !placed {
-                // A new placement is a new start: old failures are forgotten.
+                // A new placement is a new start: old failures are forgotten,
+                // except a give-up that moved leadership away: it stays
+                // `failed` (and published) so that the cluster never moves
+                // back here for this service on its own, until an operator
+                // restarts it.
                 backoff.reset();
                 retry_at = None;
-                failed = false;
-                if run.is_none() {
+                if self.spec.on_failure != OnFailure::Failover {
+                    failed = false;
+                }
+                if run.is_none() && !failed {
                     self.set(ServiceState::Stopped, None, None);
                 }
             }

@@ -50,6 +50,7 @@ mod parameters;
 mod publish;
 mod rejoin;
 mod run;
+mod service_moves;
 mod turn;
 mod watch_forward;
 
@@ -152,6 +153,8 @@ pub struct Agent<D: Dcs> {
     hooks: mainstay_services::hooks::Hooks,
     cluster: String,
     alert_thresholds: crate::config::AlertThresholds,
+    /// What this leader did about services that gave up here.
+    service_moves: std::collections::BTreeMap<String, service_moves::ServiceMove>,
 }
 
 impl<D: Dcs> Agent<D> {
@@ -252,6 +255,7 @@ impl<D: Dcs> Agent<D> {
             hooks: config.hooks.clone(),
             cluster: config.cluster.clone(),
             alert_thresholds: config.alerts,
+            service_moves: Default::default(),
             api_auth: ApiAuth {
                 basic: config.api.basic.clone(),
                 token: config.api.token.clone(),

@@ -257,6 +257,7 @@ impl<D: Dcs> Agent<D> {
             }
             self.publish_snapshot(turn_started);
             self.publish_route();
+            self.move_for_failed_services().await;
             if keeper.is_finished() {
                 // Without it no deadline is ever extended: the guard would
                 // fence a healthy primary.

@@ -222,14 +222,7 @@ fn service(
         restart(&section.restart).map_err(|(k, why)| (key(&format!("restart.{k}")), why))?;
     let on_failure = match section.on_failure.as_deref() {
         None | Some("report") => OnFailure::Report,
-        Some("failover") if placement == Placement::WithLeader => {
-            return Err((
-                key("on_failure"),
-                "\"failover\" (hand leadership over when a with-leader service cannot run \
-                 here) is not available yet: use \"report\""
-                    .into(),
-            ));
-        }
+        Some("failover") if placement == Placement::WithLeader => OnFailure::Failover,
         Some("failover") => {
             return Err((
                 key("on_failure"),

@@ -354,7 +354,7 @@ name = "synapse"
 command = ["sh", "-c", "exec sleep 1000"]
 placement = "with-leader"
 depends_on = ["redis"]
-on_failure = "report"
+on_failure = "failover"
 [[service.check]]
 kind = "http"
 url = "http://127.0.0.1:8008/health"
@@ -378,7 +378,7 @@ timeout = 0.5
     assert!(synapse.program.is_absolute(), "sh resolved through PATH");
     assert_eq!(synapse.args, ["-c", "exec sleep 1000"]);
     assert_eq!(synapse.placement, mainstay_services::Placement::WithLeader);
-    assert_eq!(synapse.on_failure, mainstay_services::OnFailure::Report);
+    assert_eq!(synapse.on_failure, mainstay_services::OnFailure::Failover);
     assert_eq!(synapse.log.path, dir.path().join("node1.synapse.log"));
     assert_eq!(synapse.stop_signal, libc::SIGTERM);
     assert_eq!(synapse.checks[0].interval, Duration::from_secs(5));
