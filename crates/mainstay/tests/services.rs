@@ -43,6 +43,12 @@ timeout = 5
 [alerts]
 data_disk_free_percent = 99.99
 
+# A read-only worker: on replicas only.
+[[service]]
+name = "reader"
+command = ["/bin/sleep", "100000"]
+placement = "with-replica"
+
 [[service]]
 name = "relay"
 command = ["/bin/sleep", "100000"]
@@ -137,11 +143,21 @@ fn services_follow_the_leader_and_never_run_twice() {
         for other in names.iter().filter(|n| **n != leader) {
             let theirs = services(&h, other).await;
             assert_eq!(find(&theirs, "web").unwrap()["state"], "stopped", "{other}");
+            wait_state(&h, other, "reader", "running").await;
         }
+        assert_eq!(
+            find(&services(&h, &leader).await, "reader").unwrap()["state"],
+            "stopped"
+        );
         let relays = relay_pids(&h, &names).await;
         // /patroni carries them too, beside Patroni's own keys.
         let patroni = api(&h, &leader).get("/patroni").await.unwrap().body;
-        assert_eq!(patroni["services"][1]["name"], "web", "{patroni}");
+        let listed = patroni["services"].as_array().cloned().unwrap_or_default();
+        assert_eq!(
+            find(&listed, "web").unwrap()["state"],
+            "running",
+            "{patroni}"
+        );
 
         // A planned switchover: the old copy stops before the new one
         // starts (the new one would fail to bind the port otherwise).
@@ -160,6 +176,9 @@ fn services_follow_the_leader_and_never_run_twice() {
             "the new leader's copy started once: {web}"
         );
         wait_state(&h, &leader, "web", "stopped").await;
+        // The read-only worker follows the roles the other way.
+        wait_state(&h, &leader, "reader", "running").await;
+        wait_state(&h, &target, "reader", "stopped").await;
         // The hooks saw it: every node started, the candidate was promoted.
         let hooks_of = |node: &str| {
             let index = h.cluster.node_index(node).unwrap();
@@ -243,7 +262,7 @@ fn services_follow_the_leader_and_never_run_twice() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (_, list, _) = ctl(&h, &next, false, &["list"]).await;
-            if list.contains("relay=running,web=running") {
+            if list.contains("reader=stopped,relay=running,web=running") {
                 break;
             }
             assert!(
