@@ -1,7 +1,8 @@
 //! Alerts a node raises for its operators: a replica replaying too late or
 //! too far behind (judged on the leader, which sees every replica live in
-//! `pg_stat_replication`), and the data directory's disk running out. Pure:
-//! the caller gathers the probe and the disk's space.
+//! `pg_stat_replication`), and the data directory's disk running out.
+//! `evaluate` is pure: the caller gathers the probe and the disk's space
+//! (`disk_space`, which `/metrics` reads too).
 
 use crate::config::AlertThresholds;
 use mainstay_pg::Health;
@@ -76,6 +77,13 @@ pub fn evaluate(
         }
     }
     alerts
+}
+
+/// The space on the file system holding `path` (its nearest existing
+/// ancestor's, for a data directory not made yet).
+pub fn disk_space(path: &std::path::Path) -> Option<Space> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    mainstay_sys::fs::space(existing).ok()
 }
 
 fn mebibytes(bytes: u64) -> String {
@@ -161,5 +169,10 @@ mod tests {
             "{:?}",
             by_size[0]
         );
+    }
+
+    #[test]
+    fn free_space_of_a_missing_path_is_its_parents() {
+        assert!(disk_space(std::path::Path::new("/tmp/does/not/exist/yet")).is_some());
     }
 }

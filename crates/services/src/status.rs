@@ -23,6 +23,21 @@ pub enum ServiceState {
     Stopping,
 }
 
+impl ServiceState {
+    /// As the JSON documents and member keys write it.
+    pub fn label(self) -> &'static str {
+        match self {
+            ServiceState::Stopped => "stopped",
+            ServiceState::Waiting => "waiting",
+            ServiceState::Starting => "starting",
+            ServiceState::Running => "running",
+            ServiceState::BackingOff => "backing_off",
+            ServiceState::Failed => "failed",
+            ServiceState::Stopping => "stopping",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceStatus {
     pub name: String,
@@ -45,5 +60,26 @@ pub struct ServiceStatus {
 impl ServiceStatus {
     pub fn up(&self) -> bool {
         self.state == ServiceState::Running
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_what_serde_writes() {
+        for state in [
+            ServiceState::Stopped,
+            ServiceState::Waiting,
+            ServiceState::Starting,
+            ServiceState::Running,
+            ServiceState::BackingOff,
+            ServiceState::Failed,
+            ServiceState::Stopping,
+        ] {
+            let written = serde_json::to_value(state).unwrap();
+            assert_eq!(written, state.label());
+        }
     }
 }

@@ -45,6 +45,8 @@ pub struct Services {
     allowed: watch::Sender<Allowed>,
     restart: Vec<Arc<Notify>>,
     names: Vec<String>,
+    /// Each service's placement, in start order (as `statuses`).
+    placements: Vec<Placement>,
     stop_limit: Duration,
     /// Services whose give-up hands leadership over.
     moves_leadership: Vec<String>,
@@ -68,6 +70,7 @@ impl Services {
         let mut tasks = Vec::new();
         let mut restart = Vec::new();
         let names = specs.iter().map(|s| s.name.clone()).collect();
+        let placements = specs.iter().map(|s| s.placement).collect();
         let moves_leadership = specs
             .iter()
             .filter(|s| s.placement == Placement::WithLeader && s.on_failure == OnFailure::Failover)
@@ -95,6 +98,7 @@ impl Services {
             allowed,
             restart,
             names,
+            placements,
             stop_limit,
             moves_leadership,
         }
@@ -149,7 +153,8 @@ impl Services {
             limit,
             statuses.wait_for(|all| {
                 all.iter()
-                    .all(|s| may_run(allowed, placement_of(s)) || s.pid.is_none())
+                    .zip(&self.placements)
+                    .all(|(s, placement)| may_run(allowed, *placement) || s.pid.is_none())
             }),
         )
         .await;
@@ -163,10 +168,6 @@ impl Services {
             task.abort();
         }
     }
-}
-
-fn placement_of(status: &ServiceStatus) -> Placement {
-    Placement::parse(status.placement).unwrap_or(Placement::Everywhere)
 }
 
 fn may_run(allowed: Allowed, placement: Placement) -> bool {

@@ -110,7 +110,7 @@ impl<D: Dcs> Agent<D> {
                 &self.alert_thresholds,
                 &self.name,
                 self.last_health.as_ref().filter(|_| self.pg_answering),
-                data_disk_space(&self.pg.settings().data_dir),
+                crate::alerts::disk_space(&self.pg.settings().data_dir),
             ),
             ..(*previous).clone()
         };
@@ -176,7 +176,7 @@ impl<D: Dcs> Agent<D> {
                         .statuses()
                         .borrow()
                         .iter()
-                        .map(|s| (s.name.clone(), state_label(s.state)))
+                        .map(|s| (s.name.clone(), s.state.label().to_string()))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -212,19 +212,4 @@ impl<D: Dcs> Agent<D> {
             Err(_) => warn!("cannot publish the member status: DCS timeout"),
         }
     }
-}
-
-/// A service's state as `/cluster` and `ctl list` show it.
-fn state_label(state: mainstay_services::ServiceState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-/// The space on the data directory's file system (its nearest existing
-/// ancestor's before it is made).
-fn data_disk_space(data_dir: &std::path::Path) -> Option<mainstay_sys::fs::Space> {
-    let existing = data_dir.ancestors().find(|p| p.exists())?;
-    mainstay_sys::fs::space(existing).ok()
 }

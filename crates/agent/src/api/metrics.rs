@@ -4,7 +4,6 @@ use super::NodeSnapshot;
 use super::health::lag;
 use mainstay_core::PgRole;
 use std::fmt::Write;
-use std::path::Path;
 
 struct Out(String);
 
@@ -323,7 +322,7 @@ pub fn render(node: &NodeSnapshot) -> String {
         "Duration of the last HA loop turn.",
         node.turn_duration.as_secs_f64(),
     );
-    if let Some(free) = free_bytes(&node.data_dir) {
+    if let Some(free) = crate::alerts::disk_space(&node.data_dir).map(|s| s.available) {
         out.gauge(
             "data_dir_free_bytes",
             "Free space for unprivileged users on the data directory's file system.",
@@ -333,13 +332,6 @@ pub fn render(node: &NodeSnapshot) -> String {
     out.0
 }
 
-/// Free bytes on the file system holding `path` (its parent if it does not
-/// exist yet).
-fn free_bytes(path: &Path) -> Option<u64> {
-    let existing = path.ancestors().find(|p| p.exists())?;
-    mainstay_sys::fs::available_bytes(existing).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,10 +339,5 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(label("member", "a\"b\\c\nd"), "member=\"a\\\"b\\\\c\\nd\"");
-    }
-
-    #[test]
-    fn free_space_of_a_missing_path_is_its_parents() {
-        assert!(free_bytes(Path::new("/tmp/does/not/exist/yet")).is_some());
     }
 }
