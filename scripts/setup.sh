@@ -9,11 +9,16 @@
 # endpoints` compares the VIP with it), and Python's venv, in which
 # schemathesis (from PyPI) fuzzes the REST API against its OpenAPI document
 # (tests/api_fuzz.rs) from a virtualenv of its own, /opt/mainstay-venv.
+# The platform test and `mainstay bench platform` run the real programs a
+# ship runs: coturn (Debian's) and Synapse (PyPI's matrix-synapse, with
+# psycopg2 built against libpq, hence gcc, libpq-dev and python3-dev) in a
+# virtualenv shared by every test, /opt/mainstay-synapse.
 # Safe to run again and again; it only calls apt-get when something is
-# missing, and pip only when schemathesis is not there in its pinned version.
+# missing, and pip only when a Python tool is not there in its pinned
+# version.
 set -euo pipefail
 
-packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables python3 python3-venv)
+packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables python3 python3-venv python3-dev libpq-dev gcc coturn)
 missing=()
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -34,7 +39,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     # The haproxy package starts its service where an init system runs it;
     # the tests start their own haproxy processes, so stop the one we just
     # installed (a service that was already there is left alone).
-    for service in haproxy keepalived; do
+    for service in haproxy keepalived coturn; do
         if [[ " ${missing[*]} " == *" $service "* ]]; then
             if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
                 $sudo systemctl stop "$service" >/dev/null 2>&1 || true
@@ -66,8 +71,19 @@ if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qx "schemathesis, ve
         "schemathesis==$schemathesis_version"
 fi
 
-for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/sbin/nft /usr/sbin/tc /usr/bin/setpriv "$venv/bin/schemathesis"; do
+# Synapse, pinned, for the platform test and benchmark (or from
+# MAINSTAY_SYNAPSE_VENV). Debian's own python3 here too.
+synapse_venv=/opt/mainstay-synapse
+synapse_version=1.163.2
+if ! "$synapse_venv/bin/python" -c "import synapse, psycopg2, sys; sys.exit(synapse.__version__ != '$synapse_version')" 2>/dev/null; then
+    echo "setup: installing Synapse $synapse_version into $synapse_venv"
+    [ -x "$synapse_venv/bin/pip" ] || $sudo /usr/bin/python3 -m venv "$synapse_venv"
+    $sudo env PIP_DISABLE_PIP_VERSION_CHECK=1 "$synapse_venv/bin/pip" install --quiet --no-input \
+        "matrix-synapse[postgres]==$synapse_version"
+fi
+
+for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/sbin/nft /usr/sbin/tc /usr/bin/setpriv "$venv/bin/schemathesis" /usr/bin/turnserver "$synapse_venv/bin/synapse_homeserver"; do
     [ -x "$tool" ] || { echo "setup: $tool is still missing after the install" >&2; exit 1; }
 done
 id postgres >/dev/null 2>&1 || { echo "setup: the postgres OS user is missing" >&2; exit 1; }
-echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}'), protoc, HAProxy $(/usr/sbin/haproxy -v | head -1 | awk '{print $3}') and schemathesis $schemathesis_version are in place"
+echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}'), protoc, HAProxy $(/usr/sbin/haproxy -v | head -1 | awk '{print $3}'), schemathesis $schemathesis_version, coturn and Synapse $synapse_version are in place"

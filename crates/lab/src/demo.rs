@@ -51,6 +51,9 @@ pub struct Node {
     /// The etcd endpoints its agent uses, when not the members' own (a
     /// relay in between).
     etcd_endpoints: Option<Vec<String>>,
+    /// Lines at the end of this node's configuration (its own
+    /// `[[service]]` sections, say).
+    pub extra_config: String,
     agent: Option<Child>,
 }
 
@@ -67,6 +70,16 @@ impl Node {
             self.host, self.pg_port
         )
     }
+    /// A client of this node's REST API with the demo's credentials.
+    pub fn api(&self) -> mainstay_agent::api_client::ApiClient {
+        mainstay_agent::api_client::ApiClient::new(&format!(
+            "http://{}:{}",
+            self.host, self.api_port
+        ))
+        .with_basic_auth(API_USER, API_PASSWORD)
+        .with_timeout(Duration::from_secs(5))
+    }
+
     /// The postmaster's PID from `postmaster.pid`, if one runs.
     pub fn postmaster_pid(&self) -> Option<i32> {
         let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
@@ -103,6 +116,8 @@ pub struct LabOptions {
     /// Per node, the etcd endpoints its agent uses instead of the members'
     /// own addresses (e.g. relays that add latency).
     pub etcd_endpoints: Option<Vec<Vec<String>>>,
+    /// Per node (by index), lines at the end of its configuration.
+    pub node_config: Vec<String>,
 }
 
 impl LabOptions {
@@ -113,6 +128,7 @@ impl LabOptions {
             extra_config: extra_config.into(),
             disk_mib: None,
             etcd_endpoints: None,
+            node_config: Vec::new(),
         }
     }
 }
@@ -184,6 +200,7 @@ impl LocalCluster {
                 host: "127.0.0.1".into(),
                 netns: None,
                 name,
+                extra_config: String::new(),
                 agent: None,
             };
             fs::write(&node.config, cluster.config_text(&node, profile))?;
@@ -261,6 +278,7 @@ impl LocalCluster {
                     .etcd_endpoints
                     .as_ref()
                     .and_then(|e| e.get(i).cloned()),
+                extra_config: options.node_config.get(i).cloned().unwrap_or_default(),
                 agent: None,
             };
             fs::write(&node.config, cluster.config_text(&node, profile))?;
@@ -319,7 +337,7 @@ read_only_listen = "{any}:{read_only}"
 
 [timing]
 profile = "{profile}"
-"#,
+{node_extra}"#,
             cluster = self.cluster,
             name = node.name,
             extra = self.extra_config,
@@ -330,6 +348,7 @@ profile = "{profile}"
             api = node.api_port,
             proxy = node.proxy_port,
             read_only = node.read_only_port,
+            node_extra = node.extra_config,
         )
     }
 
@@ -390,6 +409,21 @@ profile = "{profile}"
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Lab node `i`'s host loses power: every process in its namespace
+    /// (agent, guards, PostgreSQL, its etcd member, its services) stops and
+    /// is SIGKILLed at one instant. Returns how many processes died.
+    pub fn crash_host(&mut self, i: usize) -> io::Result<usize> {
+        let ns = self.nodes[i]
+            .netns
+            .clone()
+            .ok_or_else(|| io::Error::other("crash_host: not a lab node"))?;
+        let killed = mainstay_testkit::crash::crash_namespace(&ns)?;
+        if let Some(mut child) = self.nodes[i].agent.take() {
+            let _ = child.wait();
+        }
+        Ok(killed)
     }
 
     /// The fencing guard of node `i`'s running postmaster.

@@ -58,6 +58,67 @@ pub fn crash_node(agent: Option<u32>, postmaster: Option<i32>) {
     stop_all(&pids, libc::SIGKILL);
 }
 
+/// A lab host loses power: every process in network namespace `ns` (a
+/// name under `/run/netns`), whatever started it (agent, guards,
+/// PostgreSQL, etcd member, supervised services), is SIGSTOPped, the
+/// namespace is listed again until no new process shows up (a stopped
+/// process forks no more), then all are SIGKILLed. Returns how many were
+/// killed. The caller's own process is never among them.
+pub fn crash_namespace(ns: &str) -> std::io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(format!("/run/netns/{ns}"))?.ino();
+    let me = std::process::id() as i32;
+    let in_namespace = || -> Vec<i32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| *pid != me)
+            .filter(|pid| {
+                std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == inode)
+            })
+            .collect()
+    };
+    let mut stopped: Vec<i32> = Vec::new();
+    // Bounded: each round stops every process seen; one that forked in
+    // between is caught by the next round.
+    for _ in 0..20 {
+        let fresh: Vec<i32> = in_namespace()
+            .into_iter()
+            .filter(|pid| !stopped.contains(pid))
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        for pid in &fresh {
+            signal_pid(*pid, libc::SIGSTOP);
+        }
+        stopped.extend(fresh);
+    }
+    for pid in &stopped {
+        signal_pid(*pid, libc::SIGKILL);
+    }
+    Ok(stopped.len())
+}
+
+/// When process `pid` started, as time since boot (`/proc/<pid>/stat`'s
+/// start time, in clock ticks: 10 ms on Linux).
+pub fn started_since_boot(pid: i32) -> Option<std::time::Duration> {
+    let ticks: u64 = stat_text_field(pid, 19)?.parse().ok()?;
+    let per_second = mainstay_sys::process::clock_ticks_per_second();
+    (per_second > 0).then(|| std::time::Duration::from_millis(ticks * 1000 / per_second as u64))
+}
+
+/// Whether `pid` is gone: no such process, or a zombie nobody reaped yet
+/// (it runs no more).
+pub fn gone(pid: i32) -> bool {
+    matches!(
+        stat_text_field(pid, 0).as_deref(),
+        None | Some("Z") | Some("X")
+    )
+}
+
 fn signal_pid(pid: i32, signal: i32) {
     // A pid gone already is ESRCH.
     let _ = mainstay_sys::process::kill(pid, signal);
@@ -88,10 +149,14 @@ pub fn children_of(pid: i32) -> Vec<i32> {
 
 /// Field `index` after the command name (0: state, 1: ppid, 2: pgrp).
 fn stat_field(pid: i32, index: usize) -> Option<i32> {
+    stat_text_field(pid, index)?.parse().ok()
+}
+
+fn stat_text_field(pid: i32, index: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
     let after = stat.get(stat.rfind(')')? + 2..)?;
-    after.split(' ').nth(index)?.parse().ok()
+    after.split(' ').nth(index).map(str::to_string)
 }
 
 #[cfg(test)]

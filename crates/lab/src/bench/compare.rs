@@ -452,7 +452,7 @@ impl Cluster {
         match self {
             Cluster::Mainstay(c) => {
                 let dcs = c.dcs().await?;
-                let leader = super::healthy(&dcs, timeout).await?;
+                let leader = super::healthy(&dcs, 3, timeout).await?;
                 let i = c.node_index(&leader).ok_or("the leader vanished")?;
                 Ok((leader, c.nodes[i].pg_port))
             }

@@ -80,50 +80,36 @@ pub async fn run(args: EndpointsArgs) -> ExitCode {
         Ok(exe) => exe,
         Err(code) => return code,
     };
-    let mut results = Vec::new();
-    for run in 1..=args.runs {
-        let dir = super::scratch_dir(args.dir.as_deref(), "endpoints");
-        let (exe, run_dir) = (exe.clone(), dir.clone());
-        // The whole run happens on a thread inside the lab's client
-        // namespace, with its own runtime: every connection it makes
-        // crosses the lab's bridge like a real client's.
-        let outcome = tokio::task::spawn_blocking(move || one_run_in_lab(&run_dir, &exe)).await;
-        match outcome {
-            Ok(Ok(result)) => {
-                eprintln!(
-                    "run {run}/{}: kill -> first write: VIP {} ms, proxy {} ms; promotion -> \
-                     first write: VIP {} ms, proxy {} ms; keepalived VIP move {} ms; keepalived \
-                     SIGKILLed: both hosts held its VIP {} of {} ms, left on the dead one: {}",
-                    args.runs,
-                    result.kill_to_write_ms[0],
-                    result.kill_to_write_ms[1],
-                    result.promotion_to_write_ms[0],
-                    result.promotion_to_write_ms[1],
-                    result.keepalived.move_ms,
-                    result.keepalived.sigkill_both_held_ms,
-                    SIGKILL_WATCH.as_millis(),
-                    result.keepalived.sigkill_left_behind
-                );
-                results.push(result);
-                if args.keep {
-                    eprintln!("files kept in {}", dir.display());
-                } else {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-            }
-            Ok(Err(err)) => {
-                eprintln!("error: run {run}: {err} (files kept in {})", dir.display());
-                return ExitCode::from(1);
-            }
-            Err(err) => {
-                eprintln!(
-                    "error: run {run} panicked: {err} (files kept in {})",
-                    dir.display()
-                );
-                return ExitCode::from(1);
-            }
-        }
-    }
+    // The whole run happens on a thread inside the lab's client namespace,
+    // with its own runtime: every connection it makes crosses the lab's
+    // bridge like a real client's.
+    let results = super::each_run(
+        args.runs,
+        "endpoints",
+        args.dir.as_deref(),
+        args.keep,
+        move |dir| one_run_in_lab(dir, &exe),
+        |result| {
+            format!(
+                "kill -> first write: VIP {} ms, proxy {} ms; promotion -> first write: VIP {} \
+                 ms, proxy {} ms; keepalived VIP move {} ms; keepalived SIGKILLed: both hosts \
+                 held its VIP {} of {} ms, left on the dead one: {}",
+                result.kill_to_write_ms[0],
+                result.kill_to_write_ms[1],
+                result.promotion_to_write_ms[0],
+                result.promotion_to_write_ms[1],
+                result.keepalived.move_ms,
+                result.keepalived.sigkill_both_held_ms,
+                SIGKILL_WATCH.as_millis(),
+                result.keepalived.sigkill_left_behind
+            )
+        },
+    )
+    .await;
+    let results = match results {
+        Ok(results) => results,
+        Err(code) => return code,
+    };
     let pick = |f: &dyn Fn(&RunResult) -> u64| -> serde_json::Value {
         distribution(&results.iter().map(f).collect::<Vec<_>>())
     };
@@ -170,14 +156,7 @@ pub async fn run(args: EndpointsArgs) -> ExitCode {
 }
 
 fn one_run_in_lab(dir: &Path, exe: &Path) -> Result<RunResult, String> {
-    let lab = Lab::create(3).map_err(|e| format!("building the lab: {e}"))?;
-    let client_ns = format!("/run/netns/{}", lab.client());
-    netns::enter(&client_ns).map_err(|e| format!("entering the client namespace: {e}"))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let (lab, runtime) = super::client_of_new_lab(3)?;
     runtime.block_on(measure(dir, exe, lab))
 }
 
@@ -192,7 +171,7 @@ async fn measure(dir: &Path, exe: &Path, lab: Lab) -> Result<RunResult, String> 
     )
     .map_err(|e| format!("starting the lab cluster: {e}"))?;
     let dcs = cluster.dcs().await?;
-    let leader = super::healthy(&dcs, Duration::from_secs(120)).await?;
+    let leader = super::healthy(&dcs, 3, Duration::from_secs(120)).await?;
     let l = cluster.node_index(&leader).ok_or("leader vanished")?;
     let survivors: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| i != l).collect();
     // keepalived runs on the two replicas' hosts, so that pulling its
@@ -203,7 +182,7 @@ async fn measure(dir: &Path, exe: &Path, lab: Lab) -> Result<RunResult, String> 
         &dir.join("keepalived"),
     )
     .await?;
-    if super::healthy(&dcs, Duration::from_secs(120)).await? != leader {
+    if super::healthy(&dcs, 3, Duration::from_secs(120)).await? != leader {
         return Err("the leader moved during the keepalived measurement".into());
     }
     let proxy_host = cluster.nodes[survivors[0]].host.clone();

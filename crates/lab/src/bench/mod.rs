@@ -16,6 +16,7 @@ use crate::demo::LocalCluster;
 use mainstay_core::PgRole;
 use mainstay_core::poison;
 use mainstay_dcs::Dcs;
+use mainstay_testkit::netns::Lab;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,6 +26,7 @@ use tokio_postgres::NoTls;
 
 mod compare;
 mod endpoints;
+pub mod platform;
 mod proxy;
 
 #[derive(clap::Subcommand, Debug)]
@@ -40,6 +42,9 @@ pub enum BenchCommand {
     /// Side by side with Patroni + HAProxy: failover, switchover, losses,
     /// agent footprint.
     Compare(compare::CompareArgs),
+    /// The platform (Synapse, coturn, the VIP) through a crash of the
+    /// leader's host, as a Matrix client sees it (root).
+    Platform(platform::PlatformArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -74,6 +79,7 @@ pub async fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Proxy(args) => proxy::run(args).await,
         BenchCommand::Endpoints(args) => endpoints::run(args).await,
         BenchCommand::Compare(args) => compare::run(args).await,
+        BenchCommand::Platform(args) => platform::run(args).await,
     }
 }
 
@@ -197,6 +203,64 @@ async fn failover(args: FailoverArgs, disruption: Disruption) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// A lab of `hosts` hosts, with the calling thread moved into its client
+/// namespace and a runtime whose threads start there too: every
+/// connection made on it crosses the lab's bridge like a real client's.
+pub fn client_of_new_lab(hosts: usize) -> Result<(Lab, tokio::runtime::Runtime), String> {
+    let lab = Lab::create(hosts).map_err(|e| format!("building the lab: {e}"))?;
+    mainstay_testkit::netns::enter(&format!("/run/netns/{}", lab.client()))
+        .map_err(|e| format!("entering the client namespace: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok((lab, runtime))
+}
+
+/// Runs `one_run` `runs` times, each in a fresh scratch directory on a
+/// blocking thread of its own (it may enter a namespace), printing each
+/// run's line (`describe`). A run's directory is removed after it unless
+/// `keep`, and kept when it fails; the first failure ends the benchmark
+/// with exit status 1.
+async fn each_run<R: Send + 'static>(
+    runs: u32,
+    what: &str,
+    base: Option<&Path>,
+    keep: bool,
+    one_run: impl Fn(&Path) -> Result<R, String> + Send + Sync + Clone + 'static,
+    describe: impl Fn(&R) -> String,
+) -> Result<Vec<R>, ExitCode> {
+    let mut results = Vec::new();
+    for run in 1..=runs {
+        let dir = scratch_dir(base, what);
+        let (one_run, run_dir) = (one_run.clone(), dir.clone());
+        match tokio::task::spawn_blocking(move || one_run(&run_dir)).await {
+            Ok(Ok(result)) => {
+                eprintln!("run {run}/{runs}: {}", describe(&result));
+                results.push(result);
+                if keep {
+                    eprintln!("files kept in {}", dir.display());
+                } else {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+            Ok(Err(err)) => {
+                eprintln!("error: run {run}: {err} (files kept in {})", dir.display());
+                return Err(ExitCode::from(1));
+            }
+            Err(err) => {
+                eprintln!(
+                    "error: run {run} panicked: {err} (files kept in {})",
+                    dir.display()
+                );
+                return Err(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(results)
+}
+
 /// A fresh directory name for one benchmark cluster, under `base` or
 /// /dev/shm (tmpfs: fsync costs nothing, so the figures measure mainstay).
 fn scratch_dir(base: Option<&Path>, what: &str) -> PathBuf {
@@ -217,14 +281,18 @@ fn scratch_dir(base: Option<&Path>, what: &str) -> PathBuf {
 }
 
 /// The leader once it runs as primary with every other member of a
-/// 3-node cluster streaming from it.
-async fn healthy(dcs: &mainstay_dcs::EtcdDcs, timeout: Duration) -> Result<String, String> {
+/// `members`-node cluster streaming from it.
+pub(crate) async fn healthy(
+    dcs: &mainstay_dcs::EtcdDcs,
+    members: usize,
+    timeout: Duration,
+) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(view) = dcs.read_cluster().await
             && let Some(leader) = view.leader_status()
             && leader.role == PgRole::Primary
-            && view.members.len() == 3
+            && view.members.len() == members
             && view
                 .members
                 .values()
@@ -232,7 +300,7 @@ async fn healthy(dcs: &mainstay_dcs::EtcdDcs, timeout: Duration) -> Result<Strin
                     m.status.streaming && m.status.following.as_deref() == Some(&leader.name)
                 })
                 .count()
-                == 2
+                == members - 1
         {
             return Ok(leader.name.clone());
         }
@@ -288,7 +356,7 @@ async fn one_run(
     let mut cluster = LocalCluster::start(dir, 3, exe, profile)
         .map_err(|e| format!("starting the cluster: {e}"))?;
     let dcs = cluster.dcs().await?;
-    let leader = healthy(&dcs, Duration::from_secs(90)).await?;
+    let leader = healthy(&dcs, 3, Duration::from_secs(90)).await?;
     if sync {
         enable_synchronous_mode(&cluster, &leader).await?;
     }
@@ -326,12 +394,9 @@ async fn one_run(
             None
         }
         Disruption::Switchover => {
-            let api = mainstay_agent::api_client::ApiClient::new(&format!(
-                "http://127.0.0.1:{}",
-                cluster.nodes[index].api_port
-            ))
-            .with_basic_auth(crate::demo::API_USER, crate::demo::API_PASSWORD)
-            .with_timeout(Duration::from_secs(60));
+            let api = cluster.nodes[index]
+                .api()
+                .with_timeout(Duration::from_secs(60));
             let body = serde_json::json!({ "leader": leader });
             Some(tokio::spawn(async move {
                 api.request(hyper::Method::POST, "/switchover", Some(&body))
@@ -432,18 +497,11 @@ async fn settle_and_count(
 /// then waits until the leader's `GET /cluster` lists a member as
 /// `sync_standby`: only then do acknowledged commits wait for a standby. At
 /// most 30 s in all.
-async fn enable_synchronous_mode(cluster: &LocalCluster, leader: &str) -> Result<(), String> {
-    let api_of = |name: &str| {
-        let node = cluster.nodes.iter().find(|n| n.name == name)?;
-        Some(
-            mainstay_agent::api_client::ApiClient::new(&format!(
-                "http://127.0.0.1:{}",
-                node.api_port
-            ))
-            .with_basic_auth(crate::demo::API_USER, crate::demo::API_PASSWORD)
-            .with_timeout(Duration::from_secs(5)),
-        )
-    };
+pub(crate) async fn enable_synchronous_mode(
+    cluster: &LocalCluster,
+    leader: &str,
+) -> Result<(), String> {
+    let api_of = |name: &str| Some(cluster.nodes.iter().find(|n| n.name == name)?.api());
     let node = cluster.nodes.first().ok_or("the cluster has no node")?;
     let api = api_of(&node.name).ok_or("the cluster has no node")?;
     let leader_api = api_of(leader).ok_or("the leader vanished")?;

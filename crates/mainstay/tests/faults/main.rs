@@ -36,7 +36,7 @@ mod scenarios;
 use common::{Harness, prerequisites, test_dir};
 use evidence::Outcome;
 use mainstay_lab::demo::{LabOptions, LocalCluster};
-use mainstay_testkit::netns::{self, Lab};
+use mainstay_testkit::netns;
 use mainstay_testkit::{Relay, skip};
 use scenarios::{ETCD_PORTS, ScenarioFn};
 use std::net::SocketAddr;
@@ -62,14 +62,7 @@ struct Needs {
 fn run_scenario(scenario: &ScenarioFn, needs: Needs) -> Result<Outcome, String> {
     std::thread::scope(|scope| {
         let handle = scope.spawn(|| {
-            let lab = Lab::create(3).map_err(|e| format!("building the lab: {e}"))?;
-            netns::enter(&format!("/run/netns/{}", lab.client()))
-                .map_err(|e| format!("entering the client namespace: {e}"))?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
+            let (lab, runtime) = mainstay_lab::bench::client_of_new_lab(3)?;
             runtime.block_on(async {
                 let mut options = LabOptions::new(
                     3,

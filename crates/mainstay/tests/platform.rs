@@ -1,0 +1,282 @@
+//! The platform with the real programs, on real (namespaced) hosts: Synapse
+//! from PyPI as a `with-leader` service, coturn from Debian everywhere, a
+//! VIP, and a Matrix client that only knows the VIP (see
+//! `mainstay_lab::platform`). Needs root, Synapse's virtualenv and coturn
+//! (`scripts/setup.sh` installs both); without them it fails, unless
+//! `MAINSTAY_ALLOW_SKIP=1` lets it say it was skipped.
+
+#![forbid(unsafe_code)]
+
+mod common;
+
+use common::*;
+use mainstay_lab::platform::{self, Platform, coturn, matrix, synapse};
+use mainstay_testkit::netns::{self, Lab};
+use mainstay_testkit::skip;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Keeps the test's files (logs of every agent, Synapse and coturn) when
+/// the test fails, and removes them when it passed.
+struct Files {
+    dir: PathBuf,
+    passed: bool,
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        if self.passed && std::env::var_os("MAINSTAY_KEEP_TEST_FILES").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("test files kept in {}", self.dir.display());
+        }
+    }
+}
+
+fn runnable() -> bool {
+    if let Some(why) = platform::unavailable() {
+        skip(&why);
+        return false;
+    }
+    prerequisites()
+}
+
+/// Every node's coturn pid, once each runs.
+async fn coturn_pids(p: &Platform) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for i in 0..p.cluster.nodes.len() {
+        pids.push(
+            p.running_pid(i, "coturn", Duration::from_secs(30))
+                .await
+                .unwrap(),
+        );
+    }
+    pids
+}
+
+/// Waits (at most 60 s) until a message is acknowledged through the VIP
+/// after now.
+async fn acked_again(sender: &matrix::Sender, after_what: &str) {
+    let now = Instant::now();
+    let deadline = now + Duration::from_secs(60);
+    while sender.first_ack_after(now).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no message acknowledged through the VIP within 60 s after {after_what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn synapse_follows_the_leader_and_keeps_every_acknowledged_message() {
+    if !runnable() {
+        return;
+    }
+    let lab = Lab::create(3).expect("building the network namespaces");
+    // This thread and its runtime live in the client namespace: the Matrix
+    // client reaches the platform over the lab's bridge, through the VIP.
+    netns::enter(&format!("/run/netns/{}", lab.client())).unwrap();
+    cluster_test(async move {
+        let mut files = Files {
+            dir: test_dir("platform"),
+            passed: false,
+        };
+        let mut p = Platform::start(
+            &files.dir,
+            lab,
+            Path::new(env!("CARGO_BIN_EXE_mainstay")),
+            3,
+        )
+        .unwrap();
+        let first = p.healthy(Duration::from_secs(120)).await.unwrap();
+        p.synchronous(&first).await.unwrap();
+        let crew = p.crew_client().await.unwrap();
+        let room = crew.create_room("bridge").await.unwrap();
+
+        // coturn runs on every node and answers STUN on each node's own
+        // address; Synapse hands TURN clients every node's relay.
+        let turn = coturn_pids(&p).await;
+        for node in &p.cluster.nodes {
+            let server = format!("{}:{}", node.host, coturn::PORT).parse().unwrap();
+            let mapped = coturn::stun_binding(server, Duration::from_secs(2))
+                .unwrap_or_else(|e| panic!("STUN to {}'s coturn: {e}", node.name));
+            assert_eq!(mapped.ip().to_string(), "10.213.0.100", "{mapped}");
+        }
+        let uris = crew.turn_servers().await.unwrap();
+        for node in &p.cluster.nodes {
+            assert!(
+                uris.iter().any(|u| u.contains(&node.host)),
+                "{uris:?} lacks {}",
+                node.host
+            );
+        }
+        // Synapse runs on the leader only.
+        let f = p.index(&first).unwrap();
+        let synapse_first = p
+            .running_pid(f, "synapse", Duration::from_secs(30))
+            .await
+            .unwrap();
+        for i in (0..3).filter(|&i| i != f) {
+            let status = p.service(i, "synapse").await.unwrap();
+            assert_eq!(status["state"], "stopped", "{status}");
+            assert!(!Platform::synapse_answers(&p.node_url(i)).await);
+        }
+
+        let sender = matrix::Sender::start(&crew, &room);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        // A planned switchover: Synapse stops on the old leader before it
+        // starts on the new one; coturn is not touched anywhere.
+        let second = p.cluster.nodes[(f + 1) % 3].name.clone();
+        let s = p.index(&second).unwrap();
+        let leader_api = p.cluster.nodes[f]
+            .api()
+            .with_timeout(Duration::from_secs(60));
+        let switchover = serde_json::json!({ "leader": first, "candidate": second });
+        let asked = leader_api.request(hyper::Method::POST, "/switchover", Some(&switchover));
+        let (answer, gone) = tokio::join!(
+            asked,
+            platform::watch_until_gone(synapse_first, Duration::from_secs(60))
+        );
+        let answer = answer.unwrap();
+        assert!(answer.status.is_success(), "{}", answer.text);
+        let old_gone = gone.expect("the old leader's Synapse never stopped");
+        let synapse_second = p
+            .running_pid(s, "synapse", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let new_start = platform::started_at(synapse_second).unwrap();
+        assert!(
+            new_start > old_gone,
+            "{second}'s Synapse started {:?} before {first}'s was gone",
+            old_gone - new_start
+        );
+        let status = p.service(f, "synapse").await.unwrap();
+        assert_eq!(status["state"], "stopped", "{status}");
+        assert_eq!(
+            coturn_pids(&p).await,
+            turn,
+            "coturn restarted in a switchover"
+        );
+        acked_again(&sender, "the switchover").await;
+
+        // Synapse hangs (SIGSTOP): its /health check fails three times in
+        // a row, the agent kills it (grace, then SIGKILL) and starts it
+        // again on the same node.
+        let restarts_before = p.service(s, "synapse").await.unwrap()["restarts"]
+            .as_u64()
+            .unwrap();
+        mainstay_sys::process::kill(synapse_second, libc::SIGSTOP).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let restarted = loop {
+            let status = p.service(s, "synapse").await.unwrap();
+            if status["restarts"].as_u64().unwrap() > restarts_before
+                && status["state"] == "running"
+                && status["pid"].as_i64() != Some(synapse_second as i64)
+            {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a hung Synapse was not restarted: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(mainstay_testkit::crash::gone(synapse_second), "{restarted}");
+        acked_again(&sender, "Synapse's restart").await;
+
+        // The leader's whole host loses power. Synapse answers on the new
+        // leader; its copy started after the old one was gone.
+        let crash = platform::crash_leader(&mut p, &sender).await.unwrap();
+        assert_eq!(crash.old_leader, second);
+        assert!(
+            crash.gap_between_copies_ms > 0,
+            "two Synapse copies at once"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let log = sender.finish().await;
+        let check = crew
+            .with_timeout(Duration::from_secs(20))
+            .check_room(&room, &log)
+            .await
+            .unwrap();
+        // Synchronous mode: every acknowledged message is in the room, once.
+        assert!(
+            check.lost.is_empty(),
+            "acknowledged but lost: {:?}",
+            check.lost
+        );
+        assert_eq!(check.duplicates, 0);
+        assert!(check.messages >= log.acked.len());
+        let n = p.index(&crash.new_leader).unwrap();
+        assert!(Platform::synapse_answers(&p.node_url(n)).await);
+        eprintln!(
+            "platform: {} messages acknowledged, {} failed requests; crash of {}: first message \
+             {} ms after, Synapse started in {} ms on {}, {} ms after the old copy was gone",
+            log.acked.len(),
+            log.failed_requests,
+            crash.old_leader,
+            crash.unavailability.as_millis(),
+            crash.synapse_start.as_millis(),
+            crash.new_leader,
+            crash.gap_between_copies_ms,
+        );
+        // coturn on the survivors never noticed.
+        let survivors: Vec<usize> = (0..3).filter(|&i| i != s).collect();
+        for i in survivors {
+            assert_eq!(
+                p.running_pid(i, "coturn", Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+                turn[i]
+            );
+        }
+        p.cluster.stop_all();
+        files.passed = true;
+    });
+}
+
+/// `mainstay bench platform` as a user runs it: one run in synchronous
+/// mode; its JSON line holds the figures the README quotes, and no
+/// acknowledged message is lost.
+#[test]
+fn the_platform_benchmark_runs_and_loses_nothing_in_synchronous_mode() {
+    if !runnable() {
+        return;
+    }
+    // Alone, as every cluster test: the benchmark builds a lab of its own.
+    cluster_test(async {
+        // Its files go where the benchmark puts them (kept on failure).
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mainstay"))
+            .args([
+                "bench", "platform", "--runs", "1", "--mode", "sync", "--json",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+        let last = stdout.lines().last().unwrap_or_default();
+        let report: serde_json::Value = serde_json::from_str(last).unwrap();
+        assert_eq!(report["runs"], 1);
+        assert_eq!(report["lost_acked_messages"], 0, "{last}");
+        assert_eq!(report["duplicates"], 0, "{last}");
+        assert_eq!(report["overlapping_copies"], 0, "{last}");
+        for key in ["message_unavailability_ms", "synapse_start_ms"] {
+            let median = report[key]["median"].as_u64().unwrap();
+            assert!(median > 0 && median < 60_000, "{key}: {last}");
+        }
+        assert!(report["failed_requests"].as_u64().is_some(), "{last}");
+        assert_eq!(report["settings"]["synapse"], synapse_version_installed());
+    });
+}
+
+fn synapse_version_installed() -> String {
+    let venv = synapse::venv().unwrap();
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .args(["-c", "import synapse; print(synapse.__version__)"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
