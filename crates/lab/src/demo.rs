@@ -30,6 +30,11 @@ pub struct DemoArgs {
     /// Timing profile of the agents: default or fast.
     #[arg(long, default_value = "default")]
     pub profile: String,
+    /// Run Synapse (from the virtualenv scripts/setup.sh makes, or
+    /// MAINSTAY_SYNAPSE_VENV) as a `with-leader` service: it runs beside
+    /// the primary and moves with it.
+    #[arg(long)]
+    pub with_synapse: bool,
 }
 
 pub struct Node {
@@ -480,6 +485,17 @@ profile = "{profile}"
         )
     }
 
+    /// Unmounts the nodes' tmpfs data disks (call it once every process
+    /// is stopped, before removing the directory: a mounted disk would
+    /// keep it, and its etcd data, on /dev/shm).
+    pub fn unmount_disks(&mut self) {
+        for mount in std::mem::take(&mut self.mounts) {
+            // Lazy: a process that has not quite exited must not keep the
+            // test's directory from going.
+            let _ = Command::new("umount").arg("-l").arg(&mount).status();
+        }
+    }
+
     pub fn node_index(&self, name: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.name == name)
     }
@@ -492,11 +508,7 @@ impl Drop for LocalCluster {
         for i in 0..self.nodes.len() {
             self.kill_node(i);
         }
-        for mount in &self.mounts {
-            // Lazy: a process that has not quite exited must not keep the
-            // test's directory from going.
-            let _ = Command::new("umount").arg("-l").arg(mount).status();
-        }
+        self.unmount_disks();
     }
 }
 
@@ -536,7 +548,22 @@ pub fn describe(view: &ClusterView) -> String {
                 PgRole::Replica => "replica",
                 PgRole::Stopped => "stopped",
             };
-            format!("{}={} tl{} {}", s.name, role, s.timeline, s.received_lsn)
+            // Services beside the role, so that a line is printed when
+            // one starts or stops (Synapse moving with the leader).
+            let services: Vec<String> = s
+                .services
+                .iter()
+                .map(|(name, state)| format!("{name}:{state}"))
+                .collect();
+            let services = if services.is_empty() {
+                String::new()
+            } else {
+                format!("[{}]", services.join(","))
+            };
+            format!(
+                "{}={}{services} tl{} {}",
+                s.name, role, s.timeline, s.received_lsn
+            )
         })
         .collect();
     format!("leader={leader} | {}", members.join(" | "))
@@ -575,8 +602,30 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         Ok(exe) => exe,
         Err(code) => return code,
     };
-    let mut cluster = match LocalCluster::start(&dir, args.nodes as usize, &exe, &args.profile) {
-        Ok(cluster) => cluster,
+    let synapse_venv = match args.with_synapse.then(crate::platform::synapse::venv) {
+        Some(Err(why)) => {
+            eprintln!("error: --with-synapse: {why}");
+            return ExitCode::from(2);
+        }
+        Some(Ok(venv)) => Some(venv),
+        None => None,
+    };
+    let started = LocalCluster::prepare(&dir, args.nodes as usize, &exe, &args.profile).and_then(
+        |mut cluster| {
+            let synapse = match &synapse_venv {
+                Some(venv) => {
+                    crate::platform::demo::add_synapse(&mut cluster, venv, &args.profile)?
+                }
+                None => Vec::new(),
+            };
+            for i in 0..cluster.nodes.len() {
+                cluster.start_agent(i)?;
+            }
+            Ok((cluster, synapse))
+        },
+    );
+    let (mut cluster, synapse) = match started {
+        Ok(started) => started,
         Err(err) => {
             eprintln!(
                 "error: cannot start the demo cluster in {}: {err}",
@@ -612,6 +661,12 @@ pub async fn run(args: DemoArgs) -> ExitCode {
             "  read-only, spread over the replicas (the primary when none qualifies):\n    psql \"host=127.0.0.1 port={} user={SUPERUSER} password={SUPERUSER_PASSWORD} dbname=postgres\"",
             node.read_only_port
         );
+    }
+    if !synapse.is_empty() {
+        println!("  Synapse runs beside the primary only (with-leader); on whichever node leads:");
+        for (name, url) in &synapse {
+            println!("    {name}: {url}/_matrix/client/versions");
+        }
     }
     if let Some(node) = cluster.nodes.first() {
         println!(

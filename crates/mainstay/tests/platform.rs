@@ -280,3 +280,121 @@ fn synapse_version_installed() -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// A `mainstay demo` child, stopped (SIGTERM, then SIGKILL) when dropped;
+/// its agents stop with it.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = mainstay_sys::process::kill(self.0.id() as i32, libc::SIGTERM);
+        for _ in 0..600 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The pid of the process whose command line holds every one of `parts`.
+fn pid_with(parts: &[&str]) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        parts.iter().all(|p| cmdline.contains(p)).then_some(pid)
+    })
+}
+
+/// `mainstay demo --with-synapse`, as the README tells a newcomer to run
+/// it: Synapse answers beside the primary only, and when the leader's
+/// agent is killed it stops there and starts beside the new primary, which
+/// the demo's lines show.
+#[test]
+fn the_demo_runs_synapse_beside_the_primary_and_moves_it() {
+    if synapse::venv().is_err() {
+        skip("needs Synapse's virtualenv: run scripts/setup.sh");
+        return;
+    }
+    if !prerequisites() {
+        return;
+    }
+    cluster_test(async {
+        let mut files = Files {
+            dir: test_dir("demo"),
+            passed: false,
+        };
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mainstay"))
+            .args(["demo", "--with-synapse", "--dir"])
+            .arg(&files.dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let _demo = Demo(child);
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let reader = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                mainstay_core::poison::lock(&reader).push(line);
+            }
+        });
+        // "leader=node2 | ... node2=primary[synapse:running] ...": the
+        // node whose Synapse runs beside its primary, other than `not`.
+        let wait_synapse_on_primary = async |not: Option<&str>| -> String {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let found = mainstay_core::poison::lock(&lines)
+                    .iter()
+                    .rev()
+                    .find_map(|l| {
+                        let at = l.find("=primary[synapse:running]")?;
+                        let name = l[..at].rsplit(' ').next()?.to_string();
+                        (Some(name.as_str()) != not).then_some(name)
+                    });
+                if let Some(name) = found {
+                    return name;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the demo never showed Synapse running beside a primary: {:?}",
+                    mainstay_core::poison::lock(&lines)
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        let first = wait_synapse_on_primary(None).await;
+        let url_of = |node: &str| {
+            mainstay_core::poison::lock(&lines)
+                .iter()
+                .find_map(|l| {
+                    let rest = l.trim().strip_prefix(&format!("{node}: http://"))?;
+                    Some(format!(
+                        "http://{}",
+                        rest.strip_suffix("/_matrix/client/versions")?
+                    ))
+                })
+                .unwrap_or_else(|| panic!("no Synapse address printed for {node}"))
+        };
+        assert!(Platform::synapse_answers(&url_of(&first)).await);
+        for other in ["node1", "node2", "node3"].iter().filter(|n| **n != first) {
+            assert!(!Platform::synapse_answers(&url_of(other)).await);
+        }
+        let config = files.dir.join(&first).join("mainstay.toml");
+        let agent = pid_with(&["agent", "--config", &config.display().to_string()])
+            .expect("the leader's agent");
+        mainstay_sys::process::kill(agent, libc::SIGKILL).unwrap();
+        let second = wait_synapse_on_primary(Some(&first)).await;
+        assert!(Platform::synapse_answers(&url_of(&second)).await);
+        assert!(!Platform::synapse_answers(&url_of(&first)).await);
+        files.passed = true;
+    });
+}

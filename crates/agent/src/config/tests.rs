@@ -571,3 +571,33 @@ fn alert_thresholds_have_defaults_and_bounds() {
     );
     check("[alerts]\ncpu = 90\n", None, "unknown field");
 }
+
+/// docs/platform.md's node configuration is a file `config check` takes:
+/// only what differs from machine to machine (programs, accounts,
+/// directories) is replaced by what every machine has.
+#[test]
+fn the_platform_example_in_the_docs_is_a_valid_configuration() {
+    let doc = include_str!("../../../../docs/platform.md");
+    let start = doc
+        .find("```toml\n")
+        .expect("a TOML block in docs/platform.md")
+        + 8;
+    let end = start + doc[start..].find("```").expect("the block's end");
+    let text = doc[start..end]
+        .replace("/opt/synapse/bin/python", "/bin/sh")
+        .replace("/usr/bin/turnserver", "/bin/sh")
+        .replace("/usr/local/bin/notify-bridge", "/bin/true")
+        .replace("\"matrix-synapse\"", "\"root\"")
+        .replace("\"turnserver\"", "\"root\"")
+        .replace("/var/lib/matrix-synapse", "/");
+    let config = Config::parse(Path::new("docs/platform.md"), &text)
+        .unwrap_or_else(|e| panic!("docs/platform.md's example: {e}"));
+    let services: Vec<String> = config
+        .services
+        .iter()
+        .map(|s| format!("{} {:?}", s.name, s.placement))
+        .collect();
+    // In start order (no dependency between them: by name).
+    assert_eq!(services, ["coturn Everywhere", "synapse WithLeader"]);
+    assert!(config.vip.is_some());
+}

@@ -48,6 +48,9 @@ pub struct PlatformRun {
     /// Old Synapse gone -> new one started (negative: both ran at once).
     pub gap_between_copies_ms: i64,
     pub acked: usize,
+    /// The largest agent's resident memory (bytes) once its services ran,
+    /// before the client started.
+    pub agent_idle_rss: u64,
     pub old_leader: String,
     pub new_leader: String,
 }
@@ -95,7 +98,7 @@ pub async fn run(args: PlatformArgs) -> ExitCode {
     println!(
         "platform ({} runs, {}): median message unavailability {} ms, Synapse start {} ms; \
          {} failed requests, {} acknowledged messages lost, {} duplicates, {} runs with two \
-         Synapse copies at once",
+         Synapse copies at once; idle agent with two services {:.1} MB",
         results.len(),
         args.mode,
         median(&report["message_unavailability_ms"]),
@@ -104,6 +107,7 @@ pub async fn run(args: PlatformArgs) -> ExitCode {
         report["lost_acked_messages"],
         report["duplicates"],
         report["overlapping_copies"],
+        median(&report["agent_idle_rss_bytes"]) as f64 / 1e6,
     );
     if args.json {
         println!("{report}");
@@ -133,6 +137,7 @@ pub fn report(results: &[PlatformRun], mode: &str) -> serde_json::Value {
         "synapse_start_ms": pick(&|r| r.synapse_start_ms),
         "overlapping_copies": results.iter().filter(|r| r.gap_between_copies_ms < 0).count(),
         "acked_messages": sum(&|r| r.acked as u64),
+        "agent_idle_rss_bytes": pick(&|r| r.agent_idle_rss),
         "settings": {
             "mode": mode,
             "hosts": 3,
@@ -158,6 +163,23 @@ fn synapse_version() -> String {
         .unwrap_or_default()
 }
 
+/// Every agent's resident memory once both its services run (Synapse on
+/// the leader, coturn everywhere): the largest.
+async fn idle_agent_rss(platform: &Platform) -> Result<u64, String> {
+    let mut largest = 0;
+    for i in 0..platform.cluster.nodes.len() {
+        platform
+            .running_pid(i, "coturn", Duration::from_secs(30))
+            .await?;
+        let pid = platform
+            .cluster
+            .agent_pid(i)
+            .ok_or("an agent is not running")?;
+        largest = largest.max(super::rss_bytes(pid));
+    }
+    Ok(largest)
+}
+
 /// One run on a thread that lives in the lab's client namespace, with its
 /// own runtime: every request crosses the lab's bridge.
 pub fn one_run_in_lab(dir: &Path, exe: &Path, sync: bool) -> Result<PlatformRun, String> {
@@ -176,6 +198,7 @@ async fn measure(platform: &mut Platform, sync: bool) -> Result<PlatformRun, Str
         platform.synchronous(&leader).await?;
     }
     let matrix = platform.crew_client().await?;
+    let agent_idle_rss = idle_agent_rss(platform).await?;
     let room = matrix.create_room("bridge").await?;
     let sender = matrix::Sender::start(&matrix, &room);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -195,6 +218,7 @@ async fn measure(platform: &mut Platform, sync: bool) -> Result<PlatformRun, Str
         synapse_start_ms: figures.synapse_start.as_millis() as u64,
         gap_between_copies_ms: figures.gap_between_copies_ms,
         acked: log.acked.len(),
+        agent_idle_rss,
         old_leader: figures.old_leader,
         new_leader: figures.new_leader,
     })

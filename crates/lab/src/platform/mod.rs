@@ -9,6 +9,7 @@
 //! crosses the lab's bridge like a crew device's.
 
 pub mod coturn;
+pub mod demo;
 pub mod matrix;
 pub mod synapse;
 

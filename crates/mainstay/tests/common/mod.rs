@@ -202,6 +202,7 @@ impl Drop for Harness {
         let keep = std::env::var_os("MAINSTAY_KEEP_TEST_FILES").is_some();
         if self.passed && !keep {
             self.cluster.stop_all();
+            self.cluster.unmount_disks();
             // Only our own throwaway test directory, never a real cluster.
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
