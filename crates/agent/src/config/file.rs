@@ -31,6 +31,8 @@ pub(super) struct File {
     pub callbacks: CallbacksSection,
     #[serde(default)]
     pub alerts: AlertsSection,
+    #[serde(default, rename = "replicate")]
+    pub replicate: Vec<ReplicateSection>,
 }
 
 #[derive(Deserialize)]
@@ -197,4 +199,17 @@ pub(super) struct AlertsSection {
     pub replication_lag_bytes: Option<ByteSize>,
     pub data_disk_free: Option<ByteSize>,
     pub data_disk_free_percent: Option<f64>,
+}
+
+/// One `[[replicate]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReplicateSection {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    pub settle: Option<f64>,
+    pub scan_interval: Option<f64>,
+    pub throttle: Option<ByteSize>,
+    pub lag_alert: Option<f64>,
 }

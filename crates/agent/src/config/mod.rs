@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod file;
+mod replicate;
 mod service;
 mod size;
 mod validate;
@@ -63,6 +64,9 @@ pub struct Config {
     pub hooks: mainstay_services::hooks::Hooks,
     /// `[alerts]`: when replication lag and disk space raise an alert.
     pub alerts: AlertThresholds,
+    /// `[[replicate]]`: directories copied from the leader's node to the
+    /// others.
+    pub replicate: Vec<mainstay_files::ReplicateSpec>,
 }
 
 /// `[alerts]`: past these, the node reports an alert (`/patroni`,

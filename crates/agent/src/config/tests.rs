@@ -601,3 +601,125 @@ fn the_platform_example_in_the_docs_is_a_valid_configuration() {
     assert_eq!(services, ["coturn Everywhere", "synapse WithLeader"]);
     assert!(config.vip.is_some());
 }
+
+#[test]
+fn replicated_directories_are_typed_with_defaults() {
+    if !postgres_installed() {
+        return;
+    }
+    let text = format!(
+        "{GOOD}\n[[replicate]]\npath = \"/var/lib/matrix-synapse/./media/\"\n\
+         exclude = [\"*.tmp\", \"url_cache/**\"]\nthrottle = \"20MB\"\n\
+         [[replicate]]\npath = \"/etc/matrix-synapse\"\nsettle = 0.5\nscan_interval = 10\n"
+    );
+    let config = Config::parse(Path::new("test.toml"), &text).unwrap();
+    let [media, conf] = &config.replicate[..] else {
+        panic!("{:?}", config.replicate);
+    };
+    assert_eq!(media.path, Path::new("/var/lib/matrix-synapse/media"));
+    assert!(media.exclude.excludes("url_cache/a/b") && media.exclude.excludes("x/y.tmp"));
+    assert_eq!(media.throttle, Some(20 << 20));
+    assert_eq!(media.settle, Duration::from_secs(1));
+    assert_eq!(media.scan_interval, Duration::from_secs(60));
+    assert_eq!(media.lag_alert, Duration::from_secs(60));
+    assert_eq!(conf.settle, Duration::from_millis(500));
+    assert_eq!(conf.scan_interval, Duration::from_secs(10));
+    assert_eq!(conf.throttle, None);
+    assert!(
+        Config::parse(Path::new("test.toml"), GOOD)
+            .unwrap()
+            .replicate
+            .is_empty()
+    );
+}
+
+#[test]
+fn bad_replicated_directories_are_refused_with_the_key_and_the_fix() {
+    if !postgres_installed() {
+        return;
+    }
+    let a_file = tempfile::NamedTempFile::new().unwrap();
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            "path = \"media\"".into(),
+            "replicate[0].path",
+            "not an absolute path",
+        ),
+        (
+            "path = \"/srv/../etc\"".into(),
+            "replicate[0].path",
+            "not an absolute path",
+        ),
+        ("path = \"/\"".into(), "replicate[0].path", "whole machine"),
+        (
+            "path = \"/var/lib/mainstay/data/pg_wal\"".into(),
+            "replicate[0].path",
+            "overlaps PostgreSQL's data directory",
+        ),
+        (
+            "path = \"/var/lib/mainstay\"".into(),
+            "replicate[0].path",
+            "overlaps PostgreSQL's data directory",
+        ),
+        (
+            format!("path = \"{}\"", a_file.path().display()),
+            "replicate[0].path",
+            "not a directory",
+        ),
+        (
+            "path = \"/srv/media\"\nexclude = [\"thumbs/[ab\"]".into(),
+            "replicate[0].exclude",
+            "\"thumbs/[ab\" is not a glob",
+        ),
+        (
+            "path = \"/srv/media\"\nsettle = 0".into(),
+            "replicate[0].settle",
+            "out of range",
+        ),
+        (
+            "path = \"/srv/media\"\nscan_interval = -1".into(),
+            "replicate[0].scan_interval",
+            "out of range",
+        ),
+        (
+            "path = \"/srv/media\"\nlag_alert = inf".into(),
+            "replicate[0].lag_alert",
+            "out of range",
+        ),
+        (
+            "path = \"/srv/media\"\nthrottle = \"fast\"".into(),
+            "replicate[0].throttle",
+            "not a rate",
+        ),
+        (
+            "path = \"/srv/media\"\nthrottle = 0".into(),
+            "replicate[0].throttle",
+            "leave it out",
+        ),
+    ];
+    for (section, key, needle) in &cases {
+        check(&format!("\n[[replicate]]\n{section}\n"), Some(key), needle);
+    }
+    // Nested or the same directory twice.
+    for (first, second) in [
+        ("/srv/media", "/srv/media/thumbs"),
+        ("/srv/media/a", "/srv/media"),
+        ("/srv/x", "/srv/x/"),
+    ] {
+        check(
+            &format!("\n[[replicate]]\npath = \"{first}\"\n[[replicate]]\npath = \"{second}\"\n"),
+            Some("replicate[1].path"),
+            "replicated already",
+        );
+    }
+    check(
+        "\n[[replicate]]\nexclude = []\n",
+        None,
+        "missing field `path`",
+    );
+    check(
+        "\n[[replicate]]\npath = \"/srv/m\"\ndirection = \"both\"\n",
+        None,
+        "unknown field `direction`",
+    );
+}

@@ -80,6 +80,7 @@ impl Config {
             services: super::service::services(file.services, &log_dir, &file.name)?,
             hooks: super::service::hooks(file.callbacks)?,
             alerts: alerts(file.alerts).map_err(owned)?,
+            replicate: super::replicate::directories(file.replicate, &postgresql.data_dir)?,
             postgresql,
             timing,
             tags: file.tags,

@@ -1,0 +1,396 @@
+//! The receiver's side: what a plan's steps do to its copy of the tree.
+//!
+//! - A file is written under a temporary name in its own directory
+//!   (`.mainstay-tmp-...`, never replicated nor scanned), its bytes checked
+//!   against the hash the source announced, fsynced, given its mode, owner
+//!   and mtime, then renamed over the real name and the directory fsynced:
+//!   a reader, or a crash at any instant, sees the old file or the new one,
+//!   never half of one.
+//! - An entry that must go but was not deleted at the source is moved
+//!   aside into `<dir>.moved-aside/<UTC time>/<its path>`, beside the tree
+//!   on the same filesystem (a rename: no copy, nothing lost), from where
+//!   a person brings it back.
+//! - Every path is checked first: relative, no `..`, and no symbolic link
+//!   among its parents, so nothing outside the tree is ever written.
+
+use crate::manifest::{Entry, Kind, valid_relative};
+use std::fs::{self, File, FileTimes};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Names a receiver writes before a rename; scans skip them.
+pub const TEMP_PREFIX: &str = ".mainstay-tmp-";
+
+/// A replicated directory as a receiver writes it.
+pub struct Receiver {
+    root: PathBuf,
+    aside: PathBuf,
+}
+
+/// The folder beside `root` that holds what was moved aside.
+pub fn aside_dir(root: &Path) -> PathBuf {
+    let mut name = root.file_name().unwrap_or_default().to_os_string();
+    name.push(".moved-aside");
+    root.with_file_name(name)
+}
+
+/// A folder name for one resync's moved-aside files: its UTC time,
+/// without colons (e.g. `2026-12-07T03-27-49Z`).
+pub fn aside_stamp(now: SystemTime) -> String {
+    let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}-{:02}-{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Owners are given back only by root (anyone else may not chown).
+fn is_root() -> bool {
+    mainstay_sys::process::geteuid() == 0
+}
+
+fn invalid(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what)
+}
+
+impl Receiver {
+    pub fn new(root: &Path) -> Receiver {
+        Receiver {
+            root: root.to_path_buf(),
+            aside: aside_dir(root),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `relative` under the root, once it is a plain relative path whose
+    /// parents are real directories (or missing), not links.
+    fn path(&self, relative: &str) -> io::Result<PathBuf> {
+        if !valid_relative(relative) {
+            return Err(invalid(format!(
+                "{relative:?} is not a relative path inside the tree"
+            )));
+        }
+        let mut at = self.root.clone();
+        let parts: Vec<&str> = relative.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            at.push(part);
+            match fs::symlink_metadata(&at) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    return Err(invalid(format!(
+                        "{relative:?}: {} is a symbolic link; nothing is written through one",
+                        at.display()
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(self.root.join(relative))
+    }
+
+    /// Writes `relative` from `body`, which must hold exactly the bytes
+    /// `entry` announces (size and hash); returns the bytes written.
+    pub fn write_file(&self, relative: &str, entry: &Entry, body: impl Read) -> io::Result<u64> {
+        let Kind::File { size, hash } = &entry.kind else {
+            return Err(invalid(format!("{relative:?} is not announced as a file")));
+        };
+        let path = self.path(relative)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let temp = dir.join(format!(
+            "{TEMP_PREFIX}{}-{}",
+            std::process::id(),
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+        ));
+        let written = self.write_temp(&temp, *size, hash, entry, body);
+        let written = match written {
+            Ok(written) => written,
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                return Err(e);
+            }
+        };
+        fs::rename(&temp, &path).inspect_err(|_| {
+            let _ = fs::remove_file(&temp);
+        })?;
+        File::open(&dir)?.sync_all()?;
+        Ok(written)
+    }
+
+    fn write_temp(
+        &self,
+        temp: &Path,
+        size: u64,
+        hash: &str,
+        entry: &Entry,
+        mut body: impl Read,
+    ) -> io::Result<u64> {
+        let mut file = File::create(temp)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        loop {
+            let n = body.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+            if written > size {
+                return Err(invalid(format!("more than the {size} bytes announced")));
+            }
+            hasher.update(&buffer[..n]);
+            file.write_all(&buffer[..n])?;
+        }
+        let got = hasher.finalize().to_hex();
+        if written != size || got.as_str() != hash {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "got {written} bytes hashing {got}, announced {size} hashing {hash}: \
+                     the file changed while it was sent"
+                ),
+            ));
+        }
+        file.sync_all()?;
+        set_file_metadata(&file, temp, entry)?;
+        Ok(written)
+    }
+
+    pub fn make_dir(&self, relative: &str, entry: &Entry) -> io::Result<()> {
+        let path = self.path(relative)?;
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+        set_file_metadata(&File::open(&path)?, &path, entry)
+    }
+
+    /// Creates (or replaces) the link `relative`, atomically.
+    pub fn make_link(&self, relative: &str, entry: &Entry) -> io::Result<()> {
+        let Kind::Symlink { target } = &entry.kind else {
+            return Err(invalid(format!("{relative:?} is not announced as a link")));
+        };
+        let path = self.path(relative)?;
+        let dir = path.parent().unwrap_or(&self.root);
+        let temp = dir.join(format!("{TEMP_PREFIX}{}-link", std::process::id()));
+        let _ = fs::remove_file(&temp);
+        std::os::unix::fs::symlink(target, &temp)?;
+        if is_root() {
+            std::os::unix::fs::lchown(&temp, Some(entry.uid), Some(entry.gid))?;
+        }
+        fs::rename(&temp, &path).inspect_err(|_| {
+            let _ = fs::remove_file(&temp);
+        })
+    }
+
+    /// Mode, owner and mtime of an entry whose content is already right.
+    pub fn set_metadata(&self, relative: &str, entry: &Entry) -> io::Result<()> {
+        let path = self.path(relative)?;
+        match entry.kind {
+            Kind::Symlink { .. } => {
+                if is_root() {
+                    std::os::unix::fs::lchown(&path, Some(entry.uid), Some(entry.gid))?;
+                }
+                Ok(())
+            }
+            _ => set_file_metadata(&File::open(&path)?, &path, entry),
+        }
+    }
+
+    /// Deletes a file or link the source deleted.
+    pub fn delete(&self, relative: &str) -> io::Result<()> {
+        let path = self.path(relative)?;
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Removes directory `relative` if nothing is left in it.
+    pub fn remove_dir_if_empty(&self, relative: &str) -> io::Result<bool> {
+        let path = self.path(relative)?;
+        match fs::remove_dir(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves `relative` into `<dir>.moved-aside/<stamp>/relative`; returns
+    /// its size (0 for a link).
+    pub fn move_aside(&self, relative: &str, stamp: &str) -> io::Result<u64> {
+        let path = self.path(relative)?;
+        let meta = fs::symlink_metadata(&path)?;
+        let target = self.aside.join(stamp).join(relative);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::rename(&path, &target)?;
+        File::open(path.parent().unwrap_or(&self.root))?.sync_all()?;
+        Ok(if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            0
+        })
+    }
+}
+
+fn set_file_metadata(file: &File, path: &Path, entry: &Entry) -> io::Result<()> {
+    if is_root() {
+        std::os::unix::fs::fchown(file, Some(entry.uid), Some(entry.gid))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(entry.mode))?;
+    let mtime = if entry.mtime_ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(entry.mtime_ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(entry.mtime_ns.unsigned_abs())
+    };
+    file.set_times(FileTimes::new().set_modified(mtime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::{HashCache, scan};
+    use crate::spec::Excludes;
+
+    fn entry_for(content: &[u8], mode: u32) -> Entry {
+        Entry {
+            kind: Kind::File {
+                size: content.len() as u64,
+                hash: blake3::hash(content).to_hex().to_string(),
+            },
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 1_700_000_000_123_456_789,
+        }
+    }
+
+    #[test]
+    fn a_file_arrives_whole_with_its_mode_and_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let receiver = Receiver::new(dir.path());
+        let entry = entry_for(b"voice note", 0o640);
+        assert_eq!(
+            receiver
+                .write_file("note", &entry, &b"voice note"[..])
+                .unwrap(),
+            10
+        );
+        let scanned = scan(dir.path(), &Excludes::none(), &mut HashCache::default()).unwrap();
+        let mut expected = entry.clone();
+        expected.uid = scanned.manifest["note"].uid;
+        expected.gid = scanned.manifest["note"].gid;
+        assert_eq!(scanned.manifest["note"], expected);
+    }
+
+    #[test]
+    fn bytes_that_do_not_match_the_announcement_never_reach_the_real_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let receiver = Receiver::new(dir.path());
+        std::fs::write(dir.path().join("photo"), b"old photo").unwrap();
+        let entry = entry_for(b"new photo", 0o644);
+        for body in [&b"new phot"[..], &b"new photo!"[..], &b"NEW PHOTO"[..]] {
+            let err = receiver.write_file("photo", &entry, body).unwrap_err();
+            assert!(
+                matches!(
+                    err.kind(),
+                    io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput
+                ),
+                "{err}"
+            );
+            assert_eq!(
+                std::fs::read(dir.path().join("photo")).unwrap(),
+                b"old photo"
+            );
+        }
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn nothing_is_written_outside_the_tree() {
+        let outside = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        let receiver = Receiver::new(dir.path());
+        let entry = entry_for(b"x", 0o644);
+        for path in ["../escape", "/etc/x", "link/x", "a/../../x", ""] {
+            assert!(
+                receiver.write_file(path, &entry, &b"x"[..]).is_err(),
+                "{path}"
+            );
+        }
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn moved_aside_files_keep_their_path_under_a_dated_folder() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("media");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/late"), b"written after the crash").unwrap();
+        let receiver = Receiver::new(&root);
+        let stamp = aside_stamp(UNIX_EPOCH + Duration::from_secs(1_796_613_000));
+        assert_eq!(stamp, "2026-12-07T03-10-00Z");
+        assert_eq!(receiver.move_aside("a/b/late", &stamp).unwrap(), 23);
+        assert!(!root.join("a/b/late").exists());
+        let kept = base
+            .path()
+            .join("media.moved-aside")
+            .join(&stamp)
+            .join("a/b/late");
+        assert_eq!(std::fs::read(kept).unwrap(), b"written after the crash");
+        assert!(!receiver.remove_dir_if_empty("a").unwrap());
+        assert!(receiver.remove_dir_if_empty("a/b").unwrap());
+        assert!(receiver.remove_dir_if_empty("a").unwrap());
+    }
+
+    #[test]
+    fn links_are_made_as_links_and_dates_are_civil() {
+        let dir = tempfile::tempdir().unwrap();
+        let receiver = Receiver::new(dir.path());
+        let link = Entry {
+            kind: Kind::Symlink {
+                target: "/nowhere".into(),
+            },
+            ..entry_for(b"", 0o777)
+        };
+        receiver.make_link("l", &link).unwrap();
+        receiver.make_link("l", &link).unwrap();
+        assert_eq!(
+            std::fs::read_link(dir.path().join("l")).unwrap(),
+            Path::new("/nowhere")
+        );
+        assert_eq!(aside_stamp(UNIX_EPOCH), "1970-01-01T00-00-00Z");
+        assert_eq!(
+            aside_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00-00-00Z"
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! Runs a plan on a receiver, step by step in the plan's order. A step
+//! that fails (a file that changed while it was sent, an unreadable one, a
+//! full disk) is reported with why and left for the next round; it never
+//! stops the steps after it, and it never leaves a partial file under a
+//! real name (see `apply`).
+
+use crate::apply::Receiver;
+use crate::manifest::{Entry, Manifest};
+use crate::plan::Plan;
+use std::io::{self, Read};
+
+/// What one round did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub sent_files: u64,
+    pub sent_bytes: u64,
+    pub moved_aside_files: u64,
+    pub moved_aside_bytes: u64,
+    pub deleted: u64,
+    /// Steps that failed: the path and why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Applies `plan` (made against `source`) on `receiver`; `fetch` opens a
+/// source file's bytes; files moved aside go under the folder `stamp`.
+pub fn execute<R: Read>(
+    plan: &Plan,
+    source: &Manifest,
+    receiver: &Receiver,
+    stamp: &str,
+    mut fetch: impl FnMut(&str, &Entry) -> io::Result<R>,
+) -> Report {
+    let mut report = Report::default();
+    let fail = |report: &mut Report, path: &str, e: io::Error| {
+        report.failed.push((path.to_string(), e.to_string()));
+    };
+    for path in &plan.move_aside {
+        match receiver.move_aside(path, stamp) {
+            Ok(bytes) => {
+                report.moved_aside_files += 1;
+                report.moved_aside_bytes += bytes;
+            }
+            Err(e) => fail(&mut report, path, e),
+        }
+    }
+    for path in &plan.delete {
+        match receiver.delete(path) {
+            Ok(()) => report.deleted += 1,
+            Err(e) => fail(&mut report, path, e),
+        }
+    }
+    for path in &plan.remove_dirs {
+        if let Err(e) = receiver.remove_dir_if_empty(path) {
+            fail(&mut report, path, e);
+        }
+    }
+    let entry = |path: &str| {
+        source
+            .get(path)
+            .ok_or_else(|| io::Error::other("not in the source's manifest"))
+    };
+    for path in &plan.make_dirs {
+        if let Err(e) = entry(path).and_then(|e| receiver.make_dir(path, e)) {
+            fail(&mut report, path, e);
+        }
+    }
+    for path in &plan.send {
+        let sent = entry(path).and_then(|e| {
+            let body = fetch(path, e)?;
+            receiver.write_file(path, e, body)
+        });
+        match sent {
+            Ok(bytes) => {
+                report.sent_files += 1;
+                report.sent_bytes += bytes;
+            }
+            Err(e) => fail(&mut report, path, e),
+        }
+    }
+    for path in &plan.links {
+        if let Err(e) = entry(path).and_then(|e| receiver.make_link(path, e)) {
+            fail(&mut report, path, e);
+        }
+    }
+    for path in &plan.fix_metadata {
+        if let Err(e) = entry(path).and_then(|e| receiver.set_metadata(path, e)) {
+            fail(&mut report, path, e);
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::plan;
+    use crate::scan::{HashCache, scan};
+    use crate::spec::Excludes;
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    fn tree(root: &Path) -> Manifest {
+        scan(root, &Excludes::none(), &mut HashCache::default())
+            .unwrap()
+            .manifest
+    }
+
+    /// Two trees hold the same things, by the manifest's own rules.
+    fn same(a: &Manifest, b: &Manifest) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|((pa, ea), (pb, eb))| pa == pb && ea.same_content(eb) && ea.same_metadata(eb))
+    }
+
+    /// One round from a local source directory.
+    fn sync(source: &Path, receiver: &Receiver, deleted: &BTreeSet<String>) -> Report {
+        let source_tree = tree(source);
+        let plan = plan(&source_tree, &tree(receiver.root()), deleted);
+        execute(&plan, &source_tree, receiver, "stamp", |path, _| {
+            std::fs::File::open(source.join(path))
+        })
+    }
+
+    #[test]
+    fn a_receiver_converges_and_a_second_round_sends_nothing() {
+        let base = tempfile::tempdir().unwrap();
+        let (source, copy) = (base.path().join("source"), base.path().join("copy"));
+        std::fs::create_dir_all(source.join("local_content/ab")).unwrap();
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::write(source.join("local_content/ab/cdef"), vec![1u8; 300_000]).unwrap();
+        std::fs::write(source.join("top"), b"t").unwrap();
+        std::os::unix::fs::symlink("top", source.join("alias")).unwrap();
+        let receiver = Receiver::new(&copy);
+        let first = sync(&source, &receiver, &BTreeSet::new());
+        assert_eq!((first.sent_files, first.sent_bytes), (2, 300_001));
+        assert!(first.failed.is_empty(), "{:?}", first.failed);
+        assert!(same(&tree(&source), &tree(&copy)));
+        let second = sync(&source, &receiver, &BTreeSet::new());
+        assert_eq!(second, Report::default());
+    }
+
+    #[test]
+    fn a_failback_keeps_what_only_the_old_leader_had_and_resends_only_changes() {
+        let base = tempfile::tempdir().unwrap();
+        let (leader, old) = (base.path().join("leader"), base.path().join("old"));
+        for dir in [&leader, &old] {
+            std::fs::create_dir_all(dir).unwrap();
+            for i in 0..20 {
+                std::fs::write(dir.join(format!("f{i}")), format!("file {i}")).unwrap();
+            }
+        }
+        // Both had the same files; then the old leader wrote one more before
+        // its crash, and the new leader changed one and wrote one.
+        let receiver = Receiver::new(&old);
+        sync(&leader, &receiver, &BTreeSet::new());
+        std::fs::write(old.join("only-on-the-old-leader"), b"late upload").unwrap();
+        std::fs::write(leader.join("f3"), b"changed on the new leader").unwrap();
+        std::fs::write(leader.join("new"), b"new upload").unwrap();
+        let report = sync(&leader, &receiver, &BTreeSet::new());
+        assert_eq!(report.sent_files, 2);
+        assert_eq!(report.moved_aside_files, 1);
+        assert_eq!(report.moved_aside_bytes, 11);
+        assert_eq!(report.deleted, 0);
+        assert!(same(&tree(&leader), &tree(&old)));
+        let kept = base
+            .path()
+            .join("old.moved-aside/stamp/only-on-the-old-leader");
+        assert_eq!(std::fs::read(kept).unwrap(), b"late upload");
+    }
+
+    #[test]
+    fn a_file_that_changes_while_sent_fails_alone() {
+        let base = tempfile::tempdir().unwrap();
+        let (source, copy) = (base.path().join("source"), base.path().join("copy"));
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::write(source.join("a"), b"aaaa").unwrap();
+        std::fs::write(source.join("b"), b"bbbb").unwrap();
+        let source_tree = tree(&source);
+        let receiver = Receiver::new(&copy);
+        let plan = plan(&source_tree, &tree(&copy), &BTreeSet::new());
+        let report = execute(&plan, &source_tree, &receiver, "stamp", |path, _| {
+            if path == "a" {
+                std::fs::write(source.join("a"), b"rewritten meanwhile")?;
+            }
+            std::fs::File::open(source.join(path))
+        });
+        assert_eq!(report.sent_files, 1);
+        assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+        assert_eq!(report.failed[0].0, "a");
+        assert!(!copy.join("a").exists());
+        assert_eq!(std::fs::read(copy.join("b")).unwrap(), b"bbbb");
+    }
+}

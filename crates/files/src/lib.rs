@@ -1,0 +1,32 @@
+//! Directories replicated from the node that holds leadership to every
+//! other node (`[[replicate]]`: Synapse's media store...), so that files
+//! follow the database through a failover.
+//!
+//! The parts, from the pure to the ones that touch the disk:
+//! - `spec`: a directory as the configuration describes it, typed, with its
+//!   exclude globs compiled;
+//! - `manifest`: a tree as data (path, kind, size, content hash, mode,
+//!   owner, mtime), the unit both ends compare;
+//! - `plan`: what a receiver must do to match its source: pure, so every
+//!   rule (a file only on the receiver is moved aside, never deleted,
+//!   unless the source saw it deleted) is tested without a disk;
+//! - `scan`: a directory read into a manifest, hashing only files whose
+//!   size, mtime, inode or ctime changed since the last scan;
+//! - `apply`: the receiver's writes: a temporary name in the same
+//!   directory, fsync, rename, so that a reader never sees half a file;
+//!   files moved aside into a dated folder beside the tree;
+//! - `execute`: a plan run step by step on a receiver, a failed step
+//!   reported and left for the next round.
+
+#![forbid(unsafe_code)]
+
+pub mod apply;
+pub mod execute;
+pub mod manifest;
+pub mod plan;
+pub mod scan;
+pub mod spec;
+
+pub use manifest::{Entry, Kind, Manifest};
+pub use plan::{Plan, plan};
+pub use spec::{Excludes, ReplicateSpec};
