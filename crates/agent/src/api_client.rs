@@ -157,6 +157,43 @@ impl ApiClient {
         content_type: &str,
     ) -> Result<Answer, ClientError> {
         let url = format!("{}{path}", self.base);
+        let started = tokio::time::Instant::now();
+        let response = self
+            .response(method.clone(), path, body, content_type)
+            .await?;
+        let status = response.status();
+        let collect = async {
+            response
+                .into_body()
+                .collect()
+                .await
+                .map_err(ExchangeError::Body)
+        };
+        let left = self.timeout.saturating_sub(started.elapsed());
+        let bytes = tokio::time::timeout(left, collect)
+            .await
+            .unwrap_or(Err(ExchangeError::Timeout(self.timeout)))
+            .map_err(|failure| ClientError::Exchange {
+                method,
+                url,
+                failure,
+            })?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Answer { status, body, text })
+    }
+
+    /// The response's head within the timeout, its body still to be read
+    /// (a file, streamed in pieces: memory does not grow with its size).
+    pub async fn response(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        content_type: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let url = format!("{}{path}", self.base);
         let uri: hyper::Uri = match url.parse() {
             Ok(uri) => uri,
             Err(source) => return Err(ClientError::BadUrl { url, source }),
@@ -205,7 +242,7 @@ impl ApiClient {
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
                 .map_err(ExchangeError::Connect)?;
-            let response = match tls {
+            match tls {
                 Some(tls) => {
                     let name = rustls_pki_types::ServerName::try_from(host.clone())
                         .map_err(ExchangeError::ServerName)?;
@@ -214,17 +251,7 @@ impl ApiClient {
                 }
                 None => send(TokioIo::new(tcp), request).await,
             }
-            .map_err(ExchangeError::Http)?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(ExchangeError::Body)?
-                .to_bytes();
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            Ok(Answer { status, body, text })
+            .map_err(ExchangeError::Http)
         };
         let answered = tokio::time::timeout(self.timeout, exchange)
             .await

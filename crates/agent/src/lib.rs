@@ -16,6 +16,7 @@ pub mod api_client;
 pub mod boot_clock;
 pub mod config;
 pub mod ctl;
+pub mod files_transport;
 pub mod parameter_guard;
 pub mod proxy;
 pub mod tls;

@@ -74,6 +74,43 @@ fn invalid(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, what)
 }
 
+/// `relative` under `root`, once it is a plain relative path whose
+/// parents are real directories (or missing), not links.
+pub fn inside(root: &Path, relative: &str) -> io::Result<PathBuf> {
+    if !valid_relative(relative) {
+        return Err(invalid(format!(
+            "{relative:?} is not a relative path inside the tree"
+        )));
+    }
+    let mut at = root.to_path_buf();
+    let parts: Vec<&str> = relative.split('/').collect();
+    for part in &parts[..parts.len() - 1] {
+        at.push(part);
+        if fs::symlink_metadata(&at).is_ok_and(|meta| meta.file_type().is_symlink()) {
+            return Err(invalid(format!(
+                "{relative:?}: {} is a symbolic link; nothing is read or written through one",
+                at.display()
+            )));
+        }
+    }
+    Ok(root.join(relative))
+}
+
+/// Opens the regular file `relative` under `root` for reading, never
+/// through a link (neither a parent nor the file itself).
+pub fn open_inside(root: &Path, relative: &str) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = inside(root, relative)?;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    if !file.metadata()?.is_file() {
+        return Err(invalid(format!("{relative:?} is not a regular file")));
+    }
+    Ok(file)
+}
+
 impl Receiver {
     pub fn new(root: &Path) -> Receiver {
         Receiver {
@@ -86,29 +123,8 @@ impl Receiver {
         &self.root
     }
 
-    /// `relative` under the root, once it is a plain relative path whose
-    /// parents are real directories (or missing), not links.
     fn path(&self, relative: &str) -> io::Result<PathBuf> {
-        if !valid_relative(relative) {
-            return Err(invalid(format!(
-                "{relative:?} is not a relative path inside the tree"
-            )));
-        }
-        let mut at = self.root.clone();
-        let parts: Vec<&str> = relative.split('/').collect();
-        for part in &parts[..parts.len() - 1] {
-            at.push(part);
-            match fs::symlink_metadata(&at) {
-                Ok(meta) if meta.file_type().is_symlink() => {
-                    return Err(invalid(format!(
-                        "{relative:?}: {} is a symbolic link; nothing is written through one",
-                        at.display()
-                    )));
-                }
-                _ => {}
-            }
-        }
-        Ok(self.root.join(relative))
+        inside(&self.root, relative)
     }
 
     /// Writes `relative` from `body`, which must hold exactly the bytes

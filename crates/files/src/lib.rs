@@ -16,17 +16,27 @@
 //!   directory, fsync, rename, so that a reader never sees half a file;
 //!   files moved aside into a dated folder beside the tree;
 //! - `execute`: a plan run step by step on a receiver, a failed step
-//!   reported and left for the next round.
+//!   reported and left for the next round;
+//! - `source`: the leader's offer (the tree once each file has settled,
+//!   a version, the paths it saw deleted); `follower`: a receiver's rounds
+//!   against that offer;
+//! - `runner`: the thread that makes each directory a source while the
+//!   node leads and a follower of the leader otherwise, over the agent's
+//!   API (`Transport`).
 
 #![forbid(unsafe_code)]
 
 pub mod apply;
 pub mod execute;
+pub mod follower;
 pub mod manifest;
 pub mod plan;
+pub mod runner;
 pub mod scan;
+pub mod source;
 pub mod spec;
 
 pub use manifest::{Entry, Kind, Manifest};
 pub use plan::{Plan, plan};
+pub use runner::{Replication, Transport};
 pub use spec::{Excludes, ReplicateSpec};

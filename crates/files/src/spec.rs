@@ -20,9 +20,6 @@ pub struct ReplicateSpec {
     /// Bytes per second sent to each receiver; `None`: as fast as the
     /// network goes.
     pub throttle: Option<u64>,
-    /// A receiver whose oldest unsent change is older than this is
-    /// reported behind.
-    pub lag_alert: Duration,
 }
 
 /// Paths (relative to the replicated directory, `/`-separated) that are

@@ -149,6 +149,9 @@ pub struct Agent<D: Dcs> {
     /// `[[service]]`, and their supervisor once the agent runs.
     service_specs: Vec<mainstay_services::ServiceSpec>,
     services: Option<Arc<mainstay_services::Services>>,
+    /// `[[replicate]]`, and their replication once the agent runs.
+    replicate_specs: Vec<mainstay_files::ReplicateSpec>,
+    replication: Option<Arc<mainstay_files::Replication>>,
     /// `[callbacks]`, run by a follower of the published state.
     hooks: mainstay_services::hooks::Hooks,
     cluster: String,
@@ -252,6 +255,8 @@ impl<D: Dcs> Agent<D> {
             vip_held: watch::Sender::new(false),
             service_specs: config.services.clone(),
             services: None,
+            replicate_specs: config.replicate.clone(),
+            replication: None,
             hooks: config.hooks.clone(),
             cluster: config.cluster.clone(),
             alert_thresholds: config.alerts,

@@ -26,6 +26,8 @@ pub enum RunError {
     Api(#[from] crate::api::ServeError),
     #[error(transparent)]
     Proxy(#[from] crate::proxy::ProxyError),
+    #[error("cannot start replicating the [[replicate]] directories: {source}")]
+    Replication { source: std::io::Error },
     /// Continuing could damage data (a fatal turn, the lease keeper gone).
     #[error("{0}")]
     Fatal(String),
@@ -145,6 +147,8 @@ impl<D: Dcs> Agent<D> {
                 )
             })?)
         };
+        self.start_replication()
+            .map_err(|source| RunError::Replication { source })?;
         // One command at a time: a second caller waits its turn.
         let (command_tx, mut commands) = tokio::sync::mpsc::channel(1);
         info!(listen = %self.api_listen, "REST API listening");
@@ -170,6 +174,7 @@ impl<D: Dcs> Agent<D> {
                     file_parameters: self.file_parameters.clone(),
                 },
                 ca_file: self.api_ca_file.clone(),
+                replication: self.replication.clone(),
             })),
             tls,
             self.api_limits,
@@ -335,6 +340,25 @@ impl<D: Dcs> Agent<D> {
         self.services = Some(Arc::new(mainstay_services::Services::start(
             specs, inputs, &self.name,
         )));
+    }
+
+    /// Starts copying the `[[replicate]]` directories: from this node while
+    /// it leads, from the leader otherwise (see `mainstay_files::runner`).
+    fn start_replication(&mut self) -> std::io::Result<()> {
+        if self.replicate_specs.is_empty() {
+            return Ok(());
+        }
+        let transport = crate::files_transport::ApiTransport::new(
+            self.api_auth.clone(),
+            self.api_ca_file.clone(),
+        )?;
+        let span = info_span!(parent: None, "replicate", node = %self.name);
+        let specs = std::mem::take(&mut self.replicate_specs);
+        let replication = span.in_scope(|| {
+            mainstay_files::Replication::start(specs, self.follow(), self.name.clone(), transport)
+        });
+        self.replication = Some(Arc::new(replication));
+        Ok(())
     }
 
     /// Stops this node's with-leader services and waits for them, before it

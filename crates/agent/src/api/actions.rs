@@ -27,7 +27,7 @@ pub struct ApiAuth {
 }
 
 impl ApiAuth {
-    fn check(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+    pub(super) fn check(&self, headers: &HeaderMap) -> Result<(), Refusal> {
         if self.basic.is_none() && self.token.is_none() {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,

@@ -5,6 +5,7 @@
 //! node to a load balancer). Only `/config` reads the DCS.
 
 mod actions;
+mod files;
 pub mod health;
 mod metrics;
 mod openapi;
@@ -242,6 +243,8 @@ pub struct ApiState<D> {
     pub params: ParamCheck,
     /// The CA that signed the other agents' API certificates.
     pub ca_file: Option<PathBuf>,
+    /// The replicated directories (`[[replicate]]`), if any.
+    pub replication: Option<Arc<mainstay_files::Replication>>,
 }
 
 impl<D: Dcs> ApiState<D> {
@@ -301,6 +304,9 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
                 axum::Json(status::services(&state.node())).into_response()
             }),
         )
+        .route("/replication/files", get(files::status::<D>))
+        .route("/replication/files/{index}/offer", get(files::offer::<D>))
+        .route("/replication/files/{index}/file", get(files::file::<D>))
         .route(
             "/config",
             get(config::<D>)

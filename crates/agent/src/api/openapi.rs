@@ -524,6 +524,36 @@ pub fn document() -> Value {
     restart_service["parameters"] = json!([
         {"name": "name", "in": "path", "required": true, "description": "The service's name ([[service]] name).", "schema": {"type": "string", "minLength": 1}}
     ]);
+    let index = json!({"name": "index", "in": "path", "required": true, "description": "The directory's position among the [[replicate]] sections (from 0).", "schema": {"type": "integer", "minimum": 0}});
+    let mut files_offer = unsafe_op(
+        "A replicated directory's offer, for the other agents (the API's credentials even on GET: these are the files).",
+        None,
+        json!({
+            "200": ok("The tree as the source serves it: version, entries, paths deleted.", json!({"type": "object", "required": ["path", "instance", "version", "entries", "deleted"]})),
+            "304": {"description": "The asker has applied this instance and version already."},
+            "400": err("The index or the query is not what this operation takes."),
+            "409": err("This node is not the source of that directory (not the leader, or no such directory).")
+        }),
+    );
+    files_offer["parameters"] = json!([
+        index,
+        {"name": "instance", "in": "query", "required": false, "description": "The source instance the asker applied.", "schema": {"type": "string"}},
+        {"name": "version", "in": "query", "required": false, "description": "The version the asker applied.", "schema": {"type": "integer", "minimum": 0}}
+    ]);
+    let mut files_file = unsafe_op(
+        "A file of a replicated directory's current offer, streamed.",
+        None,
+        json!({
+            "200": {"description": "The file's bytes.", "content": {"application/octet-stream": {"schema": {"type": "string"}}}},
+            "400": err("The index or the path is not what this operation takes."),
+            "404": err("Not a file this node offers."),
+            "409": err("This node is not the source of that directory.")
+        }),
+    );
+    files_file["parameters"] = json!([
+        index,
+        {"name": "path", "in": "query", "required": true, "description": "The file's path relative to the directory.", "schema": {"type": "string", "minLength": 1}}
+    ]);
     let text = |what: &str| json!({"description": what, "content": {"text/plain": {"schema": {"type": "string"}}}});
     json!({
         "openapi": "3.1.0",
@@ -554,6 +584,9 @@ pub fn document() -> Value {
             },
             "/cluster": read("Every member, the pause flag and any pending switchover.", ok("The cluster as the DCS holds it now (as this agent last read it if the DCS does not answer in time).", schema("Cluster")), Some(NO_DCS_YET)),
             "/services": read("This node's supervised services ([[service]]), in start order.", ok("Each service's state.", schema("Services")), None),
+            "/replication/files": read("This node's replicated directories ([[replicate]]): source or receiver, versions, files received and moved aside, errors.", ok("Each directory's state.", json!({"type": "object", "required": ["directories"], "properties": {"directories": {"type": "array", "items": {"type": "object", "required": ["role", "path"], "properties": {"role": {"enum": ["source", "receiver", "idle"]}, "path": {"type": "string"}}}}}})), None),
+            "/replication/files/{index}/offer": {"get": files_offer},
+            "/replication/files/{index}/file": {"get": files_file},
             "/history": read("Timeline switches.", ok("Timeline switches, oldest first.", schema("History")), Some(NO_DCS_YET)),
             "/metrics": read("Prometheus text exposition.", text("Metrics in Prometheus' text format 0.0.4."), None),
             "/openapi.json": read("This document.", ok("This document.", json!({"type": "object", "required": ["openapi", "paths"]})), None),

@@ -211,5 +211,4 @@ pub(super) struct ReplicateSection {
     pub settle: Option<f64>,
     pub scan_interval: Option<f64>,
     pub throttle: Option<ByteSize>,
-    pub lag_alert: Option<f64>,
 }

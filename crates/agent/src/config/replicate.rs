@@ -14,7 +14,6 @@ type Refusal = (String, String);
 
 const DEFAULT_SETTLE_SECS: f64 = 1.0;
 const DEFAULT_SCAN_INTERVAL_SECS: f64 = 60.0;
-const DEFAULT_LAG_ALERT_SECS: f64 = 60.0;
 
 pub(super) fn directories(
     sections: Vec<ReplicateSection>,
@@ -123,12 +122,6 @@ pub(super) fn directories(
                 "scan_interval",
                 section.scan_interval,
                 DEFAULT_SCAN_INTERVAL_SECS,
-                86_400.0,
-            )?,
-            lag_alert: seconds(
-                "lag_alert",
-                section.lag_alert,
-                DEFAULT_LAG_ALERT_SECS,
                 86_400.0,
             )?,
             throttle,

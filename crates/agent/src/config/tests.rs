@@ -621,7 +621,6 @@ fn replicated_directories_are_typed_with_defaults() {
     assert_eq!(media.throttle, Some(20 << 20));
     assert_eq!(media.settle, Duration::from_secs(1));
     assert_eq!(media.scan_interval, Duration::from_secs(60));
-    assert_eq!(media.lag_alert, Duration::from_secs(60));
     assert_eq!(conf.settle, Duration::from_millis(500));
     assert_eq!(conf.scan_interval, Duration::from_secs(10));
     assert_eq!(conf.throttle, None);
@@ -682,8 +681,8 @@ fn bad_replicated_directories_are_refused_with_the_key_and_the_fix() {
             "out of range",
         ),
         (
-            "path = \"/srv/media\"\nlag_alert = inf".into(),
-            "replicate[0].lag_alert",
+            "path = \"/srv/media\"\nscan_interval = inf".into(),
+            "replicate[0].scan_interval",
             "out of range",
         ),
         (

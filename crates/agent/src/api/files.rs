@@ -1,0 +1,148 @@
+//! The replicated directories over the API: `GET /replication/files`
+//! (every directory's state on this node, open like `/cluster`), and, for
+//! the other agents only (the API's credentials, even on GET: these are
+//! the files themselves), a directory's offer and a file's bytes, streamed
+//! in 64 KiB pieces.
+
+use super::{Shared, error};
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use mainstay_dcs::Dcs;
+use serde::Deserialize;
+use std::io::Read;
+
+pub(super) async fn status<D: Dcs>(State(state): Shared<D>) -> Response {
+    match &state.replication {
+        Some(replication) => axum::Json(replication.status()).into_response(),
+        None => axum::Json(serde_json::json!({ "directories": [] })).into_response(),
+    }
+}
+
+/// The credentials first, then the directory's index and the query.
+fn authorized<Q>(
+    auth: &crate::api::ApiAuth,
+    headers: &HeaderMap,
+    index: Result<Path<usize>, PathRejection>,
+    query: Result<Query<Q>, QueryRejection>,
+) -> Result<(usize, Q), Box<Response>> {
+    auth.check(headers)
+        .map_err(|refusal| Box::new(refusal.into_response()))?;
+    match (index, query) {
+        (Ok(Path(index)), Ok(Query(query))) => Ok((index, query)),
+        (Err(e), _) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("index: {}", e.body_text()),
+        ))),
+        (_, Err(e)) => Err(Box::new(error(StatusCode::BAD_REQUEST, e.body_text()))),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct OfferQuery {
+    instance: Option<String>,
+    version: Option<u64>,
+}
+
+/// Directory `index`'s offer, or 304 when the asker has applied it.
+pub(super) async fn offer<D: Dcs>(
+    State(state): Shared<D>,
+    headers: HeaderMap,
+    index: Result<Path<usize>, PathRejection>,
+    query: Result<Query<OfferQuery>, QueryRejection>,
+) -> Response {
+    let (index, query) = match authorized(&state.auth, &headers, index, query) {
+        Ok(parts) => parts,
+        Err(refused) => return *refused,
+    };
+    let Some(replication) = &state.replication else {
+        return not_source();
+    };
+    // The offer is cloned under the replication's lock (the scan thread
+    // holds it while it scans): off the runtime's threads.
+    let replication = replication.clone();
+    let offer = tokio::task::spawn_blocking(move || replication.offer(index)).await;
+    match offer {
+        Ok(Some(offer)) => {
+            if query.instance.as_deref() == Some(offer.instance.as_str())
+                && query.version == Some(offer.version)
+            {
+                return StatusCode::NOT_MODIFIED.into_response();
+            }
+            axum::Json(offer).into_response()
+        }
+        Ok(None) => not_source(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// 409, as for other requests sent to the wrong node (not the leader).
+fn not_source() -> Response {
+    error(
+        StatusCode::CONFLICT,
+        "this node is not the source of that replicated directory: ask the leader",
+    )
+}
+
+#[derive(Deserialize)]
+pub(super) struct FileQuery {
+    path: String,
+}
+
+/// A file of the current offer, streamed; 404 for anything else (a path
+/// not offered, a link, a directory, a path that climbs out).
+pub(super) async fn file<D: Dcs>(
+    State(state): Shared<D>,
+    headers: HeaderMap,
+    index: Result<Path<usize>, PathRejection>,
+    query: Result<Query<FileQuery>, QueryRejection>,
+) -> Response {
+    let (index, query) = match authorized(&state.auth, &headers, index, query) {
+        Ok(parts) => parts,
+        Err(refused) => return *refused,
+    };
+    let Some(replication) = state.replication.clone() else {
+        return not_source();
+    };
+    if !mainstay_files::manifest::valid_relative(&query.path) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "path: a relative path inside the directory",
+        );
+    }
+    let relative = query.path.clone();
+    let opened = tokio::task::spawn_blocking(move || {
+        let (root, _) = replication.file(index, &relative)?;
+        mainstay_files::apply::open_inside(&root, &relative).ok()
+    })
+    .await;
+    let Ok(Some(file)) = opened else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("{} is not a file this node offers", query.path),
+        );
+    };
+    // One 64 KiB read at a time, on the blocking pool; the connection's
+    // pace bounds what is in memory.
+    let chunks = futures_util::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buffer = vec![0u8; 64 * 1024];
+            let n = file.read(&mut buffer)?;
+            buffer.truncate(n);
+            Ok::<_, std::io::Error>((buffer, file))
+        })
+        .await;
+        match read {
+            Ok(Ok((buffer, _))) if buffer.is_empty() => None,
+            Ok(Ok((buffer, file))) => Some((Ok(axum::body::Bytes::from(buffer)), Some(file))),
+            Ok(Err(e)) => Some((Err(e), None)),
+            Err(e) => Some((Err(std::io::Error::other(e)), None)),
+        }
+    });
+    // Chunked, not a Content-Length: the file may change while it is
+    // read; the receiver checks the bytes against the offer's hash.
+    Body::from_stream(chunks).into_response()
+}

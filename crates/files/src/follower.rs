@@ -1,0 +1,240 @@
+//! A receiver's side of a replicated directory: each round compares its
+//! tree with the source's offer and applies the difference.
+//!
+//! Deletions propagate only for paths this receiver holds from the same
+//! source instance (it had them in sync, then the source deleted them).
+//! After a failover the source is a new instance: everything only the
+//! receiver has (the old leader's last uploads, local writes) is moved
+//! aside, never deleted.
+
+use crate::apply::{Receiver, aside_stamp};
+use crate::execute::{Report, execute};
+use crate::manifest::{Entry, Manifest};
+use crate::plan::plan;
+use crate::scan::{HashCache, scan};
+use crate::source::Offer;
+use crate::spec::ReplicateSpec;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::io::{self, Read};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub struct Follower {
+    spec: ReplicateSpec,
+    receiver: Receiver,
+    cache: HashCache,
+    instance: Option<String>,
+    version: u64,
+    /// Paths in sync with the current instance after the last round.
+    in_sync: BTreeSet<String>,
+    status: FollowerStatus,
+}
+
+/// What a receiver tells about a directory (`GET /replication/files`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FollowerStatus {
+    pub path: String,
+    pub source_instance: Option<String>,
+    /// The source's version this receiver matches (all but `failed`).
+    pub version: u64,
+    /// Unix time of the last round that changed something.
+    pub last_change: Option<u64>,
+    pub files_received: u64,
+    pub bytes_received: u64,
+    /// Files moved aside since the agent started, and their bytes.
+    pub moved_aside_files: u64,
+    pub moved_aside_bytes: u64,
+    pub deleted: u64,
+    /// Paths the last round could not apply, with why.
+    pub failed: Vec<(String, String)>,
+}
+
+impl Follower {
+    pub fn new(spec: ReplicateSpec) -> Follower {
+        Follower {
+            receiver: Receiver::new(&spec.path),
+            status: FollowerStatus {
+                path: spec.path.display().to_string(),
+                ..FollowerStatus::default()
+            },
+            spec,
+            cache: HashCache::default(),
+            instance: None,
+            version: 0,
+            in_sync: BTreeSet::new(),
+        }
+    }
+
+    /// The (instance, version) this receiver last applied completely: the
+    /// source may answer "unchanged" when it still offers the same.
+    pub fn applied(&self) -> Option<(&str, u64)> {
+        let complete = self.status.failed.is_empty();
+        self.instance
+            .as_deref()
+            .filter(|_| complete)
+            .map(|i| (i, self.version))
+    }
+
+    pub fn status(&self) -> &FollowerStatus {
+        &self.status
+    }
+
+    /// One round: the local tree made to match `offer`, each file's bytes
+    /// from `fetch`.
+    pub fn round<R: Read>(
+        &mut self,
+        offer: &Offer,
+        now: SystemTime,
+        fetch: impl FnMut(&str, &Entry) -> io::Result<R>,
+    ) -> io::Result<Report> {
+        // Nodes may keep a directory at different places, but the same
+        // directory by name at the same position: a list in another order
+        // would copy one directory over another.
+        let name = |path: &str| {
+            std::path::Path::new(path)
+                .file_name()
+                .map(|n| n.to_os_string())
+        };
+        if name(&offer.path) != name(&self.status.path) {
+            return Err(io::Error::other(format!(
+                "the leader replicates {} where this node has {}: give every node the same \
+                 [[replicate]] sections, in the same order",
+                offer.path, self.status.path
+            )));
+        }
+        if self.instance.as_deref() != Some(offer.instance.as_str()) {
+            // A new source: nothing is known to be in sync with it.
+            self.in_sync.clear();
+            self.instance = Some(offer.instance.clone());
+            self.status.source_instance = Some(offer.instance.clone());
+        }
+        std::fs::create_dir_all(&self.spec.path)?;
+        let local = scan(&self.spec.path, &self.spec.exclude, &mut self.cache)?.manifest;
+        let deleted: BTreeSet<String> = offer
+            .deleted
+            .iter()
+            .filter(|p| self.in_sync.contains(*p))
+            .cloned()
+            .collect();
+        let plan = plan(&offer.entries, &local, &deleted);
+        let report = execute(
+            &plan,
+            &offer.entries,
+            &self.receiver,
+            &aside_stamp(now),
+            fetch,
+        );
+        let failed: BTreeSet<&str> = report.failed.iter().map(|(p, _)| p.as_str()).collect();
+        self.in_sync = offer
+            .entries
+            .keys()
+            .filter(|p| !failed.contains(p.as_str()))
+            .cloned()
+            .collect();
+        self.version = offer.version;
+        let status = &mut self.status;
+        status.version = offer.version;
+        status.files_received += report.sent_files;
+        status.bytes_received += report.sent_bytes;
+        status.moved_aside_files += report.moved_aside_files;
+        status.moved_aside_bytes += report.moved_aside_bytes;
+        status.deleted += report.deleted;
+        status.failed = report.failed.clone();
+        if !plan.is_empty() {
+            status.last_change = now.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
+        }
+        Ok(report)
+    }
+
+    /// The local tree (for tests and status).
+    pub fn local(&mut self) -> io::Result<Manifest> {
+        Ok(scan(&self.spec.path, &self.spec.exclude, &mut self.cache)?.manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Source;
+    use crate::spec::Excludes;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn spec(root: &Path) -> ReplicateSpec {
+        ReplicateSpec {
+            path: root.to_path_buf(),
+            exclude: Excludes::none(),
+            settle: Duration::from_millis(1),
+            scan_interval: Duration::from_secs(60),
+            throttle: None,
+        }
+    }
+
+    /// The offer of `root` as a new source instance would make it (with
+    /// the receiver's path, as every node names the same directory).
+    fn offer(source: &mut Source, as_path: &Path) -> Offer {
+        source
+            .rescan(SystemTime::now() + Duration::from_secs(1))
+            .unwrap();
+        let mut offer = source.offer().clone();
+        offer.path = as_path.display().to_string();
+        offer
+    }
+
+    fn round(follower: &mut Follower, offer: &Offer, source_root: &Path) -> Report {
+        follower
+            .round(offer, SystemTime::now(), |path, _| {
+                std::fs::File::open(source_root.join(path))
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn deletions_propagate_within_an_instance_and_a_new_instance_moves_aside() {
+        let base = tempfile::tempdir().unwrap();
+        let (a, b) = (base.path().join("a"), base.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::write(a.join("one"), b"1").unwrap();
+        std::fs::write(a.join("two"), b"2").unwrap();
+        let mut source = Source::new(spec(&a), "first".into());
+        let mut follower = Follower::new(spec(&b));
+        let report = round(&mut follower, &offer(&mut source, &b), &a);
+        assert_eq!(report.sent_files, 2);
+        assert_eq!(follower.applied(), Some(("first", 1)));
+        // Deleted at the source while followed: deleted here too.
+        std::fs::remove_file(a.join("one")).unwrap();
+        let report = round(&mut follower, &offer(&mut source, &b), &a);
+        assert_eq!((report.deleted, report.moved_aside_files), (1, 0));
+        assert!(!b.join("one").exists());
+        // A local write on the receiver is moved aside, not kept in place.
+        std::fs::write(b.join("local"), b"written on a replica").unwrap();
+        let report = round(&mut follower, &offer(&mut source, &b), &a);
+        assert_eq!(report.moved_aside_files, 1);
+        // A new source instance (a failover) that lacks "two": moved aside.
+        std::fs::remove_file(a.join("two")).unwrap();
+        let mut new_source = Source::new(spec(&a), "second".into());
+        let report = round(&mut follower, &offer(&mut new_source, &b), &a);
+        assert_eq!((report.deleted, report.moved_aside_files), (0, 1));
+        assert_eq!(follower.status().moved_aside_files, 2);
+        assert!(follower.local().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_receiver_refuses_an_offer_for_another_directory() {
+        let base = tempfile::tempdir().unwrap();
+        let mut follower = Follower::new(spec(&base.path().join("b")));
+        let offer = Offer {
+            path: "/elsewhere".into(),
+            ..Offer::default()
+        };
+        let err = follower
+            .round(&offer, SystemTime::now(), |_, _| {
+                std::fs::File::open("/dev/null")
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("same [[replicate]] sections"),
+            "{err}"
+        );
+    }
+}

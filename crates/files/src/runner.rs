@@ -1,0 +1,342 @@
+//! The replication of a node's `[[replicate]]` directories, following the
+//! agent's published view: while the node leads, each directory is a
+//! source (its offer rescanned twice a second, served to the others by the
+//! agent's API); otherwise it follows the leader, pulling what differs.
+//!
+//! It runs on a thread of its own: scanning, hashing and fsyncing are
+//! blocking work that must never hold up the HA loop. The transport (the
+//! agent's authenticated, possibly TLS, REST API) is given by the agent.
+
+use crate::follower::{Follower, FollowerStatus};
+use crate::manifest::{Entry, Kind};
+use crate::source::{Offer, Source};
+use crate::spec::ReplicateSpec;
+use mainstay_core::Published;
+use serde_json::{Value, json};
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// How a receiver reaches the leader's agent.
+pub trait Transport: Send + 'static {
+    /// The leader's offer for directory `index`; `Ok(None)` when it is
+    /// still `applied` (same instance and version).
+    fn offer(
+        &mut self,
+        leader_url: &str,
+        index: usize,
+        applied: Option<(&str, u64)>,
+    ) -> Result<Option<Offer>, String>;
+    /// A file's bytes, streamed.
+    fn open(
+        &mut self,
+        leader_url: &str,
+        index: usize,
+        path: &str,
+    ) -> io::Result<Box<dyn Read + Send>>;
+}
+
+/// Twice a second: a closed upload reaches the receivers in about a
+/// second (settle time included) without change events.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Each directory's side on this node.
+enum Side {
+    Source(Box<Source>),
+    Follower(Box<Follower>),
+    Idle,
+}
+
+struct Dir {
+    spec: ReplicateSpec,
+    side: Side,
+    /// A receiver's last full look at its own tree (local writes).
+    last_full: Option<Instant>,
+    error: Option<String>,
+}
+
+/// The handle the agent keeps: what the API serves and shows.
+pub struct Replication {
+    dirs: Arc<Mutex<Vec<Dir>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Replication {
+    pub fn start(
+        specs: Vec<ReplicateSpec>,
+        published: watch::Receiver<Published>,
+        node: String,
+        transport: impl Transport,
+    ) -> Replication {
+        let dirs: Vec<Dir> = specs
+            .into_iter()
+            .map(|spec| Dir {
+                spec,
+                side: Side::Idle,
+                last_full: None,
+                error: None,
+            })
+            .collect();
+        let dirs = Arc::new(Mutex::new(dirs));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (shared, stopping) = (dirs.clone(), stop.clone());
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name("replicate".into())
+            .spawn(move || {
+                let _entered = span.enter();
+                run(shared, published, node, transport, stopping)
+            })
+            .expect("a thread for replication");
+        Replication { dirs, stop }
+    }
+
+    /// Directory `index`'s offer while this node is its source; `None`
+    /// when it is not (a receiver asked the wrong node).
+    pub fn offer(&self, index: usize) -> Option<Offer> {
+        let dirs = mainstay_core::poison::lock(&self.dirs);
+        match &dirs.get(index)?.side {
+            Side::Source(source) => Some(source.offer().clone()),
+            _ => None,
+        }
+    }
+
+    /// The root of directory `index` and the entry of `relative` in its
+    /// current offer, to serve it; `None` unless this node is the source
+    /// and offers that file.
+    pub fn file(&self, index: usize, relative: &str) -> Option<(std::path::PathBuf, Entry)> {
+        let dirs = mainstay_core::poison::lock(&self.dirs);
+        let dir = dirs.get(index)?;
+        let Side::Source(source) = &dir.side else {
+            return None;
+        };
+        let entry = source.offer().entries.get(relative)?;
+        matches!(entry.kind, Kind::File { .. }).then(|| (dir.spec.path.clone(), entry.clone()))
+    }
+
+    /// Every directory's state, for `GET /replication/files`.
+    pub fn status(&self) -> Value {
+        let dirs = mainstay_core::poison::lock(&self.dirs);
+        let list: Vec<Value> = dirs
+            .iter()
+            .map(|dir| {
+                let mut value = match &dir.side {
+                    Side::Source(source) => json!({
+                        "role": "source",
+                        "instance": source.offer().instance,
+                        "version": source.offer().version,
+                        "entries": source.offer().entries.len(),
+                        "unsettled": source.unsettled(),
+                        "skipped": source.skipped(),
+                    }),
+                    Side::Follower(follower) => {
+                        let status: &FollowerStatus = follower.status();
+                        let mut value = serde_json::to_value(status).unwrap_or(Value::Null);
+                        value["role"] = json!("receiver");
+                        value
+                    }
+                    Side::Idle => json!({ "role": "idle" }),
+                };
+                value["path"] = json!(dir.spec.path.display().to_string());
+                value["error"] = json!(dir.error);
+                value
+            })
+            .collect();
+        json!({ "directories": list })
+    }
+}
+
+impl Drop for Replication {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn run(
+    dirs: Arc<Mutex<Vec<Dir>>>,
+    published: watch::Receiver<Published>,
+    node: String,
+    mut transport: impl Transport,
+    stop: Arc<AtomicBool>,
+) {
+    let count = mainstay_core::poison::lock(&dirs).len();
+    while !stop.load(Ordering::Relaxed) {
+        let now = published.borrow().clone();
+        let view = now.view.as_deref();
+        let leader = view.and_then(|v| v.leader_name()).map(str::to_string);
+        let leader_url = leader
+            .as_ref()
+            .and_then(|l| view?.members.get(l))
+            .map(|m| m.status.api_url.clone())
+            .filter(|url| !url.is_empty());
+        for index in 0..count {
+            // A bug in one round must not end replication for good (nor
+            // the agent): it is logged and the next round starts afresh.
+            let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if now.local.leading {
+                    be_source(&dirs, index, &node);
+                } else if let (Some(leader), Some(url)) = (&leader, &leader_url)
+                    && *leader != node
+                {
+                    follow(&dirs, index, url, &mut transport);
+                } else {
+                    let mut all = mainstay_core::poison::lock(&dirs);
+                    all[index].side = Side::Idle;
+                }
+            }));
+            if round.is_err() {
+                tracing::error!("a replication round panicked; the next one starts afresh");
+                mainstay_core::poison::lock(&dirs)[index].side = Side::Idle;
+            }
+        }
+        std::thread::sleep(TICK);
+    }
+}
+
+fn be_source(dirs: &Mutex<Vec<Dir>>, index: usize, node: &str) {
+    let mut all = mainstay_core::poison::lock(dirs);
+    let dir = &mut all[index];
+    if !matches!(dir.side, Side::Source(_)) {
+        let instance = format!(
+            "{node}-{}",
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        info!(path = %dir.spec.path.display(), %instance, "replicated directory: this node is the source");
+        dir.side = Side::Source(Box::new(Source::new(dir.spec.clone(), instance)));
+    }
+    let Side::Source(source) = &mut dir.side else {
+        return;
+    };
+    // Scanning under the lock: the API waits for at most one scan.
+    match source.rescan(SystemTime::now()) {
+        Ok(_) => dir.error = None,
+        Err(e) => {
+            let why = format!("cannot read {}: {e}", dir.spec.path.display());
+            if dir.error.as_ref() != Some(&why) {
+                warn!("{why}");
+            }
+            dir.error = Some(why);
+        }
+    }
+}
+
+fn follow(dirs: &Mutex<Vec<Dir>>, index: usize, leader_url: &str, transport: &mut impl Transport) {
+    // The follower leaves the shared list while it works, so that the
+    // API is not held up by a long transfer.
+    let (mut follower, spec, full) = {
+        let mut all = mainstay_core::poison::lock(dirs);
+        let dir = &mut all[index];
+        let follower = match std::mem::replace(&mut dir.side, Side::Idle) {
+            Side::Follower(follower) => follower,
+            _ => {
+                info!(path = %dir.spec.path.display(), "replicated directory: following the leader");
+                Box::new(Follower::new(dir.spec.clone()))
+            }
+        };
+        let full = dir
+            .last_full
+            .is_none_or(|at| at.elapsed() >= dir.spec.scan_interval);
+        (follower, dir.spec.clone(), full)
+    };
+    let applied = if full { None } else { follower.applied() };
+    let outcome = match transport.offer(leader_url, index, applied) {
+        Ok(None) => Ok(()),
+        Ok(Some(offer)) => {
+            let throttle = spec.throttle;
+            follower
+                .round(&offer, SystemTime::now(), |path, _| {
+                    let body = transport.open(leader_url, index, path)?;
+                    Ok(Throttled::new(body, throttle))
+                })
+                .map(|report| {
+                    if report.sent_files + report.moved_aside_files + report.deleted > 0 {
+                        info!(
+                            path = %spec.path.display(),
+                            received = report.sent_files,
+                            bytes = report.sent_bytes,
+                            moved_aside = report.moved_aside_files,
+                            deleted = report.deleted,
+                            failed = report.failed.len(),
+                            "replicated directory: round applied"
+                        );
+                    }
+                    for (path, why) in &report.failed {
+                        warn!(path = %spec.path.display(), file = %path, "not received: {why}");
+                    }
+                })
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e),
+    };
+    let mut all = mainstay_core::poison::lock(dirs);
+    let dir = &mut all[index];
+    if full && outcome.is_ok() {
+        dir.last_full = Some(Instant::now());
+    }
+    match outcome {
+        Ok(()) => dir.error = None,
+        Err(why) => {
+            if dir.error.as_ref() != Some(&why) {
+                warn!(path = %spec.path.display(), "replicated directory: {why}");
+            }
+            dir.error = Some(why);
+        }
+    }
+    dir.side = Side::Follower(follower);
+}
+
+/// A reader that keeps to `rate` bytes per second (none: as fast as it
+/// comes).
+struct Throttled<R> {
+    inner: R,
+    rate: Option<u64>,
+    started: Instant,
+    read: u64,
+}
+
+impl<R: Read> Throttled<R> {
+    fn new(inner: R, rate: Option<u64>) -> Throttled<R> {
+        Throttled {
+            inner,
+            rate,
+            started: Instant::now(),
+            read: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for Throttled<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buffer)?;
+        self.read += n as u64;
+        if let Some(rate) = self.rate.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(self.read as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttled_reader_keeps_to_its_rate() {
+        let data = vec![0u8; 50_000];
+        let started = Instant::now();
+        let mut reader = Throttled::new(&data[..], Some(250_000));
+        let mut sink = Vec::new();
+        reader.read_to_end(&mut sink).unwrap();
+        assert_eq!(sink.len(), 50_000);
+        // 50 kB at 250 kB/s: at least 200 ms.
+        assert!(started.elapsed() >= Duration::from_millis(190));
+    }
+}

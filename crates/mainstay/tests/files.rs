@@ -1,0 +1,188 @@
+//! Replicated directories (`[[replicate]]`) on a real three-node cluster:
+//! files written on the leader's node appear on the others, deletions
+//! follow, a replica's own writes are moved aside, and after a crash of
+//! the leader the new leader is the source; the old one, back as a
+//! replica, receives only what changed and keeps (moved aside) what only
+//! it had.
+
+#![forbid(unsafe_code)]
+
+mod common;
+
+use common::*;
+use mainstay_files::scan::{HashCache, scan};
+use mainstay_files::{Excludes, Manifest};
+use mainstay_lab::demo::LocalCluster;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn media(h: &Harness, node: &str) -> PathBuf {
+    let i = h.cluster.node_index(node).unwrap();
+    h.cluster.nodes[i].dir.join("media")
+}
+
+/// The tree as replicated: without the excluded `*.part` files.
+fn tree(root: &Path) -> Manifest {
+    let excludes = Excludes::new(&["*.part".to_string()]).unwrap();
+    scan(root, &excludes, &mut HashCache::default())
+        .map(|s| s.manifest)
+        .unwrap_or_default()
+}
+
+/// Same entries, bytes, modes, owners and file mtimes.
+fn same(a: &Manifest, b: &Manifest) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((pa, ea), (pb, eb))| pa == pb && ea.same_content(eb) && ea.same_metadata(eb))
+}
+
+/// Waits (at most 30 s) until every node in `nodes` has the leader's tree.
+async fn converged(h: &Harness, leader: &str, nodes: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let source = tree(&media(h, leader));
+        let behind: Vec<&String> = nodes
+            .iter()
+            .filter(|n| !same(&source, &tree(&media(h, n))))
+            .collect();
+        if behind.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{behind:?} did not get {leader}'s tree within 30 s: {:?}",
+            source.keys().collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Node `node`'s state of its first replicated directory.
+async fn status(h: &Harness, node: &str) -> serde_json::Value {
+    let answer = api(h, node).get("/replication/files").await.unwrap();
+    answer.body["directories"][0].clone()
+}
+
+#[test]
+fn directories_follow_the_leader_and_a_failback_keeps_what_only_the_old_leader_had() {
+    cluster_test(async {
+        let dir = test_dir("files");
+        let mut cluster = LocalCluster::prepare(
+            &dir,
+            3,
+            Path::new(env!("CARGO_BIN_EXE_mainstay")),
+            "default",
+        )
+        .unwrap();
+        for i in 0..3 {
+            let node = &cluster.nodes[i];
+            cluster.nodes[i].extra_config = format!(
+                "\n[[replicate]]\npath = \"{}\"\nexclude = [\"*.part\"]\nsettle = 0.2\nscan_interval = 5\n",
+                node.dir.join("media").display()
+            );
+            let node = &cluster.nodes[i];
+            std::fs::write(&node.config, cluster.config_text(node, "default")).unwrap();
+        }
+        for i in 0..3 {
+            cluster.start_agent(i).unwrap();
+        }
+        let mut h = Harness::adopt(cluster);
+        let first = h.healthy(Duration::from_secs(90)).await;
+        let others: Vec<String> = h.names().into_iter().filter(|n| *n != first).collect();
+        let source = media(&h, &first);
+        std::fs::create_dir_all(source.join("local_content/ab")).unwrap();
+        std::fs::write(source.join("local_content/ab/photo"), vec![7u8; 1 << 20]).unwrap();
+        std::fs::write(source.join("voice-note"), b"ogg bytes").unwrap();
+        std::fs::write(source.join("upload.part"), b"excluded").unwrap();
+        std::os::unix::fs::symlink("voice-note", source.join("alias")).unwrap();
+        converged(&h, &first, &others).await;
+        assert!(!media(&h, &others[0]).join("upload.part").exists());
+        let status_first = status(&h, &first).await;
+        assert_eq!(status_first["role"], "source", "{status_first}");
+        let status_other = status(&h, &others[0]).await;
+        assert_eq!(status_other["role"], "receiver", "{status_other}");
+        assert_eq!(status_other["files_received"], 2, "{status_other}");
+
+        // A deletion on the leader is a deletion everywhere; a write on a
+        // replica is moved aside there, not kept in the copy.
+        std::fs::remove_file(source.join("voice-note")).unwrap();
+        std::fs::write(media(&h, &others[0]).join("written-on-a-replica"), b"x").unwrap();
+        converged(&h, &first, &others).await;
+        let status_other = status(&h, &others[0]).await;
+        assert_eq!(status_other["deleted"], 1, "{status_other}");
+        assert_eq!(status_other["moved_aside_files"], 1, "{status_other}");
+        let aside = h.cluster.nodes[h.cluster.node_index(&others[0]).unwrap()]
+            .dir
+            .join("media.moved-aside");
+        let kept: Vec<PathBuf> = std::fs::read_dir(&aside)
+            .unwrap()
+            .map(|e| e.unwrap().path().join("written-on-a-replica"))
+            .collect();
+        assert!(kept.iter().any(|p| p.exists()), "{kept:?}");
+
+        // The leader's node crashes; while it is down a file lands in its
+        // copy (an upload after the last replication, as it were). The new
+        // leader is the source; the old one, back, receives only what
+        // changed and keeps its own file moved aside.
+        let f = h.cluster.node_index(&first).unwrap();
+        h.cluster.kill_node(f);
+        std::fs::write(source.join("late-upload"), b"only on the old leader").unwrap();
+        let second = h
+            .wait_for("a new leader", Duration::from_secs(60), async |v| {
+                v.leader_status()
+                    .filter(|s| s.name != first && s.role == mainstay_core::PgRole::Primary)
+                    .map(|s| s.name.clone())
+            })
+            .await;
+        std::fs::write(media(&h, &second).join("after-the-failover"), b"new").unwrap();
+        let third: Vec<String> = others.iter().filter(|n| **n != second).cloned().collect();
+        converged(&h, &second, &third).await;
+        h.cluster.start_agent(f).unwrap();
+        converged(&h, &second, std::slice::from_ref(&first)).await;
+        let back = status(&h, &first).await;
+        assert_eq!(back["role"], "receiver", "{back}");
+        assert_eq!(back["files_received"], 1, "only the changed file: {back}");
+        assert_eq!(back["moved_aside_files"], 1, "{back}");
+        assert_eq!(back["deleted"], 0, "{back}");
+        let aside = h.cluster.nodes[f].dir.join("media.moved-aside");
+        let kept: Vec<PathBuf> = std::fs::read_dir(&aside)
+            .unwrap()
+            .map(|e| e.unwrap().path().join("late-upload"))
+            .filter(|p| p.exists())
+            .collect();
+        assert_eq!(kept.len(), 1, "the late upload was not kept aside");
+        assert_eq!(std::fs::read(&kept[0]).unwrap(), b"only on the old leader");
+
+        // The files are the API's to give only with its credentials, only
+        // from the source, and only what it offers.
+        let s = h.cluster.node_index(&second).unwrap();
+        let with_auth = h.cluster.nodes[s].api();
+        let photo = "/replication/files/0/file?path=local_content/ab/photo";
+        assert_eq!(code(&h, &second, "GET", photo).await, 401);
+        assert_eq!(
+            code(&h, &second, "GET", "/replication/files/0/offer").await,
+            401
+        );
+        let answer = with_auth.get(photo).await.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.text.len(), 1 << 20);
+        for (path, status) in [
+            ("/replication/files/0/file?path=../node1/mainstay.toml", 400),
+            ("/replication/files/0/file?path=upload.part", 404),
+            ("/replication/files/0/file?path=alias", 404),
+            ("/replication/files/0/file?path=local_content", 404),
+            ("/replication/files/1/offer", 409),
+            ("/replication/files/x/offer", 400),
+        ] {
+            let answer = with_auth.get(path).await.unwrap();
+            assert_eq!(answer.status, status, "{path}: {}", answer.text);
+        }
+        let on_a_replica = h.cluster.nodes[f]
+            .api()
+            .get("/replication/files/0/offer")
+            .await;
+        assert_eq!(on_a_replica.unwrap().status, 409);
+        h.passed = true;
+    });
+}
