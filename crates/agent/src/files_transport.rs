@@ -54,14 +54,19 @@ impl mainstay_files::Transport for ApiTransport {
         &mut self,
         leader_url: &str,
         index: usize,
+        receiver: &str,
         applied: Option<(&str, u64)>,
+        full: bool,
     ) -> Result<Option<Offer>, String> {
         let client = self
             .auth
             .peer_client(leader_url, OFFER_TIMEOUT, &self.ca_file);
-        let mut path = format!("/replication/files/{index}/offer");
+        let mut path = format!(
+            "/replication/files/{index}/offer?receiver={}&full={full}",
+            encode(receiver)
+        );
         if let Some((instance, version)) = applied {
-            path.push_str(&format!("?instance={}&version={version}", encode(instance)));
+            path.push_str(&format!("&instance={}&version={version}", encode(instance)));
         }
         let answer = self
             .runtime

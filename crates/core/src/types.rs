@@ -112,6 +112,10 @@ pub struct MemberStatus {
     /// "failed"...), by name; empty when it runs none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, String>,
+    /// This node's replicated directories and where each stands
+    /// ("source", "in sync", "2 failed", "error"), by path.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
     /// What the node alerts its operators to (a replica's lag, its disk),
     /// in words.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -144,6 +148,7 @@ impl MemberRecord {
                 vip: None,
                 warning: None,
                 services: Default::default(),
+                files: Default::default(),
                 alerts: Vec::new(),
             },
             mod_revision: 1,

@@ -672,6 +672,7 @@ mod tests {
             vip: None,
             warning: None,
             services: Default::default(),
+            files: Default::default(),
             alerts: Vec::new(),
         }
     }

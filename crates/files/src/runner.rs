@@ -13,6 +13,7 @@ use crate::source::{Offer, Source};
 use crate::spec::ReplicateSpec;
 use mainstay_core::Published;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,13 +23,16 @@ use tracing::{info, warn};
 
 /// How a receiver reaches the leader's agent.
 pub trait Transport: Send + 'static {
-    /// The leader's offer for directory `index`; `Ok(None)` when it is
-    /// still `applied` (same instance and version).
+    /// The leader's offer for directory `index`, telling it what this
+    /// receiver (`receiver`) has `applied`; `Ok(None)` when that is still
+    /// the offer and a `full` one was not asked for.
     fn offer(
         &mut self,
         leader_url: &str,
         index: usize,
+        receiver: &str,
         applied: Option<(&str, u64)>,
+        full: bool,
     ) -> Result<Option<Offer>, String>;
     /// A file's bytes, streamed.
     fn open(
@@ -61,6 +65,10 @@ struct Dir {
 /// The handle the agent keeps: what the API serves and shows.
 pub struct Replication {
     dirs: Arc<Mutex<Vec<Dir>>>,
+    /// Where each directory stands, in a word, by path: updated after
+    /// every round, read by the HA loop for the member key (never behind
+    /// the lock a scan holds).
+    summary: Arc<Mutex<BTreeMap<String, String>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -82,26 +90,49 @@ impl Replication {
             .collect();
         let dirs = Arc::new(Mutex::new(dirs));
         let stop = Arc::new(AtomicBool::new(false));
-        let (shared, stopping) = (dirs.clone(), stop.clone());
+        let summary = Arc::new(Mutex::new(BTreeMap::new()));
+        let (shared, stopping, summarized) = (dirs.clone(), stop.clone(), summary.clone());
         let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("replicate".into())
             .spawn(move || {
                 let _entered = span.enter();
-                run(shared, published, node, transport, stopping)
+                run(shared, summarized, published, node, transport, stopping)
             })
             .expect("a thread for replication");
-        Replication { dirs, stop }
+        Replication {
+            dirs,
+            summary,
+            stop,
+        }
     }
 
-    /// Directory `index`'s offer while this node is its source; `None`
-    /// when it is not (a receiver asked the wrong node).
-    pub fn offer(&self, index: usize) -> Option<Offer> {
-        let dirs = mainstay_core::poison::lock(&self.dirs);
-        match &dirs.get(index)?.side {
-            Side::Source(source) => Some(source.offer().clone()),
-            _ => None,
+    /// Where each directory stands on this node, in a word, by path.
+    pub fn summary(&self) -> BTreeMap<String, String> {
+        mainstay_core::poison::lock(&self.summary).clone()
+    }
+
+    /// Directory `index`'s offer while this node is its source (`None`
+    /// when it is not: a receiver asked the wrong node), after noting what
+    /// `receiver` says it `applied`. `Some(None)`: it has applied this
+    /// very offer, and `full` was not asked for.
+    pub fn offer(
+        &self,
+        index: usize,
+        receiver: Option<&str>,
+        applied: Option<(&str, u64)>,
+        full: bool,
+    ) -> Option<Option<Offer>> {
+        let mut dirs = mainstay_core::poison::lock(&self.dirs);
+        let Side::Source(source) = &mut dirs.get_mut(index)?.side else {
+            return None;
+        };
+        let current = applied.is_some_and(|(instance, _)| instance == source.offer().instance);
+        if let (Some(receiver), Some((_, version)), true) = (receiver, applied, current) {
+            source.heard_from(receiver, version, SystemTime::now());
         }
+        let unchanged = current && applied.is_some_and(|(_, v)| v == source.offer().version);
+        Some((full || !unchanged).then(|| source.offer().clone()))
     }
 
     /// The root of directory `index` and the entry of `relative` in its
@@ -131,6 +162,7 @@ impl Replication {
                         "entries": source.offer().entries.len(),
                         "unsettled": source.unsettled(),
                         "skipped": source.skipped(),
+                        "receivers": source.lag(SystemTime::now()),
                     }),
                     Side::Follower(follower) => {
                         let status: &FollowerStatus = follower.status();
@@ -157,6 +189,7 @@ impl Drop for Replication {
 
 fn run(
     dirs: Arc<Mutex<Vec<Dir>>>,
+    summary: Arc<Mutex<BTreeMap<String, String>>>,
     published: watch::Receiver<Published>,
     node: String,
     mut transport: impl Transport,
@@ -181,7 +214,7 @@ fn run(
                 } else if let (Some(leader), Some(url)) = (&leader, &leader_url)
                     && *leader != node
                 {
-                    follow(&dirs, index, url, &mut transport);
+                    follow(&dirs, index, url, &node, &mut transport);
                 } else {
                     let mut all = mainstay_core::poison::lock(&dirs);
                     all[index].side = Side::Idle;
@@ -192,8 +225,25 @@ fn run(
                 mainstay_core::poison::lock(&dirs)[index].side = Side::Idle;
             }
         }
+        let words = summarize(&mainstay_core::poison::lock(&dirs));
+        *mainstay_core::poison::lock(&summary) = words;
         std::thread::sleep(TICK);
     }
+}
+
+fn summarize(dirs: &[Dir]) -> BTreeMap<String, String> {
+    dirs.iter()
+        .map(|dir| {
+            let word = match (&dir.error, &dir.side) {
+                (Some(_), _) => "error".to_string(),
+                (None, Side::Source(_)) => "source".into(),
+                (None, Side::Follower(f)) if f.status().failed.is_empty() => "in sync".into(),
+                (None, Side::Follower(f)) => format!("{} failed", f.status().failed.len()),
+                (None, Side::Idle) => "idle".into(),
+            };
+            (dir.spec.path.display().to_string(), word)
+        })
+        .collect()
 }
 
 fn be_source(dirs: &Mutex<Vec<Dir>>, index: usize, node: &str) {
@@ -225,7 +275,13 @@ fn be_source(dirs: &Mutex<Vec<Dir>>, index: usize, node: &str) {
     }
 }
 
-fn follow(dirs: &Mutex<Vec<Dir>>, index: usize, leader_url: &str, transport: &mut impl Transport) {
+fn follow(
+    dirs: &Mutex<Vec<Dir>>,
+    index: usize,
+    leader_url: &str,
+    node: &str,
+    transport: &mut impl Transport,
+) {
     // The follower leaves the shared list while it works, so that the
     // API is not held up by a long transfer.
     let (mut follower, spec, full) = {
@@ -243,8 +299,7 @@ fn follow(dirs: &Mutex<Vec<Dir>>, index: usize, leader_url: &str, transport: &mu
             .is_none_or(|at| at.elapsed() >= dir.spec.scan_interval);
         (follower, dir.spec.clone(), full)
     };
-    let applied = if full { None } else { follower.applied() };
-    let outcome = match transport.offer(leader_url, index, applied) {
+    let outcome = match transport.offer(leader_url, index, node, follower.applied(), full) {
         Ok(None) => Ok(()),
         Ok(Some(offer)) => {
             let throttle = spec.throttle;

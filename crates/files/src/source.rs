@@ -10,9 +10,9 @@ use crate::manifest::{Kind, Manifest};
 use crate::scan::{HashCache, scan};
 use crate::spec::ReplicateSpec;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What a receiver is sent: the tree as of `version` of this `instance`
 /// (a new one each time a node becomes the source).
@@ -27,10 +27,29 @@ pub struct Offer {
     pub deleted: BTreeSet<String>,
 }
 
+/// One receiver as its source sees it.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ReceiverLag {
+    pub receiver: String,
+    /// The version it applied last.
+    pub version: u64,
+    /// Entries changed or deleted since, and the bytes of those still here.
+    pub files_behind: u64,
+    pub bytes_behind: u64,
+    /// Age of the oldest change it has not applied (0 when none).
+    pub seconds_behind: f64,
+    pub last_heard_seconds: f64,
+}
+
 pub struct Source {
     spec: ReplicateSpec,
     cache: HashCache,
     offer: Offer,
+    /// Each path changed (or deleted) in this instance: the version that
+    /// changed it last, and when that version was made.
+    changes: BTreeMap<String, (u64, SystemTime)>,
+    /// Each receiver's last word: the version it applied, and when.
+    receivers: BTreeMap<String, (u64, SystemTime)>,
     /// Entries scanned but not yet settled, by path.
     unsettled: usize,
     skipped: Vec<(String, String)>,
@@ -47,6 +66,8 @@ impl Source {
                 instance,
                 ..Offer::default()
             },
+            changes: BTreeMap::new(),
+            receivers: BTreeMap::new(),
             unsettled: 0,
             skipped: Vec::new(),
         }
@@ -95,15 +116,61 @@ impl Source {
         if entries == self.offer.entries {
             return Ok(false);
         }
+        let version = self.offer.version + 1;
         for gone in self.offer.entries.keys() {
             if !entries.contains_key(gone) {
                 self.offer.deleted.insert(gone.clone());
+                self.changes.insert(gone.clone(), (version, now));
+            }
+        }
+        for (path, entry) in &entries {
+            if self.offer.entries.get(path) != Some(entry) {
+                self.changes.insert(path.clone(), (version, now));
             }
         }
         self.offer.deleted.retain(|p| !entries.contains_key(p));
         self.offer.entries = entries;
-        self.offer.version += 1;
+        self.offer.version = version;
         Ok(true)
+    }
+
+    /// Records that `receiver` has applied `version` of this instance.
+    pub fn heard_from(&mut self, receiver: &str, version: u64, now: SystemTime) {
+        self.receivers.insert(receiver.to_string(), (version, now));
+    }
+
+    /// How far behind each receiver that spoke to this source is.
+    pub fn lag(&self, now: SystemTime) -> Vec<ReceiverLag> {
+        self.receivers
+            .iter()
+            .map(|(name, (applied, heard))| {
+                let mut lag = ReceiverLag {
+                    receiver: name.clone(),
+                    version: *applied,
+                    last_heard_seconds: now
+                        .duration_since(*heard)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                    ..ReceiverLag::default()
+                };
+                let mut oldest: Option<SystemTime> = None;
+                for (path, (version, at)) in &self.changes {
+                    if version > applied {
+                        lag.files_behind += 1;
+                        lag.bytes_behind += self.offer.entries.get(path).map_or(0, |e| e.size());
+                        oldest = Some(oldest.map_or(*at, |o| o.min(*at)));
+                    }
+                }
+                lag.seconds_behind = oldest
+                    .map(|o| {
+                        now.duration_since(o)
+                            .unwrap_or(Duration::ZERO)
+                            .as_secs_f64()
+                    })
+                    .unwrap_or(0.0);
+                lag
+            })
+            .collect()
     }
 }
 
@@ -152,6 +219,17 @@ mod tests {
         assert!(s.rescan(later + Duration::from_secs(3)).unwrap());
         assert_eq!(s.offer().version, 3);
         assert!(s.offer().deleted.contains("upload"));
+        // A receiver that applied version 2 is one change (the deletion)
+        // behind; one that applied version 3 is not.
+        s.heard_from("node2", 2, later + Duration::from_secs(3));
+        s.heard_from("node3", 3, later + Duration::from_secs(3));
+        let lag = s.lag(later + Duration::from_secs(5));
+        assert_eq!(
+            (lag[0].receiver.as_str(), lag[0].files_behind),
+            ("node2", 1)
+        );
+        assert!((lag[0].seconds_behind - 2.0).abs() < 0.01, "{lag:?}");
+        assert_eq!((lag[1].files_behind, lag[1].seconds_behind), (0, 0.0));
         // Back again: no longer a deletion.
         std::fs::write(dir.path().join("upload"), b"again").unwrap();
         assert!(

@@ -103,6 +103,74 @@ fn directories_follow_the_leader_and_a_failback_keeps_what_only_the_old_leader_h
         let status_other = status(&h, &others[0]).await;
         assert_eq!(status_other["role"], "receiver", "{status_other}");
         assert_eq!(status_other["files_received"], 2, "{status_other}");
+        // The source knows how far behind each receiver is: nowhere, once
+        // each has told it (its next question, within a second).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let source_status = status(&h, &first).await;
+            let receivers = source_status["receivers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let caught_up = receivers.len() == 2
+                && receivers
+                    .iter()
+                    .all(|r| r["files_behind"] == 0 && r["seconds_behind"] == 0.0);
+            if caught_up {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{source_status}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Every member's key says where its copy stands: /cluster and
+        // `ctl list` show it.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let doc = cluster_doc(&h, &first).await.unwrap_or_default();
+            let words: Vec<String> = doc["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    let files = m["files"].as_object().cloned().unwrap_or_default();
+                    let word = files.values().next().and_then(|w| w.as_str()).unwrap_or("");
+                    format!("{}={word}", m["name"].as_str().unwrap_or(""))
+                })
+                .collect();
+            let expected: Vec<String> = h
+                .names()
+                .iter()
+                .map(|n| format!("{n}={}", if *n == first { "source" } else { "in sync" }))
+                .collect();
+            if words == expected {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{words:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (code_list, listing, err) = run_ctl(&h, &first, &["list"]).await;
+        assert_eq!(code_list, 0, "{err}");
+        assert!(
+            listing.contains(&format!("Files {first}: {} source", source.display())),
+            "{listing}"
+        );
+        let metrics = api(&h, &first).get("/metrics").await.unwrap().text;
+        let receiver_label = format!("receiver=\"{}\"", others[0]);
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("mainstay_replicated_files_behind{")
+                    && l.contains(&receiver_label)
+                    && l.ends_with(" 0")),
+            "{metrics}"
+        );
+        let metrics = api(&h, &others[0]).get("/metrics").await.unwrap().text;
+        assert!(
+            metrics.lines().any(
+                |l| l.starts_with("mainstay_replicated_received_files_total{") && l.ends_with(" 2")
+            ),
+            "{metrics}"
+        );
 
         // A deletion on the leader is a deletion everywhere; a write on a
         // replica is moved aside there, not kept in the copy.

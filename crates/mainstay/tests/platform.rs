@@ -186,9 +186,38 @@ fn synapse_follows_the_leader_and_keeps_every_acknowledged_message() {
         assert!(mainstay_testkit::crash::gone(synapse_second), "{restarted}");
         acked_again(&sender, "Synapse's restart").await;
 
+        // An image uploaded through the client API is copied to the other
+        // nodes' media stores ([[replicate]]) before the crash...
+        let image: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mxc = crew.upload("deck-plan.png", &image).await.unwrap();
+        let media_id = mxc.rsplit('/').next().unwrap().to_string();
+        let has_image = |i: usize| {
+            let media = p.cluster.nodes[i].dir.join("synapse/media/local_content");
+            mainstay_files::scan::scan(
+                &media,
+                &mainstay_files::Excludes::none(),
+                &mut Default::default(),
+            )
+            .is_ok_and(|scan| {
+                scan.manifest.iter().any(|(path, entry)| {
+                    path.replace('/', "").ends_with(&media_id) && entry.size() == image.len() as u64
+                })
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(0..3).all(has_image) {
+            assert!(
+                Instant::now() < deadline,
+                "the image did not reach every node"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
         // The leader's whole host loses power. Synapse answers on the new
         // leader; its copy started after the old one was gone.
         let crash = platform::crash_leader(&mut p, &sender).await.unwrap();
+        // ... and downloads from the new leader, byte for byte.
+        assert_eq!(crew.download(&mxc).await.unwrap(), image);
         assert_eq!(crash.old_leader, second);
         assert!(
             crash.gap_between_copies_ms > 0,

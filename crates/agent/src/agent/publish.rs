@@ -180,6 +180,11 @@ impl<D: Dcs> Agent<D> {
                         .collect()
                 })
                 .unwrap_or_default(),
+            files: self
+                .replication
+                .as_ref()
+                .map(|r| r.summary())
+                .unwrap_or_default(),
         };
         // The key lives on the lease, so an unchanged status needs no write:
         // an idle cluster then costs etcd no fsync a second per member (flash

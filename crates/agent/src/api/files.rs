@@ -15,9 +15,14 @@ use serde::Deserialize;
 use std::io::Read;
 
 pub(super) async fn status<D: Dcs>(State(state): Shared<D>) -> Response {
-    match &state.replication {
-        Some(replication) => axum::Json(replication.status()).into_response(),
-        None => axum::Json(serde_json::json!({ "directories": [] })).into_response(),
+    let status = match state.replication.clone() {
+        // Read under the replication's lock: off the runtime's threads.
+        Some(replication) => tokio::task::spawn_blocking(move || replication.status()).await,
+        None => Ok(serde_json::json!({ "directories": [] })),
+    };
+    match status {
+        Ok(status) => axum::Json(status).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -42,8 +47,11 @@ fn authorized<Q>(
 
 #[derive(Deserialize)]
 pub(super) struct OfferQuery {
+    receiver: Option<String>,
     instance: Option<String>,
     version: Option<u64>,
+    #[serde(default)]
+    full: bool,
 }
 
 /// Directory `index`'s offer, or 304 when the asker has applied it.
@@ -63,16 +71,14 @@ pub(super) async fn offer<D: Dcs>(
     // The offer is cloned under the replication's lock (the scan thread
     // holds it while it scans): off the runtime's threads.
     let replication = replication.clone();
-    let offer = tokio::task::spawn_blocking(move || replication.offer(index)).await;
+    let offer = tokio::task::spawn_blocking(move || {
+        let applied = query.instance.as_deref().zip(query.version);
+        replication.offer(index, query.receiver.as_deref(), applied, query.full)
+    })
+    .await;
     match offer {
-        Ok(Some(offer)) => {
-            if query.instance.as_deref() == Some(offer.instance.as_str())
-                && query.version == Some(offer.version)
-            {
-                return StatusCode::NOT_MODIFIED.into_response();
-            }
-            axum::Json(offer).into_response()
-        }
+        Ok(Some(Some(offer))) => axum::Json(offer).into_response(),
+        Ok(Some(None)) => StatusCode::NOT_MODIFIED.into_response(),
         Ok(None) => not_source(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -34,8 +34,13 @@ fn flag(b: bool) -> f64 {
     if b { 1.0 } else { 0.0 }
 }
 
-pub fn render(node: &NodeSnapshot) -> String {
+/// The node's metrics; `replication` is `GET /replication/files`'s
+/// document when `[[replicate]]` directories are configured.
+pub fn render(node: &NodeSnapshot, replication: Option<&serde_json::Value>) -> String {
     let mut out = Out(String::with_capacity(4096));
+    if let Some(status) = replication {
+        replication_metrics(&mut out, status);
+    }
     out.metric(
         "info",
         "gauge",
@@ -330,6 +335,97 @@ pub fn render(node: &NodeSnapshot) -> String {
         );
     }
     out.0
+}
+
+/// Per replicated directory: on the source, how far behind each receiver
+/// is; on a receiver, what it received, moved aside and failed to apply.
+fn replication_metrics(out: &mut Out, status: &serde_json::Value) {
+    let empty = Vec::new();
+    let dirs = status["directories"].as_array().unwrap_or(&empty);
+    let directory = |d: &serde_json::Value| label("directory", d["path"].as_str().unwrap_or(""));
+    let mut source = Vec::new();
+    let mut behind: [Vec<(String, f64)>; 3] = Default::default();
+    let mut received: [Vec<(String, f64)>; 4] = Default::default();
+    for d in dirs {
+        source.push((format!("{{{}}}", directory(d)), flag(d["role"] == "source")));
+        for r in d["receivers"].as_array().unwrap_or(&empty) {
+            let labels = format!(
+                "{{{},{}}}",
+                directory(d),
+                label("receiver", r["receiver"].as_str().unwrap_or(""))
+            );
+            for (samples, key) in
+                behind
+                    .iter_mut()
+                    .zip(["files_behind", "bytes_behind", "seconds_behind"])
+            {
+                samples.push((labels.clone(), r[key].as_f64().unwrap_or(0.0)));
+            }
+        }
+        if d["role"] == "receiver" {
+            let labels = format!("{{{}}}", directory(d));
+            let failed = d["failed"].as_array().map_or(0, Vec::len) as f64;
+            let values = [
+                d["files_received"].as_f64().unwrap_or(0.0),
+                d["bytes_received"].as_f64().unwrap_or(0.0),
+                d["moved_aside_files"].as_f64().unwrap_or(0.0),
+                failed,
+            ];
+            for (samples, value) in received.iter_mut().zip(values) {
+                samples.push((labels.clone(), value));
+            }
+        }
+    }
+    out.metric(
+        "replicated_source",
+        "gauge",
+        "1 while this node is the source of the replicated directory (it leads).",
+        &source,
+    );
+    let [files, bytes, seconds] = behind;
+    out.metric(
+        "replicated_files_behind",
+        "gauge",
+        "Entries changed or deleted on the source that the receiver has not applied.",
+        &files,
+    );
+    out.metric(
+        "replicated_bytes_behind",
+        "gauge",
+        "Bytes of the changed files the receiver has not applied.",
+        &bytes,
+    );
+    out.metric(
+        "replicated_seconds_behind",
+        "gauge",
+        "Age of the oldest change the receiver has not applied (0 when none).",
+        &seconds,
+    );
+    let [files, bytes, aside, failed] = received;
+    out.metric(
+        "replicated_received_files_total",
+        "counter",
+        "Files this receiver wrote from the source since the agent started.",
+        &files,
+    );
+    out.metric(
+        "replicated_received_bytes_total",
+        "counter",
+        "Bytes this receiver wrote from the source since the agent started.",
+        &bytes,
+    );
+    out.metric(
+        "replicated_moved_aside_files_total",
+        "counter",
+        "Files this receiver moved aside (only it had them) since the agent started.",
+        &aside,
+    );
+    out.metric(
+        "replicated_failed_files",
+        "gauge",
+        "Files the last round could not apply (retried next round).",
+        &failed,
+    );
 }
 
 #[cfg(test)]

@@ -497,7 +497,13 @@ async fn metrics<D>(State(state): Shared<D>) -> Response {
             .filter(|(label, _)| listeners.contains(label))
             .collect();
     }
-    let text = metrics::render(&node);
+    let replication = match state.replication.clone() {
+        // The status is read under the replication's lock: off the
+        // runtime's threads.
+        Some(r) => tokio::task::spawn_blocking(move || r.status()).await.ok(),
+        None => None,
+    };
+    let text = metrics::render(&node, replication.as_ref());
     (
         [(
             header::CONTENT_TYPE,

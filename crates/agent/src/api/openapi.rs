@@ -421,6 +421,7 @@ fn components() -> Value {
                             "vip": {"type": "string"},
                             "warning": {"type": "string", "description": "What the member reports wrong with it (e.g. parameters it refused)."},
                             "alerts": {"type": "array", "items": {"type": "string"}, "description": "What the member alerts its operators to ([alerts])."},
+                            "files": {"type": "object", "description": "The member's replicated directories: path to where it stands (source, in sync, N failed, error, idle).", "additionalProperties": {"type": "string"}},
                             "services": {"type": "object", "description": "The member's supervised services: name to state.", "additionalProperties": {"enum": ["stopped", "waiting", "starting", "running", "backing_off", "failed", "stopping"]}},
                             "lag": {"description": "Bytes behind the leader's last published position, or unknown.",
                                     "anyOf": [{"type": "integer", "minimum": 0}, {"const": "unknown"}]},
@@ -537,6 +538,8 @@ pub fn document() -> Value {
     );
     files_offer["parameters"] = json!([
         index,
+        {"name": "receiver", "in": "query", "required": false, "description": "The asking node's name (its progress is noted).", "schema": {"type": "string"}},
+        {"name": "full", "in": "query", "required": false, "description": "The whole offer even if the asker has applied it.", "schema": {"type": "boolean"}},
         {"name": "instance", "in": "query", "required": false, "description": "The source instance the asker applied.", "schema": {"type": "string"}},
         {"name": "version", "in": "query", "required": false, "description": "The version the asker applied.", "schema": {"type": "integer", "minimum": 0}}
     ]);

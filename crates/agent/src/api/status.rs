@@ -190,6 +190,9 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
             if !m.services.is_empty() {
                 member["services"] = json!(m.services);
             }
+            if !m.files.is_empty() {
+                member["files"] = json!(m.files);
+            }
             if !m.alerts.is_empty() {
                 member["alerts"] = json!(m.alerts);
             }

@@ -572,6 +572,17 @@ impl Ctl {
             println!("Switchover pending: {s}");
         }
         for m in cluster["members"].as_array().into_iter().flatten() {
+            if let Some(files) = m["files"].as_object() {
+                let words: Vec<String> = files
+                    .iter()
+                    .map(|(path, word)| format!("{path} {}", word.as_str().unwrap_or("?")))
+                    .collect();
+                println!(
+                    "Files {}: {}",
+                    m["name"].as_str().unwrap_or("?"),
+                    words.join(", ")
+                );
+            }
             if let Some(warning) = m["warning"].as_str() {
                 println!("WARNING {}: {warning}", m["name"].as_str().unwrap_or("?"));
             }

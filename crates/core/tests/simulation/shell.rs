@@ -302,6 +302,7 @@ impl Sim {
             vip: None,
             warning: None,
             services: Default::default(),
+            files: Default::default(),
             alerts: Vec::new(),
         };
         let published = view.members.get(&node.name).is_some_and(|record| {

@@ -36,6 +36,7 @@ pub fn member(name: &str) -> MemberStatus {
         vip: None,
         warning: None,
         services: Default::default(),
+        files: Default::default(),
         alerts: Vec::new(),
     }
 }

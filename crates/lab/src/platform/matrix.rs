@@ -123,6 +123,50 @@ impl Matrix {
         string_field(answer, "event_id", "sending")
     }
 
+    /// Uploads `bytes` as a PNG image; its `mxc://` URI.
+    pub async fn upload(&self, name: &str, bytes: &[u8]) -> Result<String, String> {
+        let answer = self
+            .with_timeout(Duration::from_secs(10))
+            .client
+            .raw(
+                Method::POST,
+                &format!("/_matrix/media/v3/upload?filename={}", encode(name)),
+                Some(bytes.to_vec()),
+                "image/png",
+            )
+            .await;
+        string_field(answer, "content_uri", "uploading")
+    }
+
+    /// The bytes of `mxc://server/id`, through the authenticated media API.
+    pub async fn download(&self, mxc: &str) -> Result<Vec<u8>, String> {
+        use http_body_util::BodyExt;
+        let rest = mxc
+            .strip_prefix("mxc://")
+            .ok_or_else(|| format!("{mxc} is not an mxc:// URI"))?;
+        let path = format!("/_matrix/client/v1/media/download/{rest}");
+        let response = self
+            .with_timeout(Duration::from_secs(10))
+            .client
+            .response(Method::GET, &path, None, "")
+            .await
+            .map_err(|e| format!("downloading {mxc}: {e}"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("downloading {mxc}: {e}"))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(format!(
+                "downloading {mxc}: HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        Ok(body.to_vec())
+    }
+
     /// The TURN servers the homeserver hands this user.
     pub async fn turn_servers(&self) -> Result<Vec<String>, String> {
         let answer = self.client.get("/_matrix/client/v3/voip/turnServer").await;

@@ -149,8 +149,14 @@ rc_login:
                 turn = turn_uris.join(", "),
             ),
         )?;
+        // The media store follows the leader like the database.
         Ok(format!(
             r#"
+[[replicate]]
+path = "{media}"
+exclude = ["url_cache/**", "url_cache_thumbnails/**"]
+settle = 0.2
+
 [[service]]
 name = "synapse"
 command = ["/bin/sh", "{script}", "{config}", "{pg_port}"]
@@ -168,6 +174,7 @@ timeout = 1
 failures = 3
 "#,
             script = self.start_script.display(),
+            media = dir.join("media").display(),
             config = config.display(),
             dir = dir.display(),
             password = crate::demo::SUPERUSER_PASSWORD,
