@@ -169,6 +169,75 @@ mod tests {
         assert_eq!(std::fs::read(kept).unwrap(), b"late upload");
     }
 
+    /// A receiver whose disk fills: the files that do not fit fail with
+    /// why, no partial file is left under any name, and the next round
+    /// after space returns completes. Needs root (a tmpfs of 1 MiB).
+    #[test]
+    fn a_full_disk_fails_files_cleanly_and_the_next_round_completes() {
+        if mainstay_sys::process::geteuid() != 0 {
+            mainstay_testkit::skip("mounting a small tmpfs needs root");
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let (source, copy) = (base.path().join("source"), base.path().join("copy"));
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::create_dir_all(&copy).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(mounted.success());
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(copy.clone());
+        for name in ["a", "b", "c"] {
+            std::fs::write(source.join(name), vec![name.as_bytes()[0]; 300_000]).unwrap();
+        }
+        // Half the disk is taken by something else.
+        std::fs::write(copy.join("filler"), vec![0u8; 500_000]).unwrap();
+        let receiver = Receiver::new(&copy);
+        let source_tree = tree(&source);
+        let mut receiver_tree = tree(&copy);
+        receiver_tree.remove("filler");
+        let first = plan(&source_tree, &receiver_tree, &BTreeSet::new());
+        let report = execute(&first, &source_tree, &receiver, "stamp", |path, _| {
+            std::fs::File::open(source.join(path))
+        });
+        assert!(report.sent_files < 3, "{report:?}");
+        assert!(
+            report.failed.iter().all(|(_, why)| why.contains("space")),
+            "{report:?}"
+        );
+        let names: Vec<String> = std::fs::read_dir(&copy)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.starts_with(crate::apply::TEMP_PREFIX)),
+            "{names:?}"
+        );
+        for name in &names {
+            if name != "filler" {
+                assert_eq!(std::fs::metadata(copy.join(name)).unwrap().len(), 300_000);
+            }
+        }
+        // Space returns: the next round brings the rest.
+        std::fs::remove_file(copy.join("filler")).unwrap();
+        let second = plan(&source_tree, &tree(&copy), &BTreeSet::new());
+        let report = execute(&second, &source_tree, &receiver, "stamp", |path, _| {
+            std::fs::File::open(source.join(path))
+        });
+        assert!(report.failed.is_empty(), "{report:?}");
+        assert!(same(&source_tree, &tree(&copy)));
+    }
+
     #[test]
     fn a_file_that_changes_while_sent_fails_alone() {
         let base = tempfile::tempdir().unwrap();
@@ -179,8 +248,8 @@ mod tests {
         std::fs::write(source.join("b"), b"bbbb").unwrap();
         let source_tree = tree(&source);
         let receiver = Receiver::new(&copy);
-        let plan = plan(&source_tree, &tree(&copy), &BTreeSet::new());
-        let report = execute(&plan, &source_tree, &receiver, "stamp", |path, _| {
+        let second = plan(&source_tree, &tree(&copy), &BTreeSet::new());
+        let report = execute(&second, &source_tree, &receiver, "stamp", |path, _| {
             if path == "a" {
                 std::fs::write(source.join("a"), b"rewritten meanwhile")?;
             }
