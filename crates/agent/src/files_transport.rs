@@ -89,11 +89,15 @@ impl mainstay_files::Transport for ApiTransport {
         leader_url: &str,
         index: usize,
         path: &str,
+        offset: u64,
     ) -> io::Result<Box<dyn Read + Send>> {
         let client = self
             .auth
             .peer_client(leader_url, PIECE_TIMEOUT, &self.ca_file);
-        let request = format!("/replication/files/{index}/file?path={}", encode(path));
+        let request = format!(
+            "/replication/files/{index}/file?path={}&offset={offset}",
+            encode(path)
+        );
         let response = self
             .runtime
             .block_on(client.response(Method::GET, &request, None, ""))

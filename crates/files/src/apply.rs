@@ -23,6 +23,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Names a receiver writes before a rename; scans skip them.
 pub const TEMP_PREFIX: &str = ".mainstay-tmp-";
 
+/// Why a write stopped, and whether what it wrote is worth keeping.
+enum Failure {
+    /// The body broke off: the bytes so far are good for a resume.
+    Keep(io::Error),
+    /// Wrong bytes, or the disk: nothing of it may stay.
+    Discard(io::Error),
+}
+
 /// A replicated directory as a receiver writes it.
 pub struct Receiver {
     root: PathBuf,
@@ -127,23 +135,52 @@ impl Receiver {
         inside(&self.root, relative)
     }
 
-    /// Writes `relative` from `body`, which must hold exactly the bytes
-    /// `entry` announces (size and hash); returns the bytes written.
-    pub fn write_file(&self, relative: &str, entry: &Entry, body: impl Read) -> io::Result<u64> {
+    /// Where a file's bytes gather before the rename: named by content, so
+    /// that a transfer cut midway resumes into the same file.
+    fn partial_path(&self, relative: &str, hash: &str) -> io::Result<PathBuf> {
+        let path = self.path(relative)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let short = hash.get(..32).unwrap_or(hash);
+        Ok(dir.join(format!("{TEMP_PREFIX}part-{short}")))
+    }
+
+    /// Bytes of `relative`'s announced content already here from a cut
+    /// transfer: fetch from there.
+    pub fn partial(&self, relative: &str, entry: &Entry) -> u64 {
+        let Kind::File { size, hash } = &entry.kind else {
+            return 0;
+        };
+        let Ok(temp) = self.partial_path(relative, hash) else {
+            return 0;
+        };
+        match fs::symlink_metadata(&temp) {
+            Ok(meta) if meta.is_file() && meta.len() < *size => meta.len(),
+            _ => 0,
+        }
+    }
+
+    /// Writes `relative` from `body`, which holds the announced bytes from
+    /// `offset` on (the ones before are the partial file's); returns the
+    /// bytes this call wrote. When the body breaks off, what arrived is
+    /// kept for the next attempt; bytes that do not match the announcement
+    /// (or a full disk) leave nothing behind.
+    pub fn write_file(
+        &self,
+        relative: &str,
+        entry: &Entry,
+        offset: u64,
+        body: impl Read,
+    ) -> io::Result<u64> {
         let Kind::File { size, hash } = &entry.kind else {
             return Err(invalid(format!("{relative:?} is not announced as a file")));
         };
         let path = self.path(relative)?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        let temp = dir.join(format!(
-            "{TEMP_PREFIX}{}-{}",
-            std::process::id(),
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-        ));
-        let written = self.write_temp(&temp, *size, hash, entry, body);
-        let written = match written {
+        let temp = self.partial_path(relative, hash)?;
+        let written = match self.write_temp(&temp, *size, hash, entry, offset, body) {
             Ok(written) => written,
-            Err(e) => {
+            Err(Failure::Keep(e)) => return Err(e),
+            Err(Failure::Discard(e)) => {
                 let _ = fs::remove_file(&temp);
                 return Err(e);
             }
@@ -161,37 +198,67 @@ impl Receiver {
         size: u64,
         hash: &str,
         entry: &Entry,
+        offset: u64,
         mut body: impl Read,
-    ) -> io::Result<u64> {
-        let mut file = File::create(temp)?;
+    ) -> Result<u64, Failure> {
+        let discard = Failure::Discard;
         let mut hasher = blake3::Hasher::new();
         let mut buffer = vec![0u8; 64 * 1024];
-        let mut written = 0u64;
+        let mut file = if offset > 0 {
+            // The bytes already here count towards the hash: read again,
+            // a piece at a time.
+            let mut file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(temp)
+                .map_err(discard)?;
+            let mut left = offset;
+            while left > 0 {
+                let want = buffer.len().min(left as usize);
+                file.read_exact(&mut buffer[..want]).map_err(discard)?;
+                hasher.update(&buffer[..want]);
+                left -= want as u64;
+            }
+            file.set_len(offset).map_err(discard)?;
+            file
+        } else {
+            File::create(temp).map_err(discard)?
+        };
+        let mut written = offset;
         loop {
-            let n = body.read(&mut buffer)?;
+            let n = match body.read(&mut buffer) {
+                Ok(n) => n,
+                // Cut: keep what arrived (on disk) for the next attempt.
+                Err(e) => {
+                    let _ = file.sync_data();
+                    return Err(Failure::Keep(e));
+                }
+            };
             if n == 0 {
                 break;
             }
             written += n as u64;
             if written > size {
-                return Err(invalid(format!("more than the {size} bytes announced")));
+                return Err(discard(invalid(format!(
+                    "more than the {size} bytes announced"
+                ))));
             }
             hasher.update(&buffer[..n]);
-            file.write_all(&buffer[..n])?;
+            file.write_all(&buffer[..n]).map_err(discard)?;
         }
         let got = hasher.finalize().to_hex();
         if written != size || got.as_str() != hash {
-            return Err(io::Error::new(
+            return Err(discard(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
                     "got {written} bytes hashing {got}, announced {size} hashing {hash}: \
                      the file changed while it was sent"
                 ),
-            ));
+            )));
         }
-        file.sync_all()?;
-        set_file_metadata(&file, temp, entry)?;
-        Ok(written)
+        file.sync_all().map_err(discard)?;
+        set_file_metadata(&file, temp, entry).map_err(discard)?;
+        Ok(written - offset)
     }
 
     pub fn make_dir(&self, relative: &str, entry: &Entry) -> io::Result<()> {
@@ -314,7 +381,7 @@ mod tests {
         let entry = entry_for(b"voice note", 0o640);
         assert_eq!(
             receiver
-                .write_file("note", &entry, &b"voice note"[..])
+                .write_file("note", &entry, 0, &b"voice note"[..])
                 .unwrap(),
             10
         );
@@ -332,7 +399,7 @@ mod tests {
         std::fs::write(dir.path().join("photo"), b"old photo").unwrap();
         let entry = entry_for(b"new photo", 0o644);
         for body in [&b"new phot"[..], &b"new photo!"[..], &b"NEW PHOTO"[..]] {
-            let err = receiver.write_file("photo", &entry, body).unwrap_err();
+            let err = receiver.write_file("photo", &entry, 0, body).unwrap_err();
             assert!(
                 matches!(
                     err.kind(),
@@ -349,6 +416,57 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    /// A body that breaks off after `at` bytes.
+    struct Cut<'a>(&'a [u8], usize);
+
+    impl Read for Cut<'_> {
+        fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+            if self.1 == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "cable pulled",
+                ));
+            }
+            let n = buffer.len().min(self.1).min(self.0.len());
+            buffer[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            self.1 -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_cut_transfer_resumes_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let receiver = Receiver::new(dir.path());
+        let content: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let entry = entry_for(&content, 0o644);
+        let err = receiver
+            .write_file("video", &entry, 0, Cut(&content, 100_000))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(!dir.path().join("video").exists());
+        assert_eq!(receiver.partial("video", &entry), 100_000);
+        // The rest only: 200,000 bytes more, and the whole file is right.
+        let written = receiver
+            .write_file("video", &entry, 100_000, &content[100_000..])
+            .unwrap();
+        assert_eq!(written, 200_000);
+        assert_eq!(std::fs::read(dir.path().join("video")).unwrap(), content);
+        assert_eq!(receiver.partial("video", &entry), 0);
+        // A resume whose bytes do not fit the announcement leaves nothing.
+        let other = entry_for(&[1u8; 50_000], 0o644);
+        let _ = receiver.write_file("other", &other, 0, Cut(&[1u8; 50_000], 20_000));
+        assert_eq!(receiver.partial("other", &other), 20_000);
+        assert!(
+            receiver
+                .write_file("other", &other, 20_000, &[2u8; 30_000][..])
+                .is_err()
+        );
+        assert_eq!(receiver.partial("other", &other), 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
     #[test]
     fn nothing_is_written_outside_the_tree() {
         let outside = tempfile::tempdir().unwrap();
@@ -358,7 +476,7 @@ mod tests {
         let entry = entry_for(b"x", 0o644);
         for path in ["../escape", "/etc/x", "link/x", "a/../../x", ""] {
             assert!(
-                receiver.write_file(path, &entry, &b"x"[..]).is_err(),
+                receiver.write_file(path, &entry, 0, &b"x"[..]).is_err(),
                 "{path}"
             );
         }

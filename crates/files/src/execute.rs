@@ -22,13 +22,14 @@ pub struct Report {
 }
 
 /// Applies `plan` (made against `source`) on `receiver`; `fetch` opens a
-/// source file's bytes; files moved aside go under the folder `stamp`.
+/// source file's bytes from an offset (past what a cut transfer left);
+/// files moved aside go under the folder `stamp`.
 pub fn execute<R: Read>(
     plan: &Plan,
     source: &Manifest,
     receiver: &Receiver,
     stamp: &str,
-    mut fetch: impl FnMut(&str, &Entry) -> io::Result<R>,
+    mut fetch: impl FnMut(&str, &Entry, u64) -> io::Result<R>,
 ) -> Report {
     let mut report = Report::default();
     let fail = |report: &mut Report, path: &str, e: io::Error| {
@@ -66,8 +67,9 @@ pub fn execute<R: Read>(
     }
     for path in &plan.send {
         let sent = entry(path).and_then(|e| {
-            let body = fetch(path, e)?;
-            receiver.write_file(path, e, body)
+            let offset = receiver.partial(path, e);
+            let body = fetch(path, e, offset)?;
+            receiver.write_file(path, e, offset, body)
         });
         match sent {
             Ok(bytes) => {
@@ -113,12 +115,19 @@ mod tests {
                 .all(|((pa, ea), (pb, eb))| pa == pb && ea.same_content(eb) && ea.same_metadata(eb))
     }
 
+    fn open_at(path: &Path, offset: u64) -> io::Result<std::fs::File> {
+        use std::io::{Seek, SeekFrom};
+        let mut file = std::fs::File::open(path)?;
+        file.seek(SeekFrom::Start(offset))?;
+        Ok(file)
+    }
+
     /// One round from a local source directory.
     fn sync(source: &Path, receiver: &Receiver, deleted: &BTreeSet<String>) -> Report {
         let source_tree = tree(source);
         let plan = plan(&source_tree, &tree(receiver.root()), deleted);
-        execute(&plan, &source_tree, receiver, "stamp", |path, _| {
-            std::fs::File::open(source.join(path))
+        execute(&plan, &source_tree, receiver, "stamp", |path, _, offset| {
+            open_at(&source.join(path), offset)
         })
     }
 
@@ -205,9 +214,13 @@ mod tests {
         let mut receiver_tree = tree(&copy);
         receiver_tree.remove("filler");
         let first = plan(&source_tree, &receiver_tree, &BTreeSet::new());
-        let report = execute(&first, &source_tree, &receiver, "stamp", |path, _| {
-            std::fs::File::open(source.join(path))
-        });
+        let report = execute(
+            &first,
+            &source_tree,
+            &receiver,
+            "stamp",
+            |path, _, offset| open_at(&source.join(path), offset),
+        );
         assert!(report.sent_files < 3, "{report:?}");
         assert!(
             report.failed.iter().all(|(_, why)| why.contains("space")),
@@ -231,9 +244,13 @@ mod tests {
         // Space returns: the next round brings the rest.
         std::fs::remove_file(copy.join("filler")).unwrap();
         let second = plan(&source_tree, &tree(&copy), &BTreeSet::new());
-        let report = execute(&second, &source_tree, &receiver, "stamp", |path, _| {
-            std::fs::File::open(source.join(path))
-        });
+        let report = execute(
+            &second,
+            &source_tree,
+            &receiver,
+            "stamp",
+            |path, _, offset| open_at(&source.join(path), offset),
+        );
         assert!(report.failed.is_empty(), "{report:?}");
         assert!(same(&source_tree, &tree(&copy)));
     }
@@ -249,7 +266,7 @@ mod tests {
         let source_tree = tree(&source);
         let receiver = Receiver::new(&copy);
         let second = plan(&source_tree, &tree(&copy), &BTreeSet::new());
-        let report = execute(&second, &source_tree, &receiver, "stamp", |path, _| {
+        let report = execute(&second, &source_tree, &receiver, "stamp", |path, _, _| {
             if path == "a" {
                 std::fs::write(source.join("a"), b"rewritten meanwhile")?;
             }

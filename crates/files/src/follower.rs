@@ -85,7 +85,7 @@ impl Follower {
         &mut self,
         offer: &Offer,
         now: SystemTime,
-        fetch: impl FnMut(&str, &Entry) -> io::Result<R>,
+        fetch: impl FnMut(&str, &Entry, u64) -> io::Result<R>,
     ) -> io::Result<Report> {
         // Nodes may keep a directory at different places, but the same
         // directory by name at the same position: a list in another order
@@ -109,7 +109,8 @@ impl Follower {
             self.status.source_instance = Some(offer.instance.clone());
         }
         std::fs::create_dir_all(&self.spec.path)?;
-        let local = scan(&self.spec.path, &self.spec.exclude, &mut self.cache)?.manifest;
+        let scanned = scan(&self.spec.path, &self.spec.exclude, &mut self.cache)?;
+        let (local, partials) = (scanned.manifest, scanned.temps);
         let deleted: BTreeSet<String> = offer
             .deleted
             .iter()
@@ -125,6 +126,27 @@ impl Follower {
             fetch,
         );
         let failed: BTreeSet<&str> = report.failed.iter().map(|(p, _)| p.as_str()).collect();
+        // Partial files of transfers that will not resume (the source
+        // changed or dropped the file) go; those of files still wanted stay.
+        let wanted: BTreeSet<String> = failed
+            .iter()
+            .filter_map(|p| {
+                let hash = match &offer.entries.get(*p)?.kind {
+                    crate::Kind::File { hash, .. } => hash.get(..32).unwrap_or(hash),
+                    _ => return None,
+                };
+                let name = format!("{}part-{hash}", crate::apply::TEMP_PREFIX);
+                Some(match crate::manifest::parent(p) {
+                    Some(dir) => format!("{dir}/{name}"),
+                    None => name,
+                })
+            })
+            .collect();
+        for stale in partials.iter().filter(|t| !wanted.contains(*t)) {
+            if let Ok(path) = crate::apply::inside(&self.spec.path, stale) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         self.in_sync = offer
             .entries
             .keys()
@@ -183,7 +205,7 @@ mod tests {
 
     fn round(follower: &mut Follower, offer: &Offer, source_root: &Path) -> Report {
         follower
-            .round(offer, SystemTime::now(), |path, _| {
+            .round(offer, SystemTime::now(), |path, _, _| {
                 std::fs::File::open(source_root.join(path))
             })
             .unwrap()
@@ -228,7 +250,7 @@ mod tests {
             ..Offer::default()
         };
         let err = follower
-            .round(&offer, SystemTime::now(), |_, _| {
+            .round(&offer, SystemTime::now(), |_, _, _| {
                 std::fs::File::open("/dev/null")
             })
             .unwrap_err();

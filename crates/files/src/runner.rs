@@ -34,12 +34,13 @@ pub trait Transport: Send + 'static {
         applied: Option<(&str, u64)>,
         full: bool,
     ) -> Result<Option<Offer>, String>;
-    /// A file's bytes, streamed.
+    /// A file's bytes from `offset` on, streamed.
     fn open(
         &mut self,
         leader_url: &str,
         index: usize,
         path: &str,
+        offset: u64,
     ) -> io::Result<Box<dyn Read + Send>>;
 }
 
@@ -304,8 +305,8 @@ fn follow(
         Ok(Some(offer)) => {
             let throttle = spec.throttle;
             follower
-                .round(&offer, SystemTime::now(), |path, _| {
-                    let body = transport.open(leader_url, index, path)?;
+                .round(&offer, SystemTime::now(), |path, _, offset| {
+                    let body = transport.open(leader_url, index, path, offset)?;
                     Ok(Throttled::new(body, throttle))
                 })
                 .map(|report| {

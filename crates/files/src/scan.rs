@@ -37,6 +37,8 @@ pub struct Scan {
     pub skipped: Vec<(String, String)>,
     /// Bytes read to hash changed files.
     pub hashed_bytes: u64,
+    /// A receiver's temporary files (partial transfers), by path.
+    pub temps: Vec<String>,
 }
 
 /// Reads the tree under `root` (which must be a directory).
@@ -74,14 +76,16 @@ pub fn scan(root: &Path, excludes: &Excludes, cache: &mut HashCache) -> io::Resu
                     .push((shown, "the name is not UTF-8: not replicated".into()));
                 continue;
             };
-            if name.starts_with(TEMP_PREFIX) {
-                continue;
-            }
+            let temp = name.starts_with(TEMP_PREFIX);
             let relative = if dir.is_empty() {
                 name
             } else {
                 format!("{dir}/{name}")
             };
+            if temp {
+                result.temps.push(relative);
+                continue;
+            }
             if excludes.excludes(&relative) {
                 continue;
             }

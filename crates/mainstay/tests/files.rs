@@ -235,6 +235,12 @@ fn directories_follow_the_leader_and_a_failback_keeps_what_only_the_old_leader_h
         let answer = with_auth.get(photo).await.unwrap();
         assert_eq!(answer.status, 200);
         assert_eq!(answer.text.len(), 1 << 20);
+        // A cut transfer resumes past what it received.
+        let rest = with_auth
+            .get(&format!("{photo}&offset={}", (1 << 20) - 100))
+            .await
+            .unwrap();
+        assert_eq!((rest.status.as_u16(), rest.text.len()), (200, 100));
         for (path, status) in [
             ("/replication/files/0/file?path=../node1/mainstay.toml", 400),
             ("/replication/files/0/file?path=upload.part", 404),

@@ -95,6 +95,9 @@ fn not_source() -> Response {
 #[derive(Deserialize)]
 pub(super) struct FileQuery {
     path: String,
+    /// Where to start: past what a cut transfer delivered.
+    #[serde(default)]
+    offset: u64,
 }
 
 /// A file of the current offer, streamed; 404 for anything else (a path
@@ -118,10 +121,13 @@ pub(super) async fn file<D: Dcs>(
             "path: a relative path inside the directory",
         );
     }
-    let relative = query.path.clone();
+    let (relative, offset) = (query.path.clone(), query.offset);
     let opened = tokio::task::spawn_blocking(move || {
+        use std::io::{Seek, SeekFrom};
         let (root, _) = replication.file(index, &relative)?;
-        mainstay_files::apply::open_inside(&root, &relative).ok()
+        let mut file = mainstay_files::apply::open_inside(&root, &relative).ok()?;
+        file.seek(SeekFrom::Start(offset)).ok()?;
+        Some(file)
     })
     .await;
     let Ok(Some(file)) = opened else {

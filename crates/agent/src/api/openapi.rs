@@ -555,7 +555,8 @@ pub fn document() -> Value {
     );
     files_file["parameters"] = json!([
         index,
-        {"name": "path", "in": "query", "required": true, "description": "The file's path relative to the directory.", "schema": {"type": "string", "minLength": 1}}
+        {"name": "path", "in": "query", "required": true, "description": "The file's path relative to the directory.", "schema": {"type": "string", "minLength": 1}},
+        {"name": "offset", "in": "query", "required": false, "description": "The first byte to send (a cut transfer resumes past what it received).", "schema": {"type": "integer", "minimum": 0}}
     ]);
     let text = |what: &str| json!({"description": what, "content": {"text/plain": {"schema": {"type": "string"}}}});
     json!({
