@@ -196,7 +196,10 @@ mod tests {
     /// the receiver's path, as every node names the same directory).
     fn offer(source: &mut Source, as_path: &Path) -> Offer {
         source
-            .rescan(SystemTime::now() + Duration::from_secs(1))
+            .rescan(
+                SystemTime::now() + Duration::from_secs(1),
+                &std::collections::HashMap::new(),
+            )
             .unwrap();
         let mut offer = source.offer().clone();
         offer.path = as_path.display().to_string();

@@ -20,6 +20,8 @@
 //! - `source`: the leader's offer (the tree once each file has settled,
 //!   a version, the paths it saw deleted); `follower`: a receiver's rounds
 //!   against that offer;
+//! - `watch`: change events on a source directory (when to scan, which
+//!   files were closed after writing);
 //! - `runner`: the thread that makes each directory a source while the
 //!   node leads and a follower of the leader otherwise, over the agent's
 //!   API (`Transport`).
@@ -35,6 +37,7 @@ pub mod runner;
 pub mod scan;
 pub mod source;
 pub mod spec;
+pub mod watch;
 
 pub use manifest::{Entry, Kind, Manifest};
 pub use plan::{Plan, plan};

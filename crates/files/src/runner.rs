@@ -1,6 +1,7 @@
 //! The replication of a node's `[[replicate]]` directories, following the
 //! agent's published view: while the node leads, each directory is a
-//! source (its offer rescanned twice a second, served to the others by the
+//! source (rescanned when its change events say something changed, and
+//! every `scan_interval` anyway; its offer served to the others by the
 //! agent's API); otherwise it follows the leader, pulling what differs.
 //!
 //! It runs on a thread of its own: scanning, hashing and fsyncing are
@@ -11,9 +12,10 @@ use crate::follower::{Follower, FollowerStatus};
 use crate::manifest::{Entry, Kind};
 use crate::source::{Offer, Source};
 use crate::spec::ReplicateSpec;
+use crate::watch::Watch;
 use mainstay_core::Published;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,15 +46,27 @@ pub trait Transport: Send + 'static {
     ) -> io::Result<Box<dyn Read + Send>>;
 }
 
-/// Twice a second: a closed upload reaches the receivers in about a
-/// second (settle time included) without change events.
-const TICK: Duration = Duration::from_millis(500);
+/// Five times a second: a source looks at its change events (and scans
+/// when they say something changed), a receiver asks whether the offer
+/// moved (a 304 when not).
+const TICK: Duration = Duration::from_millis(200);
 
 /// Each directory's side on this node.
 enum Side {
-    Source(Box<Source>),
+    Source(Box<Sourcing>),
     Follower(Box<Follower>),
     Idle,
+}
+
+/// A source with its change events.
+struct Sourcing {
+    source: Source,
+    /// `None` when the events could not be had (inotify's limits): the
+    /// source then scans at every tick.
+    watch: Option<Watch>,
+    /// Files closed after writing, seen in the events, and when.
+    closed: HashMap<String, SystemTime>,
+    last_scan: Option<Instant>,
 }
 
 struct Dir {
@@ -125,9 +139,10 @@ impl Replication {
         full: bool,
     ) -> Option<Option<Offer>> {
         let mut dirs = mainstay_core::poison::lock(&self.dirs);
-        let Side::Source(source) = &mut dirs.get_mut(index)?.side else {
+        let Side::Source(sourcing) = &mut dirs.get_mut(index)?.side else {
             return None;
         };
+        let source = &mut sourcing.source;
         let current = applied.is_some_and(|(instance, _)| instance == source.offer().instance);
         if let (Some(receiver), Some((_, version)), true) = (receiver, applied, current) {
             source.heard_from(receiver, version, SystemTime::now());
@@ -142,10 +157,10 @@ impl Replication {
     pub fn file(&self, index: usize, relative: &str) -> Option<(std::path::PathBuf, Entry)> {
         let dirs = mainstay_core::poison::lock(&self.dirs);
         let dir = dirs.get(index)?;
-        let Side::Source(source) = &dir.side else {
+        let Side::Source(sourcing) = &dir.side else {
             return None;
         };
-        let entry = source.offer().entries.get(relative)?;
+        let entry = sourcing.source.offer().entries.get(relative)?;
         matches!(entry.kind, Kind::File { .. }).then(|| (dir.spec.path.clone(), entry.clone()))
     }
 
@@ -156,14 +171,15 @@ impl Replication {
             .iter()
             .map(|dir| {
                 let mut value = match &dir.side {
-                    Side::Source(source) => json!({
+                    Side::Source(sourcing) => json!({
                         "role": "source",
-                        "instance": source.offer().instance,
-                        "version": source.offer().version,
-                        "entries": source.offer().entries.len(),
-                        "unsettled": source.unsettled(),
-                        "skipped": source.skipped(),
-                        "receivers": source.lag(SystemTime::now()),
+                        "instance": sourcing.source.offer().instance,
+                        "version": sourcing.source.offer().version,
+                        "entries": sourcing.source.offer().entries.len(),
+                        "unsettled": sourcing.source.unsettled(),
+                        "skipped": sourcing.source.skipped(),
+                        "change_events": sourcing.watch.is_some(),
+                        "receivers": sourcing.source.lag(SystemTime::now()),
                     }),
                     Side::Follower(follower) => {
                         let status: &FollowerStatus = follower.status();
@@ -258,13 +274,45 @@ fn be_source(dirs: &Mutex<Vec<Dir>>, index: usize, node: &str) {
                 .map_or(0, |d| d.as_nanos())
         );
         info!(path = %dir.spec.path.display(), %instance, "replicated directory: this node is the source");
-        dir.side = Side::Source(Box::new(Source::new(dir.spec.clone(), instance)));
+        let _ = std::fs::create_dir_all(&dir.spec.path);
+        let watch = match Watch::new(&dir.spec.path) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                warn!(
+                    path = %dir.spec.path.display(),
+                    "no change events ({e}): scanning at every tick instead; raise \
+                     fs.inotify.max_user_watches if the tree is large"
+                );
+                None
+            }
+        };
+        dir.side = Side::Source(Box::new(Sourcing {
+            source: Source::new(dir.spec.clone(), instance),
+            watch,
+            closed: HashMap::new(),
+            last_scan: None,
+        }));
     }
-    let Side::Source(source) = &mut dir.side else {
+    let Side::Source(sourcing) = &mut dir.side else {
         return;
     };
+    let changes = sourcing.watch.as_ref().map(Watch::drain);
+    let due = sourcing
+        .last_scan
+        .is_none_or(|at| at.elapsed() >= dir.spec.scan_interval);
+    let scan = match &changes {
+        None => true,
+        Some(changes) => changes.changed || due || sourcing.source.unsettled() > 0,
+    };
+    if let Some(changes) = changes {
+        sourcing.closed.extend(changes.closed);
+    }
+    if !scan {
+        return;
+    }
     // Scanning under the lock: the API waits for at most one scan.
-    match source.rescan(SystemTime::now()) {
+    let now = SystemTime::now();
+    match sourcing.source.rescan(now, &sourcing.closed) {
         Ok(_) => dir.error = None,
         Err(e) => {
             let why = format!("cannot read {}: {e}", dir.spec.path.display());
@@ -274,6 +322,12 @@ fn be_source(dirs: &Mutex<Vec<Dir>>, index: usize, node: &str) {
             dir.error = Some(why);
         }
     }
+    sourcing.last_scan = Some(Instant::now());
+    // A close older than the settle time says nothing the mtime does not.
+    let settle = dir.spec.settle;
+    sourcing
+        .closed
+        .retain(|_, at| now.duration_since(*at).is_ok_and(|age| age < settle));
 }
 
 fn follow(

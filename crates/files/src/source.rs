@@ -88,8 +88,13 @@ impl Source {
     }
 
     /// Reads the tree again (only changed files are hashed); returns
-    /// whether the offer changed.
-    pub fn rescan(&mut self, now: SystemTime) -> io::Result<bool> {
+    /// whether the offer changed. A file in `closed` (closed after writing
+    /// since its last change) is complete: it needs no settle time.
+    pub fn rescan(
+        &mut self,
+        now: SystemTime,
+        closed: &std::collections::HashMap<String, SystemTime>,
+    ) -> io::Result<bool> {
         if !self.spec.path.exists() {
             std::fs::create_dir_all(&self.spec.path)?;
         }
@@ -103,7 +108,13 @@ impl Source {
         let mut entries = Manifest::new();
         self.unsettled = 0;
         for (path, entry) in scan.manifest {
-            let fresh = matches!(entry.kind, Kind::File { .. }) && entry.mtime_ns > settled_before;
+            let closed_since = closed.get(&path).is_some_and(|at| {
+                at.duration_since(UNIX_EPOCH)
+                    .is_ok_and(|d| d.as_nanos() as i64 >= entry.mtime_ns)
+            });
+            let fresh = matches!(entry.kind, Kind::File { .. })
+                && entry.mtime_ns > settled_before
+                && !closed_since;
             if fresh {
                 self.unsettled += 1;
                 if let Some(old) = self.offer.entries.get(&path) {
@@ -178,6 +189,7 @@ impl Source {
 mod tests {
     use super::*;
     use crate::spec::Excludes;
+    use std::collections::HashMap;
     use std::time::Duration;
 
     fn source(root: &std::path::Path) -> Source {
@@ -194,29 +206,57 @@ mod tests {
     }
 
     #[test]
+    fn a_file_closed_after_writing_needs_no_settle_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = source(dir.path());
+        std::fs::write(dir.path().join("voice-note"), b"ogg").unwrap();
+        let closed: HashMap<String, SystemTime> =
+            [("voice-note".to_string(), SystemTime::now())].into();
+        assert!(s.rescan(SystemTime::now(), &closed).unwrap());
+        assert!(s.offer().entries.contains_key("voice-note"));
+        // Written again after that close: it waits again.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.path().join("voice-note"), b"ogg, longer").unwrap();
+        assert!(!s.rescan(SystemTime::now(), &closed).unwrap());
+        assert_eq!(s.offer().entries["voice-note"].size(), 3);
+    }
+
+    #[test]
     fn a_file_is_offered_once_settled_and_its_deletion_is_remembered() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = source(dir.path());
         std::fs::write(dir.path().join("upload"), b"half").unwrap();
         let now = SystemTime::now();
         // Just written: not offered yet.
-        assert!(!s.rescan(now).unwrap());
+        assert!(!s.rescan(now, &HashMap::new()).unwrap());
         assert_eq!(s.unsettled(), 1);
         assert!(s.offer().entries.is_empty());
         // Two seconds later it has settled.
-        assert!(s.rescan(now + Duration::from_secs(2)).unwrap());
+        assert!(
+            s.rescan(now + Duration::from_secs(2), &HashMap::new())
+                .unwrap()
+        );
         assert_eq!(s.offer().version, 1);
         assert!(s.offer().entries.contains_key("upload"));
-        assert!(!s.rescan(now + Duration::from_secs(3)).unwrap());
+        assert!(
+            !s.rescan(now + Duration::from_secs(3), &HashMap::new())
+                .unwrap()
+        );
         // Rewritten: the old version is offered until the new one settles.
         std::fs::write(dir.path().join("upload"), b"whole upload").unwrap();
         let later = SystemTime::now();
-        assert!(!s.rescan(later).unwrap());
+        assert!(!s.rescan(later, &HashMap::new()).unwrap());
         assert_eq!(s.offer().entries["upload"].size(), 4);
-        assert!(s.rescan(later + Duration::from_secs(2)).unwrap());
+        assert!(
+            s.rescan(later + Duration::from_secs(2), &HashMap::new())
+                .unwrap()
+        );
         assert_eq!(s.offer().entries["upload"].size(), 12);
         std::fs::remove_file(dir.path().join("upload")).unwrap();
-        assert!(s.rescan(later + Duration::from_secs(3)).unwrap());
+        assert!(
+            s.rescan(later + Duration::from_secs(3), &HashMap::new())
+                .unwrap()
+        );
         assert_eq!(s.offer().version, 3);
         assert!(s.offer().deleted.contains("upload"));
         // A receiver that applied version 2 is one change (the deletion)
@@ -233,7 +273,7 @@ mod tests {
         // Back again: no longer a deletion.
         std::fs::write(dir.path().join("upload"), b"again").unwrap();
         assert!(
-            s.rescan(SystemTime::now() + Duration::from_secs(2))
+            s.rescan(SystemTime::now() + Duration::from_secs(2), &HashMap::new())
                 .unwrap()
         );
         assert!(s.offer().deleted.is_empty());
