@@ -9,7 +9,7 @@
 
 use crate::apply::{Receiver, aside_stamp};
 use crate::execute::{Report, execute};
-use crate::manifest::{Entry, Manifest};
+use crate::manifest::Entry;
 use crate::plan::plan;
 use crate::scan::{HashCache, scan};
 use crate::source::Offer;
@@ -168,8 +168,9 @@ impl Follower {
         Ok(report)
     }
 
-    /// The local tree (for tests and status).
-    pub fn local(&mut self) -> io::Result<Manifest> {
+    /// The local tree.
+    #[cfg(test)]
+    fn local(&mut self) -> io::Result<crate::Manifest> {
         Ok(scan(&self.spec.path, &self.spec.exclude, &mut self.cache)?.manifest)
     }
 }

@@ -8,7 +8,7 @@
 //! after a crash may hold files written after the last replication;
 //! whether they matter is for a person to decide, not for the sender.
 
-use crate::manifest::{Entry, Kind, Manifest, parent};
+use crate::manifest::{Kind, Manifest};
 use std::collections::BTreeSet;
 
 /// The steps, in the order a receiver applies them.
@@ -35,15 +35,6 @@ pub struct Plan {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         *self == Plan::default()
-    }
-
-    /// Bytes to send, by the source's sizes.
-    pub fn bytes(&self, source: &Manifest) -> u64 {
-        self.send
-            .iter()
-            .filter_map(|path| source.get(path))
-            .map(Entry::size)
-            .sum()
     }
 }
 
@@ -102,22 +93,10 @@ pub fn plan(source: &Manifest, receiver: &Manifest, deleted_at_source: &BTreeSet
     plan
 }
 
-/// The directories `path` needs, parents first (for a receiver that is
-/// sent one file whose directory it lacks).
-pub fn ancestors(path: &str) -> Vec<&str> {
-    let mut all = Vec::new();
-    let mut at = parent(path);
-    while let Some(dir) = at {
-        all.push(dir);
-        at = parent(dir);
-    }
-    all.reverse();
-    all
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::Entry;
 
     fn file(content: &str) -> Entry {
         Entry {
@@ -181,7 +160,6 @@ mod tests {
         assert_eq!(p.send, ["a/b/c"]);
         assert_eq!(p.links, ["l"]);
         assert_eq!(p.fix_metadata, ["a", "a/b"]);
-        assert_eq!(p.bytes(&source), 3);
         assert!(p.move_aside.is_empty() && p.delete.is_empty());
     }
 
@@ -240,7 +218,5 @@ mod tests {
         let receiver = tree(&[("a", dir()), ("a/b", dir()), ("a/b/c", dir())]);
         let p = plan(&Manifest::new(), &receiver, &none());
         assert_eq!(p.remove_dirs, ["a/b/c", "a/b", "a"]);
-        assert_eq!(ancestors("a/b/c"), ["a", "a/b"]);
-        assert!(ancestors("top").is_empty());
     }
 }

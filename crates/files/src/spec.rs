@@ -70,10 +70,6 @@ impl Excludes {
             .iter()
             .any(|p| !p.contains('/') && self.set.is_match(name))
     }
-
-    pub fn patterns(&self) -> &[String] {
-        &self.patterns
-    }
 }
 
 #[cfg(test)]

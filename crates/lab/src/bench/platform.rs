@@ -144,23 +144,10 @@ pub fn report(results: &[PlatformRun], mode: &str) -> serde_json::Value {
             "profile": "default",
             "client": "one Matrix account sending a message every 50 ms through the VIP; a failed send is retried with the same transaction id; 1 s request timeout",
             "kill": "every process of the leader's host (agent, guards, PostgreSQL, etcd member, Synapse, coturn) SIGSTOPped, then SIGKILLed",
-            "synapse": synapse_version(),
+            "synapse": platform::synapse::version(),
             "mainstay": env!("CARGO_PKG_VERSION"),
         }
     })
-}
-
-fn synapse_version() -> String {
-    let Ok(venv) = platform::synapse::venv() else {
-        return String::new();
-    };
-    std::process::Command::new(venv.join("bin/python"))
-        .args(["-c", "import synapse; print(synapse.__version__)"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
 }
 
 /// Every agent's resident memory once both its services run (Synapse on

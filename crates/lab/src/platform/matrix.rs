@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 #[derive(Clone)]
 pub struct Matrix {
-    base: String,
     client: ApiClient,
 }
 
@@ -83,7 +82,6 @@ impl Matrix {
             return Err(error("registering", answer));
         };
         Ok(Matrix {
-            base: base.to_string(),
             client: ApiClient::new(base)
                 .with_token(&token)
                 .with_timeout(Duration::from_secs(1)),
@@ -93,7 +91,6 @@ impl Matrix {
     /// A client with another request timeout.
     pub fn with_timeout(&self, timeout: Duration) -> Matrix {
         Matrix {
-            base: self.base.clone(),
             client: self.client.clone().with_timeout(timeout),
         }
     }
@@ -296,31 +293,10 @@ impl Sender {
             .find(|at| *at > after)
     }
 
-    pub fn acked(&self) -> usize {
-        poison::lock(&self.log).acked.len()
-    }
-
     /// Stops after the request in flight and returns the log.
     pub async fn finish(self) -> SendLog {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
         poison::lock(&self.log).clone()
-    }
-}
-
-/// Sends one message (numbered `n`) until acknowledged, within `timeout`.
-pub async fn send_until_acked(
-    matrix: &Matrix,
-    room: &str,
-    n: u64,
-    timeout: Duration,
-) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match matrix.send(room, n).await {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
     }
 }

@@ -13,10 +13,10 @@ pub mod demo;
 pub mod matrix;
 pub mod synapse;
 
-use crate::demo::{LAB_API_PORT, LabOptions, LocalCluster};
+use crate::demo::{LabOptions, LocalCluster};
 use mainstay_testkit::netns::Lab;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The platform's one address for clients.
@@ -24,7 +24,6 @@ pub const VIP: &str = "10.213.0.50";
 
 pub struct Platform {
     pub cluster: LocalCluster,
-    pub venv: PathBuf,
 }
 
 /// Why the platform lab cannot run here, if it cannot.
@@ -74,7 +73,7 @@ impl Platform {
         options.node_config = node_config;
         let cluster = LocalCluster::start_in_lab_with(dir, lab, exe, &options)
             .map_err(|e| format!("starting the lab cluster: {e}"))?;
-        Ok(Platform { cluster, venv })
+        Ok(Platform { cluster })
     }
 
     /// Synapse through the VIP, as clients reach it.
@@ -102,7 +101,6 @@ impl Platform {
 
     /// Node `i`'s service `name` as its REST API reports it.
     pub async fn service(&self, i: usize, name: &str) -> Option<Value> {
-        debug_assert_eq!(self.cluster.nodes[i].api_port, LAB_API_PORT);
         let answer = self.cluster.nodes[i].api().get("/services").await.ok()?;
         answer.body["services"]
             .as_array()?

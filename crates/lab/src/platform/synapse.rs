@@ -41,7 +41,6 @@ pub fn venv() -> Result<PathBuf, String> {
 /// start script.
 pub struct Shared {
     pub dir: PathBuf,
-    venv: PathBuf,
     signing_key: PathBuf,
     start_script: PathBuf,
 }
@@ -72,7 +71,6 @@ impl Shared {
         fs::write(&start_script, start_script_text(venv))?;
         Ok(Shared {
             dir: dir.to_path_buf(),
-            venv: venv.to_path_buf(),
             signing_key,
             start_script,
         })
@@ -180,10 +178,20 @@ failures = 3
             password = crate::demo::SUPERUSER_PASSWORD,
         ))
     }
+}
 
-    pub fn venv(&self) -> &Path {
-        &self.venv
-    }
+/// The installed Synapse's version ("" when there is none).
+pub fn version() -> String {
+    let Ok(venv) = venv() else {
+        return String::new();
+    };
+    std::process::Command::new(venv.join("bin/python"))
+        .args(["-c", "import synapse; print(synapse.__version__)"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Creates Synapse's database if this is the first start anywhere (the
