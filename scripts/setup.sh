@@ -18,7 +18,7 @@
 # version.
 set -euo pipefail
 
-packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables python3 python3-venv python3-dev libpq-dev gcc coturn)
+packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables python3 python3-venv python3-dev libpq-dev gcc coturn rsync)
 missing=()
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

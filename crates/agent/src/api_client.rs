@@ -193,6 +193,23 @@ impl ApiClient {
         body: Option<Vec<u8>>,
         content_type: &str,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let target = self.target(path)?;
+        let request = self.head(&target, method.clone(), body, content_type, false)?;
+        let exchange = async {
+            let mut sender = connect(&target).await?;
+            sender
+                .send_request(request)
+                .await
+                .map_err(ExchangeError::Http)
+        };
+        let answered = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or(Err(ExchangeError::Timeout(self.timeout)));
+        answered.map_err(|failure| target.failed(method, failure))
+    }
+
+    /// Where `path` goes, checked before anything is sent.
+    fn target(&self, path: &str) -> Result<Target, ClientError> {
         let url = format!("{}{path}", self.base);
         let uri: hyper::Uri = match url.parse() {
             Ok(uri) => uri,
@@ -217,63 +234,162 @@ impl ApiClient {
             (true, Some(tls)) => Some(tls.clone()),
             (false, _) => None,
         };
+        Ok(Target {
+            url,
+            uri,
+            host,
+            port,
+            authority,
+            tls,
+        })
+    }
+
+    fn head(
+        &self,
+        target: &Target,
+        method: Method,
+        body: Option<Vec<u8>>,
+        content_type: &str,
+        keep_alive: bool,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
         let mut builder = Request::builder()
             .method(method.clone())
-            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
-            .header(hyper::header::HOST, authority)
-            .header(hyper::header::CONNECTION, "close");
+            .uri(target.uri.path_and_query().map_or("/", |p| p.as_str()))
+            .header(hyper::header::HOST, target.authority.as_str());
+        if !keep_alive {
+            builder = builder.header(hyper::header::CONNECTION, "close");
+        }
         if let Some(auth) = &self.authorization {
             builder = builder.header(hyper::header::AUTHORIZATION, auth);
         }
         if body.is_some() {
             builder = builder.header(hyper::header::CONTENT_TYPE, content_type);
         }
-        let request = match builder.body(Full::new(Bytes::from(body.unwrap_or_default()))) {
-            Ok(request) => request,
-            Err(source) => {
-                return Err(ClientError::Request {
-                    method,
-                    url,
-                    source,
-                });
-            }
-        };
-        let exchange = async {
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-                .await
-                .map_err(ExchangeError::Connect)?;
-            match tls {
-                Some(tls) => {
-                    let name = rustls_pki_types::ServerName::try_from(host.clone())
-                        .map_err(ExchangeError::ServerName)?;
-                    let stream = tls.connect(name, tcp).await.map_err(ExchangeError::Tls)?;
-                    send(TokioIo::new(stream), request).await
-                }
-                None => send(TokioIo::new(tcp), request).await,
-            }
-            .map_err(ExchangeError::Http)
-        };
-        let answered = tokio::time::timeout(self.timeout, exchange)
-            .await
-            .unwrap_or(Err(ExchangeError::Timeout(self.timeout)));
-        answered.map_err(|failure| ClientError::Exchange {
-            method,
-            url,
-            failure,
-        })
+        builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|source| ClientError::Request {
+                method,
+                url: target.url.clone(),
+                source,
+            })
     }
 }
 
-async fn send<T>(
-    io: T,
-    request: Request<Full<Bytes>>,
-) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
+/// A request's destination, parsed.
+struct Target {
+    url: String,
+    uri: hyper::Uri,
+    host: String,
+    port: u16,
+    authority: String,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl Target {
+    fn failed(&self, method: Method, failure: ExchangeError) -> ClientError {
+        ClientError::Exchange {
+            method,
+            url: self.url.clone(),
+            failure,
+        }
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(target: &Target) -> Result<Sender, ExchangeError> {
+    let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(ExchangeError::Connect)?;
+    // A kept connection sends request after request: no waiting for the
+    // peer's delayed ACK before each (Nagle's algorithm).
+    let _ = tcp.set_nodelay(true);
+    match &target.tls {
+        Some(tls) => {
+            let name = rustls_pki_types::ServerName::try_from(target.host.clone())
+                .map_err(ExchangeError::ServerName)?;
+            let stream = tls.connect(name, tcp).await.map_err(ExchangeError::Tls)?;
+            handshake(TokioIo::new(stream)).await
+        }
+        None => handshake(TokioIo::new(tcp)).await,
+    }
+    .map_err(ExchangeError::Http)
+}
+
+async fn handshake<T>(io: T) -> Result<Sender, hyper::Error>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(connection);
-    sender.send_request(request).await
+    Ok(sender)
+}
+
+/// One connection kept open to an agent for a caller that sends many
+/// requests in a row (a receiver fetching a tree file by file): one TCP
+/// and TLS handshake, not one per request. GET only: a request that fails
+/// on a connection the server may have closed meanwhile (its idle
+/// timeout) is sent once more on a fresh one, which only an idempotent
+/// request allows.
+pub struct Session {
+    client: ApiClient,
+    sender: Option<Sender>,
+}
+
+impl Session {
+    pub fn new(client: ApiClient) -> Session {
+        Session {
+            client,
+            sender: None,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        self.client.base()
+    }
+
+    /// The response's head within the client's timeout, its body still to
+    /// be read. Read it to the end before the next request, or the
+    /// connection cannot be used again (the next request then opens one).
+    pub async fn get(
+        &mut self,
+        path: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let target = self.client.target(path)?;
+        let timeout = self.client.timeout;
+        if let Some(mut sender) = self.sender.take() {
+            // Ready once the previous response was read to its end.
+            let ready = tokio::time::timeout(Duration::from_millis(200), sender.ready()).await;
+            if matches!(ready, Ok(Ok(()))) {
+                let request = self.client.head(&target, Method::GET, None, "", true)?;
+                match tokio::time::timeout(timeout, sender.send_request(request)).await {
+                    Ok(Ok(response)) => {
+                        self.sender = Some(sender);
+                        return Ok(response);
+                    }
+                    Ok(Err(_)) => {}
+                    Err(_) => {
+                        return Err(target.failed(Method::GET, ExchangeError::Timeout(timeout)));
+                    }
+                }
+            }
+        }
+        let request = self.client.head(&target, Method::GET, None, "", true)?;
+        let exchange = async {
+            let mut sender = connect(&target).await?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(ExchangeError::Http)?;
+            Ok((sender, response))
+        };
+        let (sender, response) = tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(ExchangeError::Timeout(timeout)))
+            .map_err(|failure| target.failed(Method::GET, failure))?;
+        self.sender = Some(sender);
+        Ok(response)
+    }
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

@@ -5,9 +5,10 @@
 //! writes it, so memory does not grow with the file.
 
 use crate::api::ApiAuth;
+use crate::api_client::Session;
 use http_body_util::BodyExt;
+use hyper::StatusCode;
 use hyper::body::Incoming;
-use hyper::{Method, StatusCode};
 use mainstay_files::source::Offer;
 use std::io::{self, Read};
 use std::path::PathBuf;
@@ -18,10 +19,14 @@ pub struct ApiTransport {
     runtime: Arc<tokio::runtime::Runtime>,
     auth: ApiAuth,
     ca_file: Option<PathBuf>,
+    /// One connection to the leader, kept from request to request.
+    session: Option<Session>,
 }
 
-/// The offer (a manifest of up to many thousand entries) within this.
-const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The offer's head within this beyond the time the leader may hold the
+/// question, and its body (a manifest of up to many thousand entries)
+/// within this too.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A file's first byte, and each next piece, within this.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -34,6 +39,21 @@ impl ApiTransport {
             runtime: Arc::new(runtime),
             auth,
             ca_file,
+            session: None,
+        })
+    }
+
+    /// The kept connection to `leader_url` (a new one for a new leader).
+    fn session(&mut self, leader_url: &str) -> &mut Session {
+        let base = leader_url.trim_end_matches('/');
+        if self.session.as_ref().is_some_and(|s| s.base() != base) {
+            self.session = None;
+        }
+        self.session.get_or_insert_with(|| {
+            Session::new(
+                self.auth
+                    .peer_client(leader_url, PIECE_TIMEOUT, &self.ca_file),
+            )
         })
     }
 }
@@ -57,29 +77,45 @@ impl mainstay_files::Transport for ApiTransport {
         receiver: &str,
         applied: Option<(&str, u64)>,
         full: bool,
+        wait: Duration,
     ) -> Result<Option<Offer>, String> {
-        let client = self
-            .auth
-            .peer_client(leader_url, OFFER_TIMEOUT, &self.ca_file);
         let mut path = format!(
-            "/replication/files/{index}/offer?receiver={}&full={full}",
-            encode(receiver)
+            "/replication/files/{index}/offer?receiver={}&full={full}&wait={}",
+            encode(receiver),
+            wait.as_millis()
         );
         if let Some((instance, version)) = applied {
             path.push_str(&format!("&instance={}&version={version}", encode(instance)));
         }
-        let answer = self
-            .runtime
-            .block_on(client.get(&path))
-            .map_err(|e| format!("asking the leader for its offer: {e}"))?;
-        match answer.status {
+        let runtime = self.runtime.clone();
+        let session = self.session(leader_url);
+        let within = wait + OFFER_TIMEOUT;
+        let exchange = async {
+            let response = session
+                .get(&path)
+                .await
+                .map_err(|e| format!("asking the leader for its offer: {e}"))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("reading the leader's offer: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        let (status, body) = runtime
+            .block_on(async { tokio::time::timeout(within, exchange).await })
+            .map_err(|_| format!("the leader's offer did not come within {within:?}"))
+            .inspect_err(|_| self.session = None)??;
+        match status {
             StatusCode::NOT_MODIFIED => Ok(None),
-            StatusCode::OK => serde_json::from_str(&answer.text)
+            StatusCode::OK => serde_json::from_slice(&body)
                 .map(Some)
                 .map_err(|e| format!("the leader's offer does not parse: {e}")),
             status => Err(format!(
                 "the leader answered {status} for its offer: {}",
-                answer.text.trim()
+                String::from_utf8_lossy(&body).trim()
             )),
         }
     }
@@ -91,16 +127,13 @@ impl mainstay_files::Transport for ApiTransport {
         path: &str,
         offset: u64,
     ) -> io::Result<Box<dyn Read + Send>> {
-        let client = self
-            .auth
-            .peer_client(leader_url, PIECE_TIMEOUT, &self.ca_file);
         let request = format!(
             "/replication/files/{index}/file?path={}&offset={offset}",
             encode(path)
         );
-        let response = self
-            .runtime
-            .block_on(client.response(Method::GET, &request, None, ""))
+        let runtime = self.runtime.clone();
+        let response = runtime
+            .block_on(self.session(leader_url).get(&request))
             .map_err(io::Error::other)?;
         if response.status() != StatusCode::OK {
             return Err(io::Error::other(format!(

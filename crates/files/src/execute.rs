@@ -125,7 +125,12 @@ mod tests {
     /// One round from a local source directory.
     fn sync(source: &Path, receiver: &Receiver, deleted: &BTreeSet<String>) -> Report {
         let source_tree = tree(source);
-        let plan = plan(&source_tree, &tree(receiver.root()), deleted);
+        let plan = plan(
+            &source_tree,
+            &tree(receiver.root()),
+            deleted,
+            &BTreeSet::new(),
+        );
         execute(&plan, &source_tree, receiver, "stamp", |path, _, offset| {
             open_at(&source.join(path), offset)
         })
@@ -213,7 +218,12 @@ mod tests {
         let source_tree = tree(&source);
         let mut receiver_tree = tree(&copy);
         receiver_tree.remove("filler");
-        let first = plan(&source_tree, &receiver_tree, &BTreeSet::new());
+        let first = plan(
+            &source_tree,
+            &receiver_tree,
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+        );
         let report = execute(
             &first,
             &source_tree,
@@ -243,7 +253,12 @@ mod tests {
         }
         // Space returns: the next round brings the rest.
         std::fs::remove_file(copy.join("filler")).unwrap();
-        let second = plan(&source_tree, &tree(&copy), &BTreeSet::new());
+        let second = plan(
+            &source_tree,
+            &tree(&copy),
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+        );
         let report = execute(
             &second,
             &source_tree,
@@ -265,7 +280,12 @@ mod tests {
         std::fs::write(source.join("b"), b"bbbb").unwrap();
         let source_tree = tree(&source);
         let receiver = Receiver::new(&copy);
-        let second = plan(&source_tree, &tree(&copy), &BTreeSet::new());
+        let second = plan(
+            &source_tree,
+            &tree(&copy),
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+        );
         let report = execute(&second, &source_tree, &receiver, "stamp", |path, _, _| {
             if path == "a" {
                 std::fs::write(source.join("a"), b"rewritten meanwhile")?;

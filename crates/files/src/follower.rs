@@ -39,6 +39,9 @@ pub struct FollowerStatus {
     pub version: u64,
     /// Unix time of the last round that changed something.
     pub last_change: Option<u64>,
+    /// How long that round took, from asking for the offer to the last
+    /// write (after a failback: the whole resync).
+    pub last_change_ms: Option<u64>,
     pub files_received: u64,
     pub bytes_received: u64,
     /// Files moved aside since the agent started, and their bytes.
@@ -79,6 +82,12 @@ impl Follower {
         &self.status
     }
 
+    /// Notes how long a round that changed something took, asking for the
+    /// offer included.
+    pub fn round_took(&mut self, elapsed: std::time::Duration) {
+        self.status.last_change_ms = Some(elapsed.as_millis() as u64);
+    }
+
     /// One round: the local tree made to match `offer`, each file's bytes
     /// from `fetch`.
     pub fn round<R: Read>(
@@ -117,7 +126,7 @@ impl Follower {
             .filter(|p| self.in_sync.contains(*p))
             .cloned()
             .collect();
-        let plan = plan(&offer.entries, &local, &deleted);
+        let plan = plan(&offer.entries, &local, &deleted, &offer.pending);
         let report = execute(
             &plan,
             &offer.entries,

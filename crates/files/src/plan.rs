@@ -38,12 +38,22 @@ impl Plan {
     }
 }
 
-pub fn plan(source: &Manifest, receiver: &Manifest, deleted_at_source: &BTreeSet<String>) -> Plan {
+/// `pending`: paths the source has but does not offer yet (being written):
+/// whatever the receiver holds there stays as it is for now.
+pub fn plan(
+    source: &Manifest,
+    receiver: &Manifest,
+    deleted_at_source: &BTreeSet<String>,
+    pending: &BTreeSet<String>,
+) -> Plan {
     let mut plan = Plan::default();
     // What the receiver has that must go: paths the source lacks, and
     // paths whose kind changed (a directory that became a file...).
     let mut leaving_dirs = Vec::new();
     for (path, mine) in receiver {
+        if pending.contains(path) {
+            continue;
+        }
         let replaced = match source.get(path) {
             None => true,
             Some(theirs) => {
@@ -144,7 +154,7 @@ mod tests {
     #[test]
     fn identical_trees_need_nothing() {
         let t = tree(&[("a", dir()), ("a/b", file("x")), ("l", link("a/b"))]);
-        assert!(plan(&t, &t, &none()).is_empty());
+        assert!(plan(&t, &t, &none(), &none()).is_empty());
     }
 
     #[test]
@@ -155,7 +165,7 @@ mod tests {
             ("a/b/c", file("xyz")),
             ("l", link("a/b/c")),
         ]);
-        let p = plan(&source, &Manifest::new(), &none());
+        let p = plan(&source, &Manifest::new(), &none(), &none());
         assert_eq!(p.make_dirs, ["a", "a/b"]);
         assert_eq!(p.send, ["a/b/c"]);
         assert_eq!(p.links, ["l"]);
@@ -171,7 +181,7 @@ mod tests {
         chmodded.mode = 0o600;
         let source = tree(&[("c", changed), ("m", chmodded), ("u", file("u"))]);
         let receiver = tree(&[("c", file("old")), ("m", file("same")), ("u", file("u"))]);
-        let p = plan(&source, &receiver, &none());
+        let p = plan(&source, &receiver, &none(), &none());
         assert_eq!(p.send, ["c"]);
         assert_eq!(p.fix_metadata, ["m"]);
     }
@@ -187,12 +197,12 @@ mod tests {
             ("old/inside", file("i")),
         ]);
         let deleted = ["deleted-on-the-leader".to_string()].into();
-        let p = plan(&source, &receiver, &deleted);
+        let p = plan(&source, &receiver, &deleted, &none());
         assert_eq!(p.move_aside, ["old/inside", "written-after-the-crash"]);
         assert_eq!(p.delete, ["deleted-on-the-leader"]);
         assert_eq!(p.remove_dirs, ["old"]);
         // Without the source's word, nothing is ever deleted.
-        let p = plan(&source, &receiver, &none());
+        let p = plan(&source, &receiver, &none(), &none());
         assert!(p.delete.is_empty());
         assert_eq!(p.move_aside.len(), 3);
     }
@@ -206,7 +216,7 @@ mod tests {
             ("x/old", file("o")),
             ("y", file("was a file")),
         ]);
-        let p = plan(&source, &receiver, &none());
+        let p = plan(&source, &receiver, &none(), &none());
         assert_eq!(p.move_aside, ["x/old", "y"]);
         assert_eq!(p.remove_dirs, ["x"]);
         assert_eq!(p.make_dirs, ["y"]);
@@ -216,7 +226,18 @@ mod tests {
     #[test]
     fn deepest_directories_go_first() {
         let receiver = tree(&[("a", dir()), ("a/b", dir()), ("a/b/c", dir())]);
-        let p = plan(&Manifest::new(), &receiver, &none());
+        let p = plan(&Manifest::new(), &receiver, &none(), &none());
         assert_eq!(p.remove_dirs, ["a/b/c", "a/b", "a"]);
+    }
+
+    #[test]
+    fn a_file_the_source_is_still_writing_is_left_alone() {
+        // Right after a failover the new source offers nothing it has not
+        // seen settle: the receiver's copy of such a path is not "only on
+        // the receiver".
+        let receiver = tree(&[("upload", file("old"))]);
+        let pending: BTreeSet<String> = ["upload".to_string()].into();
+        let p = plan(&Manifest::new(), &receiver, &none(), &pending);
+        assert!(p.is_empty(), "{p:?}");
     }
 }

@@ -4,15 +4,19 @@
 //! every `scan_interval` anyway; its offer served to the others by the
 //! agent's API); otherwise it follows the leader, pulling what differs.
 //!
-//! It runs on a thread of its own: scanning, hashing and fsyncing are
-//! blocking work that must never hold up the HA loop. The transport (the
-//! agent's authenticated, possibly TLS, REST API) is given by the agent.
+//! Each directory runs on a thread of its own: scanning, hashing and
+//! fsyncing are blocking work that must never hold up the HA loop, and a
+//! receiver waiting for its leader's next offer (a long poll) must not
+//! hold up another directory. A source scans as soon as its change
+//! events say something happened; a receiver's question returns as soon
+//! as the offer moves. The transport (the agent's authenticated, possibly
+//! TLS, REST API) is given by the agent.
 
 use crate::follower::{Follower, FollowerStatus};
 use crate::manifest::{Entry, Kind};
 use crate::source::{Offer, Source};
 use crate::spec::ReplicateSpec;
-use crate::watch::Watch;
+use crate::watch::{Changes, Watch};
 use mainstay_core::Published;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -27,7 +31,8 @@ use tracing::{info, warn};
 pub trait Transport: Send + 'static {
     /// The leader's offer for directory `index`, telling it what this
     /// receiver (`receiver`) has `applied`; `Ok(None)` when that is still
-    /// the offer and a `full` one was not asked for.
+    /// the offer after waiting up to `wait` for it to move, and a `full`
+    /// one was not asked for.
     fn offer(
         &mut self,
         leader_url: &str,
@@ -35,6 +40,7 @@ pub trait Transport: Send + 'static {
         receiver: &str,
         applied: Option<(&str, u64)>,
         full: bool,
+        wait: Duration,
     ) -> Result<Option<Offer>, String>;
     /// A file's bytes from `offset` on, streamed.
     fn open(
@@ -46,24 +52,34 @@ pub trait Transport: Send + 'static {
     ) -> io::Result<Box<dyn Read + Send>>;
 }
 
-/// Five times a second: a source looks at its change events (and scans
-/// when they say something changed), a receiver asks whether the offer
-/// moved (a 304 when not).
+/// A source without change events scans this often; a source with them
+/// scans at the latest this long after one arrives (settling files are
+/// looked at again at this pace too); after a failed round, the next one
+/// waits this long.
 const TICK: Duration = Duration::from_millis(200);
+
+/// How long the leader holds a receiver's question while its offer does
+/// not move. Short enough that a receiver whose leader vanished without
+/// closing the connection (a power cut) asks the new one soon.
+pub const LONG_POLL: Duration = Duration::from_secs(2);
 
 /// Each directory's side on this node.
 enum Side {
     Source(Box<Sourcing>),
     Follower(Box<Follower>),
+    /// A follower at work off the shared list (so that a long poll or a
+    /// long transfer holds up no API request): its status as the round
+    /// began, for the API to show meanwhile.
+    Receiving(Box<FollowerStatus>),
     Idle,
 }
 
-/// A source with its change events.
+/// A source (its change events live on its directory's thread).
 struct Sourcing {
     source: Source,
-    /// `None` when the events could not be had (inotify's limits): the
+    /// Whether change events could be had (not: inotify's limits); the
     /// source then scans at every tick.
-    watch: Option<Watch>,
+    change_events: bool,
     /// Files closed after writing, seen in the events, and when.
     closed: HashMap<String, SystemTime>,
     last_scan: Option<Instant>,
@@ -84,16 +100,22 @@ pub struct Replication {
     /// every round, read by the HA loop for the member key (never behind
     /// the lock a scan holds).
     summary: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Bumped whenever a directory's offer moves or this node stops being
+    /// its source: what a long-polling receiver's request waits on.
+    offers: watch::Sender<u64>,
     stop: Arc<AtomicBool>,
 }
 
 impl Replication {
-    pub fn start(
+    /// Starts one thread per directory; each makes its own transport
+    /// with `transport`.
+    pub fn start<T: Transport>(
         specs: Vec<ReplicateSpec>,
         published: watch::Receiver<Published>,
         node: String,
-        transport: impl Transport,
-    ) -> Replication {
+        transport: impl Fn() -> io::Result<T> + Send + Sync + 'static,
+    ) -> io::Result<Replication> {
+        let count = specs.len();
         let dirs: Vec<Dir> = specs
             .into_iter()
             .map(|spec| Dir {
@@ -106,20 +128,37 @@ impl Replication {
         let dirs = Arc::new(Mutex::new(dirs));
         let stop = Arc::new(AtomicBool::new(false));
         let summary = Arc::new(Mutex::new(BTreeMap::new()));
-        let (shared, stopping, summarized) = (dirs.clone(), stop.clone(), summary.clone());
-        let span = tracing::Span::current();
-        std::thread::Builder::new()
-            .name("replicate".into())
-            .spawn(move || {
-                let _entered = span.enter();
-                run(shared, summarized, published, node, transport, stopping)
-            })
-            .expect("a thread for replication");
-        Replication {
+        let (offers, _) = watch::channel(0u64);
+        for index in 0..count {
+            let thread = Thread {
+                dirs: dirs.clone(),
+                index,
+                summary: summary.clone(),
+                published: published.clone(),
+                node: node.clone(),
+                transport: transport()?,
+                stop: stop.clone(),
+                offers: offers.clone(),
+            };
+            let span = tracing::Span::current();
+            std::thread::Builder::new()
+                .name(format!("replicate-{index}"))
+                .spawn(move || {
+                    let _entered = span.enter();
+                    thread.run()
+                })?;
+        }
+        Ok(Replication {
             dirs,
             summary,
+            offers,
             stop,
-        }
+        })
+    }
+
+    /// Changes when any directory's offer moves (see `offer`).
+    pub fn offers_moved(&self) -> watch::Receiver<u64> {
+        self.offers.subscribe()
     }
 
     /// Where each directory stands on this node, in a word, by path.
@@ -178,11 +217,15 @@ impl Replication {
                         "entries": sourcing.source.offer().entries.len(),
                         "unsettled": sourcing.source.unsettled(),
                         "skipped": sourcing.source.skipped(),
-                        "change_events": sourcing.watch.is_some(),
+                        "change_events": sourcing.change_events,
                         "receivers": sourcing.source.lag(SystemTime::now()),
                     }),
-                    Side::Follower(follower) => {
-                        let status: &FollowerStatus = follower.status();
+                    Side::Follower(_) | Side::Receiving(_) => {
+                        let status = match &dir.side {
+                            Side::Follower(follower) => follower.status(),
+                            Side::Receiving(status) => status,
+                            _ => unreachable!("matched above"),
+                        };
                         let mut value = serde_json::to_value(status).unwrap_or(Value::Null);
                         value["role"] = json!("receiver");
                         value
@@ -204,66 +247,124 @@ impl Drop for Replication {
     }
 }
 
-fn run(
+/// One directory's thread.
+struct Thread<T> {
     dirs: Arc<Mutex<Vec<Dir>>>,
+    index: usize,
     summary: Arc<Mutex<BTreeMap<String, String>>>,
     published: watch::Receiver<Published>,
     node: String,
-    mut transport: impl Transport,
+    transport: T,
     stop: Arc<AtomicBool>,
-) {
-    let count = mainstay_core::poison::lock(&dirs).len();
-    while !stop.load(Ordering::Relaxed) {
-        let now = published.borrow().clone();
-        let view = now.view.as_deref();
-        let leader = view.and_then(|v| v.leader_name()).map(str::to_string);
-        let leader_url = leader
-            .as_ref()
-            .and_then(|l| view?.members.get(l))
-            .map(|m| m.status.api_url.clone())
-            .filter(|url| !url.is_empty());
-        for index in 0..count {
+    offers: watch::Sender<u64>,
+}
+
+/// What a thread does before its next round.
+enum Pause {
+    /// Wait for change events (a source), at most a tick.
+    Events,
+    /// Go on at once: the round itself waited (a long poll) or applied
+    /// something.
+    None,
+    Tick,
+}
+
+impl<T: Transport> Thread<T> {
+    fn run(mut self) {
+        let mut watch: Option<Watch> = None;
+        let mut pending = Changes::default();
+        let mut offered = None;
+        while !self.stop.load(Ordering::Relaxed) {
+            let now = self.published.borrow().clone();
+            let view = now.view.as_deref();
+            let leader = view.and_then(|v| v.leader_name()).map(str::to_string);
+            let leader_url = leader
+                .as_ref()
+                .and_then(|l| view?.members.get(l))
+                .map(|m| m.status.api_url.clone())
+                .filter(|url| !url.is_empty());
             // A bug in one round must not end replication for good (nor
             // the agent): it is logged and the next round starts afresh.
             let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 if now.local.leading {
-                    be_source(&dirs, index, &node);
-                } else if let (Some(leader), Some(url)) = (&leader, &leader_url)
-                    && *leader != node
-                {
-                    follow(&dirs, index, url, &node, &mut transport);
+                    be_source(
+                        &self.dirs,
+                        self.index,
+                        &self.node,
+                        &mut watch,
+                        std::mem::take(&mut pending),
+                    );
+                    Pause::Events
                 } else {
-                    let mut all = mainstay_core::poison::lock(&dirs);
-                    all[index].side = Side::Idle;
+                    watch = None;
+                    match (&leader, &leader_url) {
+                        (Some(leader), Some(url)) if *leader != self.node => {
+                            follow(&self.dirs, self.index, url, &self.node, &mut self.transport)
+                        }
+                        _ => {
+                            mainstay_core::poison::lock(&self.dirs)[self.index].side = Side::Idle;
+                            Pause::Tick
+                        }
+                    }
                 }
             }));
-            if round.is_err() {
+            let pause = round.unwrap_or_else(|_| {
                 tracing::error!("a replication round panicked; the next one starts afresh");
-                mainstay_core::poison::lock(&dirs)[index].side = Side::Idle;
+                mainstay_core::poison::lock(&self.dirs)[self.index].side = Side::Idle;
+                watch = None;
+                Pause::Tick
+            });
+            let (path, word, offer) = {
+                let dirs = mainstay_core::poison::lock(&self.dirs);
+                let dir = &dirs[self.index];
+                let offer = match &dir.side {
+                    Side::Source(s) => {
+                        Some((s.source.offer().instance.clone(), s.source.offer().version))
+                    }
+                    _ => None,
+                };
+                (dir.spec.path.display().to_string(), word(dir), offer)
+            };
+            mainstay_core::poison::lock(&self.summary).insert(path, word);
+            if offer != offered {
+                offered = offer;
+                self.offers.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            match (pause, &watch) {
+                (Pause::Events, Some(events)) => pending = events.wait(TICK),
+                (Pause::None, _) => {}
+                _ => std::thread::sleep(TICK),
             }
         }
-        let words = summarize(&mainstay_core::poison::lock(&dirs));
-        *mainstay_core::poison::lock(&summary) = words;
-        std::thread::sleep(TICK);
     }
 }
 
-fn summarize(dirs: &[Dir]) -> BTreeMap<String, String> {
-    dirs.iter()
-        .map(|dir| {
-            let word = match (&dir.error, &dir.side) {
-                (Some(_), _) => "error".to_string(),
-                (None, Side::Source(_)) => "source".into(),
-                (None, Side::Follower(f)) if f.status().failed.is_empty() => "in sync".into(),
-                (None, Side::Follower(f)) => format!("{} failed", f.status().failed.len()),
-                (None, Side::Idle) => "idle".into(),
-            };
-            (dir.spec.path.display().to_string(), word)
-        })
-        .collect()
+fn receiving(status: &FollowerStatus) -> String {
+    if status.failed.is_empty() {
+        "in sync".into()
+    } else {
+        format!("{} failed", status.failed.len())
+    }
 }
 
-fn be_source(dirs: &Mutex<Vec<Dir>>, index: usize, node: &str) {
+/// Where a directory stands, in a word.
+fn word(dir: &Dir) -> String {
+    match (&dir.error, &dir.side) {
+        (Some(_), _) => "error".to_string(),
+        (None, Side::Source(_)) => "source".into(),
+        (None, Side::Follower(f)) => receiving(f.status()),
+        (None, Side::Receiving(status)) => receiving(status),
+        (None, Side::Idle) => "idle".into(),
+    }
+}
+
+fn be_source(
+    dirs: &Mutex<Vec<Dir>>,
+    index: usize,
+    node: &str,
+    watch: &mut Option<Watch>,
+    pending: Changes,
+) {
     let mut all = mainstay_core::poison::lock(dirs);
     let dir = &mut all[index];
     if !matches!(dir.side, Side::Source(_)) {
@@ -275,8 +376,8 @@ fn be_source(dirs: &Mutex<Vec<Dir>>, index: usize, node: &str) {
         );
         info!(path = %dir.spec.path.display(), %instance, "replicated directory: this node is the source");
         let _ = std::fs::create_dir_all(&dir.spec.path);
-        let watch = match Watch::new(&dir.spec.path) {
-            Ok(watch) => Some(watch),
+        *watch = match Watch::new(&dir.spec.path) {
+            Ok(events) => Some(events),
             Err(e) => {
                 warn!(
                     path = %dir.spec.path.display(),
@@ -288,7 +389,7 @@ fn be_source(dirs: &Mutex<Vec<Dir>>, index: usize, node: &str) {
         };
         dir.side = Side::Source(Box::new(Sourcing {
             source: Source::new(dir.spec.clone(), instance),
-            watch,
+            change_events: watch.is_some(),
             closed: HashMap::new(),
             last_scan: None,
         }));
@@ -296,7 +397,11 @@ fn be_source(dirs: &Mutex<Vec<Dir>>, index: usize, node: &str) {
     let Side::Source(sourcing) = &mut dir.side else {
         return;
     };
-    let changes = sourcing.watch.as_ref().map(Watch::drain);
+    let changes = watch.as_ref().map(|events| {
+        let mut changes = pending;
+        changes.merge(events.drain());
+        changes
+    });
     let due = sourcing
         .last_scan
         .is_none_or(|at| at.elapsed() >= dir.spec.scan_interval);
@@ -336,9 +441,9 @@ fn follow(
     leader_url: &str,
     node: &str,
     transport: &mut impl Transport,
-) {
+) -> Pause {
     // The follower leaves the shared list while it works, so that the
-    // API is not held up by a long transfer.
+    // API is not held up by a long poll or a long transfer.
     let (mut follower, spec, full) = {
         let mut all = mainstay_core::poison::lock(dirs);
         let dir = &mut all[index];
@@ -349,12 +454,22 @@ fn follow(
                 Box::new(Follower::new(dir.spec.clone()))
             }
         };
+        dir.side = Side::Receiving(Box::new(follower.status().clone()));
         let full = dir
             .last_full
             .is_none_or(|at| at.elapsed() >= dir.spec.scan_interval);
         (follower, dir.spec.clone(), full)
     };
-    let outcome = match transport.offer(leader_url, index, node, follower.applied(), full) {
+    let started = Instant::now();
+    let asked = transport.offer(leader_url, index, node, follower.applied(), full, LONG_POLL);
+    // A leader that answers "unchanged" at once (one that does not hold
+    // questions) is asked again a tick later, not in a busy loop.
+    let mut pause = if started.elapsed() < TICK {
+        Pause::Tick
+    } else {
+        Pause::None
+    };
+    let outcome = match asked {
         Ok(None) => Ok(()),
         Ok(Some(offer)) => {
             let throttle = spec.throttle;
@@ -364,7 +479,14 @@ fn follow(
                     Ok(Throttled::new(body, throttle))
                 })
                 .map(|report| {
+                    // A failed file is asked for again after a tick.
+                    pause = if report.failed.is_empty() {
+                        Pause::None
+                    } else {
+                        Pause::Tick
+                    };
                     if report.sent_files + report.moved_aside_files + report.deleted > 0 {
+                        follower.round_took(started.elapsed());
                         info!(
                             path = %spec.path.display(),
                             received = report.sent_files,
@@ -395,9 +517,11 @@ fn follow(
                 warn!(path = %spec.path.display(), "replicated directory: {why}");
             }
             dir.error = Some(why);
+            pause = Pause::Tick;
         }
     }
     dir.side = Side::Follower(follower);
+    pause
 }
 
 /// A reader that keeps to `rate` bytes per second (none: as fast as it

@@ -25,6 +25,11 @@ pub struct Offer {
     /// Paths that were in an earlier version of this instance and are no
     /// longer: deleted at the source.
     pub deleted: BTreeSet<String>,
+    /// Files the source has but does not offer yet (still being written,
+    /// never offered before): a receiver leaves its own copy of those
+    /// paths alone, since absent from `entries` does not mean absent.
+    #[serde(default)]
+    pub pending: BTreeSet<String>,
 }
 
 /// One receiver as its source sees it.
@@ -106,6 +111,7 @@ impl Source {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
         let mut entries = Manifest::new();
+        let mut pending = BTreeSet::new();
         self.unsettled = 0;
         for (path, entry) in scan.manifest {
             let closed_since = closed.get(&path).is_some_and(|at| {
@@ -117,13 +123,21 @@ impl Source {
                 && !closed_since;
             if fresh {
                 self.unsettled += 1;
-                if let Some(old) = self.offer.entries.get(&path) {
-                    entries.insert(path, old.clone());
+                match self.offer.entries.get(&path) {
+                    Some(old) => {
+                        entries.insert(path, old.clone());
+                    }
+                    None => {
+                        pending.insert(path);
+                    }
                 }
             } else {
                 entries.insert(path, entry);
             }
         }
+        // Pending paths only hold a receiver back: served with whatever
+        // version is current, they move no version themselves.
+        self.offer.pending = pending;
         if entries == self.offer.entries {
             return Ok(false);
         }
@@ -231,6 +245,7 @@ mod tests {
         assert!(!s.rescan(now, &HashMap::new()).unwrap());
         assert_eq!(s.unsettled(), 1);
         assert!(s.offer().entries.is_empty());
+        assert!(s.offer().pending.contains("upload"));
         // Two seconds later it has settled.
         assert!(
             s.rescan(now + Duration::from_secs(2), &HashMap::new())

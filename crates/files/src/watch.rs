@@ -10,7 +10,7 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 pub struct Watch {
     root: PathBuf,
@@ -29,6 +29,14 @@ pub struct Changes {
     /// Files closed after writing, by path relative to the root, and when
     /// the close was seen.
     pub closed: HashMap<String, SystemTime>,
+}
+
+impl Changes {
+    pub fn merge(&mut self, later: Changes) {
+        self.changed |= later.changed;
+        self.overflowed |= later.overflowed;
+        self.closed.extend(later.closed);
+    }
 }
 
 impl Watch {
@@ -50,31 +58,47 @@ impl Watch {
     pub fn drain(&self) -> Changes {
         let mut changes = Changes::default();
         while let Ok(event) = self.events.try_recv() {
-            // An error (an overflowed queue among them) means events were
-            // lost: scan.
-            let Ok(event) = event else {
-                changes.changed = true;
-                changes.overflowed = true;
-                continue;
-            };
-            if event.need_rescan() {
-                changes.changed = true;
-                changes.overflowed = true;
-            }
-            match event.kind {
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
-                    changes.changed = true;
-                    for path in &event.paths {
-                        if let Some(relative) = self.relative(path) {
-                            changes.closed.insert(relative, SystemTime::now());
-                        }
-                    }
-                }
-                EventKind::Access(_) => {}
-                _ => changes.changed = true,
-            }
+            self.absorb(&mut changes, event);
         }
         changes
+    }
+
+    /// Waits up to `timeout` for the first event, then takes everything
+    /// that arrived: a source scans as soon as something happens instead
+    /// of at its next tick.
+    pub fn wait(&self, timeout: Duration) -> Changes {
+        let mut changes = Changes::default();
+        if let Ok(event) = self.events.recv_timeout(timeout) {
+            self.absorb(&mut changes, event);
+            changes.merge(self.drain());
+        }
+        changes
+    }
+
+    fn absorb(&self, changes: &mut Changes, event: notify::Result<notify::Event>) {
+        // An error (an overflowed queue among them) means events were
+        // lost: scan.
+        let Ok(event) = event else {
+            changes.changed = true;
+            changes.overflowed = true;
+            return;
+        };
+        if event.need_rescan() {
+            changes.changed = true;
+            changes.overflowed = true;
+        }
+        match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                changes.changed = true;
+                for path in &event.paths {
+                    if let Some(relative) = self.relative(path) {
+                        changes.closed.insert(relative, SystemTime::now());
+                    }
+                }
+            }
+            EventKind::Access(_) => {}
+            _ => changes.changed = true,
+        }
     }
 
     fn relative(&self, path: &Path) -> Option<String> {
@@ -85,7 +109,7 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     /// An overflowed event queue (a queue of 16 events, files written in
     /// batches until the kernel drops events: bounded, 40,000 at most)

@@ -59,6 +59,8 @@ pub struct Node {
     /// Lines at the end of this node's configuration (its own
     /// `[[service]]` sections, say).
     pub extra_config: String,
+    /// Its API's TLS files, when it serves HTTPS.
+    pub api_tls: Option<crate::certificates::ApiCertificates>,
     agent: Option<Child>,
 }
 
@@ -77,12 +79,21 @@ impl Node {
     }
     /// A client of this node's REST API with the demo's credentials.
     pub fn api(&self) -> mainstay_agent::api_client::ApiClient {
-        mainstay_agent::api_client::ApiClient::new(&format!(
-            "http://{}:{}",
-            self.host, self.api_port
-        ))
-        .with_basic_auth(API_USER, API_PASSWORD)
-        .with_timeout(Duration::from_secs(5))
+        use mainstay_agent::api_client::ApiClient;
+        let scheme = if self.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut client = ApiClient::new(&format!("{scheme}://{}:{}", self.host, self.api_port));
+        if let Some(tls) = &self.api_tls {
+            // The lab made that CA a moment ago: failing to load it is a
+            // bug, and an http client would only hide it.
+            client = client.with_ca_file(&tls.ca).expect("the lab's CA loads");
+        }
+        client
+            .with_basic_auth(API_USER, API_PASSWORD)
+            .with_timeout(Duration::from_secs(5))
     }
 
     /// The postmaster's PID from `postmaster.pid`, if one runs.
@@ -123,6 +134,9 @@ pub struct LabOptions {
     pub etcd_endpoints: Option<Vec<Vec<String>>>,
     /// Per node (by index), lines at the end of its configuration.
     pub node_config: Vec<String>,
+    /// The REST API over HTTPS, with a lab CA's certificate for every
+    /// host's address.
+    pub api_tls: bool,
 }
 
 impl LabOptions {
@@ -134,6 +148,7 @@ impl LabOptions {
             disk_mib: None,
             etcd_endpoints: None,
             node_config: Vec::new(),
+            api_tls: false,
         }
     }
 }
@@ -206,6 +221,7 @@ impl LocalCluster {
                 netns: None,
                 name,
                 extra_config: String::new(),
+                api_tls: None,
                 agent: None,
             };
             fs::write(&node.config, cluster.config_text(&node, profile))?;
@@ -243,6 +259,12 @@ impl LocalCluster {
             .map(|i| (lab.host(i).to_string(), lab.host_ip(i)))
             .collect();
         let etcd = Etcd::start_in_namespaces(&dir.join("etcd"), &placements)?;
+        let api_tls = if options.api_tls {
+            let ips: Vec<String> = placements.iter().map(|(_, ip)| ip.to_string()).collect();
+            Some(crate::certificates::make(&dir.join("tls"), &ips)?)
+        } else {
+            None
+        };
         let mut cluster = LocalCluster {
             dir: dir.to_path_buf(),
             cluster: "lab".into(),
@@ -284,6 +306,7 @@ impl LocalCluster {
                     .as_ref()
                     .and_then(|e| e.get(i).cloned()),
                 extra_config: options.node_config.get(i).cloned().unwrap_or_default(),
+                api_tls: api_tls.clone(),
                 agent: None,
             };
             fs::write(&node.config, cluster.config_text(&node, profile))?;
@@ -312,6 +335,14 @@ impl LocalCluster {
                 .map(|e| format!("\"{}\"", e.endpoint()))
                 .collect(),
         };
+        let api_tls = node.api_tls.as_ref().map_or(String::new(), |tls| {
+            format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+                tls.cert.display(),
+                tls.key.display(),
+                tls.ca.display()
+            )
+        });
         format!(
             r#"# Written by `mainstay demo`; see docs/configuration.md.
 cluster = "{cluster}"
@@ -335,7 +366,7 @@ parameters = {{ shared_buffers = "32MB", max_connections = "50", dynamic_shared_
 listen = "{host}:{api}"
 username = "{API_USER}"
 password = "{API_PASSWORD}"
-
+{api_tls}
 [proxy]
 listen = "{any}:{proxy}"
 read_only_listen = "{any}:{read_only}"

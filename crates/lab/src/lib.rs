@@ -7,5 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod certificates;
 pub mod demo;
 pub mod platform;
+pub mod replicated;

@@ -463,57 +463,9 @@ async fn code_of_primary(h: &Harness, node: &str) -> u16 {
 fn certificates(
     dir: &std::path::Path,
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let path = |name: &str| dir.join(name);
-    let run = |args: &[&str]| {
-        let status = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl runs");
-        assert!(status.success(), "openssl {args:?} failed");
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=mainstay-test-ca",
-    ];
-    ca.extend(ec);
-    ca.extend(["-keyout", "ca-key.pem", "-out", "ca.pem"]);
-    run(&ca);
-    let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
-    csr.extend(ec);
-    csr.extend(["-keyout", "api-key.pem", "-out", "api.csr"]);
-    run(&csr);
-    std::fs::write(path("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "api.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca-key.pem",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "api-cert.pem",
-    ]);
-    (path("ca.pem"), path("api-cert.pem"), path("api-key.pem"))
+    let made = mainstay_lab::certificates::make(dir, &["127.0.0.1".to_string()])
+        .expect("openssl makes the test's certificates");
+    (made.ca, made.cert, made.key)
 }
 
 #[test]

@@ -348,15 +348,14 @@ impl<D: Dcs> Agent<D> {
         if self.replicate_specs.is_empty() {
             return Ok(());
         }
-        let transport = crate::files_transport::ApiTransport::new(
-            self.api_auth.clone(),
-            self.api_ca_file.clone(),
-        )?;
+        let (auth, ca_file) = (self.api_auth.clone(), self.api_ca_file.clone());
+        let transport =
+            move || crate::files_transport::ApiTransport::new(auth.clone(), ca_file.clone());
         let span = info_span!(parent: None, "replicate", node = %self.name);
         let specs = std::mem::take(&mut self.replicate_specs);
         let replication = span.in_scope(|| {
             mainstay_files::Replication::start(specs, self.follow(), self.name.clone(), transport)
-        });
+        })?;
         self.replication = Some(Arc::new(replication));
         Ok(())
     }

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use mainstay_dcs::Dcs;
 use serde::Deserialize;
 use std::io::Read;
+use std::time::Duration;
 
 pub(super) async fn status<D: Dcs>(State(state): Shared<D>) -> Response {
     let status = match state.replication.clone() {
@@ -52,9 +53,16 @@ pub(super) struct OfferQuery {
     version: Option<u64>,
     #[serde(default)]
     full: bool,
+    /// Milliseconds to hold the question while the offer does not move.
+    #[serde(default)]
+    wait: u64,
 }
 
-/// Directory `index`'s offer, or 304 when the asker has applied it.
+/// The longest a receiver's question is held.
+const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// Directory `index`'s offer, or 304 when the asker has applied it and
+/// it did not move within `wait` milliseconds (at most 10 s).
 pub(super) async fn offer<D: Dcs>(
     State(state): Shared<D>,
     headers: HeaderMap,
@@ -68,19 +76,30 @@ pub(super) async fn offer<D: Dcs>(
     let Some(replication) = &state.replication else {
         return not_source();
     };
-    // The offer is cloned under the replication's lock (the scan thread
-    // holds it while it scans): off the runtime's threads.
-    let replication = replication.clone();
-    let offer = tokio::task::spawn_blocking(move || {
-        let applied = query.instance.as_deref().zip(query.version);
-        replication.offer(index, query.receiver.as_deref(), applied, query.full)
-    })
-    .await;
-    match offer {
-        Ok(Some(Some(offer))) => axum::Json(offer).into_response(),
-        Ok(Some(None)) => StatusCode::NOT_MODIFIED.into_response(),
-        Ok(None) => not_source(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(query.wait).min(MAX_WAIT);
+    let mut moved = replication.offers_moved();
+    let query = std::sync::Arc::new(query);
+    loop {
+        moved.borrow_and_update();
+        // The offer is cloned under the replication's lock (the scan
+        // thread holds it while it scans): off the runtime's threads.
+        let (replication, asked) = (replication.clone(), query.clone());
+        let offer = tokio::task::spawn_blocking(move || {
+            let applied = asked.instance.as_deref().zip(asked.version);
+            replication.offer(index, asked.receiver.as_deref(), applied, asked.full)
+        })
+        .await;
+        match offer {
+            Ok(Some(Some(offer))) => return axum::Json(offer).into_response(),
+            Ok(Some(None)) => {
+                let waited = tokio::time::timeout_at(deadline, moved.changed()).await;
+                if !matches!(waited, Ok(Ok(()))) {
+                    return StatusCode::NOT_MODIFIED.into_response();
+                }
+            }
+            Ok(None) => return not_source(),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
     }
 }
 

@@ -541,7 +541,8 @@ pub fn document() -> Value {
         {"name": "receiver", "in": "query", "required": false, "description": "The asking node's name (its progress is noted).", "schema": {"type": "string"}},
         {"name": "full", "in": "query", "required": false, "description": "The whole offer even if the asker has applied it.", "schema": {"type": "boolean"}},
         {"name": "instance", "in": "query", "required": false, "description": "The source instance the asker applied.", "schema": {"type": "string"}},
-        {"name": "version", "in": "query", "required": false, "description": "The version the asker applied.", "schema": {"type": "integer", "minimum": 0}}
+        {"name": "version", "in": "query", "required": false, "description": "The version the asker applied.", "schema": {"type": "integer", "minimum": 0}},
+        {"name": "wait", "in": "query", "required": false, "description": "Milliseconds (at most 10,000) to hold the question while the offer does not move: the answer comes as soon as it does (a long poll).", "schema": {"type": "integer", "minimum": 0}}
     ]);
     let mut files_file = unsafe_op(
         "A file of a replicated directory's current offer, streamed.",

@@ -26,6 +26,7 @@ use tokio_postgres::NoTls;
 
 mod compare;
 mod endpoints;
+pub mod files;
 pub mod platform;
 mod proxy;
 
@@ -45,6 +46,9 @@ pub enum BenchCommand {
     /// The platform (Synapse, coturn, the VIP) through a crash of the
     /// leader's host, as a Matrix client sees it (root).
     Platform(platform::PlatformArgs),
+    /// Replicated directories in the lab: lag, resync after a failback
+    /// beside rsync, uploads lost in a crash, agent memory (root).
+    Files(files::FilesArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -80,6 +84,7 @@ pub async fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Endpoints(args) => endpoints::run(args).await,
         BenchCommand::Compare(args) => compare::run(args).await,
         BenchCommand::Platform(args) => platform::run(args).await,
+        BenchCommand::Files(args) => files::run(args).await,
     }
 }
 
@@ -326,15 +331,7 @@ fn etcd_version() -> String {
 }
 
 fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    crate::replicated::proc_status_bytes(pid, "VmRSS:")
 }
 
 #[derive(Default)]
