@@ -9,6 +9,7 @@
 
 use crate::apply::{Receiver, aside_stamp};
 use crate::execute::{Report, execute};
+use crate::hashes::cache_file;
 use crate::manifest::Entry;
 use crate::plan::plan;
 use crate::scan::{HashCache, scan};
@@ -60,8 +61,8 @@ impl Follower {
                 path: spec.path.display().to_string(),
                 ..FollowerStatus::default()
             },
+            cache: HashCache::load(&cache_file(&spec.path)),
             spec,
-            cache: HashCache::default(),
             instance: None,
             version: 0,
             in_sync: BTreeSet::new(),
@@ -80,6 +81,11 @@ impl Follower {
 
     pub fn status(&self) -> &FollowerStatus {
         &self.status
+    }
+
+    /// Saves the hash cache when it is due (see `hashes`).
+    pub fn persist_hashes(&mut self) {
+        self.cache.persist(&cache_file(&self.spec.path));
     }
 
     /// Notes how long a round that changed something took, asking for the

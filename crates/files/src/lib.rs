@@ -11,7 +11,9 @@
 //!   rule (a file only on the receiver is moved aside, never deleted,
 //!   unless the source saw it deleted) is tested without a disk;
 //! - `scan`: a directory read into a manifest, hashing only files whose
-//!   size, mtime, inode or ctime changed since the last scan;
+//!   size, mtime, inode or ctime changed since the last scan (`hashes`:
+//!   that cache, also kept on disk so that a restarted node does not read
+//!   its whole tree again);
 //! - `apply`: the receiver's writes: a temporary name in the same
 //!   directory, fsync, rename, so that a reader never sees half a file;
 //!   files moved aside into a dated folder beside the tree;
@@ -31,6 +33,7 @@
 pub mod apply;
 pub mod execute;
 pub mod follower;
+pub mod hashes;
 pub mod manifest;
 pub mod plan;
 pub mod runner;

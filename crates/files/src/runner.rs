@@ -397,6 +397,7 @@ fn be_source(
     let Side::Source(sourcing) = &mut dir.side else {
         return;
     };
+    sourcing.source.persist_hashes();
     let changes = watch.as_ref().map(|events| {
         let mut changes = pending;
         changes.merge(events.drain());
@@ -407,7 +408,7 @@ fn be_source(
         .is_none_or(|at| at.elapsed() >= dir.spec.scan_interval);
     let scan = match &changes {
         None => true,
-        Some(changes) => changes.changed || due || sourcing.source.unsettled() > 0,
+        Some(changes) => changes.changed || due || sourcing.source.restless(),
     };
     if let Some(changes) = changes {
         sourcing.closed.extend(changes.closed);
@@ -505,6 +506,7 @@ fn follow(
         }
         Err(e) => Err(e),
     };
+    follower.persist_hashes();
     let mut all = mainstay_core::poison::lock(dirs);
     let dir = &mut all[index];
     if full && outcome.is_ok() {

@@ -6,27 +6,14 @@
 //! costs their `stat`s, not their bytes.
 
 use crate::apply::TEMP_PREFIX;
+pub use crate::hashes::HashCache;
+use crate::hashes::{Known, Stamp, now_ns};
 use crate::manifest::{Entry, Kind, Manifest};
 use crate::spec::Excludes;
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-
-/// What identifies a file's bytes without reading them.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    size: u64,
-    mtime_ns: i64,
-    ctime_ns: i64,
-    ino: u64,
-}
-
-/// Hashes of the last scan, by path.
-#[derive(Default)]
-pub struct HashCache {
-    known: HashMap<String, (Stamp, String)>,
-}
 
 /// A scan's result.
 #[derive(Default)]
@@ -39,12 +26,17 @@ pub struct Scan {
     pub hashed_bytes: u64,
     /// A receiver's temporary files (partial transfers), by path.
     pub temps: Vec<String>,
+    /// Files hashed too soon after their last change for the stamp to
+    /// vouch for the hash: a scan after they are two seconds old reads
+    /// them once more (see `hashes`).
+    pub racy: usize,
 }
 
 /// Reads the tree under `root` (which must be a directory).
 pub fn scan(root: &Path, excludes: &Excludes, cache: &mut HashCache) -> io::Result<Scan> {
     let mut result = Scan::default();
     let mut fresh = HashMap::new();
+    let now = now_ns();
     // Bounded by the tree: every directory is pushed once.
     let mut pending = vec![String::new()];
     while let Some(dir) = pending.pop() {
@@ -95,6 +87,8 @@ pub fn scan(root: &Path, excludes: &Excludes, cache: &mut HashCache) -> io::Resu
                 cache,
                 &mut fresh,
                 &mut result.hashed_bytes,
+                &mut result.racy,
+                now,
             ) {
                 Ok(Some(read)) => {
                     if read.kind == Kind::Dir {
@@ -108,7 +102,7 @@ pub fn scan(root: &Path, excludes: &Excludes, cache: &mut HashCache) -> io::Resu
             }
         }
     }
-    cache.known = fresh;
+    cache.replace(fresh, result.hashed_bytes > 0);
     Ok(result)
 }
 
@@ -116,8 +110,10 @@ fn read_entry(
     path: &Path,
     relative: &str,
     cache: &HashCache,
-    fresh: &mut HashMap<String, (Stamp, String)>,
+    fresh: &mut HashMap<String, Known>,
     hashed_bytes: &mut u64,
+    racy: &mut usize,
+    now: i64,
 ) -> io::Result<Option<Entry>> {
     let meta = std::fs::symlink_metadata(path)?;
     let file_type = meta.file_type();
@@ -138,15 +134,21 @@ fn read_entry(
             ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
             ino: meta.ino(),
         };
-        let hash = match cache.known.get(relative) {
-            Some((known, hash)) if *known == stamp => hash.clone(),
-            _ => {
+        let known = match cache.lookup(relative, &stamp, now) {
+            Some(known) => known.clone(),
+            None => {
                 let (hash, read) = hash_file(path)?;
                 *hashed_bytes += read;
-                hash
+                Known {
+                    stamp,
+                    hash,
+                    hashed_at_ns: now,
+                }
             }
         };
-        fresh.insert(relative.to_string(), (stamp, hash.clone()));
+        let hash = known.hash.clone();
+        *racy += usize::from(known.racy());
+        fresh.insert(relative.to_string(), known);
         Kind::File {
             size: stamp.size,
             hash,

@@ -6,6 +6,7 @@
 //! is served as it was before (or not at all if it is new) until it has
 //! been left alone that long, so receivers never copy half an upload.
 
+use crate::hashes::cache_file;
 use crate::manifest::{Kind, Manifest};
 use crate::scan::{HashCache, scan};
 use crate::spec::ReplicateSpec;
@@ -57,6 +58,8 @@ pub struct Source {
     receivers: BTreeMap<String, (u64, SystemTime)>,
     /// Entries scanned but not yet settled, by path.
     unsettled: usize,
+    /// Files whose hash must be read once more (see `hashes`).
+    racy: usize,
     skipped: Vec<(String, String)>,
 }
 
@@ -64,8 +67,8 @@ impl Source {
     pub fn new(spec: ReplicateSpec, instance: String) -> Source {
         let path = spec.path.display().to_string();
         Source {
+            cache: HashCache::load(&cache_file(&spec.path)),
             spec,
-            cache: HashCache::default(),
             offer: Offer {
                 path,
                 instance,
@@ -74,6 +77,7 @@ impl Source {
             changes: BTreeMap::new(),
             receivers: BTreeMap::new(),
             unsettled: 0,
+            racy: 0,
             skipped: Vec::new(),
         }
     }
@@ -85,6 +89,17 @@ impl Source {
     /// Files seen changing too recently to be served yet.
     pub fn unsettled(&self) -> usize {
         self.unsettled
+    }
+
+    /// Saves the hash cache when it is due (see `hashes`).
+    pub fn persist_hashes(&mut self) {
+        self.cache.persist(&cache_file(&self.spec.path));
+    }
+
+    /// Whether a scan is due soon whatever the change events say: files
+    /// still settling, or hashes to read once more.
+    pub fn restless(&self) -> bool {
+        self.unsettled > 0 || self.racy > 0
     }
 
     /// Entries the last scan could not read, with why.
@@ -105,6 +120,7 @@ impl Source {
         }
         let scan = scan(&self.spec.path, &self.spec.exclude, &mut self.cache)?;
         self.skipped = scan.skipped;
+        self.racy = scan.racy;
         let settled_before = now
             .checked_sub(self.spec.settle)
             .unwrap_or(UNIX_EPOCH)
