@@ -217,7 +217,7 @@ mod tests {
                 &std::collections::HashMap::new(),
             )
             .unwrap();
-        let mut offer = source.offer().clone();
+        let mut offer = Offer::clone(source.offer());
         offer.path = as_path.display().to_string();
         offer
     }

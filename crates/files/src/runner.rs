@@ -176,7 +176,7 @@ impl Replication {
         receiver: Option<&str>,
         applied: Option<(&str, u64)>,
         full: bool,
-    ) -> Option<Option<Offer>> {
+    ) -> Option<Option<Arc<Offer>>> {
         let mut dirs = mainstay_core::poison::lock(&self.dirs);
         let Side::Source(sourcing) = &mut dirs.get_mut(index)?.side else {
             return None;
@@ -416,9 +416,22 @@ fn be_source(
     if !scan {
         return;
     }
-    // Scanning under the lock: the API waits for at most one scan.
+    // The scan (every file's stat, the changed ones' bytes) runs without
+    // the lock: the API keeps serving the current offer and its files.
+    let spec = dir.spec.clone();
+    let mut cache = sourcing.source.take_cache();
+    drop(all);
     let now = SystemTime::now();
-    match sourcing.source.rescan(now, &sourcing.closed) {
+    let scanned = crate::source::scan_tree(&spec, &mut cache);
+    let mut all = mainstay_core::poison::lock(dirs);
+    let dir = &mut all[index];
+    let Side::Source(sourcing) = &mut dir.side else {
+        return;
+    };
+    match sourcing
+        .source
+        .absorb(cache, scanned, now, &sourcing.closed)
+    {
         Ok(_) => dir.error = None,
         Err(e) => {
             let why = format!("cannot read {}: {e}", dir.spec.path.display());

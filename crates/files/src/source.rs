@@ -8,11 +8,12 @@
 
 use crate::hashes::cache_file;
 use crate::manifest::{Kind, Manifest};
-use crate::scan::{HashCache, scan};
+use crate::scan::{HashCache, Scan, scan};
 use crate::spec::ReplicateSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What a receiver is sent: the tree as of `version` of this `instance`
@@ -33,6 +34,78 @@ pub struct Offer {
     pub pending: BTreeSet<String>,
 }
 
+/// Each path changed (or deleted) in this instance, under the version
+/// that changed it last: a receiver's lag is the versions after its own,
+/// summed without visiting a file.
+#[derive(Default)]
+struct ChangeLog {
+    version_of: BTreeMap<String, u64>,
+    by_version: BTreeMap<u64, Change>,
+}
+
+/// One version's changes still current.
+struct Change {
+    at: SystemTime,
+    /// Each path it changed last, with its size then (0: deleted).
+    paths: BTreeMap<String, u64>,
+    bytes: u64,
+}
+
+impl ChangeLog {
+    fn record(&mut self, path: &str, version: u64, at: SystemTime, size: u64) {
+        if let Some(before) = self.version_of.insert(path.to_string(), version)
+            && let Some(change) = self.by_version.get_mut(&before)
+        {
+            change.bytes -= change.paths.remove(path).unwrap_or(0);
+            if change.paths.is_empty() {
+                self.by_version.remove(&before);
+            }
+        }
+        let change = self.by_version.entry(version).or_insert_with(|| Change {
+            at,
+            paths: BTreeMap::new(),
+            bytes: 0,
+        });
+        change.bytes += size;
+        change.paths.insert(path.to_string(), size);
+    }
+
+    /// (files, bytes, when the oldest was made) after `version`.
+    fn after(&self, version: u64) -> (u64, u64, Option<SystemTime>) {
+        self.by_version.range(version.saturating_add(1)..).fold(
+            (0, 0, None),
+            |(files, bytes, oldest), (_, change)| {
+                (
+                    files + change.paths.len() as u64,
+                    bytes + change.bytes,
+                    Some(oldest.map_or(change.at, |o: SystemTime| o.min(change.at))),
+                )
+            },
+        )
+    }
+
+    /// Forgets the versions up to `version`; the paths they held.
+    fn forget_up_to(&mut self, version: u64) -> Vec<String> {
+        let kept = self.by_version.split_off(&version.saturating_add(1));
+        let forgotten: Vec<String> = std::mem::replace(&mut self.by_version, kept)
+            .into_values()
+            .flat_map(|change| change.paths.into_keys())
+            .collect();
+        for path in &forgotten {
+            self.version_of.remove(path);
+        }
+        forgotten
+    }
+}
+
+/// Reads `spec`'s tree (made first if missing) with `cache`.
+pub fn scan_tree(spec: &ReplicateSpec, cache: &mut HashCache) -> io::Result<Scan> {
+    if !spec.path.exists() {
+        std::fs::create_dir_all(&spec.path)?;
+    }
+    scan(&spec.path, &spec.exclude, cache)
+}
+
 /// One receiver as its source sees it.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct ReceiverLag {
@@ -50,10 +123,11 @@ pub struct ReceiverLag {
 pub struct Source {
     spec: ReplicateSpec,
     cache: HashCache,
-    offer: Offer,
-    /// Each path changed (or deleted) in this instance: the version that
-    /// changed it last, and when that version was made.
-    changes: BTreeMap<String, (u64, SystemTime)>,
+    /// Shared with the API's answers being written: a new version is a
+    /// new offer, never a change under a reader.
+    offer: Arc<Offer>,
+    /// What changed in which version, for the receivers' lag.
+    changes: ChangeLog,
     /// Each receiver's last word: the version it applied, and when.
     receivers: BTreeMap<String, (u64, SystemTime)>,
     /// Entries scanned but not yet settled, by path.
@@ -69,12 +143,12 @@ impl Source {
         Source {
             cache: HashCache::load(&cache_file(&spec.path)),
             spec,
-            offer: Offer {
+            offer: Arc::new(Offer {
                 path,
                 instance,
                 ..Offer::default()
-            },
-            changes: BTreeMap::new(),
+            }),
+            changes: ChangeLog::default(),
             receivers: BTreeMap::new(),
             unsettled: 0,
             racy: 0,
@@ -82,8 +156,15 @@ impl Source {
         }
     }
 
-    pub fn offer(&self) -> &Offer {
+    pub fn offer(&self) -> &Arc<Offer> {
         &self.offer
+    }
+
+    /// The hash cache, for a scan made without the source's lock held
+    /// (the API keeps serving the current offer meanwhile); give it back
+    /// with `absorb`.
+    pub fn take_cache(&mut self) -> HashCache {
+        std::mem::take(&mut self.cache)
     }
 
     /// Files seen changing too recently to be served yet.
@@ -115,10 +196,21 @@ impl Source {
         now: SystemTime,
         closed: &std::collections::HashMap<String, SystemTime>,
     ) -> io::Result<bool> {
-        if !self.spec.path.exists() {
-            std::fs::create_dir_all(&self.spec.path)?;
-        }
-        let scan = scan(&self.spec.path, &self.spec.exclude, &mut self.cache)?;
+        let mut cache = self.take_cache();
+        let scanned = scan_tree(&self.spec, &mut cache);
+        self.absorb(cache, scanned, now, closed)
+    }
+
+    /// Takes back the cache and the result of a scan made with it.
+    pub fn absorb(
+        &mut self,
+        cache: HashCache,
+        scanned: io::Result<Scan>,
+        now: SystemTime,
+        closed: &std::collections::HashMap<String, SystemTime>,
+    ) -> io::Result<bool> {
+        self.cache = cache;
+        let scan = scanned?;
         self.skipped = scan.skipped;
         self.racy = scan.racy;
         let settled_before = now
@@ -153,31 +245,51 @@ impl Source {
         }
         // Pending paths only hold a receiver back: served with whatever
         // version is current, they move no version themselves.
-        self.offer.pending = pending;
         if entries == self.offer.entries {
+            if pending != self.offer.pending {
+                Arc::make_mut(&mut self.offer).pending = pending;
+            }
             return Ok(false);
         }
         let version = self.offer.version + 1;
+        let mut deleted = self.offer.deleted.clone();
         for gone in self.offer.entries.keys() {
             if !entries.contains_key(gone) {
-                self.offer.deleted.insert(gone.clone());
-                self.changes.insert(gone.clone(), (version, now));
+                deleted.insert(gone.clone());
+                self.changes.record(gone, version, now, 0);
             }
         }
         for (path, entry) in &entries {
             if self.offer.entries.get(path) != Some(entry) {
-                self.changes.insert(path.clone(), (version, now));
+                self.changes.record(path, version, now, entry.size());
             }
         }
-        self.offer.deleted.retain(|p| !entries.contains_key(p));
-        self.offer.entries = entries;
-        self.offer.version = version;
+        deleted.retain(|p| !entries.contains_key(p));
+        self.offer = Arc::new(Offer {
+            path: self.offer.path.clone(),
+            instance: self.offer.instance.clone(),
+            version,
+            entries,
+            deleted,
+            pending,
+        });
         Ok(true)
     }
 
     /// Records that `receiver` has applied `version` of this instance.
+    /// What every receiver has applied is forgotten: its deletions too (a
+    /// receiver that comes back from further behind moves such a file
+    /// aside instead of deleting it: never worse than a kept file).
     pub fn heard_from(&mut self, receiver: &str, version: u64, now: SystemTime) {
         self.receivers.insert(receiver.to_string(), (version, now));
+        let everyone = self.receivers.values().map(|(v, _)| *v).min().unwrap_or(0);
+        let forgotten = self.changes.forget_up_to(everyone);
+        if !forgotten.is_empty() {
+            let offer = Arc::make_mut(&mut self.offer);
+            for path in &forgotten {
+                offer.deleted.remove(path);
+            }
+        }
     }
 
     /// How far behind each receiver that spoke to this source is.
@@ -194,14 +306,9 @@ impl Source {
                         .as_secs_f64(),
                     ..ReceiverLag::default()
                 };
-                let mut oldest: Option<SystemTime> = None;
-                for (path, (version, at)) in &self.changes {
-                    if version > applied {
-                        lag.files_behind += 1;
-                        lag.bytes_behind += self.offer.entries.get(path).map_or(0, |e| e.size());
-                        oldest = Some(oldest.map_or(*at, |o| o.min(*at)));
-                    }
-                }
+                let (files, bytes, oldest) = self.changes.after(*applied);
+                lag.files_behind = files;
+                lag.bytes_behind = bytes;
                 lag.seconds_behind = oldest
                     .map(|o| {
                         now.duration_since(o)
@@ -301,6 +408,15 @@ mod tests {
         );
         assert!((lag[0].seconds_behind - 2.0).abs() < 0.01, "{lag:?}");
         assert_eq!((lag[1].files_behind, lag[1].seconds_behind), (0, 0.0));
+        // Once every receiver has applied it, the deletion is forgotten
+        // (the offer stays small however much is deleted over months).
+        s.heard_from("node2", 3, later + Duration::from_secs(6));
+        assert!(s.offer().deleted.is_empty());
+        assert!(
+            s.lag(later + Duration::from_secs(6))
+                .iter()
+                .all(|l| l.files_behind == 0)
+        );
         // Back again: no longer a deletion.
         std::fs::write(dir.path().join("upload"), b"again").unwrap();
         assert!(

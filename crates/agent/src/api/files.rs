@@ -84,13 +84,26 @@ pub(super) async fn offer<D: Dcs>(
         // The offer is cloned under the replication's lock (the scan
         // thread holds it while it scans): off the runtime's threads.
         let (replication, asked) = (replication.clone(), query.clone());
+        // Written out on the blocking pool too: a tree of 100,000 files is
+        // an offer of some 15 MB.
         let offer = tokio::task::spawn_blocking(move || {
             let applied = asked.instance.as_deref().zip(asked.version);
-            replication.offer(index, asked.receiver.as_deref(), applied, asked.full)
+            replication
+                .offer(index, asked.receiver.as_deref(), applied, asked.full)
+                .map(|offer| offer.map(|offer| serde_json::to_vec(&*offer)))
         })
         .await;
         match offer {
-            Ok(Some(Some(offer))) => return axum::Json(offer).into_response(),
+            Ok(Some(Some(Ok(json)))) => {
+                return (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    json,
+                )
+                    .into_response();
+            }
+            Ok(Some(Some(Err(e)))) => {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+            }
             Ok(Some(None)) => {
                 let waited = tokio::time::timeout_at(deadline, moved.changed()).await;
                 if !matches!(waited, Ok(Ok(()))) {
