@@ -98,7 +98,7 @@ mod tests {
     use crate::plan::plan;
     use crate::scan::{HashCache, scan};
     use crate::spec::Excludes;
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeSet, HashMap};
     use std::path::Path;
 
     fn tree(root: &Path) -> Manifest {
@@ -122,14 +122,27 @@ mod tests {
         Ok(file)
     }
 
+    /// Every file of `tree` as known elsewhere: a receiver whose copy is
+    /// a replica of the source's earlier versions.
+    fn replicated(tree: &Manifest) -> HashMap<String, String> {
+        tree.iter()
+            .filter_map(|(path, entry)| match &entry.kind {
+                crate::Kind::File { hash, .. } => Some((path.clone(), hash.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// One round from a local source directory.
     fn sync(source: &Path, receiver: &Receiver, deleted: &BTreeSet<String>) -> Report {
         let source_tree = tree(source);
+        let receiver_tree = tree(receiver.root());
         let plan = plan(
             &source_tree,
-            &tree(receiver.root()),
+            &receiver_tree,
             deleted,
             &BTreeSet::new(),
+            &replicated(&receiver_tree),
         );
         execute(&plan, &source_tree, receiver, "stamp", |path, _, offset| {
             open_at(&source.join(path), offset)
@@ -223,6 +236,7 @@ mod tests {
             &receiver_tree,
             &BTreeSet::new(),
             &BTreeSet::new(),
+            &HashMap::new(),
         );
         let report = execute(
             &first,
@@ -258,6 +272,7 @@ mod tests {
             &tree(&copy),
             &BTreeSet::new(),
             &BTreeSet::new(),
+            &HashMap::new(),
         );
         let report = execute(
             &second,
@@ -285,6 +300,7 @@ mod tests {
             &tree(&copy),
             &BTreeSet::new(),
             &BTreeSet::new(),
+            &HashMap::new(),
         );
         let report = execute(&second, &source_tree, &receiver, "stamp", |path, _, _| {
             if path == "a" {

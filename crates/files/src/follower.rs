@@ -88,6 +88,12 @@ impl Follower {
         self.cache.persist(&cache_file(&self.spec.path));
     }
 
+    /// Saves the hash cache now: this node becomes the source, which
+    /// loads it.
+    pub fn flush_hashes(&mut self) {
+        self.cache.flush(&cache_file(&self.spec.path));
+    }
+
     /// Notes how long a round that changed something took, asking for the
     /// offer included.
     pub fn round_took(&mut self, elapsed: std::time::Duration) {
@@ -132,7 +138,13 @@ impl Follower {
             .filter(|p| self.in_sync.contains(*p))
             .cloned()
             .collect();
-        let plan = plan(&offer.entries, &local, &deleted, &offer.pending);
+        let plan = plan(
+            &offer.entries,
+            &local,
+            &deleted,
+            &offer.pending,
+            self.cache.elsewhere(),
+        );
         let report = execute(
             &plan,
             &offer.entries,
@@ -168,6 +180,12 @@ impl Follower {
             .filter(|p| !failed.contains(p.as_str()))
             .cloned()
             .collect();
+        // What now matches the source exists on two nodes at least.
+        for path in &self.in_sync {
+            if let Some(crate::Kind::File { hash, .. }) = offer.entries.get(path).map(|e| &e.kind) {
+                self.cache.mark_elsewhere(path, hash);
+            }
+        }
         self.version = offer.version;
         let status = &mut self.status;
         status.version = offer.version;
@@ -258,6 +276,48 @@ mod tests {
         assert_eq!((report.deleted, report.moved_aside_files), (0, 1));
         assert_eq!(follower.status().moved_aside_files, 2);
         assert!(follower.local().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_rejoining_leader_keeps_the_versions_only_it_had_and_replaces_the_rest() {
+        let base = tempfile::tempdir().unwrap();
+        let (a, b) = (base.path().join("a"), base.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::write(a.join("photo"), b"v1").unwrap();
+        std::fs::write(a.join("note"), b"v1").unwrap();
+        // a leads; b receives and says so.
+        let mut source = Source::new(spec(&a), "first".into());
+        let mut follower = Follower::new(spec(&b));
+        let offered = offer(&mut source, &b);
+        round(&mut follower, &offered, &a);
+        source.heard_from("b", offered.version, SystemTime::now());
+        // After the last replication a edits its note; then it crashes.
+        std::fs::write(a.join("note"), b"v2, only on a").unwrap();
+        source.flush_hashes();
+        drop(source);
+        // b leads and changes the photo; a comes back as a receiver.
+        std::fs::write(b.join("photo"), b"v2 from the new leader").unwrap();
+        let mut new_source = Source::new(spec(&b), "second".into());
+        let mut rejoined = Follower::new(spec(&a));
+        let report = round(&mut rejoined, &offer(&mut new_source, &a), &b);
+        // The photo a had is on b's disk history too: replaced. The note's
+        // version only a had: kept aside, then replaced.
+        assert_eq!(
+            (report.sent_files, report.moved_aside_files),
+            (2, 1),
+            "{report:?}"
+        );
+        assert_eq!(
+            std::fs::read(a.join("photo")).unwrap(),
+            b"v2 from the new leader"
+        );
+        assert_eq!(std::fs::read(a.join("note")).unwrap(), b"v1");
+        let aside = crate::apply::aside_dir(&a);
+        let kept: Vec<_> = std::fs::read_dir(&aside)
+            .unwrap()
+            .map(|stamp| std::fs::read(stamp.unwrap().path().join("note")).unwrap())
+            .collect();
+        assert_eq!(kept, [b"v2, only on a".to_vec()]);
     }
 
     #[test]

@@ -5,6 +5,13 @@
 //! from a crash compares its tree with the leader's at the cost of its
 //! `stat`s, not of reading every byte again.
 //!
+//! The same file keeps what this node knows exists on another node:
+//! each path's content (hash) that a receiver applied from this source, or
+//! that this receiver holds from its source. A node that rejoins after a
+//! crash and finds its version of a file differs from the new leader's
+//! replaces it only if that version is known elsewhere; otherwise it was
+//! written after the last replication, and it is moved aside first.
+//!
 //! Trusting a stamp has one trap: a file rewritten with the same size
 //! within one tick of the filesystem's clock keeps its mtime and ctime.
 //! So a hash read less than `RACY` after the file's last change is only
@@ -51,6 +58,8 @@ const FORMAT: u32 = 1;
 #[derive(Default)]
 pub struct HashCache {
     known: HashMap<String, Known>,
+    /// Path -> content hash known to be on another node.
+    elsewhere: HashMap<String, String>,
     /// Something changed since the cache was last saved.
     dirty: bool,
     saved: Option<Instant>,
@@ -66,6 +75,8 @@ const SAVE_EVERY: Duration = Duration::from_secs(10);
 struct OnDisk {
     format: u32,
     known: HashMap<String, Known>,
+    #[serde(default)]
+    elsewhere: HashMap<String, String>,
 }
 
 pub(crate) fn now_ns() -> i64 {
@@ -86,14 +97,15 @@ impl HashCache {
     /// The cache saved in `file`; empty when there is none or it cannot be
     /// read (the tree is then hashed again: slower, never wrong).
     pub fn load(file: &Path) -> HashCache {
-        let known = std::fs::read(file)
+        let (known, elsewhere) = std::fs::read(file)
             .ok()
             .and_then(|bytes| serde_json::from_slice::<OnDisk>(&bytes).ok())
             .filter(|disk| disk.format == FORMAT)
-            .map(|disk| disk.known)
+            .map(|disk| (disk.known, disk.elsewhere))
             .unwrap_or_default();
         HashCache {
             known,
+            elsewhere,
             dirty: false,
             saved: Some(Instant::now()),
             warned: false,
@@ -128,7 +140,48 @@ impl HashCache {
     /// whether any file was read.
     pub(crate) fn replace(&mut self, fresh: HashMap<String, Known>, hashed: bool) {
         self.dirty |= hashed || fresh.len() != self.known.len();
+        // What is no longer here needs no word about elsewhere.
+        let before = self.elsewhere.len();
+        self.elsewhere.retain(|path, _| fresh.contains_key(path));
+        self.dirty |= self.elsewhere.len() != before;
         self.known = fresh;
+    }
+
+    /// The hashes alone, for a scan made while the rest (what is known
+    /// elsewhere, still being marked) stays here; `rejoin` takes them back.
+    pub fn split_for_scan(&mut self) -> HashCache {
+        HashCache {
+            known: std::mem::take(&mut self.known),
+            ..HashCache::default()
+        }
+    }
+
+    pub fn rejoin(&mut self, scanned: HashCache) {
+        self.dirty |= scanned.dirty;
+        let before = self.elsewhere.len();
+        self.elsewhere
+            .retain(|path, _| scanned.known.contains_key(path));
+        self.dirty |= self.elsewhere.len() != before;
+        self.known = scanned.known;
+    }
+
+    /// What this node knows exists on another node, path -> hash.
+    pub fn elsewhere(&self) -> &HashMap<String, String> {
+        &self.elsewhere
+    }
+
+    /// `hash` of `path` is known to be on another node too.
+    pub fn mark_elsewhere(&mut self, path: &str, hash: &str) {
+        if self.elsewhere.get(path).map(String::as_str) != Some(hash) {
+            self.elsewhere.insert(path.to_string(), hash.to_string());
+            self.dirty = true;
+        }
+    }
+
+    /// Saves to `file` now if anything changed (a role change: the next
+    /// side loads the file).
+    pub fn flush(&mut self, file: &Path) {
+        let _ = self.save_if_due(file, Duration::ZERO);
     }
 
     /// Writes the cache to `file` (a temporary name, then a rename) when
@@ -145,6 +198,7 @@ impl HashCache {
         let disk = OnDisk {
             format: FORMAT,
             known: std::mem::take(&mut self.known),
+            elsewhere: std::mem::take(&mut self.elsewhere),
         };
         let written = (|| {
             let mut out = io::BufWriter::new(std::fs::File::create(&temp)?);
@@ -154,6 +208,7 @@ impl HashCache {
             std::fs::rename(&temp, file)
         })();
         self.known = disk.known;
+        self.elsewhere = disk.elsewhere;
         if written.is_err() {
             let _ = std::fs::remove_file(&temp);
         }

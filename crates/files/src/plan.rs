@@ -7,9 +7,13 @@
 //! receiver was following it (`deleted_at_source`). A node that rejoins
 //! after a crash may hold files written after the last replication;
 //! whether they matter is for a person to decide, not for the sender.
+//! For the same reason a receiver's file whose bytes differ from the
+//! source's is moved aside before the source's version is written, unless
+//! its bytes are known to exist on another node (`elsewhere`: a replica of
+//! an earlier version, not something only this node has).
 
 use crate::manifest::{Kind, Manifest};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 /// The steps, in the order a receiver applies them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,11 +44,13 @@ impl Plan {
 
 /// `pending`: paths the source has but does not offer yet (being written):
 /// whatever the receiver holds there stays as it is for now.
+/// `elsewhere`: path -> content hash known to be on another node.
 pub fn plan(
     source: &Manifest,
     receiver: &Manifest,
     deleted_at_source: &BTreeSet<String>,
     pending: &BTreeSet<String>,
+    elsewhere: &HashMap<String, String>,
 ) -> Plan {
     let mut plan = Plan::default();
     // What the receiver has that must go: paths the source lacks, and
@@ -94,7 +100,17 @@ pub fn plan(
                     plan.fix_metadata.push(path.clone());
                 }
             }
-            (Kind::File { .. }, _) => plan.send.push(path.clone()),
+            (Kind::File { .. }, Some(mine)) => {
+                let only_here = match &mine.kind {
+                    Kind::File { hash, .. } => elsewhere.get(path) != Some(hash),
+                    _ => false,
+                };
+                if only_here {
+                    plan.move_aside.push(path.clone());
+                }
+                plan.send.push(path.clone())
+            }
+            (Kind::File { .. }, None) => plan.send.push(path.clone()),
             (Kind::Symlink { .. }, _) => plan.links.push(path.clone()),
             (Kind::Dir, Some(_)) => {}
         }
@@ -154,7 +170,7 @@ mod tests {
     #[test]
     fn identical_trees_need_nothing() {
         let t = tree(&[("a", dir()), ("a/b", file("x")), ("l", link("a/b"))]);
-        assert!(plan(&t, &t, &none(), &none()).is_empty());
+        assert!(plan(&t, &t, &none(), &none(), &HashMap::new()).is_empty());
     }
 
     #[test]
@@ -165,7 +181,7 @@ mod tests {
             ("a/b/c", file("xyz")),
             ("l", link("a/b/c")),
         ]);
-        let p = plan(&source, &Manifest::new(), &none(), &none());
+        let p = plan(&source, &Manifest::new(), &none(), &none(), &HashMap::new());
         assert_eq!(p.make_dirs, ["a", "a/b"]);
         assert_eq!(p.send, ["a/b/c"]);
         assert_eq!(p.links, ["l"]);
@@ -181,9 +197,24 @@ mod tests {
         chmodded.mode = 0o600;
         let source = tree(&[("c", changed), ("m", chmodded), ("u", file("u"))]);
         let receiver = tree(&[("c", file("old")), ("m", file("same")), ("u", file("u"))]);
-        let p = plan(&source, &receiver, &none(), &none());
+        // "old" is a replica of an earlier version: replaced in place.
+        let elsewhere = [("c".to_string(), "old".to_string())].into();
+        let p = plan(&source, &receiver, &none(), &none(), &elsewhere);
         assert_eq!(p.send, ["c"]);
+        assert!(p.move_aside.is_empty());
         assert_eq!(p.fix_metadata, ["m"]);
+    }
+
+    #[test]
+    fn a_version_only_the_receiver_has_is_moved_aside_before_it_is_replaced() {
+        // Written on the old leader after the last replication, or on a
+        // replica by hand: no other node has those bytes.
+        let source = tree(&[("c", file("new"))]);
+        let receiver = tree(&[("c", file("edited here"))]);
+        let elsewhere = [("c".to_string(), "what was replicated".to_string())].into();
+        let p = plan(&source, &receiver, &none(), &none(), &elsewhere);
+        assert_eq!(p.move_aside, ["c"]);
+        assert_eq!(p.send, ["c"]);
     }
 
     #[test]
@@ -197,12 +228,12 @@ mod tests {
             ("old/inside", file("i")),
         ]);
         let deleted = ["deleted-on-the-leader".to_string()].into();
-        let p = plan(&source, &receiver, &deleted, &none());
+        let p = plan(&source, &receiver, &deleted, &none(), &HashMap::new());
         assert_eq!(p.move_aside, ["old/inside", "written-after-the-crash"]);
         assert_eq!(p.delete, ["deleted-on-the-leader"]);
         assert_eq!(p.remove_dirs, ["old"]);
         // Without the source's word, nothing is ever deleted.
-        let p = plan(&source, &receiver, &none(), &none());
+        let p = plan(&source, &receiver, &none(), &none(), &HashMap::new());
         assert!(p.delete.is_empty());
         assert_eq!(p.move_aside.len(), 3);
     }
@@ -216,7 +247,7 @@ mod tests {
             ("x/old", file("o")),
             ("y", file("was a file")),
         ]);
-        let p = plan(&source, &receiver, &none(), &none());
+        let p = plan(&source, &receiver, &none(), &none(), &HashMap::new());
         assert_eq!(p.move_aside, ["x/old", "y"]);
         assert_eq!(p.remove_dirs, ["x"]);
         assert_eq!(p.make_dirs, ["y"]);
@@ -226,7 +257,13 @@ mod tests {
     #[test]
     fn deepest_directories_go_first() {
         let receiver = tree(&[("a", dir()), ("a/b", dir()), ("a/b/c", dir())]);
-        let p = plan(&Manifest::new(), &receiver, &none(), &none());
+        let p = plan(
+            &Manifest::new(),
+            &receiver,
+            &none(),
+            &none(),
+            &HashMap::new(),
+        );
         assert_eq!(p.remove_dirs, ["a/b/c", "a/b", "a"]);
     }
 
@@ -237,7 +274,13 @@ mod tests {
         // the receiver".
         let receiver = tree(&[("upload", file("old"))]);
         let pending: BTreeSet<String> = ["upload".to_string()].into();
-        let p = plan(&Manifest::new(), &receiver, &none(), &pending);
+        let p = plan(
+            &Manifest::new(),
+            &receiver,
+            &none(),
+            &pending,
+            &HashMap::new(),
+        );
         assert!(p.is_empty(), "{p:?}");
     }
 }

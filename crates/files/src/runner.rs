@@ -368,6 +368,10 @@ fn be_source(
     let mut all = mainstay_core::poison::lock(dirs);
     let dir = &mut all[index];
     if !matches!(dir.side, Side::Source(_)) {
+        // What the receiver learnt goes to disk for the source to load.
+        if let Side::Follower(follower) = &mut dir.side {
+            follower.flush_hashes();
+        }
         let instance = format!(
             "{node}-{}",
             SystemTime::now()
@@ -463,7 +467,10 @@ fn follow(
         let dir = &mut all[index];
         let follower = match std::mem::replace(&mut dir.side, Side::Idle) {
             Side::Follower(follower) => follower,
-            _ => {
+            other => {
+                if let Side::Source(mut sourcing) = other {
+                    sourcing.source.flush_hashes();
+                }
                 info!(path = %dir.spec.path.display(), "replicated directory: following the leader");
                 Box::new(Follower::new(dir.spec.clone()))
             }

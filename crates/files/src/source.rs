@@ -84,6 +84,13 @@ impl ChangeLog {
         )
     }
 
+    /// The paths whose last change came after version `from`, up to `to`.
+    fn paths_between(&self, from: u64, to: u64) -> impl Iterator<Item = &String> {
+        self.by_version
+            .range(from.saturating_add(1)..=to)
+            .flat_map(|(_, change)| change.paths.keys())
+    }
+
     /// Forgets the versions up to `version`; the paths they held.
     fn forget_up_to(&mut self, version: u64) -> Vec<String> {
         let kept = self.by_version.split_off(&version.saturating_add(1));
@@ -128,6 +135,9 @@ pub struct Source {
     offer: Arc<Offer>,
     /// What changed in which version, for the receivers' lag.
     changes: ChangeLog,
+    /// The version up to which the offered files are marked as known
+    /// elsewhere (a receiver applied it).
+    marked_elsewhere: u64,
     /// Each receiver's last word: the version it applied, and when.
     receivers: BTreeMap<String, (u64, SystemTime)>,
     /// Entries scanned but not yet settled, by path.
@@ -149,6 +159,7 @@ impl Source {
                 ..Offer::default()
             }),
             changes: ChangeLog::default(),
+            marked_elsewhere: 0,
             receivers: BTreeMap::new(),
             unsettled: 0,
             racy: 0,
@@ -164,7 +175,7 @@ impl Source {
     /// (the API keeps serving the current offer meanwhile); give it back
     /// with `absorb`.
     pub fn take_cache(&mut self) -> HashCache {
-        std::mem::take(&mut self.cache)
+        self.cache.split_for_scan()
     }
 
     /// Files seen changing too recently to be served yet.
@@ -175,6 +186,12 @@ impl Source {
     /// Saves the hash cache when it is due (see `hashes`).
     pub fn persist_hashes(&mut self) {
         self.cache.persist(&cache_file(&self.spec.path));
+    }
+
+    /// Saves the hash cache now: this node becomes a receiver, which
+    /// loads it.
+    pub fn flush_hashes(&mut self) {
+        self.cache.flush(&cache_file(&self.spec.path));
     }
 
     /// Whether a scan is due soon whatever the change events say: files
@@ -209,7 +226,7 @@ impl Source {
         now: SystemTime,
         closed: &std::collections::HashMap<String, SystemTime>,
     ) -> io::Result<bool> {
-        self.cache = cache;
+        self.cache.rejoin(cache);
         let scan = scanned?;
         self.skipped = scan.skipped;
         self.racy = scan.racy;
@@ -282,6 +299,19 @@ impl Source {
     /// aside instead of deleting it: never worse than a kept file).
     pub fn heard_from(&mut self, receiver: &str, version: u64, now: SystemTime) {
         self.receivers.insert(receiver.to_string(), (version, now));
+        // The files it now holds as this node does exist on two nodes:
+        // those changed since the last version marked, up to its own (the
+        // change log keeps them: nothing after any receiver's version is
+        // forgotten).
+        if version > self.marked_elsewhere && version <= self.offer.version {
+            for path in self.changes.paths_between(self.marked_elsewhere, version) {
+                if let Some(Kind::File { hash, .. }) = self.offer.entries.get(path).map(|e| &e.kind)
+                {
+                    self.cache.mark_elsewhere(path, hash);
+                }
+            }
+            self.marked_elsewhere = version;
+        }
         let everyone = self.receivers.values().map(|(v, _)| *v).min().unwrap_or(0);
         let forgotten = self.changes.forget_up_to(everyone);
         if !forgotten.is_empty() {
