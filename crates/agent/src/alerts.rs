@@ -1,6 +1,7 @@
 //! Alerts a node raises for its operators: a replica replaying too late or
 //! too far behind (judged on the leader, which sees every replica live in
-//! `pg_stat_replication`), and the data directory's disk running out.
+//! `pg_stat_replication`), the data directory's disk running out, and a
+//! replicated directory's troubles (`mainstay_files::trouble`).
 //! `evaluate` is pure: the caller gathers the probe and the disk's space
 //! (`disk_space`, which `/metrics` reads too).
 
@@ -11,7 +12,7 @@ use serde::Serialize;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Alert {
-    /// `replication_lag` or `data_disk`.
+    /// `replication_lag`, `data_disk` or `replicated_files`.
     pub alert: &'static str,
     /// What it is about: a member's name, or this node's for its disk.
     pub subject: String,
@@ -24,8 +25,16 @@ pub fn evaluate(
     node: &str,
     health: Option<&Health>,
     disk: Option<Space>,
+    files: Vec<mainstay_files::trouble::Trouble>,
 ) -> Vec<Alert> {
-    let mut alerts = Vec::new();
+    let mut alerts: Vec<Alert> = files
+        .into_iter()
+        .map(|trouble| Alert {
+            alert: "replicated_files",
+            subject: trouble.subject,
+            message: trouble.message,
+        })
+        .collect();
     if let Some(primary) = health.filter(|h| !h.in_recovery) {
         let position = primary.current_lsn.or(primary.flush_lsn);
         for peer in &primary.replicas {
@@ -102,6 +111,7 @@ mod tests {
         replication_lag_bytes: 64 << 20,
         data_disk_free_bytes: 1 << 30,
         data_disk_free_percent: 10.0,
+        replicated_files_lag: Duration::from_secs(60),
     };
 
     fn peer(name: &str, lag_secs: Option<f64>, replay: u64) -> ReplicationPeer {
@@ -134,7 +144,7 @@ mod tests {
             peer("node3", Some(0.2), (1 << 30) - (100 << 20)),
             peer("node4", None, 1 << 30),
         ]);
-        let alerts = evaluate(&THRESHOLDS, "node1", Some(&health), None);
+        let alerts = evaluate(&THRESHOLDS, "node1", Some(&health), None, Vec::new());
         let subjects: Vec<&str> = alerts.iter().map(|a| a.subject.as_str()).collect();
         assert_eq!(subjects, ["node2", "node3"]);
         assert!(
@@ -152,18 +162,27 @@ mod tests {
             in_recovery: true,
             ..health
         };
-        assert!(evaluate(&THRESHOLDS, "node1", Some(&replica), None).is_empty());
+        assert!(evaluate(&THRESHOLDS, "node1", Some(&replica), None, Vec::new()).is_empty());
     }
 
     #[test]
     fn a_disk_running_out_raises_an_alert_by_size_or_share() {
         let gib = 1u64 << 30;
         let disk = |available, total| Some(Space { available, total });
-        assert!(evaluate(&THRESHOLDS, "n", None, disk(50 * gib, 100 * gib)).is_empty());
-        let by_share = evaluate(&THRESHOLDS, "n", None, disk(5 * gib, 100 * gib));
+        assert!(
+            evaluate(
+                &THRESHOLDS,
+                "n",
+                None,
+                disk(50 * gib, 100 * gib),
+                Vec::new()
+            )
+            .is_empty()
+        );
+        let by_share = evaluate(&THRESHOLDS, "n", None, disk(5 * gib, 100 * gib), Vec::new());
         assert_eq!(by_share[0].alert, "data_disk");
         assert!(by_share[0].message.contains("5.0%"), "{:?}", by_share[0]);
-        let by_size = evaluate(&THRESHOLDS, "n", None, disk(gib / 2, 2 * gib));
+        let by_size = evaluate(&THRESHOLDS, "n", None, disk(gib / 2, 2 * gib), Vec::new());
         assert!(
             by_size[0].message.contains("512.0 MiB left"),
             "{:?}",

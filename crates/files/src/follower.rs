@@ -51,6 +51,9 @@ pub struct FollowerStatus {
     pub deleted: u64,
     /// Paths the last round could not apply, with why.
     pub failed: Vec<(String, String)>,
+    /// Unix time since when rounds keep failing files (none: the last
+    /// round applied everything).
+    pub failing_since: Option<u64>,
 }
 
 impl Follower {
@@ -195,6 +198,12 @@ impl Follower {
         status.moved_aside_bytes += report.moved_aside_bytes;
         status.deleted += report.deleted;
         status.failed = report.failed.clone();
+        let unix = now.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
+        status.failing_since = match (status.failed.is_empty(), status.failing_since) {
+            (true, _) => None,
+            (false, since @ Some(_)) => since,
+            (false, None) => unix,
+        };
         if !plan.is_empty() {
             status.last_change = now.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
         }

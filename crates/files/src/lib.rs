@@ -24,6 +24,8 @@
 //!   against that offer;
 //! - `watch`: change events on a source directory (when to scan, which
 //!   files were closed after writing);
+//! - `trouble`: when a directory needs a person (a receiver too far
+//!   behind, files failing for too long);
 //! - `runner`: the thread that makes each directory a source while the
 //!   node leads and a follower of the leader otherwise, over the agent's
 //!   API (`Transport`).
@@ -40,6 +42,7 @@ pub mod runner;
 pub mod scan;
 pub mod source;
 pub mod spec;
+pub mod trouble;
 pub mod watch;
 
 pub use manifest::{Entry, Kind, Manifest};

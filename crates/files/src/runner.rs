@@ -203,6 +203,38 @@ impl Replication {
         matches!(entry.kind, Kind::File { .. }).then(|| (dir.spec.path.clone(), entry.clone()))
     }
 
+    /// What operators should hear about now (see `trouble`): receivers
+    /// behind by more than `limit`, files failing for longer.
+    pub fn troubles(&self, node: &str, limit: Duration) -> Vec<crate::trouble::Trouble> {
+        let now = SystemTime::now();
+        let unix = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let dirs = mainstay_core::poison::lock(&self.dirs);
+        let mut troubles = Vec::new();
+        for dir in dirs.iter() {
+            let path = dir.spec.path.display().to_string();
+            match &dir.side {
+                Side::Source(sourcing) => troubles.extend(crate::trouble::lagging(
+                    &path,
+                    &sourcing.source.lag(now),
+                    limit,
+                )),
+                Side::Follower(follower) => troubles.extend(crate::trouble::failing(
+                    node,
+                    follower.status(),
+                    limit,
+                    unix,
+                )),
+                Side::Receiving(status) => {
+                    troubles.extend(crate::trouble::failing(node, status, limit, unix))
+                }
+                Side::Idle => {}
+            }
+        }
+        troubles
+    }
+
     /// Every directory's state, for `GET /replication/files`.
     pub fn status(&self) -> Value {
         let dirs = mainstay_core::poison::lock(&self.dirs);

@@ -113,6 +113,8 @@ pub fn scan_tree(spec: &ReplicateSpec, cache: &mut HashCache) -> io::Result<Scan
     scan(&spec.path, &spec.exclude, cache)
 }
 
+const GONE_AFTER: Duration = Duration::from_secs(3600);
+
 /// One receiver as its source sees it.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct ReceiverLag {
@@ -299,6 +301,10 @@ impl Source {
     /// aside instead of deleting it: never worse than a kept file).
     pub fn heard_from(&mut self, receiver: &str, version: u64, now: SystemTime) {
         self.receivers.insert(receiver.to_string(), (version, now));
+        // A receiver silent for an hour is gone (a node removed, renamed):
+        // it no longer holds back what is forgotten, nor raises alerts.
+        self.receivers
+            .retain(|_, (_, heard)| now.duration_since(*heard).unwrap_or_default() < GONE_AFTER);
         // The files it now holds as this node does exist on two nodes:
         // those changed since the last version marked, up to its own (the
         // change log keeps them: nothing after any receiver's version is

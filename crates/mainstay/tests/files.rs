@@ -78,7 +78,7 @@ fn directories_follow_the_leader_and_a_failback_keeps_what_only_the_old_leader_h
         for i in 0..3 {
             let node = &cluster.nodes[i];
             cluster.nodes[i].extra_config = format!(
-                "\n[[replicate]]\npath = \"{}\"\nexclude = [\"*.part\"]\nsettle = 0.2\nscan_interval = 5\n",
+                "\n[[replicate]]\npath = \"{}\"\nexclude = [\"*.part\"]\nsettle = 0.2\nscan_interval = 5\n\n[alerts]\nreplicated_files_lag = 1\n",
                 node.dir.join("media").display()
             );
             let node = &cluster.nodes[i];
@@ -188,6 +188,43 @@ fn directories_follow_the_leader_and_a_failback_keeps_what_only_the_old_leader_h
             .map(|e| e.unwrap().path().join("written-on-a-replica"))
             .collect();
         assert!(kept.iter().any(|p| p.exists()), "{kept:?}");
+
+        // A receiver that falls behind raises an alert on the source, which
+        // clears once it has caught up.
+        let away = h.cluster.node_index(&others[1]).unwrap();
+        assert!(h.cluster.stop_agent(away, Duration::from_secs(30)));
+        std::fs::write(source.join("while-a-node-is-away"), b"x").unwrap();
+        let files_alert = |doc: &serde_json::Value| -> Option<String> {
+            doc["alerts"].as_array()?.iter().find_map(|a| {
+                (a["alert"] == "replicated_files" && a["subject"] == others[1].as_str())
+                    .then(|| a["message"].as_str().unwrap_or("").to_string())
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let message = loop {
+            let doc = api(&h, &first).get("/patroni").await.unwrap().body;
+            if let Some(message) = files_alert(&doc) {
+                break message;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no alert for {}: {doc}",
+                others[1]
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(message.contains("1 files"), "{message}");
+        h.cluster.start_agent(away).unwrap();
+        converged(&h, &first, &others).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let doc = api(&h, &first).get("/patroni").await.unwrap().body;
+            if files_alert(&doc).is_none() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the alert stays: {doc}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
 
         // The leader's node crashes; while it is down a file lands in its
         // copy (an upload after the last replication, as it were). The new

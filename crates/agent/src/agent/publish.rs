@@ -111,6 +111,10 @@ impl<D: Dcs> Agent<D> {
                 &self.name,
                 self.last_health.as_ref().filter(|_| self.pg_answering),
                 crate::alerts::disk_space(&self.pg.settings().data_dir),
+                self.replication
+                    .as_ref()
+                    .map(|r| r.troubles(&self.name, self.alert_thresholds.replicated_files_lag))
+                    .unwrap_or_default(),
             ),
             ..(*previous).clone()
         };

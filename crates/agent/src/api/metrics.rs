@@ -306,7 +306,7 @@ pub fn render(node: &NodeSnapshot, replication: Option<&serde_json::Value>) -> S
     out.metric(
         "alert",
         "gauge",
-        "1 for each alert this node raises now ([alerts]: a replica's lag, the data disk).",
+        "1 for each alert this node raises now ([alerts]: a replica's lag, the data disk, a replicated directory).",
         &node
             .alerts
             .iter()

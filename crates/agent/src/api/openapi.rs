@@ -367,7 +367,7 @@ fn components() -> Value {
                     "database_system_identifier": {"type": "string"},
                     "services": {"type": "array", "items": schema("ServiceStatus")},
                     "alerts": {"type": "array", "items": {"type": "object", "required": ["alert", "subject", "message"], "properties": {
-                        "alert": {"enum": ["replication_lag", "data_disk"]}, "subject": {"type": "string"}, "message": {"type": "string"}
+                        "alert": {"enum": ["replication_lag", "data_disk", "replicated_files"]}, "subject": {"type": "string"}, "message": {"type": "string"}
                     }}},
                     "xlog": {"type": "object", "properties": {
                         "location": lsn, "received_location": lsn, "replayed_location": lsn,

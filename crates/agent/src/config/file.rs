@@ -199,6 +199,7 @@ pub(super) struct AlertsSection {
     pub replication_lag_bytes: Option<ByteSize>,
     pub data_disk_free: Option<ByteSize>,
     pub data_disk_free_percent: Option<f64>,
+    pub replicated_files_lag: Option<f64>,
 }
 
 /// One `[[replicate]]`.

@@ -82,6 +82,10 @@ pub struct AlertThresholds {
     pub data_disk_free_bytes: u64,
     /// ... or less than this share of its size, in percent.
     pub data_disk_free_percent: f64,
+    /// A receiver of a replicated directory whose oldest unapplied change
+    /// is older than this (seen on the source), or that keeps failing
+    /// files for longer.
+    pub replicated_files_lag: Duration,
 }
 
 /// Where PostgreSQL 15's programs are unless `postgresql.bin_dir` says.

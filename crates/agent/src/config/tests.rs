@@ -547,6 +547,7 @@ fn alert_thresholds_have_defaults_and_bounds() {
     assert_eq!(config.alerts.replication_lag, Duration::from_secs(10));
     assert_eq!(config.alerts.replication_lag_bytes, 64 << 20);
     assert_eq!(config.alerts.data_disk_free_bytes, 1 << 30);
+    assert_eq!(config.alerts.replicated_files_lag, Duration::from_secs(60));
     let set = Config::parse(
         Path::new("t"),
         &format!("{GOOD}[alerts]\nreplication_lag = 2.5\ndata_disk_free = \"10GB\"\n"),
@@ -568,6 +569,11 @@ fn alert_thresholds_have_defaults_and_bounds() {
         "[alerts]\ndata_disk_free = \"lots\"\n",
         Some("alerts.data_disk_free"),
         "not a size",
+    );
+    check(
+        "[alerts]\nreplicated_files_lag = -1\n",
+        Some("alerts.replicated_files_lag"),
+        "out of range",
     );
     check("[alerts]\ncpu = 90\n", None, "unknown field");
 }

@@ -28,6 +28,8 @@ const DEFAULT_WAIT_FOR_LEADER_SECS: f64 = 10.0;
 /// A replica more than 10 s behind is what a ship's operators are told to
 /// watch for; a full disk is the commonest cause of a dead database.
 const DEFAULT_LAG_ALERT_SECS: f64 = 10.0;
+/// A minute: a settle time and a few rounds even on a slow link.
+const DEFAULT_FILES_LAG_ALERT_SECS: f64 = 60.0;
 const DEFAULT_LAG_ALERT_BYTES: u64 = 64 << 20;
 const DEFAULT_DISK_FREE_ALERT_BYTES: u64 = 1 << 30;
 const DEFAULT_DISK_FREE_ALERT_PERCENT: f64 = 10.0;
@@ -454,6 +456,15 @@ fn alerts(section: AlertsSection) -> Result<AlertThresholds, Refusal> {
             format!("{lag} is out of range: give seconds above 0, at most a day"),
         ));
     }
+    let files_lag = section
+        .replicated_files_lag
+        .unwrap_or(DEFAULT_FILES_LAG_ALERT_SECS);
+    if !(files_lag > 0.0 && files_lag <= 86_400.0) {
+        return Err((
+            "alerts.replicated_files_lag",
+            format!("{files_lag} is out of range: give seconds above 0, at most a day"),
+        ));
+    }
     let percent = section
         .data_disk_free_percent
         .unwrap_or(DEFAULT_DISK_FREE_ALERT_PERCENT);
@@ -476,6 +487,7 @@ fn alerts(section: AlertsSection) -> Result<AlertThresholds, Refusal> {
             DEFAULT_DISK_FREE_ALERT_BYTES,
         )?,
         data_disk_free_percent: percent,
+        replicated_files_lag: Duration::from_secs_f64(files_lag),
     })
 }
 
