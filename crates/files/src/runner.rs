@@ -83,6 +83,8 @@ struct Sourcing {
     /// Files closed after writing, seen in the events, and when.
     closed: HashMap<String, SystemTime>,
     last_scan: Option<Instant>,
+    /// The same, as a date for people.
+    last_scan_at: Option<SystemTime>,
 }
 
 struct Dir {
@@ -90,6 +92,7 @@ struct Dir {
     side: Side,
     /// A receiver's last full look at its own tree (local writes).
     last_full: Option<Instant>,
+    last_full_at: Option<SystemTime>,
     error: Option<String>,
 }
 
@@ -122,6 +125,7 @@ impl Replication {
                 spec,
                 side: Side::Idle,
                 last_full: None,
+                last_full_at: None,
                 error: None,
             })
             .collect();
@@ -266,6 +270,17 @@ impl Replication {
                 };
                 value["path"] = json!(dir.spec.path.display().to_string());
                 value["error"] = json!(dir.error);
+                // The source's every scan reads the whole tree; a receiver
+                // compares its whole tree with a full offer this often.
+                let full_scan = match &dir.side {
+                    Side::Source(sourcing) => sourcing.last_scan_at,
+                    _ => dir.last_full_at,
+                };
+                value["last_full_scan"] = json!(full_scan.and_then(|at| {
+                    at.duration_since(SystemTime::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| (d.as_millis() as f64) / 1000.0)
+                }));
                 value
             })
             .collect();
@@ -428,6 +443,7 @@ fn be_source(
             change_events: watch.is_some(),
             closed: HashMap::new(),
             last_scan: None,
+            last_scan_at: None,
         }));
     }
     let Side::Source(sourcing) = &mut dir.side else {
@@ -478,6 +494,7 @@ fn be_source(
         }
     }
     sourcing.last_scan = Some(Instant::now());
+    sourcing.last_scan_at = Some(now);
     // A close older than the settle time says nothing the mtime does not.
     let settle = dir.spec.settle;
     sourcing
@@ -563,6 +580,7 @@ fn follow(
     let dir = &mut all[index];
     if full && outcome.is_ok() {
         dir.last_full = Some(Instant::now());
+        dir.last_full_at = Some(SystemTime::now());
     }
     match outcome {
         Ok(()) => dir.error = None,

@@ -128,20 +128,29 @@ impl FilesLab {
         Ok(answer.body["directories"][0].clone())
     }
 
-    /// Waits until source `source` has offered everything it holds and each
-    /// of `receivers` has applied that offer completely; the source's
-    /// status then.
+    /// Waits until source `source` offers everything it holds and each of
+    /// `receivers` has applied that offer completely; with `after_writes`,
+    /// also until the source has scanned its tree since this call (so that
+    /// everything written before the call is seen). The source's status.
     pub async fn caught_up(
         &self,
         source: usize,
         receivers: &[usize],
+        after_writes: bool,
         timeout: Duration,
     ) -> Result<Value, String> {
         let deadline = Instant::now() + timeout;
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         let mut last = Value::Null;
         loop {
             if let Ok(status) = self.status(source).await {
                 let all_there = status["role"] == "source"
+                    && (!after_writes
+                        || status["last_full_scan"]
+                            .as_f64()
+                            .is_some_and(|at| at >= since))
                     && status["unsettled"] == 0
                     && receivers.iter().all(|&r| {
                         let name = &self.cluster.nodes[r].name;
@@ -188,6 +197,24 @@ impl FilesLab {
             .agent_pid(i)
             .map_or(0, |pid| proc_status_bytes(pid, "VmHWM:"))
     }
+}
+
+/// Every file moved aside beside `root` (`<root>.moved-aside/<stamp>/...`).
+pub fn moved_aside(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    // Bounded by the folder's tree: each directory is visited once.
+    let mut pending = vec![mainstay_files::apply::aside_dir(root)];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => pending.push(path),
+                Ok(_) => found.push(path),
+                Err(_) => {}
+            }
+        }
+    }
+    found
 }
 
 /// A `/proc/<pid>/status` size field (kB there), in bytes.

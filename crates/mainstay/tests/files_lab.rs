@@ -2,8 +2,9 @@
 //! the files over HTTPS (see `mainstay_lab::replicated`): the benchmark as
 //! a user runs it (a stream of files, a failback that resends only what
 //! changed, a crash in the middle of uploads that leaves no partial file
-//! anywhere), and big trees in bounded memory: 100,000 small files, then
-//! one 2 GB file. Needs root (network namespaces), rsync and python3
+//! anywhere, the crashed leader back with what only it had moved aside),
+//! and big trees in bounded memory: 100,000 small files, then one 2 GB
+//! file. Needs root (network namespaces), rsync and python3
 //! (`scripts/setup.sh`); without them it fails, unless
 //! `MAINSTAY_ALLOW_SKIP=1` lets it say it was skipped.
 
@@ -65,6 +66,10 @@ fn the_files_benchmark_runs_and_a_failback_resends_only_what_changed() {
         let acked = report["acknowledged_uploads"].as_u64().unwrap();
         let missing = report["files_missing_after_crash"].as_u64().unwrap();
         assert!(acked > 0 && missing <= acked, "{last}");
+        // What the new leader lacks is kept aside on the old one (the run
+        // fails otherwise): at least those files.
+        let kept = report["kept_aside_after_crash"].as_u64().unwrap();
+        assert!(kept >= missing, "{last}");
         assert!(report["agent_peak_rss_bytes"].as_u64().unwrap() > 0);
     });
 }
@@ -126,7 +131,7 @@ fn a_hundred_thousand_files_and_a_2_gb_file_replicate_in_bounded_memory() {
             }
         }
         h.lab
-            .caught_up(l, &others, Duration::from_secs(600))
+            .caught_up(l, &others, true, Duration::from_secs(600))
             .await
             .unwrap();
         let many_took = started.elapsed();
@@ -142,7 +147,7 @@ fn a_hundred_thousand_files_and_a_2_gb_file_replicate_in_bounded_memory() {
         let started = Instant::now();
         write_big(&root.join("big"), BIG);
         h.lab
-            .caught_up(l, &others, Duration::from_secs(600))
+            .caught_up(l, &others, true, Duration::from_secs(600))
             .await
             .unwrap();
         let big_took = started.elapsed();

@@ -525,7 +525,7 @@ pub fn document() -> Value {
     restart_service["parameters"] = json!([
         {"name": "name", "in": "path", "required": true, "description": "The service's name ([[service]] name).", "schema": {"type": "string", "minLength": 1}}
     ]);
-    let index = json!({"name": "index", "in": "path", "required": true, "description": "The directory's position among the [[replicate]] sections (from 0).", "schema": {"type": "integer", "minimum": 0}});
+    let index = json!({"name": "index", "in": "path", "required": true, "description": "The directory's position among the [[replicate]] sections (from 0).", "schema": {"type": "integer", "minimum": 0, "maximum": usize::MAX}});
     let mut files_offer = unsafe_op(
         "A replicated directory's offer, for the other agents (the API's credentials even on GET: these are the files).",
         None,
@@ -541,8 +541,8 @@ pub fn document() -> Value {
         {"name": "receiver", "in": "query", "required": false, "description": "The asking node's name (its progress is noted).", "schema": {"type": "string"}},
         {"name": "full", "in": "query", "required": false, "description": "The whole offer even if the asker has applied it.", "schema": {"type": "boolean"}},
         {"name": "instance", "in": "query", "required": false, "description": "The source instance the asker applied.", "schema": {"type": "string"}},
-        {"name": "version", "in": "query", "required": false, "description": "The version the asker applied.", "schema": {"type": "integer", "minimum": 0}},
-        {"name": "wait", "in": "query", "required": false, "description": "Milliseconds (at most 10,000) to hold the question while the offer does not move: the answer comes as soon as it does (a long poll).", "schema": {"type": "integer", "minimum": 0}}
+        {"name": "version", "in": "query", "required": false, "description": "The version the asker applied.", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX}},
+        {"name": "wait", "in": "query", "required": false, "description": "Milliseconds (at most 10,000) to hold the question while the offer does not move: the answer comes as soon as it does (a long poll).", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX}}
     ]);
     let mut files_file = unsafe_op(
         "A file of a replicated directory's current offer, streamed.",
@@ -557,7 +557,7 @@ pub fn document() -> Value {
     files_file["parameters"] = json!([
         index,
         {"name": "path", "in": "query", "required": true, "description": "The file's path relative to the directory.", "schema": {"type": "string", "minLength": 1}},
-        {"name": "offset", "in": "query", "required": false, "description": "The first byte to send (a cut transfer resumes past what it received).", "schema": {"type": "integer", "minimum": 0}}
+        {"name": "offset", "in": "query", "required": false, "description": "The first byte to send (a cut transfer resumes past what it received).", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX}}
     ]);
     let text = |what: &str| json!({"description": what, "content": {"text/plain": {"schema": {"type": "string"}}}});
     json!({

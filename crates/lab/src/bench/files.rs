@@ -18,7 +18,9 @@
 //!   closed; the leader's host crashes mid-stream. Counted: printed
 //!   (acknowledged) uploads missing on the new leader, and files under a
 //!   real name on any survivor whose bytes are not a whole upload (must
-//!   be 0: the run fails otherwise).
+//!   be 0: the run fails otherwise). Then the old leader comes back: the
+//!   files only it had are moved aside there (counted); an acknowledged
+//!   upload neither on the new leader nor kept aside fails the run.
 //!
 //! Peak agent memory (VmHWM) is read before each crash and at the end.
 
@@ -63,6 +65,8 @@ pub struct FilesRun {
     pub tree_bytes: u64,
     pub acked_uploads: usize,
     pub missing_after_crash: usize,
+    /// Files the old leader, back as a receiver, moved aside.
+    pub kept_aside_after_crash: usize,
     pub agent_peak_rss: u64,
 }
 
@@ -91,7 +95,8 @@ pub async fn run(args: FilesArgs) -> ExitCode {
             let lag = distribution(&r.lag_ms);
             format!(
                 "lag median {} ms, max {} ms; resync of {} changed files in {} ms (rsync: {} files, \
-                 {} ms); {} of {} acknowledged uploads missing after the crash; agent peak {:.1} MB",
+                 {} ms); {} of {} acknowledged uploads missing after the crash, {} files kept \
+                 aside on the old leader; agent peak {:.1} MB",
                 lag["median"],
                 lag["max"],
                 r.resync_files_mainstay,
@@ -100,6 +105,7 @@ pub async fn run(args: FilesArgs) -> ExitCode {
                 r.resync_rsync_ms,
                 r.missing_after_crash,
                 r.acked_uploads,
+                r.kept_aside_after_crash,
                 r.agent_peak_rss as f64 / 1e6
             )
         },
@@ -180,6 +186,7 @@ pub fn report(results: &[FilesRun], tree_files: usize, stream_files: usize) -> s
         },
         "files_missing_after_crash": results.iter().map(|r| r.missing_after_crash).sum::<usize>(),
         "acknowledged_uploads": results.iter().map(|r| r.acked_uploads).sum::<usize>(),
+        "kept_aside_after_crash": results.iter().map(|r| r.kept_aside_after_crash).sum::<usize>(),
         "agent_peak_rss_bytes": results.iter().map(|r| r.agent_peak_rss).max().unwrap_or(0),
         "runs": results.len(),
         "settings": {
@@ -225,7 +232,8 @@ async fn measure(
 
     // Resync after a failback.
     let tree_bytes = write_tree(lab.root(l), tree_files)?;
-    lab.caught_up(l, &others, Duration::from_secs(300)).await?;
+    lab.caught_up(l, &others, true, Duration::from_secs(300))
+        .await?;
     // A media store is not all written in the seconds before a crash:
     // give the tree the time a node needs to trust and save its hashes
     // (two seconds, then a save every ten), as an older tree would have.
@@ -238,11 +246,12 @@ async fn measure(
     let n = lab.index(&second)?;
     let third = 3 - l - n;
     let changed = change_tree(lab.root(n), tree_files)?;
-    lab.caught_up(n, &[third], Duration::from_secs(120)).await?;
+    lab.caught_up(n, &[third], true, Duration::from_secs(120))
+        .await?;
     let copy = dir.join("rsync-copy");
     copy_tree(lab.root(l), &copy)?;
     lab.revive(l)?;
-    lab.caught_up(n, &[third, l], Duration::from_secs(300))
+    lab.caught_up(n, &[third, l], false, Duration::from_secs(300))
         .await?;
     let back = lab.status(l).await?;
     let resync_mainstay_ms = back["last_change_ms"]
@@ -259,7 +268,7 @@ async fn measure(
 
     // The crash window.
     peak = peak.max((0..3).map(|i| lab.agent_peak_rss(i)).max().unwrap_or(0));
-    let (acked, missing) = crash_window(lab, n).await?;
+    let (acked, missing, kept_aside) = crash_window(lab, n).await?;
     peak = peak.max((0..3).map(|i| lab.agent_peak_rss(i)).max().unwrap_or(0));
     Ok(FilesRun {
         lag_ms,
@@ -270,6 +279,7 @@ async fn measure(
         tree_bytes,
         acked_uploads: acked,
         missing_after_crash: missing,
+        kept_aside_after_crash: kept_aside,
         agent_peak_rss: peak,
     })
 }
@@ -442,9 +452,11 @@ for k in range(100000):
 "#;
 
 /// Uploads on leader `n` for 4 s, then its host crashes: (acknowledged
-/// uploads, how many of them the new leader lacks). Fails if any survivor
-/// has a file under a real name that is not a whole upload.
-async fn crash_window(lab: &mut FilesLab, n: usize) -> Result<(usize, usize), String> {
+/// uploads, how many of them the new leader lacks, files moved aside on
+/// the old leader once it is back). Fails if any survivor has a file under
+/// a real name that is not a whole upload, or if an acknowledged upload is
+/// neither on the new leader nor kept aside on the old one.
+async fn crash_window(lab: &mut FilesLab, n: usize) -> Result<(usize, usize, usize), String> {
     let leader = lab.cluster.nodes[n].name.clone();
     let ns = lab.cluster.nodes[n].netns.clone().ok_or("not a lab node")?;
     let uploads = |root: &Path| root.join("uploads");
@@ -499,11 +511,34 @@ async fn crash_window(lab: &mut FilesLab, n: usize) -> Result<(usize, usize), St
         }
     }
     let there = uploads(lab.root(m));
-    let missing = acked
+    let name = |k: &usize| format!("upload-{k:06}");
+    let missing: Vec<usize> = acked
         .iter()
-        .filter(|k| !there.join(format!("upload-{k:06}")).exists())
-        .count();
-    Ok((acked.len(), missing))
+        .filter(|k| !there.join(name(k)).exists())
+        .copied()
+        .collect();
+    // The old leader comes back as a receiver: what only it had (the
+    // uploads nobody received, the one cut mid-write) is moved aside
+    // there, never deleted.
+    lab.revive(n)?;
+    let others: Vec<usize> = (0..3).filter(|&i| i != m).collect();
+    lab.caught_up(m, &others, false, Duration::from_secs(120))
+        .await?;
+    let aside = crate::replicated::moved_aside(lab.root(n));
+    let lost: Vec<&usize> = missing
+        .iter()
+        .filter(|k| {
+            !aside
+                .iter()
+                .any(|p| p.ends_with(format!("uploads/{}", name(k))))
+        })
+        .collect();
+    if !lost.is_empty() {
+        return Err(format!(
+            "acknowledged uploads {lost:?} are neither on {next} nor kept aside on {leader}"
+        ));
+    }
+    Ok((acked.len(), missing.len(), aside.len()))
 }
 
 /// Files under a real name in `dir` whose bytes are not a whole upload
@@ -521,7 +556,13 @@ pub fn partial_uploads(dir: &Path) -> Result<Vec<String>, String> {
         else {
             continue;
         };
-        let bytes = std::fs::read(entry.path()).map_err(|e| format!("reading {name}: {e}"))?;
+        let bytes = match std::fs::read(entry.path()) {
+            Ok(bytes) => bytes,
+            // Moved aside meanwhile (a receiver of a new source keeps what
+            // only it has there): not a file under its real name any more.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("reading {name}: {e}")),
+        };
         if bytes.len() != UPLOAD || bytes.iter().any(|b| *b as usize != k % 251) {
             broken.push(format!("{name} ({} bytes)", bytes.len()));
         }
