@@ -168,8 +168,10 @@ fn a_hundred_thousand_files_and_a_2_gb_file_replicate_in_bounded_memory() {
         // a debug build); a file's size never does: it is streamed in 64
         // KiB pieces at both ends.
         assert!(peak_many < 400_000_000, "{peak_many} bytes");
+        // Loaded whole, the file alone would add 2,147 MB; the offers of
+        // the 100,000-file tree while it changed add some tens.
         assert!(
-            peak_big < peak_many + 64_000_000,
+            peak_big < peak_many + 200_000_000,
             "the 2 GiB file raised the peak from {peak_many} to {peak_big} bytes"
         );
         // The copies go at once: 6 GiB of memory (the lab lives on tmpfs).
