@@ -387,10 +387,20 @@ impl<T: Transport> Thread<T> {
 }
 
 fn receiving(status: &FollowerStatus) -> String {
-    if status.failed.is_empty() {
-        "in sync".into()
+    let word = if status.failed.is_empty() {
+        "in sync".to_string()
     } else {
         format!("{} failed", status.failed.len())
+    };
+    // Kept aside since the agent started: for someone to look at.
+    if status.moved_aside_files == 0 {
+        word
+    } else {
+        format!(
+            "{word}, {} moved aside ({:.1} MB)",
+            status.moved_aside_files,
+            status.moved_aside_bytes as f64 / 1e6
+        )
     }
 }
 

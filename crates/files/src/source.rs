@@ -230,6 +230,17 @@ impl Source {
     ) -> io::Result<bool> {
         self.cache.rejoin(cache);
         let scan = scanned?;
+        // Said once per file (and again if it fails anew after a success):
+        // it is retried at every scan, the others are not held up.
+        for (path, why) in &scan.skipped {
+            if !self.skipped.iter().any(|(p, w)| p == path && w == why) {
+                tracing::warn!(
+                    directory = %self.spec.path.display(),
+                    file = %path,
+                    "not offered: {why}; retried at the next scan"
+                );
+            }
+        }
         self.skipped = scan.skipped;
         self.racy = scan.racy;
         let settled_before = now

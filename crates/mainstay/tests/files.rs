@@ -188,6 +188,22 @@ fn directories_follow_the_leader_and_a_failback_keeps_what_only_the_old_leader_h
             .map(|e| e.unwrap().path().join("written-on-a-replica"))
             .collect();
         assert!(kept.iter().any(|p| p.exists()), "{kept:?}");
+        // ...and `ctl list` says so, with the count and size.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (code_list, listing, err) = run_ctl(&h, &first, &["list"]).await;
+            assert_eq!(code_list, 0, "{err}");
+            let expected = format!(
+                "Files {}: {} in sync, 1 moved aside (0.0 MB)",
+                others[0],
+                media(&h, &others[0]).display()
+            );
+            if listing.contains(&expected) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{expected:?} not in {listing}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
 
         // A receiver that falls behind raises an alert on the source, which
         // clears once it has caught up.
