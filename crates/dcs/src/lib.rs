@@ -277,6 +277,37 @@ pub trait Dcs: Send + Sync + 'static {
         &self,
         local: &[std::net::IpAddr],
     ) -> impl Future<Output = Result<Option<String>>> + Send;
+
+    /// The DCS's own members (etcd's membership), each with whether it
+    /// answers.
+    fn dcs_members(&self) -> impl Future<Output = Result<Vec<DcsMember>>> + Send;
+
+    /// Lets a new member in at `peer_url` (it takes its name when it
+    /// starts); returns the membership with it.
+    fn add_dcs_member(&self, peer_url: &str)
+    -> impl Future<Output = Result<Vec<DcsMember>>> + Send;
+
+    /// Removes the member of that name (or id, or peer URL while it has
+    /// not started).
+    fn remove_dcs_member(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// One member of the DCS itself (an etcd member), as
+/// `mainstay ctl etcd-member list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DcsMember {
+    /// etcd's member id in hex, as etcdctl writes it.
+    pub id: String,
+    /// Empty until a member added with `add_dcs_member` starts.
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    /// The raft leader of the DCS (not the database's leader).
+    pub leader: bool,
+    pub learner: bool,
+    /// Whether it answered a status request within the request timeout;
+    /// `None` before it started (no client URL yet).
+    pub answers: Option<bool>,
 }
 
 /// Capacity of a watch channel. Events are only hints, so a reader that

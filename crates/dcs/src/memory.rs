@@ -57,6 +57,9 @@ struct State {
     leases: HashMap<i64, Lease>,
     next_lease: i64,
     reaper_started: bool,
+    /// The store's own membership: one member that always answers, and
+    /// those added since (never started: nothing runs them).
+    dcs_members: Vec<crate::DcsMember>,
 }
 
 struct Entry {
@@ -116,6 +119,15 @@ impl MemoryDcs {
                     // etcd's lease ids are large and never 0 (0 means "no lease").
                     next_lease: 0x7a00_0000_0001,
                     reaper_started: false,
+                    dcs_members: vec![crate::DcsMember {
+                        id: "1".into(),
+                        name: "memory".into(),
+                        peer_urls: vec!["memory://peer".into()],
+                        client_urls: vec!["memory://client".into()],
+                        leader: true,
+                        learner: false,
+                        answers: Some(true),
+                    }],
                 }),
                 events,
                 reaper_wake: Arc::new(Notify::new()),
@@ -590,6 +602,49 @@ impl Dcs for MemoryDcs {
         check_name("member", name)?;
         let key = keys::member(name);
         self.txn(&[], vec![Op::Delete(&key)]).map(|_| ())
+    }
+
+    async fn dcs_members(&self) -> Result<Vec<crate::DcsMember>> {
+        self.reachable()?;
+        Ok(self.state().dcs_members.clone())
+    }
+
+    async fn add_dcs_member(&self, peer_url: &str) -> Result<Vec<crate::DcsMember>> {
+        self.reachable()?;
+        let mut state = self.state();
+        if state
+            .dcs_members
+            .iter()
+            .any(|m| m.peer_urls.iter().any(|u| u == peer_url))
+        {
+            return Err(DcsError::Other(format!(
+                "{peer_url} is a member's peer URL already"
+            )));
+        }
+        let id = format!("{:x}", state.dcs_members.len() + 1);
+        state.dcs_members.push(crate::DcsMember {
+            id,
+            name: String::new(),
+            peer_urls: vec![peer_url.to_string()],
+            client_urls: Vec::new(),
+            leader: false,
+            learner: false,
+            answers: None,
+        });
+        Ok(state.dcs_members.clone())
+    }
+
+    async fn remove_dcs_member(&self, name: &str) -> Result<()> {
+        self.reachable()?;
+        let mut state = self.state();
+        let before = state.dcs_members.len();
+        state
+            .dcs_members
+            .retain(|m| !(m.name == name || m.id == name || m.peer_urls.iter().any(|u| u == name)));
+        if state.dcs_members.len() == before {
+            return Err(DcsError::Other(format!("no member named {name:?}")));
+        }
+        Ok(())
     }
 
     async fn keep_leader_away(&self, _local: &[std::net::IpAddr]) -> Result<Option<String>> {

@@ -116,6 +116,9 @@ pub struct LocalCluster {
     /// Filesystems mounted for the nodes' data, unmounted once every
     /// process is gone.
     mounts: Vec<PathBuf>,
+    /// With managed etcd: every node's name and address, whose agent runs
+    /// that host's member (`etcd` is then empty).
+    pub member_hosts: Vec<(String, String)>,
     /// Dropped last: the namespaces go once their processes are gone.
     pub lab: Option<mainstay_testkit::netns::Lab>,
 }
@@ -137,6 +140,9 @@ pub struct LabOptions {
     /// The REST API over HTTPS, with a lab CA's certificate for every
     /// host's address.
     pub api_tls: bool,
+    /// Each agent runs its host's etcd member itself (`[etcd] member =
+    /// true`) instead of the lab starting etcd beside it.
+    pub managed_etcd: bool,
 }
 
 impl LabOptions {
@@ -149,6 +155,7 @@ impl LabOptions {
             etcd_endpoints: None,
             node_config: Vec::new(),
             api_tls: false,
+            managed_etcd: false,
         }
     }
 }
@@ -159,6 +166,9 @@ pub const LAB_PG_PORT: u16 = 15432;
 pub const LAB_API_PORT: u16 = 18008;
 pub const LAB_PROXY_PORT: u16 = 15000;
 pub const LAB_READ_ONLY_PORT: u16 = 15001;
+/// A managed etcd member's client and peer ports on every lab host.
+pub const LAB_ETCD_CLIENT_PORT: u16 = 12379;
+pub const LAB_ETCD_PEER_PORT: u16 = 12380;
 
 fn make_dir(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -202,6 +212,7 @@ impl LocalCluster {
             exe: exe.to_path_buf(),
             extra_config: String::new(),
             mounts: Vec::new(),
+            member_hosts: Vec::new(),
             lab: None,
         };
         for i in 1..=nodes {
@@ -258,7 +269,11 @@ impl LocalCluster {
         let placements: Vec<(String, std::net::Ipv4Addr)> = (0..hosts)
             .map(|i| (lab.host(i).to_string(), lab.host_ip(i)))
             .collect();
-        let etcd = Etcd::start_in_namespaces(&dir.join("etcd"), &placements)?;
+        let etcd = if options.managed_etcd {
+            Vec::new()
+        } else {
+            Etcd::start_in_namespaces(&dir.join("etcd"), &placements)?
+        };
         let api_tls = if options.api_tls {
             let ips: Vec<String> = placements.iter().map(|(_, ip)| ip.to_string()).collect();
             Some(crate::certificates::make(&dir.join("tls"), &ips)?)
@@ -273,6 +288,15 @@ impl LocalCluster {
             exe: exe.to_path_buf(),
             extra_config: options.extra_config.clone(),
             mounts: Vec::new(),
+            member_hosts: if options.managed_etcd {
+                placements
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, ip))| (format!("node{}", i + 1), ip.to_string()))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             lab: None,
         };
         for (i, (ns, address)) in placements.into_iter().enumerate() {
@@ -330,10 +354,26 @@ impl LocalCluster {
         let endpoints: Vec<String> = match &node.etcd_endpoints {
             Some(endpoints) => endpoints.iter().map(|e| format!("\"{e}\"")).collect(),
             None => self
-                .etcd
+                .etcd_endpoints()
                 .iter()
-                .map(|e| format!("\"{}\"", e.endpoint()))
+                .map(|e| format!("\"{e}\""))
                 .collect(),
+        };
+        let member = if self.member_hosts.is_empty() {
+            String::new()
+        } else {
+            let initial: Vec<String> = self
+                .member_hosts
+                .iter()
+                .map(|(name, ip)| format!("{name} = \"http://{ip}:{LAB_ETCD_PEER_PORT}\""))
+                .collect();
+            format!(
+                "member = true\ndata_dir = \"{}\"\nclient_url = \"http://{host}:{LAB_ETCD_CLIENT_PORT}\"\n\
+                 peer_url = \"http://{host}:{LAB_ETCD_PEER_PORT}\"\ninitial_cluster = {{ {} }}\n",
+                node.dir.join("etcd").display(),
+                initial.join(", "),
+                host = node.host,
+            )
         };
         let api_tls = node.api_tls.as_ref().map_or(String::new(), |tls| {
             format!(
@@ -350,7 +390,7 @@ name = "{name}"
 {extra}
 [etcd]
 endpoints = [{endpoints}]
-
+{member}
 [postgresql]
 data_dir = "{data}"
 listen = "{any}"
@@ -498,8 +538,20 @@ profile = "{profile}"
         }
     }
 
+    /// The etcd client URLs: the lab's members, or the agents' own.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        if self.member_hosts.is_empty() {
+            self.etcd.iter().map(Etcd::endpoint).collect()
+        } else {
+            self.member_hosts
+                .iter()
+                .map(|(_, ip)| format!("http://{ip}:{LAB_ETCD_CLIENT_PORT}"))
+                .collect()
+        }
+    }
+
     pub async fn dcs(&self) -> Result<EtcdDcs, String> {
-        let endpoints = self.etcd.iter().map(Etcd::endpoint).collect();
+        let endpoints = self.etcd_endpoints();
         let mut settings = EtcdSettings::new(endpoints, self.cluster.clone());
         settings.request_timeout = Duration::from_secs(2);
         EtcdDcs::connect(settings).await.map_err(|e| e.to_string())

@@ -157,6 +157,22 @@ async fn run_agent(config: Config) -> ExitCode {
         eprintln!("error: {err}");
         return ExitCode::from(1);
     }
+    // The node's own etcd member first: the agent's first request may need
+    // it for a quorum. It stops after the agent has handed leadership over.
+    let etcd_member = match config
+        .etcd_member
+        .clone()
+        .map(mainstay_etcd_member::Member::start)
+    {
+        None => None,
+        Some(Ok(member)) => Some(member),
+        Some(Err(err)) => {
+            eprintln!(
+                "error: cannot run this node's etcd member: {err}; see etcd.bin and etcd.data_dir"
+            );
+            return ExitCode::from(1);
+        }
+    };
     let dcs = match mainstay_dcs::EtcdDcs::connect(config.etcd.clone()).await {
         Ok(dcs) => dcs,
         Err(err) => {
@@ -171,8 +187,17 @@ async fn run_agent(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let agent = mainstay_agent::agent::Agent::new(&config, dcs);
-    match agent.run(shutdown).await {
+    let mut agent = mainstay_agent::agent::Agent::new(&config, dcs);
+    if let Some(member) = &etcd_member {
+        agent = agent.with_etcd_member(member.reader());
+    }
+    let outcome = agent.run(shutdown).await;
+    if let Some(member) = etcd_member {
+        tokio::task::spawn_blocking(move || member.stop())
+            .await
+            .ok();
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
             eprintln!("error: {reason}");

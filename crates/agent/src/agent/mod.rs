@@ -158,9 +158,17 @@ pub struct Agent<D: Dcs> {
     alert_thresholds: crate::config::AlertThresholds,
     /// What this leader did about services that gave up here.
     service_moves: std::collections::BTreeMap<String, service_moves::ServiceMove>,
+    /// The node's own etcd member, when the agent runs one.
+    etcd_member: Option<mainstay_etcd_member::StatusReader>,
 }
 
 impl<D: Dcs> Agent<D> {
+    /// Shows the node's own etcd member (run beside the agent) in the API.
+    pub fn with_etcd_member(mut self, member: mainstay_etcd_member::StatusReader) -> Agent<D> {
+        self.etcd_member = Some(member);
+        self
+    }
+
     pub fn new(config: &Config, dcs: D) -> Agent<D> {
         let timing = config.timing;
         let origin = Instant::now();
@@ -261,6 +269,7 @@ impl<D: Dcs> Agent<D> {
             cluster: config.cluster.clone(),
             alert_thresholds: config.alerts,
             service_moves: Default::default(),
+            etcd_member: None,
             api_auth: ApiAuth {
                 basic: config.api.basic.clone(),
                 token: config.api.token.clone(),

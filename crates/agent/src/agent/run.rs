@@ -175,6 +175,7 @@ impl<D: Dcs> Agent<D> {
                 },
                 ca_file: self.api_ca_file.clone(),
                 replication: self.replication.clone(),
+                etcd_member: self.etcd_member.clone(),
             })),
             tls,
             self.api_limits,

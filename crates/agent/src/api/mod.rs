@@ -5,6 +5,7 @@
 //! node to a load balancer). Only `/config` reads the DCS.
 
 mod actions;
+mod etcd_members;
 mod files;
 pub mod health;
 mod metrics;
@@ -245,6 +246,8 @@ pub struct ApiState<D> {
     pub ca_file: Option<PathBuf>,
     /// The replicated directories (`[[replicate]]`), if any.
     pub replication: Option<Arc<mainstay_files::Replication>>,
+    /// The node's own etcd member, when the agent runs one.
+    pub etcd_member: Option<mainstay_etcd_member::StatusReader>,
 }
 
 impl<D: Dcs> ApiState<D> {
@@ -384,6 +387,14 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
             post(|s: Shared<D>, h: HeaderMap, b: Bytes| {
                 actions::command(s, h, b, Command::CrashDrill)
             }),
+        )
+        .route(
+            "/etcd/members",
+            get(etcd_members::list::<D>).post(etcd_members::add::<D>),
+        )
+        .route(
+            "/etcd/members/{name}",
+            axum::routing::delete(etcd_members::remove::<D>),
         )
         .route("/metrics", get(metrics::<D>))
         .route(

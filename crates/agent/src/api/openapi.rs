@@ -511,6 +511,42 @@ pub fn document() -> Value {
     remove_member["parameters"] = json!([
         {"name": "name", "in": "path", "required": true, "description": "The member's node name.", "schema": {"type": "string", "minLength": 1}}
     ]);
+    let etcd_member = json!({"type": "object", "required": ["id", "name", "peer_urls", "client_urls", "leader", "learner", "answers"], "properties": {
+        "id": {"type": "string", "description": "etcd's member id in hex."},
+        "name": {"type": "string", "description": "Empty until an added member starts."},
+        "peer_urls": {"type": "array", "items": {"type": "string"}},
+        "client_urls": {"type": "array", "items": {"type": "string"}},
+        "leader": {"type": "boolean", "description": "etcd's raft leader (not the database's)."},
+        "learner": {"type": "boolean"},
+        "answers": {"type": ["boolean", "null"], "description": "Answered a status request within dcs_timeout; null before it started."}
+    }});
+    let etcd_members = json!({
+        "get": {"summary": "etcd's own members, whether each answers, and this node's member process when the agent runs one ([etcd] member = true).", "responses": {
+            "200": ok("The members.", json!({"type": "object", "required": ["members", "local"], "properties": {"members": {"type": "array", "items": etcd_member}, "local": {"type": ["object", "null"]}}})),
+            "503": err("etcd did not answer in time.")
+        }},
+        "post": unsafe_op("Let a new etcd member in (a replaced node's): it joins when it starts with initial_cluster_state = \"existing\" and the initial_cluster answered here.", Some((json!({"type": "object", "additionalProperties": false, "required": ["name", "peer_url"], "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[A-Za-z0-9_.-]+$"}, "peer_url": {"type": "string", "pattern": "^https?://[0-9.]+:[0-9]+$", "description": "http(s)://ADDRESS:PORT"}}}), true)), json!({
+            "200": ok("Added; what to put in the new node's [etcd] section.", json!({"type": "object", "required": ["members", "initial_cluster", "initial_cluster_state", "next"]})),
+            "400": err("name is not a node name, or peer_url is not http(s)://ADDRESS:PORT."),
+            "409": err("A member has that name or peer URL already, another member does not answer, the new member would leave etcd without a quorum until it runs, or etcd refused the change."),
+            "503": err("etcd did not answer in time.")
+        }))
+    });
+    let mut remove_etcd_member = unsafe_op(
+        "Remove an etcd member (a dead or replaced node's). A member that answers is removed only with force=true: a removed member stops for good.",
+        None,
+        json!({
+            "200": ok("Removed.", json!({"type": "object", "required": ["removed"]})),
+            "400": err("The query is not force=true or force=false."),
+            "404": err("etcd has no member of that name, id or peer URL."),
+            "409": err("It is the only member, it answers (without force=true), or etcd refused (the change would break the quorum)."),
+            "503": err("etcd did not answer in time.")
+        }),
+    );
+    remove_etcd_member["parameters"] = json!([
+        {"name": "name", "in": "path", "required": true, "description": "The member's name, id, or peer URL while it has not started.", "schema": {"type": "string", "minLength": 1}},
+        {"name": "force", "in": "query", "required": false, "description": "Remove a member that answers.", "schema": {"type": "boolean"}}
+    ]);
     let mut restart_service = unsafe_op(
         "Restart this node's service now, forgetting its restart history (a failed service gets another chance); it starts again only if it belongs on this node.",
         Some((schema("Empty"), false)),
@@ -667,6 +703,8 @@ pub fn document() -> Value {
                 ("503", "No view of the cluster yet, the agent is shutting down, or the command did not finish within 600 s.")
             ])},
             "/members/{name}": {"delete": remove_member},
+            "/etcd/members": etcd_members,
+            "/etcd/members/{name}": {"delete": remove_etcd_member},
             "/services/{name}/restart": {"post": restart_service}
         },
         "components": components()

@@ -44,6 +44,16 @@ pub(super) struct EtcdSection {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// The node's own etcd member, run by the agent (`config/etcd_member.rs`).
+    pub member: Option<bool>,
+    pub data_dir: Option<PathBuf>,
+    pub client_url: Option<String>,
+    pub peer_url: Option<String>,
+    pub initial_cluster: Option<BTreeMap<String, String>>,
+    pub initial_cluster_state: Option<String>,
+    pub heartbeat_interval: Option<f64>,
+    pub election_timeout: Option<f64>,
+    pub bin: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]

@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod etcd_member;
 mod file;
 mod replicate;
 mod service;
@@ -44,6 +45,9 @@ pub struct Config {
     pub timing: Timing,
     /// `[etcd]`, with request and connect timeouts of `timing.dcs_timeout`.
     pub etcd: EtcdSettings,
+    /// `[etcd] member = true`: the node's own etcd member, which the agent
+    /// runs, with raft timing matched to `timing.ttl`.
+    pub etcd_member: Option<mainstay_etcd_member::MemberSpec>,
     /// `[postgresql]`: paths, addresses, credentials (`rewind` defaults to
     /// the superuser), `run_as` only when the agent runs as root (PostgreSQL
     /// refuses to run as root; as any other user it runs as the agent), and

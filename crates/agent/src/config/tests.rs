@@ -728,3 +728,151 @@ fn bad_replicated_directories_are_refused_with_the_key_and_the_fix() {
         "unknown field `direction`",
     );
 }
+
+/// `GOOD` with these lines added to its `[etcd]` section.
+fn with_etcd(lines: &str) -> String {
+    GOOD.replace(
+        "endpoints = [\"http://127.0.0.1:2379\"]\n",
+        &format!("endpoints = [\"http://127.0.0.1:2379\"]\n{lines}\n"),
+    )
+}
+
+const MEMBER: &str = r#"member = true
+data_dir = "/var/lib/mainstay/etcd"
+client_url = "http://10.0.0.1:2379"
+peer_url = "http://10.0.0.1:2380"
+initial_cluster = { node1 = "http://10.0.0.1:2380", node2 = "http://10.0.0.2:2380", witness = "http://10.0.0.3:2380" }"#;
+
+#[test]
+fn a_managed_etcd_member_parses_with_timing_from_the_ttl() {
+    if !postgres_installed() {
+        return;
+    }
+    let binary = mainstay_etcd_member::spec::DEFAULT_BINARY;
+    if !Path::new(binary).exists() {
+        mainstay_testkit::skip(&format!("needs etcd in {binary}: run scripts/setup.sh"));
+        return;
+    }
+    let config = Config::parse(Path::new("t"), &with_etcd(MEMBER)).unwrap();
+    let member = config.etcd_member.unwrap();
+    assert_eq!(member.name, "node1");
+    assert_eq!(member.token, "ship");
+    assert_eq!(member.initial_cluster.len(), 3);
+    assert_eq!(member.state, mainstay_etcd_member::ClusterState::New);
+    assert_eq!(member.timing.election_timeout, Duration::from_millis(500));
+    assert!(member.tls.is_none());
+    let plain = Config::parse(Path::new("t"), GOOD).unwrap();
+    assert!(plain.etcd_member.is_none());
+}
+
+#[test]
+fn a_bad_managed_etcd_member_is_refused_with_its_key() {
+    let member = |from: &str, to: &str| with_etcd(&MEMBER.replace(from, to));
+    for (text, key, needle) in [
+        (
+            with_etcd("data_dir = \"/x\""),
+            "etcd.data_dir",
+            "etcd.member is not true",
+        ),
+        (
+            member("data_dir = \"/var/lib/mainstay/etcd\"\n", ""),
+            "etcd.data_dir",
+            "is missing",
+        ),
+        (
+            member("/var/lib/mainstay/etcd", "etcd"),
+            "etcd.data_dir",
+            "absolute",
+        ),
+        (
+            member("/var/lib/mainstay/etcd", "/var/lib/mainstay/data/etcd"),
+            "etcd.data_dir",
+            "overlaps",
+        ),
+        (
+            member("http://10.0.0.1:2379", "http://node1:2379"),
+            "etcd.client_url",
+            "only on addresses",
+        ),
+        (
+            member(
+                "client_url = \"http://10.0.0.1:2379\"",
+                "client_url = \"http://10.0.0.1:2380\"",
+            ),
+            "etcd.peer_url",
+            "same as etcd.client_url",
+        ),
+        (
+            member("node1 = ", "node9 = "),
+            "etcd.initial_cluster",
+            "does not list this node",
+        ),
+        (
+            member(
+                "node1 = \"http://10.0.0.1:2380\"",
+                "node1 = \"http://10.0.0.1:2381\"",
+            ),
+            "etcd.initial_cluster",
+            "make them the same",
+        ),
+        (
+            member(
+                "witness = \"http://10.0.0.3:2380\"",
+                "witness = \"https://10.0.0.3:2380\"",
+            ),
+            "etcd.initial_cluster",
+            "same to its peers",
+        ),
+        (
+            member(
+                "witness = \"http://10.0.0.3:2380\"",
+                "witness = \"http://10.0.0.2:2380\"",
+            ),
+            "etcd.initial_cluster",
+            "two members",
+        ),
+        (
+            member("witness =", "\"a b\" ="),
+            "etcd.initial_cluster",
+            "not a valid name",
+        ),
+        (
+            with_etcd(&format!("{MEMBER}\ninitial_cluster_state = \"joined\"")),
+            "etcd.initial_cluster_state",
+            "\"existing\"",
+        ),
+        (
+            with_etcd(&format!("{MEMBER}\nelection_timeout = 3.0")),
+            "etcd.election_timeout",
+            "lengthen",
+        ),
+        (
+            with_etcd(&format!("{MEMBER}\nheartbeat_interval = 0.2")),
+            "etcd.election_timeout",
+            "5 heartbeats",
+        ),
+        (
+            with_etcd(&format!("{MEMBER}\nheartbeat_interval = -1")),
+            "etcd.heartbeat_interval",
+            "out of range",
+        ),
+        (
+            member(
+                "http://10.0.0.1:2380\"\ninitial",
+                "https://10.0.0.1:2380\"\ninitial",
+            )
+            .replace("node1 = \"http://", "node1 = \"https://")
+            .replace("http://10.0.0.2", "https://10.0.0.2")
+            .replace("http://10.0.0.3", "https://10.0.0.3"),
+            "etcd.cert_file",
+            "etcd.ca_file",
+        ),
+        (
+            with_etcd(&format!("{MEMBER}\nbin = \"/nowhere/etcd\"")),
+            "etcd.bin",
+            "etcd-server",
+        ),
+    ] {
+        check_text(&text, Some(key), needle);
+    }
+}

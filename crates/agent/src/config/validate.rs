@@ -73,8 +73,19 @@ impl Config {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
+        let replicate = super::replicate::directories(file.replicate, &postgresql.data_dir)?;
+        let mut avoid: Vec<&Path> = vec![&postgresql.data_dir];
+        avoid.extend(replicate.iter().map(|r| r.path.as_path()));
         Ok(Config {
             vip: vip(file.vip.as_deref(), file.vip_interface.as_deref()).map_err(owned)?,
+            etcd_member: super::etcd_member::member(
+                &file.etcd,
+                &file.name,
+                &file.cluster,
+                timing.ttl,
+                &avoid,
+            )
+            .map_err(owned)?,
             etcd: etcd(file.etcd, &file.cluster, &timing).map_err(owned)?,
             api: api(file.api).map_err(owned)?,
             proxy: proxy(file.proxy).map_err(owned)?,
@@ -82,7 +93,7 @@ impl Config {
             services: super::service::services(file.services, &log_dir, &file.name)?,
             hooks: super::service::hooks(file.callbacks)?,
             alerts: alerts(file.alerts).map_err(owned)?,
-            replicate: super::replicate::directories(file.replicate, &postgresql.data_dir)?,
+            replicate,
             postgresql,
             timing,
             tags: file.tags,
@@ -670,7 +681,7 @@ fn watchdog(section: &WatchdogSection, t: &Timing) -> Result<WatchdogConfig, Ref
     })
 }
 
-fn check_name(key: &'static str, value: &str) -> Result<(), (&'static str, String)> {
+pub(super) fn check_name(key: &'static str, value: &str) -> Result<(), (&'static str, String)> {
     let valid = !value.is_empty()
         && value.len() <= 63
         && value

@@ -8,6 +8,7 @@
 //! - 3: no agent could be reached.
 
 mod drill;
+mod etcd_member;
 mod services;
 
 use crate::api_client::{self, Answer, ApiClient};
@@ -130,6 +131,9 @@ enum CtlCommand {
         #[arg(long)]
         force: bool,
     },
+    /// etcd's own members: list them, let a new node's in, remove a dead one.
+    #[command(subcommand)]
+    EtcdMember(etcd_member::EtcdMemberCommand),
     /// Cancel a scheduled switchover.
     CancelSwitchover {
         #[arg(long)]
@@ -281,6 +285,7 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
         CtlCommand::Drill(drill) => ctl.drill(drill, config.as_ref()).await,
         CtlCommand::History => ctl.history().await,
         CtlCommand::Services => ctl.services().await,
+        CtlCommand::EtcdMember(command) => ctl.etcd_member(command).await,
         CtlCommand::RestartService {
             node,
             service,

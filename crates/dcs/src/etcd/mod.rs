@@ -33,6 +33,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 mod errors;
+mod membership;
 mod watch;
 
 use errors::*;
@@ -737,6 +738,18 @@ impl Dcs for EtcdDcs {
         .await
     }
 
+    async fn dcs_members(&self) -> Result<Vec<crate::DcsMember>> {
+        self.members_with_health().await
+    }
+
+    async fn add_dcs_member(&self, peer_url: &str) -> Result<Vec<crate::DcsMember>> {
+        self.add(peer_url).await
+    }
+
+    async fn remove_dcs_member(&self, name: &str) -> Result<()> {
+        self.remove(name).await
+    }
+
     async fn keep_leader_away(&self, local: &[std::net::IpAddr]) -> Result<Option<String>> {
         let (members, leader) = self
             .call(Request::Idempotent, |mut client, _| async move {
@@ -761,9 +774,13 @@ impl Dcs for EtcdDcs {
             .map_err(|e| map_err(e, url))?;
         let mut last_error = None;
         for target in &members {
+            // A member that does not answer (a dead host's) would take the
+            // role and lose it again after an election timeout, during
+            // which etcd drops every write: the leases' renewals too.
             if target.is_learner()
                 || target.client_urls().is_empty()
                 || runs_on(target.client_urls(), local).await
+                || self.answers(target).await != Some(true)
             {
                 continue;
             }
