@@ -1,7 +1,9 @@
 //! Alerts a node raises for its operators: a replica replaying too late or
 //! too far behind (judged on the leader, which sees every replica live in
-//! `pg_stat_replication`), the data directory's disk running out, and a
-//! replicated directory's troubles (`mainstay_files::trouble`).
+//! `pg_stat_replication`), the data directory's disk running out, a
+//! replicated directory's troubles (`mainstay_files::trouble`), and an etcd
+//! member that does not answer (judged on the leader too: a dead witness
+//! changes nothing until the next loss, which would then stop everything).
 //! `evaluate` is pure: the caller gathers the probe and the disk's space
 //! (`disk_space`, which `/metrics` reads too).
 
@@ -12,11 +14,19 @@ use serde::Serialize;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Alert {
-    /// `replication_lag`, `data_disk` or `replicated_files`.
+    /// `replication_lag`, `data_disk`, `replicated_files` or `etcd_member`.
     pub alert: &'static str,
     /// What it is about: a member's name, or this node's for its disk.
     pub subject: String,
     pub message: String,
+}
+
+/// etcd's members as the leader last asked them: how many there are, and
+/// the names (or ids) of those that did not answer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EtcdMembers {
+    pub total: usize,
+    pub silent: Vec<String>,
 }
 
 /// The alerts this node raises now.
@@ -26,6 +36,7 @@ pub fn evaluate(
     health: Option<&Health>,
     disk: Option<Space>,
     files: Vec<mainstay_files::trouble::Trouble>,
+    etcd: &EtcdMembers,
 ) -> Vec<Alert> {
     let mut alerts: Vec<Alert> = files
         .into_iter()
@@ -67,6 +78,19 @@ pub fn evaluate(
                 });
             }
         }
+    }
+    for silent in &etcd.silent {
+        alerts.push(Alert {
+            alert: "etcd_member",
+            subject: silent.clone(),
+            message: format!(
+                "etcd member {silent} does not answer: {} of {} members do, and etcd \
+                 stops if fewer than {} do",
+                etcd.total - etcd.silent.len(),
+                etcd.total,
+                etcd.total / 2 + 1
+            ),
+        });
     }
     if let Some(space) = disk.filter(|s| s.total > 0) {
         let percent = space.available as f64 * 100.0 / space.total as f64;
@@ -144,7 +168,14 @@ mod tests {
             peer("node3", Some(0.2), (1 << 30) - (100 << 20)),
             peer("node4", None, 1 << 30),
         ]);
-        let alerts = evaluate(&THRESHOLDS, "node1", Some(&health), None, Vec::new());
+        let alerts = evaluate(
+            &THRESHOLDS,
+            "node1",
+            Some(&health),
+            None,
+            Vec::new(),
+            &EtcdMembers::default(),
+        );
         let subjects: Vec<&str> = alerts.iter().map(|a| a.subject.as_str()).collect();
         assert_eq!(subjects, ["node2", "node3"]);
         assert!(
@@ -162,7 +193,17 @@ mod tests {
             in_recovery: true,
             ..health
         };
-        assert!(evaluate(&THRESHOLDS, "node1", Some(&replica), None, Vec::new()).is_empty());
+        assert!(
+            evaluate(
+                &THRESHOLDS,
+                "node1",
+                Some(&replica),
+                None,
+                Vec::new(),
+                &EtcdMembers::default()
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -175,18 +216,51 @@ mod tests {
                 "n",
                 None,
                 disk(50 * gib, 100 * gib),
-                Vec::new()
+                Vec::new(),
+                &EtcdMembers::default()
             )
             .is_empty()
         );
-        let by_share = evaluate(&THRESHOLDS, "n", None, disk(5 * gib, 100 * gib), Vec::new());
+        let by_share = evaluate(
+            &THRESHOLDS,
+            "n",
+            None,
+            disk(5 * gib, 100 * gib),
+            Vec::new(),
+            &EtcdMembers::default(),
+        );
         assert_eq!(by_share[0].alert, "data_disk");
         assert!(by_share[0].message.contains("5.0%"), "{:?}", by_share[0]);
-        let by_size = evaluate(&THRESHOLDS, "n", None, disk(gib / 2, 2 * gib), Vec::new());
+        let by_size = evaluate(
+            &THRESHOLDS,
+            "n",
+            None,
+            disk(gib / 2, 2 * gib),
+            Vec::new(),
+            &EtcdMembers::default(),
+        );
         assert!(
             by_size[0].message.contains("512.0 MiB left"),
             "{:?}",
             by_size[0]
+        );
+    }
+
+    #[test]
+    fn a_silent_etcd_member_raises_an_alert_with_what_is_left() {
+        let etcd = EtcdMembers {
+            total: 3,
+            silent: vec!["witness".into()],
+        };
+        let alerts = evaluate(&THRESHOLDS, "n", None, None, Vec::new(), &etcd);
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].alert, "etcd_member");
+        assert_eq!(alerts[0].subject, "witness");
+        assert!(
+            alerts[0].message.contains("2 of 3 members do")
+                && alerts[0].message.contains("fewer than 2"),
+            "{:?}",
+            alerts[0]
         );
     }
 

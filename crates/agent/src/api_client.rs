@@ -88,6 +88,8 @@ pub struct Answer {
     pub status: StatusCode,
     pub body: Value,
     pub text: String,
+    /// The `Date` header: the server's clock, to the second.
+    pub date: Option<String>,
 }
 
 impl ApiClient {
@@ -162,6 +164,11 @@ impl ApiClient {
             .response(method.clone(), path, body, content_type)
             .await?;
         let status = response.status();
+        let date = response
+            .headers()
+            .get(hyper::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .map(str::to_string);
         let collect = async {
             response
                 .into_body()
@@ -181,7 +188,12 @@ impl ApiClient {
             .to_bytes();
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok(Answer { status, body, text })
+        Ok(Answer {
+            status,
+            body,
+            text,
+            date,
+        })
     }
 
     /// The response's head within the timeout, its body still to be read

@@ -14,13 +14,15 @@ pub fn confirmed(obs: &Observation<'_>) -> bool {
     obs.lease.members_confirmed && obs.lease.id.is_some() && obs.now < obs.lease.valid_until
 }
 
-/// The list the leader must record: every member it sees, itself included.
+/// The list the leader must record: every member it sees that could take
+/// over, itself included (a witness cannot, so it is not asked).
 pub fn wanted(obs: &Observation<'_>, view: &ClusterView) -> FailsafeState {
     FailsafeState {
         leader: obs.name.to_string(),
         members: view
             .members
             .values()
+            .filter(|m| !m.status.witness)
             .map(|m| (m.status.name.clone(), m.status.api_url.clone()))
             .collect(),
     }

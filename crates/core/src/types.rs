@@ -120,6 +120,12 @@ pub struct MemberStatus {
     /// in words.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<String>,
+    /// A witness (`mainstay witness`): an etcd member's node with no
+    /// PostgreSQL. It never leads (it is also tagged `nofailover`), gets no
+    /// replication slot and is not asked to confirm a leader in failsafe
+    /// mode: only nodes that could take over are.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub witness: bool,
 }
 
 impl MemberRecord {
@@ -150,6 +156,7 @@ impl MemberRecord {
                 services: Default::default(),
                 files: Default::default(),
                 alerts: Vec::new(),
+                witness: false,
             },
             mod_revision: 1,
             lease_id: 1,

@@ -729,6 +729,7 @@ mod tests {
             services: Default::default(),
             files: Default::default(),
             alerts: Vec::new(),
+            witness: false,
         }
     }
 

@@ -119,6 +119,8 @@ pub struct LocalCluster {
     /// With managed etcd: every node's name and address, whose agent runs
     /// that host's member (`etcd` is then empty).
     pub member_hosts: Vec<(String, String)>,
+    /// The witness's host, when the lab has one.
+    pub witness: Option<crate::witness::WitnessNode>,
     /// Dropped last: the namespaces go once their processes are gone.
     pub lab: Option<mainstay_testkit::netns::Lab>,
 }
@@ -143,6 +145,9 @@ pub struct LabOptions {
     /// Each agent runs its host's etcd member itself (`[etcd] member =
     /// true`) instead of the lab starting etcd beside it.
     pub managed_etcd: bool,
+    /// One more host runs `mainstay witness` (an etcd member, no
+    /// PostgreSQL); needs `managed_etcd` and a lab of `hosts + 1`.
+    pub witness: bool,
 }
 
 impl LabOptions {
@@ -156,6 +161,7 @@ impl LabOptions {
             node_config: Vec::new(),
             api_tls: false,
             managed_etcd: false,
+            witness: false,
         }
     }
 }
@@ -170,7 +176,60 @@ pub const LAB_READ_ONLY_PORT: u16 = 15001;
 pub const LAB_ETCD_CLIENT_PORT: u16 = 12379;
 pub const LAB_ETCD_PEER_PORT: u16 = 12380;
 
-fn make_dir(path: &Path) -> io::Result<()> {
+/// `mainstay SUBCOMMAND --config FILE` (an agent, a witness), in a lab
+/// host's namespace if given, its output appended to `log`.
+pub(crate) fn spawn_mainstay(
+    exe: &Path,
+    netns: Option<&str>,
+    subcommand: &str,
+    config: &Path,
+    log: &Path,
+) -> io::Result<Child> {
+    let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut command = match netns {
+        Some(ns) => mainstay_testkit::netns::Lab::command(ns, exe),
+        None => Command::new(exe),
+    };
+    // If whoever started the cluster dies, its agents shut down cleanly
+    // instead of running on unattended.
+    process::signal_on_parent_death(&mut command, libc::SIGTERM);
+    // Each agent leads a process group of its own, as a service manager
+    // or a shell's job control would start it: a test can stop that
+    // group (Ctrl-Z's SIGTSTP/SIGSTOP to the job) without stopping
+    // itself, and a terminal's Ctrl-C reaches the demo alone, which
+    // stops its agents with SIGTERM.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    command
+        .args([subcommand, "--config"])
+        .arg(config)
+        .env(
+            "MAINSTAY_LOG",
+            std::env::var("MAINSTAY_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+}
+
+/// SIGTERM, then SIGKILL after `timeout`; whether it exited cleanly.
+pub(crate) fn stop_child(mut child: Child, timeout: Duration) -> bool {
+    let _ = process::kill(child.id() as i32, libc::SIGTERM);
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            // Killed by the signal (no handler yet) or a fatal error is
+            // not a clean stop.
+            return status.success();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+pub(crate) fn make_dir(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::create_dir_all(path)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
@@ -213,6 +272,7 @@ impl LocalCluster {
             extra_config: String::new(),
             mounts: Vec::new(),
             member_hosts: Vec::new(),
+            witness: None,
             lab: None,
         };
         for i in 1..=nodes {
@@ -280,6 +340,22 @@ impl LocalCluster {
         } else {
             None
         };
+        let mut member_hosts: Vec<(String, String)> = if options.managed_etcd {
+            placements
+                .iter()
+                .enumerate()
+                .map(|(i, (_, ip))| (format!("node{}", i + 1), ip.to_string()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let witness = if options.witness {
+            let witness = crate::witness::WitnessNode::place(dir, &lab, hosts)?;
+            member_hosts.push((witness.name.clone(), witness.host.clone()));
+            Some(witness)
+        } else {
+            None
+        };
         let mut cluster = LocalCluster {
             dir: dir.to_path_buf(),
             cluster: "lab".into(),
@@ -288,15 +364,8 @@ impl LocalCluster {
             exe: exe.to_path_buf(),
             extra_config: options.extra_config.clone(),
             mounts: Vec::new(),
-            member_hosts: if options.managed_etcd {
-                placements
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (_, ip))| (format!("node{}", i + 1), ip.to_string()))
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            member_hosts,
+            witness,
             lab: None,
         };
         for (i, (ns, address)) in placements.into_iter().enumerate() {
@@ -337,6 +406,10 @@ impl LocalCluster {
             cluster.nodes.push(node);
         }
         cluster.lab = Some(lab);
+        if cluster.witness.is_some() {
+            cluster.write_witness_config(profile)?;
+            cluster.start_witness()?;
+        }
         for i in 0..hosts {
             cluster.start_agent(i)?;
         }
@@ -430,34 +503,13 @@ profile = "{profile}"
 
     pub fn start_agent(&mut self, i: usize) -> io::Result<()> {
         let node = &mut self.nodes[i];
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.agent_log())?;
-        let mut command = match &node.netns {
-            Some(ns) => mainstay_testkit::netns::Lab::command(ns, &self.exe),
-            None => Command::new(&self.exe),
-        };
-        // If whoever started the cluster dies, its agents shut down cleanly
-        // instead of running on unattended.
-        process::signal_on_parent_death(&mut command, libc::SIGTERM);
-        // Each agent leads a process group of its own, as a service manager
-        // or a shell's job control would start it: a test can stop that
-        // group (Ctrl-Z's SIGTSTP/SIGSTOP to the job) without stopping
-        // itself, and a terminal's Ctrl-C reaches the demo alone, which
-        // stops its agents with SIGTERM.
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let child = command
-            .args(["agent", "--config"])
-            .arg(&node.config)
-            .env(
-                "MAINSTAY_LOG",
-                std::env::var("MAINSTAY_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = spawn_mainstay(
+            &self.exe,
+            node.netns.as_deref(),
+            "agent",
+            &node.config,
+            &node.agent_log(),
+        )?;
         node.agent = Some(child);
         Ok(())
     }
@@ -511,31 +563,25 @@ profile = "{profile}"
 
     /// SIGTERM the agent and wait (bounded) for its clean exit.
     pub fn stop_agent(&mut self, i: usize, timeout: Duration) -> bool {
-        let Some(mut child) = self.nodes[i].agent.take() else {
-            return true;
-        };
-        let _ = process::kill(child.id() as i32, libc::SIGTERM);
-        let deadline = std::time::Instant::now() + timeout;
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                // Killed by the signal (no handler yet) or a fatal error is
-                // not a clean stop.
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        match self.nodes[i].agent.take() {
+            Some(child) => stop_child(child, timeout),
+            None => true,
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
     }
 
     pub fn stop_all(&mut self) {
         for i in 0..self.nodes.len() {
             self.stop_agent(i, Duration::from_secs(30));
         }
+        self.stop_witness();
         for etcd in &mut self.etcd {
             let _ = etcd.stop();
         }
+    }
+
+    /// The agents' binary.
+    pub fn exe(&self) -> &Path {
+        &self.exe
     }
 
     /// The etcd client URLs: the lab's members, or the agents' own.
@@ -767,6 +813,9 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         }
     };
     let mut last = String::new();
+    // An agent that exits (a data directory PostgreSQL cannot reach...)
+    // is reported once, with its own words, not left as `leader=none`.
+    let mut exit_reported = vec![false; cluster.nodes.len()];
     let (Ok(mut int), Ok(mut term)) = (
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
@@ -780,6 +829,18 @@ pub async fn run(args: DemoArgs) -> ExitCode {
             _ = int.recv() => break,
             _ = term.recv() => break,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        for (i, reported) in exit_reported.iter_mut().enumerate() {
+            if !*reported && !cluster.agent_running(i) {
+                *reported = true;
+                let node = &cluster.nodes[i];
+                println!(
+                    "{} {}'s agent stopped:\n{}",
+                    chrono_now(),
+                    node.name,
+                    last_error(&node.agent_log())
+                );
+            }
         }
         let line = match dcs.read_cluster().await {
             Ok(view) => describe(&view),
@@ -803,6 +864,23 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         dir.display()
     );
     ExitCode::SUCCESS
+}
+
+/// The end of an agent's log from its last `error:` line (at most a few
+/// lines), or its last lines.
+fn last_error(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines
+        .iter()
+        .rposition(|l| l.starts_with("error:"))
+        .unwrap_or(lines.len().saturating_sub(5));
+    lines[from..]
+        .iter()
+        .take(8)
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn chrono_now() -> String {

@@ -11,3 +11,4 @@ pub mod certificates;
 pub mod demo;
 pub mod platform;
 pub mod replicated;
+pub mod witness;

@@ -1,8 +1,9 @@
-//! The `mainstay` command line: `agent`, `config check`, `ctl`, `demo`, `bench`.
+//! The `mainstay` command line: `agent`, `witness`, `config check`, `ctl`, `demo`, `bench`.
 
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
+use mainstay_agent::check::Severity;
 use mainstay_agent::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +25,21 @@ enum Command {
     Agent {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Run a witness: this node's etcd member and a small API, no
+    /// PostgreSQL (the third vote of a two-server cluster).
+    Witness {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Preflight: can this node (or witness) start? Each finding says what,
+    /// why and the fix. Exit 0 (ok), 1 (warnings) or 2 (something blocks).
+    Check {
+        #[arg(long, short, default_value = "/etc/mainstay/mainstay.toml")]
+        config: PathBuf,
+        /// One JSON document: the findings and the exit code.
+        #[arg(long)]
+        json: bool,
     },
     /// Configuration files.
     Config {
@@ -63,6 +79,25 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } if is_witness_file(&file) => match mainstay_agent::config::WitnessConfig::load(&file) {
+            Ok(config) => {
+                println!(
+                    "{}: ok (witness {} of cluster {}, etcd member at {}, election timeout {:?})",
+                    file.display(),
+                    config.name,
+                    config.cluster,
+                    config.etcd_member.peer_url,
+                    config.etcd_member.timing.election_timeout
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(2)
+            }
+        },
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
@@ -111,7 +146,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Agent { config } => {
-            let config = match Config::load(&config) {
+            let config_path = config;
+            let config = match Config::load(&config_path) {
                 Ok(config) => config,
                 Err(err) => {
                     eprintln!("error: {err}");
@@ -119,8 +155,36 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
+            // What would make every start fail is said once, here, rather
+            // than as an error deep in each attempt's log.
+            let findings = mainstay_agent::check::at_start(&config);
+            for finding in findings.iter().filter(|f| f.severity == Severity::Warning) {
+                tracing::warn!("preflight: {}", finding.to_string().replace('\n', " "));
+            }
+            if mainstay_agent::check::exit_code(&findings) == 2 {
+                eprintln!(
+                    "error: this node cannot start (see `mainstay check --config {}`):",
+                    config_path.display()
+                );
+                for finding in findings.iter().filter(|f| f.severity == Severity::Blocking) {
+                    eprintln!("{finding}");
+                }
+                return ExitCode::from(2);
+            }
             mainstay_agent::proxy::raise_open_files_limit();
             runtime().block_on(run_agent(config))
+        }
+        Command::Check { config, json } => runtime().block_on(check(&config, json)),
+        Command::Witness { config } => {
+            let config = match mainstay_agent::config::WitnessConfig::load(&config) {
+                Ok(config) => config,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging();
+            runtime().block_on(run_witness(config))
         }
         Command::Demo(args) => {
             init_logging();
@@ -129,6 +193,56 @@ fn main() -> ExitCode {
         Command::Bench { command } => runtime().block_on(mainstay_lab::bench::run(command)),
         Command::Ctl(args) => runtime().block_on(mainstay_agent::ctl::run(args)),
     }
+}
+
+async fn check(path: &std::path::Path, json: bool) -> ExitCode {
+    let findings = if is_witness_file(path) {
+        match mainstay_agent::config::WitnessConfig::load(path) {
+            Ok(config) => mainstay_agent::check::witness(&config).await,
+            Err(err) => vec![config_refused(err)],
+        }
+    } else {
+        match Config::load(path) {
+            Ok(config) => mainstay_agent::check::node(&config).await,
+            Err(err) => vec![config_refused(err)],
+        }
+    };
+    let code = mainstay_agent::check::exit_code(&findings);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "findings": findings, "exit_code": code })
+        );
+    } else {
+        for finding in &findings {
+            println!("{finding}");
+        }
+        let summary = match code {
+            0 => "everything checked is ready",
+            1 => "warnings: the node can start, but read them",
+            _ => "something blocks: fix it before starting",
+        };
+        println!("{summary}");
+    }
+    ExitCode::from(code)
+}
+
+fn config_refused(err: mainstay_agent::config::ConfigError) -> mainstay_agent::check::Finding {
+    mainstay_agent::check::Finding::new(
+        Severity::Blocking,
+        "config",
+        err.to_string(),
+        "nothing starts with a configuration that does not parse",
+        "see docs/configuration.md".into(),
+    )
+}
+
+/// A file with no `[postgresql]` section is a witness's: checked as one.
+fn is_witness_file(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .is_some_and(|table| !table.contains_key("postgresql"))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -157,35 +271,11 @@ async fn run_agent(config: Config) -> ExitCode {
         eprintln!("error: {err}");
         return ExitCode::from(1);
     }
-    // The node's own etcd member first: the agent's first request may need
-    // it for a quorum. It stops after the agent has handed leadership over.
-    let etcd_member = match config
-        .etcd_member
-        .clone()
-        .map(mainstay_etcd_member::Member::start)
-    {
-        None => None,
-        Some(Ok(member)) => Some(member),
-        Some(Err(err)) => {
-            eprintln!(
-                "error: cannot run this node's etcd member: {err}; see etcd.bin and etcd.data_dir"
-            );
-            return ExitCode::from(1);
-        }
-    };
-    let dcs = match mainstay_dcs::EtcdDcs::connect(config.etcd.clone()).await {
-        Ok(dcs) => dcs,
-        Err(err) => {
-            eprintln!("error: cannot set up the etcd client: {err}");
-            return ExitCode::from(1);
-        }
-    };
-    let shutdown = match shutdown_signal() {
-        Ok(shutdown) => shutdown,
-        Err(err) => {
-            eprintln!("error: cannot install the SIGTERM/SIGINT handlers: {err}");
-            return ExitCode::from(1);
-        }
+    // The node's etcd member stops only after the agent has handed its
+    // leadership over.
+    let (etcd_member, dcs, shutdown) = match start(config.etcd_member.clone(), &config.etcd).await {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let mut agent = mainstay_agent::agent::Agent::new(&config, dcs);
     if let Some(member) = &etcd_member {
@@ -201,6 +291,66 @@ async fn run_agent(config: Config) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
             eprintln!("error: {reason}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// What an agent and a witness start alike: the node's etcd member first
+/// (the first request may need it for a quorum), the etcd client, and the
+/// signal handlers.
+async fn start(
+    member: Option<mainstay_etcd_member::MemberSpec>,
+    etcd: &mainstay_dcs::EtcdSettings,
+) -> Result<
+    (
+        Option<mainstay_etcd_member::Member>,
+        mainstay_dcs::EtcdDcs,
+        impl Future<Output = ()> + use<>,
+    ),
+    ExitCode,
+> {
+    let member = match member.map(mainstay_etcd_member::Member::start) {
+        None => None,
+        Some(Ok(member)) => Some(member),
+        Some(Err(err)) => {
+            eprintln!(
+                "error: cannot run this node's etcd member: {err}; see etcd.bin and etcd.data_dir"
+            );
+            return Err(ExitCode::from(1));
+        }
+    };
+    let dcs = match mainstay_dcs::EtcdDcs::connect(etcd.clone()).await {
+        Ok(dcs) => dcs,
+        Err(err) => {
+            eprintln!("error: cannot set up the etcd client: {err}");
+            return Err(ExitCode::from(1));
+        }
+    };
+    match shutdown_signal() {
+        Ok(shutdown) => Ok((member, dcs, shutdown)),
+        Err(err) => {
+            eprintln!("error: cannot install the SIGTERM/SIGINT handlers: {err}");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+async fn run_witness(config: mainstay_agent::config::WitnessConfig) -> ExitCode {
+    let (member, dcs, shutdown) = match start(Some(config.etcd_member.clone()), &config.etcd).await
+    {
+        Ok((Some(member), dcs, shutdown)) => (member, dcs, shutdown),
+        Ok(_) => unreachable!("a witness always has its member"),
+        Err(code) => return code,
+    };
+    let outcome = mainstay_agent::witness::run(&config, dcs, Some(member.reader()), shutdown).await;
+    tokio::task::spawn_blocking(move || member.stop())
+        .await
+        .ok();
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
             ExitCode::from(1)
         }
     }

@@ -11,11 +11,8 @@
 mod common;
 
 use common::*;
-use mainstay_lab::demo::{LAB_ETCD_PEER_PORT, LabOptions, LocalCluster};
-use mainstay_testkit::netns::{self, Lab};
-use mainstay_testkit::skip;
+use mainstay_lab::demo::{LAB_ETCD_PEER_PORT, LabOptions};
 use serde_json::Value;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 async fn members(h: &Harness, node: &str) -> Value {
@@ -63,27 +60,9 @@ async fn whole_again(h: &Harness, leader: &str) {
 
 #[test]
 fn agents_run_their_own_etcd_members_and_a_dead_nodes_member_is_replaced() {
-    if let Some(why) = netns::unavailable() {
-        skip(&why);
-        return;
-    }
-    if !prerequisites() {
-        return;
-    }
-    let lab = Lab::create(3).expect("building the network namespaces");
-    netns::enter(&format!("/run/netns/{}", lab.client())).unwrap();
-    cluster_test(async move {
-        let dir = test_dir("etcd-member");
-        let mut options = LabOptions::new(3, "default", "");
-        options.managed_etcd = true;
-        let cluster = LocalCluster::start_in_lab_with(
-            &dir,
-            lab,
-            Path::new(env!("CARGO_BIN_EXE_mainstay")),
-            &options,
-        )
-        .expect("starting the lab cluster");
-        let mut h = Harness::adopt(cluster);
+    let mut options = LabOptions::new(3, "default", "");
+    options.managed_etcd = true;
+    lab_cluster_test("etcd-member", 3, options, async |mut h| {
         let first = h.healthy(Duration::from_secs(120)).await;
 
         // Each agent runs its member as its own child.

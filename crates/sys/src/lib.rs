@@ -11,6 +11,7 @@
 //! - `process`: signals, ids, parent-death signals installed before `exec`,
 //!   scheduling, resource limits, clock ticks;
 //! - `user`: the password database (`getpwnam_r`, `getpwuid_r`);
+//! - `clock`: the clock's synchronisation as the kernel knows it (`adjtimex`);
 //! - `fs`: free space (`statvfs`);
 //! - `net`: local addresses (`getifaddrs`), reads and half-closes on a
 //!   borrowed socket, a raw link-layer broadcast, network namespaces;
@@ -19,6 +20,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod clock;
 pub mod fs;
 pub mod net;
 pub mod process;

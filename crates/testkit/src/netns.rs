@@ -247,12 +247,31 @@ impl Lab {
         )
     }
 
+    /// Cuts every packet between hosts `i` and `j`, both ways, while both
+    /// still reach everyone else (a cable between two rooms, say).
+    pub fn cut_between(&self, i: usize, j: usize) -> io::Result<()> {
+        for (here, there) in [(i, j), (j, i)] {
+            let other = self.host_ip(there);
+            nft(
+                &self.hosts[here],
+                &format!(
+                    "table inet cut {{\n\
+                     chain input {{ type filter hook input priority 0; ip saddr {other} drop; }}\n\
+                     chain output {{ type filter hook output priority 0; ip daddr {other} drop; }}\n\
+                     }}\n"
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Removes every impairment and isolation from host `i`.
     pub fn heal(&self, i: usize) {
         let ns = &self.hosts[i];
         // Deleting what is not there fails: each step is attempted on its own.
         let _ = nft(ns, "delete table inet impair\n");
         let _ = nft(ns, "delete table inet isolate\n");
+        let _ = nft(ns, "delete table inet cut\n");
         let _ = tc(ns, &["qdisc", "del", "dev", "eth0", "root"]);
     }
 

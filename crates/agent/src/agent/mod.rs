@@ -160,6 +160,9 @@ pub struct Agent<D: Dcs> {
     service_moves: std::collections::BTreeMap<String, service_moves::ServiceMove>,
     /// The node's own etcd member, when the agent runs one.
     etcd_member: Option<mainstay_etcd_member::StatusReader>,
+    /// etcd's members as last asked while this node leads (empty
+    /// otherwise): the `etcd_member` alerts.
+    etcd_members: Arc<std::sync::Mutex<crate::alerts::EtcdMembers>>,
 }
 
 impl<D: Dcs> Agent<D> {
@@ -270,6 +273,7 @@ impl<D: Dcs> Agent<D> {
             alert_thresholds: config.alerts,
             service_moves: Default::default(),
             etcd_member: None,
+            etcd_members: Default::default(),
             api_auth: ApiAuth {
                 basic: config.api.basic.clone(),
                 token: config.api.token.clone(),

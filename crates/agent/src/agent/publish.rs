@@ -115,6 +115,7 @@ impl<D: Dcs> Agent<D> {
                     .as_ref()
                     .map(|r| r.troubles(&self.name, self.alert_thresholds.replicated_files_lag))
                     .unwrap_or_default(),
+                &mainstay_core::poison::lock(&self.etcd_members).clone(),
             ),
             ..(*previous).clone()
         };
@@ -172,6 +173,7 @@ impl<D: Dcs> Agent<D> {
                 .map(|a| a.message.clone())
                 .collect(),
             warning: self.parameters.warning(),
+            witness: false,
             services: self
                 .services
                 .as_ref()

@@ -205,7 +205,8 @@ impl<D: Dcs> Agent<D> {
         );
         let span = info_span!(parent: None, "watch_forward", node = %self.name);
         let watcher = tokio::spawn(watcher.instrument(span));
-        let dcs_leader_mover = keep_dcs_leader_away(self.dcs.clone(), self.follow());
+        let dcs_leader_mover =
+            keep_dcs_leader_away(self.dcs.clone(), self.follow(), self.etcd_members.clone());
         let span = info_span!(parent: None, "etcd_leader_mover", node = %self.name);
         let dcs_leader_mover = tokio::spawn(dcs_leader_mover.instrument(span));
         self.start_services();
@@ -431,16 +432,47 @@ impl<D: Dcs> Agent<D> {
 /// While this node leads, keeps etcd's leader on another host: if this
 /// host died holding both, etcd's new leader would extend every lease,
 /// ours included, by a full TTL and the failover would take twice as long.
-async fn keep_dcs_leader_away<D: Dcs>(dcs: Arc<D>, mut published: watch::Receiver<Published>) {
+///
+/// Every fifth round it also asks which members answer, for the
+/// `etcd_member` alerts (a dead witness or member changes nothing until
+/// the next loss, which would then stop every write).
+async fn keep_dcs_leader_away<D: Dcs>(
+    dcs: Arc<D>,
+    mut published: watch::Receiver<Published>,
+    etcd_members: Arc<std::sync::Mutex<crate::alerts::EtcdMembers>>,
+) {
     const EVERY: Duration = Duration::from_secs(2);
     const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
+    const MEMBERS_EVERY_ROUNDS: u32 = 5;
+    let mut round = 0u32;
     loop {
         if !published.borrow_and_update().local.leading {
+            *mainstay_core::poison::lock(&etcd_members) = Default::default();
             if published.changed().await.is_err() {
                 return;
             }
             continue;
         }
+        if round.is_multiple_of(MEMBERS_EVERY_ROUNDS)
+            && let Ok(Ok(members)) = tokio::time::timeout(MOVE_TIMEOUT, dcs.dcs_members()).await
+        {
+            let silent: Vec<String> = members
+                .iter()
+                .filter(|m| m.answers != Some(true))
+                .map(|m| {
+                    if m.name.is_empty() {
+                        m.id.clone()
+                    } else {
+                        m.name.clone()
+                    }
+                })
+                .collect();
+            *mainstay_core::poison::lock(&etcd_members) = crate::alerts::EtcdMembers {
+                total: members.len(),
+                silent,
+            };
+        }
+        round = round.wrapping_add(1);
         let local = local_addresses();
         match tokio::time::timeout(MOVE_TIMEOUT, dcs.keep_leader_away(&local)).await {
             Ok(Ok(Some(member))) => info!(

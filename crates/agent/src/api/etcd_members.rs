@@ -5,7 +5,7 @@
 //! its data moved aside to come back.
 
 use super::actions::{ApiAuth, accept};
-use super::{Shared, error};
+use super::error;
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -15,10 +15,40 @@ use mainstay_dcs::{Dcs, DcsError, DcsMember};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-pub(super) async fn list<D: Dcs>(State(state): Shared<D>) -> Response {
-    let local = local(&state.etcd_member);
-    match members(&*state.dcs, &state.timing).await {
+/// What these handlers need of the server they run in: an agent's API or
+/// a witness's.
+pub trait EtcdAccess: Send + Sync + 'static {
+    type Store: Dcs;
+    fn dcs(&self) -> &Self::Store;
+    fn timing(&self) -> &mainstay_core::Timing;
+    fn auth(&self) -> &ApiAuth;
+    /// The node's own etcd member, when it runs one.
+    fn local_member(&self) -> Option<&mainstay_etcd_member::StatusReader>;
+}
+
+impl<D: Dcs> EtcdAccess for super::ApiState<D> {
+    type Store = D;
+    fn dcs(&self) -> &D {
+        &self.dcs
+    }
+    fn timing(&self) -> &mainstay_core::Timing {
+        &self.timing
+    }
+    fn auth(&self) -> &ApiAuth {
+        &self.auth
+    }
+    fn local_member(&self) -> Option<&mainstay_etcd_member::StatusReader> {
+        self.etcd_member.as_ref()
+    }
+}
+
+type Shared<S> = State<Arc<S>>;
+
+pub async fn list<S: EtcdAccess>(State(state): Shared<S>) -> Response {
+    let local = local(state.local_member());
+    match members(state.dcs(), state.timing()).await {
         Ok(members) => axum::Json(json!({ "members": members, "local": local })).into_response(),
         Err(response) => response,
     }
@@ -26,24 +56,24 @@ pub(super) async fn list<D: Dcs>(State(state): Shared<D>) -> Response {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct NewMember {
+pub struct NewMember {
     name: String,
     peer_url: String,
 }
 
-pub(super) async fn add<D: Dcs>(
-    State(state): Shared<D>,
+pub async fn add<S: EtcdAccess>(
+    State(state): Shared<S>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let new: NewMember = match accept(&state.auth, &headers, &body) {
+    let new: NewMember = match accept(state.auth(), &headers, &body) {
         Ok(new) => new,
         Err(refusal) => return refusal.into_response(),
     };
     if let Err(why) = check_member(&new) {
         return error(StatusCode::BAD_REQUEST, why);
     }
-    let before = match members(&*state.dcs, &state.timing).await {
+    let before = match members(state.dcs(), state.timing()).await {
         Ok(members) => members,
         Err(response) => return response,
     };
@@ -92,11 +122,11 @@ pub(super) async fn add<D: Dcs>(
             ),
         );
     }
-    let after = match state.dcs.add_dcs_member(&new.peer_url).await {
+    let after = match state.dcs().add_dcs_member(&new.peer_url).await {
         Ok(after) => after,
         // The answer was lost, not necessarily the change: look.
         Err(DcsError::Timeout | DcsError::Unreachable(_)) => {
-            match members(&*state.dcs, &state.timing).await {
+            match members(state.dcs(), state.timing()).await {
                 Ok(after) if after.iter().any(|m| m.peer_urls.contains(&new.peer_url)) => after,
                 Ok(_) => {
                     return error(
@@ -137,18 +167,18 @@ pub(super) async fn add<D: Dcs>(
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RemoveQuery {
+pub struct RemoveQuery {
     #[serde(default)]
     force: bool,
 }
 
-pub(super) async fn remove<D: Dcs>(
-    State(state): Shared<D>,
+pub async fn remove<S: EtcdAccess>(
+    State(state): Shared<S>,
     headers: HeaderMap,
     name: Result<Path<String>, PathRejection>,
     query: Result<Query<RemoveQuery>, QueryRejection>,
 ) -> Response {
-    if let Err(refusal) = ApiAuth::check(&state.auth, &headers) {
+    if let Err(refusal) = ApiAuth::check(state.auth(), &headers) {
         return refusal.into_response();
     }
     let (Path(name), Query(query)) = match (name, query) {
@@ -166,7 +196,7 @@ pub(super) async fn remove<D: Dcs>(
             );
         }
     };
-    let listed = match members(&*state.dcs, &state.timing).await {
+    let listed = match members(state.dcs(), state.timing()).await {
         Ok(members) => members,
         Err(response) => return response,
     };
@@ -197,14 +227,14 @@ pub(super) async fn remove<D: Dcs>(
     let id = member.id.clone();
     let mut last = None;
     for _ in 0..ATTEMPTS {
-        match state.dcs.remove_dcs_member(&id).await {
+        match state.dcs().remove_dcs_member(&id).await {
             Ok(()) => {
                 last = None;
                 break;
             }
             Err(err @ (DcsError::Timeout | DcsError::Unreachable(_))) => {
                 // Lost answer or lost request: removed if no longer listed.
-                if let Ok(now) = members(&*state.dcs, &state.timing).await
+                if let Ok(now) = members(state.dcs(), state.timing()).await
                     && !now.iter().any(|m| m.id == id)
                 {
                     last = None;
@@ -226,7 +256,7 @@ pub(super) async fn remove<D: Dcs>(
 /// client may still try the dead member first: a few tries ride that out.
 const ATTEMPTS: usize = 3;
 
-async fn members<D: Dcs>(
+pub(crate) async fn members<D: Dcs>(
     dcs: &D,
     timing: &mainstay_core::Timing,
 ) -> Result<Vec<DcsMember>, Response> {
@@ -260,7 +290,7 @@ fn display_name(member: &DcsMember) -> String {
     }
 }
 
-fn local(reader: &Option<mainstay_etcd_member::StatusReader>) -> Value {
+fn local(reader: Option<&mainstay_etcd_member::StatusReader>) -> Value {
     let Some(reader) = reader else {
         return Value::Null;
     };

@@ -5,14 +5,14 @@
 //! node to a load balancer). Only `/config` reads the DCS.
 
 mod actions;
-mod etcd_members;
+pub mod etcd_members;
 mod files;
 pub mod health;
 mod metrics;
 mod openapi;
 mod param_check;
 mod serve;
-mod status;
+pub(crate) mod status;
 
 pub use param_check::{ParamCheck, ParamCheckError};
 pub use serve::{Limits, MAX_BODY_BYTES, ServeError, bind, serve};
@@ -390,11 +390,11 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
         )
         .route(
             "/etcd/members",
-            get(etcd_members::list::<D>).post(etcd_members::add::<D>),
+            get(etcd_members::list::<ApiState<D>>).post(etcd_members::add::<ApiState<D>>),
         )
         .route(
             "/etcd/members/{name}",
-            axum::routing::delete(etcd_members::remove::<D>),
+            axum::routing::delete(etcd_members::remove::<ApiState<D>>),
         )
         .route("/metrics", get(metrics::<D>))
         .route(

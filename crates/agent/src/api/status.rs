@@ -147,8 +147,22 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
 /// agent has read the DCS once.
 pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
     let view = node.view.as_ref()?;
+    Some(cluster_of(
+        view,
+        &node.scope,
+        node.paused,
+        node.leader_lsn(),
+    ))
+}
+
+/// `GET /cluster` from a view: the agents' and the witness's.
+pub fn cluster_of(
+    view: &mainstay_core::ClusterView,
+    scope: &str,
+    paused: bool,
+    leader_lsn: Option<mainstay_core::Lsn>,
+) -> Value {
     let leader = view.leader_name();
-    let leader_lsn = node.leader_lsn();
     let sync: &[String] = match (&view.sync, leader) {
         (Some(record), Some(leader)) => record.members_for(leader),
         _ => &[],
@@ -159,7 +173,9 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
         .map(|record| {
             let m = &record.status;
             let is_leader = leader == Some(m.name.as_str());
-            let role = if is_leader {
+            let role = if m.witness {
+                "witness"
+            } else if is_leader {
                 "leader"
             } else if sync.contains(&m.name) {
                 "sync_standby"
@@ -167,6 +183,7 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
                 "replica"
             };
             let state = match m.role {
+                PgRole::Stopped if m.witness => "running",
                 PgRole::Stopped => "stopped",
                 PgRole::Replica if m.streaming => "streaming",
                 _ => "running",
@@ -208,8 +225,8 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
             member
         })
         .collect();
-    let mut doc = json!({ "members": members, "scope": node.scope });
-    if node.paused {
+    let mut doc = json!({ "members": members, "scope": scope });
+    if paused {
         doc["pause"] = json!(true);
     }
     if let Some(record) = &view.failover {
@@ -223,7 +240,7 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
             Err(reason) => json!({ "unreadable": reason }),
         };
     }
-    Some(doc)
+    doc
 }
 
 /// A Unix time as RFC 3339, or as the bare number when it is beyond what

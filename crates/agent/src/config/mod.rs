@@ -30,9 +30,11 @@ mod service;
 mod size;
 mod validate;
 mod vip;
+mod witness;
 
 pub use size::parse_size;
 pub use vip::VipSpec;
+pub use witness::WitnessConfig;
 
 /// A node's configuration, validated.
 #[derive(Debug)]

@@ -133,7 +133,7 @@ impl Config {
 }
 
 /// `[timing]`: the profile's values, each overridden by the file's.
-fn timing(section: &TimingSection) -> Result<Timing, Refusal> {
+pub(super) fn timing(section: &TimingSection) -> Result<Timing, Refusal> {
     let profile = match section.profile {
         Profile::Default => Timing::DEFAULT,
         Profile::Fast => Timing::FAST,
@@ -254,7 +254,11 @@ fn vip(vip: Option<&str>, interface: Option<&str>) -> Result<Option<VipSpec>, Re
     }
 }
 
-fn etcd(section: EtcdSection, cluster: &str, timing: &Timing) -> Result<EtcdSettings, Refusal> {
+pub(super) fn etcd(
+    section: EtcdSection,
+    cluster: &str,
+    timing: &Timing,
+) -> Result<EtcdSettings, Refusal> {
     if section.endpoints.is_empty() {
         return Err((
             "etcd.endpoints",
@@ -313,7 +317,7 @@ fn etcd(section: EtcdSection, cluster: &str, timing: &Timing) -> Result<EtcdSett
     Ok(settings)
 }
 
-fn api(section: ApiSection) -> Result<ApiConfig, Refusal> {
+pub(super) fn api(section: ApiSection) -> Result<ApiConfig, Refusal> {
     if section.username.is_some() != section.password.is_some() {
         return Err((
             "api.password",

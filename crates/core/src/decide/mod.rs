@@ -135,7 +135,12 @@ fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
     // replica promoted after a member's key expired (that member killed a
     // moment before) still keeps a slot for it, so the member can stream
     // again when it comes back instead of waiting for a slot nobody makes.
-    for name in view.members.keys().filter(|m| *m != obs.name) {
+    // A witness runs no PostgreSQL: a slot for it would keep WAL forever.
+    let streaming_members = view
+        .members
+        .iter()
+        .filter(|(name, m)| *name != obs.name && !m.status.witness);
+    for (name, _) in streaming_members {
         state.slot_members.insert(name.clone(), obs.now);
     }
 
@@ -254,7 +259,12 @@ fn dcs_unreachable(obs: &Observation<'_>) -> Decision {
             "fencing: lease deadline passed without a renewal",
         );
     }
-    wait("the DCS is unreachable: no change")
+    // Shown in /patroni and `ctl list`: with two data nodes, this is what a
+    // replica says when the primary and the witness are both gone.
+    wait(
+        "etcd has no quorum here or does not answer: no change, and this node will not be \
+         promoted until it does",
+    )
 }
 
 fn bootstrap_in_progress(obs: &Observation<'_>, view: &ClusterView, by: &str) -> Decision {

@@ -304,6 +304,7 @@ impl Sim {
             services: Default::default(),
             files: Default::default(),
             alerts: Vec::new(),
+            witness: false,
         };
         let published = view.members.get(&node.name).is_some_and(|record| {
             record.lease_id == lease

@@ -38,6 +38,7 @@ pub fn member(name: &str) -> MemberStatus {
         services: Default::default(),
         files: Default::default(),
         alerts: Vec::new(),
+        witness: false,
     }
 }
 

@@ -40,6 +40,40 @@ pub fn cluster_test(test: impl Future<Output = ()>) {
     runtime.block_on(test);
 }
 
+/// A cluster test on namespaced hosts: a lab of `lab_hosts` hosts and a
+/// client namespace, which this thread (and so the runtime's threads) enters
+/// so that every connection goes over the lab's bridge, a cluster started
+/// there with `options`, and `test` run with it. Without root or the
+/// tools it fails, unless `MAINSTAY_ALLOW_SKIP=1` lets it say why.
+#[allow(dead_code)]
+pub fn lab_cluster_test<F: Future<Output = ()>>(
+    name: &str,
+    lab_hosts: usize,
+    options: mainstay_lab::demo::LabOptions,
+    test: impl FnOnce(Harness) -> F,
+) {
+    if let Some(why) = mainstay_testkit::netns::unavailable() {
+        skip(&why);
+        return;
+    }
+    if !prerequisites() {
+        return;
+    }
+    let lab =
+        mainstay_testkit::netns::Lab::create(lab_hosts).expect("building the network namespaces");
+    mainstay_testkit::netns::enter(&format!("/run/netns/{}", lab.client())).unwrap();
+    cluster_test(async move {
+        let cluster = LocalCluster::start_in_lab_with(
+            &test_dir(name),
+            lab,
+            Path::new(env!("CARGO_BIN_EXE_mainstay")),
+            &options,
+        )
+        .expect("starting the lab cluster");
+        test(Harness::adopt(cluster)).await;
+    });
+}
+
 /// Whether etcd and PostgreSQL 15 are installed. When they are not, the
 /// test fails through [`skip`] (a skip is allowed with
 /// `MAINSTAY_ALLOW_SKIP=1`, and then the caller returns).

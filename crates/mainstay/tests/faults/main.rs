@@ -32,6 +32,7 @@ mod evidence;
 mod failsafe;
 mod freeze;
 mod scenarios;
+mod witness;
 
 use common::{Harness, prerequisites, test_dir};
 use evidence::Outcome;
@@ -57,6 +58,9 @@ struct Needs {
     disk_mib: Option<u64>,
     /// The agents reach etcd through [`RELAYS`].
     relays: bool,
+    /// Two data nodes whose agents run their etcd members, and a witness
+    /// on the third host.
+    witness: bool,
 }
 
 fn run_scenario(scenario: &ScenarioFn, needs: Needs) -> Result<Outcome, String> {
@@ -65,11 +69,13 @@ fn run_scenario(scenario: &ScenarioFn, needs: Needs) -> Result<Outcome, String> 
             let (lab, runtime) = mainstay_lab::bench::client_of_new_lab(3)?;
             runtime.block_on(async {
                 let mut options = LabOptions::new(
-                    3,
+                    if needs.witness { 2 } else { 3 },
                     "default",
                     &format!("vip = \"{VIP}/24\"\nvip_interface = \"eth0\"\n"),
                 );
                 options.disk_mib = needs.disk_mib;
+                options.managed_etcd = needs.witness;
+                options.witness = needs.witness;
                 if needs.relays {
                     let mut relays = RELAYS.lock().unwrap();
                     let mut endpoints = Vec::new();
@@ -135,6 +141,10 @@ fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let exact = std::env::args().any(|a| a == "--exact");
     let plain = Needs::default();
+    let two_and_witness = Needs {
+        witness: true,
+        ..plain
+    };
     use scenarios::*;
     let scenarios: Vec<(&str, Box<ScenarioFn>, Needs)> = vec![
         ("primary_killed_async", Box::new(kill_primary(false)), plain),
@@ -211,6 +221,31 @@ fn main() {
             plain,
         ),
         ("two_quick_failovers", Box::new(two_quick_failovers), plain),
+        (
+            "witness_down",
+            Box::new(witness::witness_down),
+            two_and_witness,
+        ),
+        (
+            "data_link_cut",
+            Box::new(witness::data_link_cut),
+            two_and_witness,
+        ),
+        (
+            "primary_cut_off_async",
+            Box::new(witness::primary_cut_off(false)),
+            two_and_witness,
+        ),
+        (
+            "primary_cut_off_sync",
+            Box::new(witness::primary_cut_off(true)),
+            two_and_witness,
+        ),
+        (
+            "primary_and_witness_down",
+            Box::new(witness::primary_and_witness_down),
+            two_and_witness,
+        ),
     ];
     let mut rows = Vec::new();
     for (name, scenario, needs) in &scenarios {
