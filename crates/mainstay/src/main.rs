@@ -1,4 +1,5 @@
-//! The `mainstay` command line: `agent`, `witness`, `config check`, `ctl`, `demo`, `bench`.
+//! The `mainstay` command line: `init`, `check`, `agent`, `witness`, `config check`, `ctl`,
+//! `demo`, `bench`.
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Set this server up: its configuration, certificate and systemd unit
+    /// (the first node: --cluster; the others: --join TOKEN).
+    Init(mainstay_init::InitArgs),
     /// Preflight: can this node (or witness) start? Each finding says what,
     /// why and the fix. Exit 0 (ok), 1 (warnings) or 2 (something blocks).
     Check {
@@ -174,6 +178,7 @@ fn main() -> ExitCode {
             mainstay_agent::proxy::raise_open_files_limit();
             runtime().block_on(run_agent(config))
         }
+        Command::Init(args) => mainstay_init::run(args),
         Command::Check { config, json } => runtime().block_on(check(&config, json)),
         Command::Witness { config } => {
             let config = match mainstay_agent::config::WitnessConfig::load(&config) {
