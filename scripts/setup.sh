@@ -13,12 +13,14 @@
 # ship runs: coturn (Debian's) and Synapse (PyPI's matrix-synapse, with
 # psycopg2 built against libpq, hence gcc, libpq-dev and python3-dev) in a
 # virtualenv shared by every test, /opt/mainstay-synapse.
+# systemd brings systemd-analyze, which checks the units `mainstay init`
+# writes (tests/init.rs).
 # Safe to run again and again; it only calls apt-get when something is
 # missing, and pip only when a Python tool is not there in its pinned
 # version.
 set -euo pipefail
 
-packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables python3 python3-venv python3-dev libpq-dev gcc coturn rsync)
+packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables python3 python3-venv python3-dev libpq-dev gcc coturn rsync systemd)
 missing=()
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -20,6 +20,7 @@ pub mod ctl;
 pub mod files_transport;
 pub mod parameter_guard;
 pub mod proxy;
+pub mod systemd;
 pub mod tls;
 pub mod vip;
 pub mod watchdog_keeper;

@@ -182,8 +182,13 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-Type=exec
+# READY once it serves (the agent: after its first turn).
+Type=notify
+NotifyAccess=main
 ExecStart={program} {command} --config {config}
+# Pinged by the agent's runtime every 30 s: a frozen agent is restarted
+# (its fencing guard stops PostgreSQL the moment it dies).
+WatchdogSec=60
 # SIGTERM to the agent alone: it hands leadership over and stops
 # PostgreSQL and etcd itself; what is left after TimeoutStopSec is killed.
 KillMode=mixed

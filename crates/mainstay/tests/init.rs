@@ -151,11 +151,32 @@ fn three_bare_hosts_become_a_cluster_from_init_alone() {
         "mainstay.service",
         "mainstay-witness.service",
     ];
+    // The units init wrote are ones systemd reads without a complaint.
     for (host, unit) in units.iter().enumerate() {
         let path = Path::new(&dirs(&base, host)[2]).join(unit);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("KillMode=mixed"), "{text}");
+        assert!(
+            text.contains("KillMode=mixed") && text.contains("Type=notify"),
+            "{text}"
+        );
+        let verify = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze (Debian's systemd package) runs");
+        let complaints = String::from_utf8_lossy(&verify.stderr);
+        assert!(
+            verify.status.success() && complaints.trim().is_empty(),
+            "systemd-analyze verify {}: {complaints}",
+            path.display()
+        );
     }
+    // node1's agent talks to systemd as under Type=notify with a watchdog.
+    let notify_path = base.join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
 
     // Started as the units would start them.
     let mut hosts = Hosts {
@@ -167,6 +188,11 @@ fn three_bare_hosts_become_a_cluster_from_init_alone() {
         let log = std::fs::File::create(base.join(format!("host{host}.log"))).unwrap();
         let mut child = Lab::command(lab.host(host), env!("CARGO_BIN_EXE_mainstay"));
         mainstay_sys::process::signal_on_parent_death(&mut child, libc::SIGTERM);
+        if host == 0 {
+            child
+                .env("NOTIFY_SOCKET", &notify_path)
+                .env("WATCHDOG_USEC", "2000000");
+        }
         hosts.children.push(
             child
                 .args([command, "--config"])
@@ -221,6 +247,15 @@ fn three_bare_hosts_become_a_cluster_from_init_alone() {
         }
     };
     drop(client);
+    let mut said = Vec::new();
+    let mut buffer = [0u8; 256];
+    while !said.iter().any(|m: &String| m == "WATCHDOG=1") {
+        let n = notify
+            .recv(&mut buffer)
+            .expect("node1's agent notifies systemd");
+        said.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+    }
+    assert!(said[0].starts_with("READY=1\nSTATUS="), "{said:?}");
     eprintln!(
         "from the first init to the first write through the VIP: {} ms",
         started.elapsed().as_millis()

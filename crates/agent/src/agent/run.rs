@@ -234,6 +234,8 @@ impl<D: Dcs> Agent<D> {
         tokio::pin!(shutdown);
         // Numbered so that one turn's lines read together in the log.
         let mut turns: u64 = 0;
+        let mut systemd = Some(crate::systemd::Notifier::from_env());
+        let mut systemd_pinger = None;
         let result = loop {
             let turn_started = Instant::now();
             let mut next = turn_started + self.timing.loop_wait;
@@ -264,6 +266,12 @@ impl<D: Dcs> Agent<D> {
             }
             self.publish_snapshot(turn_started);
             self.publish_route();
+            if let Some(mut notifier) = systemd.take() {
+                notifier.ready(self.role_going_in());
+                systemd_pinger = notifier
+                    .ping_every()
+                    .map(|every| tokio::spawn(keep_systemd_watchdog_fed(notifier, every)));
+            }
             self.move_for_failed_services().await;
             if keeper.is_finished() {
                 // Without it no deadline is ever extended: the guard would
@@ -284,6 +292,10 @@ impl<D: Dcs> Agent<D> {
                 _ = tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(5))) => {}
             }
         };
+        if let Some(pinger) = systemd_pinger {
+            pinger.abort();
+        }
+        crate::systemd::Notifier::from_env().stopping();
         if let Some((stop, task)) = vip {
             // The address goes before PostgreSQL stops: clients get a quick
             // refusal from the next holder instead of a timeout here.
@@ -426,6 +438,21 @@ impl<D: Dcs> Agent<D> {
             let _ = self.dcs.revoke_lease(lease).await;
         }
         info!("agent stopped");
+    }
+}
+
+/// Pings systemd's watchdog from the runtime, not from the HA loop: a
+/// turn may wait for minutes on a legitimate child (a clone of a large
+/// database), and a watchdog fed by the loop would kill the agent in the
+/// middle of it, again at each restart. What this catches is a frozen
+/// process or runtime (systemd then kills the agent, and its guard stops
+/// PostgreSQL); a loop that stops turning while the runtime runs shows as
+/// 503 on `/liveness`, which is what a monitoring check watches.
+async fn keep_systemd_watchdog_fed(mut notifier: crate::systemd::Notifier, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        ticks.tick().await;
+        notifier.alive();
     }
 }
 

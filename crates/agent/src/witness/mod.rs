@@ -86,6 +86,17 @@ async fn run_in_span<D: Dcs>(
         crate::api::serve(listener, api::router(state), tls, limits)
             .instrument(info_span!(parent: None, "api", node = %config.name)),
     );
+    let mut systemd = crate::systemd::Notifier::from_env();
+    systemd.ready("witness");
+    let pinger = systemd.ping_every().map(|every| {
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                systemd.alive();
+            }
+        })
+    });
     let mut keeper = Keeper {
         dcs: &*dcs,
         config,
@@ -103,6 +114,10 @@ async fn run_in_span<D: Dcs>(
         }
     }
     info!("witness stopping: its member key goes with its lease");
+    if let Some(pinger) = pinger {
+        pinger.abort();
+    }
+    crate::systemd::Notifier::from_env().stopping();
     if let Some(lease) = keeper.lease {
         let _ = tokio::time::timeout(config.timing.dcs_timeout, dcs.revoke_lease(lease)).await;
     }
