@@ -68,6 +68,7 @@ fn three_bare_hosts_become_a_cluster_from_init_alone() {
     if !prerequisites() {
         return;
     }
+    let _alone = alone();
     let lab = Lab::create(3).expect("building the network namespaces");
     netns::enter(&format!("/run/netns/{}", lab.client())).unwrap();
     let base: PathBuf = test_dir("init");
@@ -279,4 +280,44 @@ fn three_bare_hosts_become_a_cluster_from_init_alone() {
     }
     drop(hosts);
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// `mainstay bench install` as a user runs it: the same set-up, then the
+/// four failures of a two-server site on the cluster init made (TLS
+/// everywhere), each of which must end as it should.
+#[test]
+fn the_install_benchmark_runs_and_every_case_ends_as_it_should() {
+    if let Some(why) = netns::unavailable() {
+        skip(&why);
+        return;
+    }
+    if !prerequisites() {
+        return;
+    }
+    let _alone = alone();
+    let output = Command::new(env!("CARGO_BIN_EXE_mainstay"))
+        .args(["bench", "install", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    let report: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert!(
+        report["commands_per_node"].as_u64().unwrap() <= 3,
+        "{report}"
+    );
+    assert!(
+        report["install_to_first_write_ms"].as_u64().unwrap() < 600_000,
+        "{report}"
+    );
+    for case in [
+        "witness_down",
+        "data_link_cut",
+        "primary_cut_off",
+        "primary_and_witness_down",
+    ] {
+        assert_eq!(report["scenarios"][case]["ok"], true, "{case}: {stdout}");
+    }
 }

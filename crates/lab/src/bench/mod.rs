@@ -27,6 +27,7 @@ use tokio_postgres::NoTls;
 mod compare;
 mod endpoints;
 pub mod files;
+mod install;
 pub mod platform;
 mod proxy;
 
@@ -49,6 +50,9 @@ pub enum BenchCommand {
     /// Replicated directories in the lab: lag, resync after a failback
     /// beside rsync, uploads lost in a crash, agent memory (root).
     Files(files::FilesArgs),
+    /// Two servers and a witness from `mainstay init` to a write through
+    /// the VIP, then their four failures (root).
+    Install(install::InstallArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -85,6 +89,7 @@ pub async fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Compare(args) => compare::run(args).await,
         BenchCommand::Platform(args) => platform::run(args).await,
         BenchCommand::Files(args) => files::run(args).await,
+        BenchCommand::Install(args) => install::run(args).await,
     }
 }
 

@@ -74,6 +74,13 @@ pub fn lab_cluster_test<F: Future<Output = ()>>(
     });
 }
 
+/// Holds the lock every cluster test runs under, for a test that builds
+/// its cluster itself (not through [`cluster_test`]).
+#[allow(dead_code)]
+pub fn alone() -> std::sync::MutexGuard<'static, ()> {
+    mainstay_core::poison::lock(&SERIAL)
+}
+
 /// Whether etcd and PostgreSQL 15 are installed. When they are not, the
 /// test fails through [`skip`] (a skip is allowed with
 /// `MAINSTAY_ALLOW_SKIP=1`, and then the caller returns).
