@@ -245,7 +245,8 @@ fn an_agent_without_the_capabilities_refuses_to_start() {
         .output()
         .expect("setpriv (util-linux)");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    // The agent's preflight refuses it (exit 2) before anything is made.
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("CAP_NET_ADMIN and CAP_NET_RAW") && stderr.contains("AmbientCapabilities"),
         "{stderr}"
