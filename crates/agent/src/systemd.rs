@@ -1,7 +1,7 @@
 //! systemd's notification protocol (`Type=notify`, `WatchdogSec=`): one
 //! datagram per message to the socket in `$NOTIFY_SOCKET`. `READY=1` once
-//! the agent serves and has made its first turn, `WATCHDOG=1` from the HA
-//! loop itself (a hung loop stops the pings and systemd restarts the agent;
+//! the agent serves, `WATCHDOG=1` from the agent's runtime every half
+//! `WatchdogSec` (a frozen agent stops the pings and systemd restarts it;
 //! its fencing guard then stops PostgreSQL), `STOPPING=1` on the way out.
 //! Without `$NOTIFY_SOCKET` (not under systemd) every call does nothing.
 //!

@@ -51,7 +51,7 @@ pub struct InitArgs {
     /// Where the configuration and certificates go.
     #[arg(long, default_value = "/etc/mainstay")]
     pub config_dir: PathBuf,
-    /// Where PostgreSQL's and etcd's data go (data/, etcd/).
+    /// Where PostgreSQL's and etcd's data go (postgresql/data, etcd/).
     #[arg(long, default_value = "/var/lib/mainstay")]
     pub data_root: PathBuf,
     /// Where the systemd unit goes.
@@ -288,7 +288,27 @@ fn init(args: &InitArgs, now: u64) -> Result<String, String> {
         data_root: &args.data_root,
     };
     let config_path = layout.config();
-    let kept = keep_existing(&config_path, args.force, now)?;
+    if config_path.exists() && !args.force {
+        return Err(format!(
+            "{} exists: this node was set up already. Nothing was changed; add --force to \
+             replace it (a dated copy is kept)",
+            config_path.display()
+        ));
+    }
+    // The programs the configuration names, before anything is written.
+    let needed: &[(&str, &str)] = if me.witness {
+        &[("/usr/bin/etcd", "etcd-server")]
+    } else {
+        &[
+            ("/usr/bin/etcd", "etcd-server"),
+            ("/usr/lib/postgresql/15/bin/postgres", "postgresql-15"),
+        ]
+    };
+    if let Some((path, package)) = needed.iter().find(|(p, _)| !Path::new(p).exists()) {
+        return Err(format!(
+            "{path} is not installed: apt-get install {package} first (nothing was written)"
+        ));
+    }
     let (cert, key) =
         pki::node_certificate(&token.cluster, &token.ca_key_pem, &me.name, me.address)?;
     let text = if me.witness {
@@ -299,20 +319,21 @@ fn init(args: &InitArgs, now: u64) -> Result<String, String> {
     write(&layout.ca(), &token.ca_cert_pem, 0o644)?;
     write(&layout.cert(), &cert, 0o644)?;
     write(&layout.key(), &key, 0o600)?;
+    // What is written must be what the agent accepts: checked before the
+    // configuration goes in place (it names the certificates just written).
+    let checked = if me.witness {
+        mainstay_agent::config::WitnessConfig::parse(&config_path, &text).map(|_| ())
+    } else {
+        mainstay_agent::config::Config::parse(&config_path, &text).map(|_| ())
+    };
+    checked.map_err(|e| format!("the configuration made does not load (a bug): {e}"))?;
+    let kept = keep_existing(&config_path, now)?;
     write(&config_path, &text, 0o600)?;
     if !me.witness {
         prepare_data_root(&args.data_root)?;
     }
     let shared = serde_json::to_string_pretty(&token).expect("a token serializes");
     write(&shared_file(&args.config_dir), &shared, 0o600)?;
-    // What was written must be what the agent accepts: checked now, not at
-    // the first start.
-    let checked = if me.witness {
-        mainstay_agent::config::WitnessConfig::load(&config_path).map(|_| ())
-    } else {
-        mainstay_agent::config::Config::load(&config_path).map(|_| ())
-    };
-    checked.map_err(|e| format!("the configuration written does not load (a bug): {e}"))?;
     let program =
         std::env::current_exe().map_err(|e| format!("cannot tell where this program is: {e}"))?;
     let unit_name = if me.witness {
@@ -360,20 +381,22 @@ fn init(args: &InitArgs, now: u64) -> Result<String, String> {
     Ok(report.trim_end().to_string())
 }
 
-/// PostgreSQL's data directory and its socket and log go in `data_root`:
-/// made, and given to PostgreSQL's account when init runs as root.
+/// PostgreSQL's data directory, socket and log go in `<data_root>/postgresql`,
+/// given to PostgreSQL's account when init runs as root; `data_root` itself
+/// (and etcd's data beside) stays root's.
 fn prepare_data_root(root: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    let pg = root.join("postgresql");
+    std::fs::create_dir_all(&pg).map_err(|e| format!("cannot create {}: {e}", pg.display()))?;
     if mainstay_sys::process::geteuid() != 0 {
         return Ok(());
     }
     let Ok(Some(postgres)) = mainstay_sys::user::by_name(c"postgres") else {
         return Err("there is no postgres account: apt-get install postgresql-15 first".into());
     };
-    std::os::unix::fs::chown(root, Some(postgres.uid), Some(postgres.gid))
-        .and_then(|()| std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)))
-        .map_err(|e| format!("cannot give {} to postgres: {e}", root.display()))
+    std::os::unix::fs::chown(&pg, Some(postgres.uid), Some(postgres.gid))
+        .and_then(|()| std::fs::set_permissions(&pg, std::fs::Permissions::from_mode(0o750)))
+        .map_err(|e| format!("cannot give {} to postgres: {e}", pg.display()))
 }
 
 /// The cluster's shared part, kept by `init` on every node (0600, like the
@@ -396,18 +419,11 @@ fn new_token_from(config_dir: &Path, now: u64) -> Result<String, String> {
     Ok(token.encode())
 }
 
-/// An existing configuration is refused, or with `--force` renamed to a
-/// dated copy (never deleted).
-fn keep_existing(path: &Path, force: bool, now: u64) -> Result<Option<PathBuf>, String> {
+/// An existing configuration (replaced with `--force`) is renamed to a
+/// dated copy, never deleted.
+fn keep_existing(path: &Path, now: u64) -> Result<Option<PathBuf>, String> {
     if !path.exists() {
         return Ok(None);
-    }
-    if !force {
-        return Err(format!(
-            "{} exists: this node was set up already. Nothing was changed; add --force to \
-             replace it (a dated copy is kept)",
-            path.display()
-        ));
     }
     let kept = path.with_extension(format!("toml.{now}"));
     std::fs::rename(path, &kept)
@@ -416,14 +432,26 @@ fn keep_existing(path: &Path, force: bool, now: u64) -> Result<Option<PathBuf>, 
 }
 
 fn write(path: &Path, text: &str, mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
+    let _ = std::fs::remove_file(&tmp);
+    // Created with its mode: a key or a password is never readable by
+    // others, not even for an instant.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()
+        })
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

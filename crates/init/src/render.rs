@@ -37,7 +37,8 @@ fn etcd_section(token: &Token, me: &Member, layout: &Layout<'_>) -> String {
         .iter()
         .map(|m| {
             format!(
-                "{} = \"https://{}:{}\"",
+                // Quoted: a name may hold a '.', which TOML would nest.
+                "\"{}\" = \"https://{}:{}\"",
                 m.name,
                 url_host(m.address),
                 p.etcd_peer
@@ -135,7 +136,7 @@ profile = "default"
         cluster = token.cluster,
         config = layout.config().display(),
         etcd = etcd_section(token, me, layout),
-        data = layout.data_root.join("data").display(),
+        data = layout.data_root.join("postgresql/data").display(),
         address = me.address,
         pg_port = p.postgresql,
         superuser = token.secrets.superuser_password,
@@ -182,7 +183,7 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-# READY once it serves (the agent: after its first turn).
+# READY once it serves (before the first turn, which may clone a database).
 Type=notify
 NotifyAccess=main
 ExecStart={program} {command} --config {config}

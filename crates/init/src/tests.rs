@@ -62,7 +62,7 @@ fn the_first_node_writes_a_configuration_the_agent_loads_and_a_token() {
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains("member = true") && text.contains("https://127.0.0.1:2380"));
     assert!(
-        text.contains("bridge = \"https://10.9.9.3:2380\""),
+        text.contains("\"bridge\" = \"https://10.9.9.3:2380\""),
         "{text}"
     );
     assert!(dir.path().join("units/mainstay.service").exists());

@@ -75,6 +75,19 @@ fn two_data_nodes_and_a_witness_fail_over_and_the_witness_gets_no_slot() {
         let not_here = w.api().get("/primary").await.unwrap();
         assert_eq!(not_here.status.as_u16(), 404);
 
+        // A parameter change is checked by every data node's server; the
+        // witness, which has none, is not asked (it made every change fail).
+        let stored = patch_config(
+            &h,
+            &first,
+            serde_json::json!({"postgresql": {"parameters": {"work_mem": "8MB"}}}),
+        )
+        .await;
+        assert_eq!(
+            stored["postgresql"]["parameters"]["work_mem"], "8MB",
+            "{stored}"
+        );
+
         // No slot for the witness: it would keep WAL forever.
         let leader = h.client(&first).await;
         let slots: Vec<String> = leader

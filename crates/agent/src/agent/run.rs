@@ -234,8 +234,15 @@ impl<D: Dcs> Agent<D> {
         tokio::pin!(shutdown);
         // Numbered so that one turn's lines read together in the log.
         let mut turns: u64 = 0;
-        let mut systemd = Some(crate::systemd::Notifier::from_env());
-        let mut systemd_pinger = None;
+        // READY as soon as the agent serves, before the first turn: a first
+        // turn may clone a large database for an hour, and systemd would
+        // kill a start that takes longer than TimeoutStartSec (then start
+        // the clone over, again and again).
+        let mut systemd = crate::systemd::Notifier::from_env();
+        systemd.ready("serving; PostgreSQL follows the cluster");
+        let systemd_pinger = systemd
+            .ping_every()
+            .map(|every| tokio::spawn(keep_systemd_watchdog_fed(systemd, every)));
         let result = loop {
             let turn_started = Instant::now();
             let mut next = turn_started + self.timing.loop_wait;
@@ -266,12 +273,6 @@ impl<D: Dcs> Agent<D> {
             }
             self.publish_snapshot(turn_started);
             self.publish_route();
-            if let Some(mut notifier) = systemd.take() {
-                notifier.ready(self.role_going_in());
-                systemd_pinger = notifier
-                    .ping_every()
-                    .map(|every| tokio::spawn(keep_systemd_watchdog_fed(notifier, every)));
-            }
             self.move_for_failed_services().await;
             if keeper.is_finished() {
                 // Without it no deadline is ever extended: the guard would

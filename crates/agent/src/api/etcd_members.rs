@@ -214,6 +214,22 @@ pub async fn remove<S: EtcdAccess>(
             "it is the only member: removing it would leave no etcd at all",
         );
     }
+    // A node whose agent still writes its member key is alive, whatever a
+    // single status probe from here said.
+    let agent_alive =
+        match tokio::time::timeout(state.timing().dcs_timeout, state.dcs().read_cluster()).await {
+            Ok(Ok(view)) => view.members.contains_key(&member.name),
+            _ => false,
+        };
+    if agent_alive && !query.force {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "{name}'s agent runs (its member key is live): stop it first (a removed etcd \
+                 member stops for good), or add force=true"
+            ),
+        );
+    }
     if member.answers == Some(true) && !query.force {
         return error(
             StatusCode::CONFLICT,

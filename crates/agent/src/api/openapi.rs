@@ -539,7 +539,7 @@ pub fn document() -> Value {
             "200": ok("Removed.", json!({"type": "object", "required": ["removed"]})),
             "400": err("The query is not force=true or force=false."),
             "404": err("etcd has no member of that name, id or peer URL."),
-            "409": err("It is the only member, it answers (without force=true), or etcd refused (the change would break the quorum)."),
+            "409": err("It is the only member, its agent runs (its member key is live) or it answers (without force=true), or etcd refused (the change would break the quorum)."),
             "503": err("etcd did not answer in time.")
         }),
     );

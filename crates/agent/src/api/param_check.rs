@@ -113,7 +113,8 @@ pub async fn check_everywhere<D: Dcs>(
         .members
         .values()
         .map(|m| &m.status)
-        .filter(|s| s.name != me)
+        // A witness runs no PostgreSQL: nothing to check there.
+        .filter(|s| s.name != me && !s.witness)
         .map(|status| {
             let client = state
                 .auth

@@ -1,7 +1,10 @@
 //! Whether PostgreSQL's account can reach and own its data directory,
-//! from the permission bits alone (pure): PostgreSQL runs with the
-//! account's user and primary group only (supplementary groups are
-//! dropped when the agent switches to it), so that is what is checked.
+//! from the permission bits alone (pure; ACLs are not read). PostgreSQL
+//! runs with the account's user and the groups it gets: its primary group
+//! only when a root agent switches to it (supplementary groups are
+//! dropped), the agent's own groups otherwise. A root agent creates the
+//! data directory and what goes beside it itself and gives them to the
+//! account, so only the way through the parents matters then.
 //! A data directory under a 0700 parent made every bootstrap fail with
 //! "Permission denied" deep in a log; this says so before anything starts.
 
@@ -22,7 +25,11 @@ pub struct Meta {
 pub struct Account {
     pub name: String,
     pub uid: u32,
-    pub gid: u32,
+    /// Every group it runs with (the primary one first).
+    pub groups: Vec<u32>,
+    /// The agent runs as root and switches to the account: it makes the
+    /// data directory, the socket directory and the log itself.
+    pub agent_is_root: bool,
 }
 
 const WRITE: u32 = 2;
@@ -34,7 +41,7 @@ fn allows(meta: &Meta, account: &Account, bits: u32) -> bool {
     }
     let class = if meta.uid == account.uid {
         meta.mode >> 6
-    } else if meta.gid == account.gid {
+    } else if account.groups.contains(&meta.gid) {
         meta.mode >> 3
     } else {
         meta.mode
@@ -93,11 +100,21 @@ pub fn data_dir(
     }
     let parent = data_dir.parent().unwrap_or(Path::new("/"));
     match stat(parent) {
+        None if account.agent_is_root => {
+            return vec![Finding::ok(
+                "data_dir",
+                format!(
+                    "{} and {} will be created",
+                    parent.display(),
+                    data_dir.display()
+                ),
+            )];
+        }
         None => {
             return blocking(
                 format!("{} does not exist", parent.display()),
                 "the data directory's parent holds it and, beside it, PostgreSQL's socket, \
-                 log and password file",
+                 log and password file, which the agent (running as the account) writes",
                 format!(
                     "mkdir -p {p} && chown {a}: {p}",
                     p = parent.display(),
@@ -105,25 +122,27 @@ pub fn data_dir(
                 ),
             );
         }
-        Some(meta) if !allows(&meta, account, WRITE | SEARCH) => {
+        Some(meta) if !account.agent_is_root && !allows(&meta, account, WRITE | SEARCH) => {
             return blocking(
                 format!(
                     "{} is not writable by {}",
                     describe(parent, &meta),
                     account.name
                 ),
-                "PostgreSQL writes its socket and log beside the data directory, and initdb \
-                 and clones create the directory there",
+                "the agent runs as that account: it writes PostgreSQL's socket, log and \
+                 password file beside the data directory, and initdb and clones create the \
+                 directory there",
                 format!("chown {}: {}", account.name, parent.display()),
             );
         }
         Some(_) => {}
     }
+    let initialized = stat(&data_dir.join("PG_VERSION")).is_some();
     match stat(data_dir) {
         None => vec![Finding::ok(
             "data_dir",
             format!(
-                "{} will be created; {} can reach and write its parent",
+                "{} will be created; {} can reach it",
                 data_dir.display(),
                 account.name
             ),
@@ -133,6 +152,15 @@ pub fn data_dir(
             "PostgreSQL's data directory must be a directory",
             "move the file aside, or set postgresql.data_dir to another path".into(),
         ),
+        // An empty (or half-made) directory a root agent fixes itself.
+        Some(_) if !initialized && account.agent_is_root => vec![Finding::ok(
+            "data_dir",
+            format!(
+                "{} is not initialized yet; the agent gives it to {}",
+                data_dir.display(),
+                account.name
+            ),
+        )],
         Some(meta) if meta.uid != account.uid => blocking(
             format!(
                 "{} is not owned by {} (uid {})",
@@ -143,10 +171,11 @@ pub fn data_dir(
             "PostgreSQL refuses to start on a data directory it does not own",
             format!("chown -R {}: {}", account.name, data_dir.display()),
         ),
-        Some(meta) if !matches!(meta.mode & 0o777, 0o700 | 0o750) => blocking(
+        // PostgreSQL's own rule: no write for the group, nothing for others.
+        Some(meta) if initialized && meta.mode & 0o027 != 0 => blocking(
             format!("{} is open to others", describe(data_dir, &meta)),
-            "PostgreSQL refuses to start on a data directory with permissions other than \
-             0700 or 0750",
+            "PostgreSQL refuses to start on a data directory its group may write or others \
+             may enter (it wants 0700 or 0750)",
             format!("chmod 0700 {}", data_dir.display()),
         ),
         Some(_) => vec![Finding::ok(
@@ -169,7 +198,8 @@ mod tests {
         Account {
             name: "postgres".into(),
             uid: 106,
-            gid: 112,
+            groups: vec![112],
+            agent_is_root: true,
         }
     }
 
@@ -183,9 +213,22 @@ mod tests {
     }
 
     fn check(tree: &[(&str, Meta)], data_dir: &str) -> Vec<Finding> {
+        check_as(&postgres(), tree, data_dir)
+    }
+
+    fn check_as(account: &Account, tree: &[(&str, Meta)], data_dir: &str) -> Vec<Finding> {
         let tree: HashMap<PathBuf, Meta> =
             tree.iter().map(|(p, m)| (PathBuf::from(p), *m)).collect();
-        super::data_dir(&postgres(), Path::new(data_dir), |p| tree.get(p).copied())
+        super::data_dir(account, Path::new(data_dir), |p| tree.get(p).copied())
+    }
+
+    /// The agent itself runs as postgres (no switch).
+    fn agent_as_postgres() -> Account {
+        Account {
+            agent_is_root: false,
+            groups: vec![112, 200],
+            ..postgres()
+        }
     }
 
     #[test]
@@ -229,37 +272,64 @@ mod tests {
     }
 
     #[test]
-    fn the_parent_must_be_writable_and_the_directory_owned_and_closed() {
+    fn a_root_agent_makes_what_is_missing_and_fixes_an_empty_directory() {
         let base = [("/", dir(0, 0, 0o755)), ("/var", dir(0, 0, 0o755))];
         let mut tree = base.to_vec();
         tree.push(("/var/lib", dir(0, 0, 0o755)));
+        // A root-owned parent: the agent makes the directory and gives it.
+        assert_eq!(check(&tree, "/var/lib/data")[0].severity, Severity::Ok);
+        assert_eq!(check(&base, "/var/missing/data")[0].severity, Severity::Ok);
+        // An empty mount point owned by root: fixed by the agent.
+        tree.push(("/var/lib/data", dir(0, 0, 0o755)));
+        assert_eq!(check(&tree, "/var/lib/data")[0].severity, Severity::Ok);
+        // Initialized, it must be PostgreSQL's and closed to others.
+        tree.push(("/var/lib/data/PG_VERSION", dir(0, 0, 0o600)));
         let found = check(&tree, "/var/lib/data");
+        assert!(found[0].fix.starts_with("chown -R postgres:"), "{found:?}");
+        let mut tree = base.to_vec();
+        tree.push(("/var/pg", dir(0, 0, 0o755)));
+        tree.push(("/var/pg/data", dir(106, 112, 0o755)));
+        tree.push(("/var/pg/data/PG_VERSION", dir(106, 112, 0o600)));
+        let found = check(&tree, "/var/pg/data");
+        assert_eq!(found[0].fix, "chmod 0700 /var/pg/data");
+        for accepted in [0o700, 0o710, 0o740, 0o750] {
+            tree[3] = ("/var/pg/data", dir(106, 112, accepted));
+            assert_eq!(
+                check(&tree, "/var/pg/data")[0].severity,
+                Severity::Ok,
+                "{accepted:o}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_agent_running_as_postgres_needs_the_parent_and_counts_its_groups() {
+        let me = agent_as_postgres();
+        let base = [("/", dir(0, 0, 0o755)), ("/var", dir(0, 0, 0o755))];
+        let mut tree = base.to_vec();
+        tree.push(("/var/lib", dir(0, 0, 0o755)));
+        let found = check_as(&me, &tree, "/var/lib/data");
         assert!(
             found[0].what.contains("not writable by postgres"),
             "{found:?}"
         );
         assert_eq!(found[0].fix, "chown postgres: /var/lib");
-
-        let mut tree = base.to_vec();
-        tree.push(("/var/pg", dir(106, 112, 0o755)));
-        tree.push(("/var/pg/data", dir(0, 0, 0o700)));
-        let found = check(&tree, "/var/pg/data");
-        assert!(found[0].fix.starts_with("chown -R postgres:"), "{found:?}");
-
-        let mut tree = base.to_vec();
-        tree.push(("/var/pg", dir(106, 112, 0o755)));
-        tree.push(("/var/pg/data", dir(106, 112, 0o755)));
-        let found = check(&tree, "/var/pg/data");
-        assert_eq!(found[0].fix, "chmod 0700 /var/pg/data");
-
-        let mut tree = base.to_vec();
-        tree.push(("/var/pg", dir(106, 112, 0o755)));
-        tree.push(("/var/pg/data", dir(106, 112, 0o750)));
-        assert_eq!(check(&tree, "/var/pg/data")[0].severity, Severity::Ok);
-        let found = check(&base, "/var/missing/data");
+        // Through a supplementary group the agent has: writable.
+        tree[2] = ("/var/lib", dir(0, 200, 0o775));
+        assert_eq!(
+            check_as(&me, &tree, "/var/lib/data")[0].severity,
+            Severity::Ok
+        );
+        let found = check_as(&me, &base, "/var/missing/data");
         assert!(
             found[0].what.contains("/var/missing does not exist"),
             "{found:?}"
+        );
+        // Not initialized but not its own: it cannot fix that itself.
+        tree.push(("/var/lib/data", dir(0, 0, 0o700)));
+        assert_eq!(
+            check_as(&me, &tree, "/var/lib/data")[0].severity,
+            Severity::Blocking
         );
     }
 }

@@ -76,6 +76,7 @@ fn stat(path: &Path) -> Option<Meta> {
 }
 
 pub(super) fn data_dir_access(pg: &mainstay_pg::PgSettings) -> Vec<Finding> {
+    let agent_is_root = mainstay_sys::process::geteuid() == 0;
     let name = match &pg.run_as {
         Some(name) => name.clone(),
         None => match mainstay_sys::user::by_uid(mainstay_sys::process::geteuid()) {
@@ -97,12 +98,33 @@ pub(super) fn data_dir_access(pg: &mainstay_pg::PgSettings) -> Vec<Finding> {
                 .into(),
         )];
     };
+    // A root agent switching to the account drops supplementary groups;
+    // otherwise PostgreSQL runs with the agent's own.
+    let mut groups = vec![user.gid];
+    if !agent_is_root {
+        groups.extend(own_groups());
+    }
     let account = Account {
         name: user.name,
         uid: user.uid,
-        gid: user.gid,
+        groups,
+        agent_is_root,
     };
     access::data_dir(&account, &pg.data_dir, stat)
+}
+
+/// This process's supplementary groups, from `/proc/self/status`.
+fn own_groups() -> Vec<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
 }
 
 pub(super) fn disk(dir: &Path) -> Finding {

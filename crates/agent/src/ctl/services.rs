@@ -21,7 +21,9 @@ impl Ctl {
             "Why".into(),
         ]];
         let mut every = Map::new();
-        for member in cluster["members"].as_array().into_iter().flatten() {
+        // A witness runs no services.
+        let members = cluster["members"].as_array().into_iter().flatten();
+        for member in members.filter(|m| m["role"] != "witness") {
             let name = member["name"].as_str().unwrap_or("?").to_string();
             let Some(url) = member["api_url"].as_str() else {
                 continue;
