@@ -106,12 +106,7 @@ fn unix_now() -> u64 {
 }
 
 fn valid_name(what: &str, name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+    if mainstay_agent::config::valid_name(name) {
         Ok(())
     } else {
         Err(format!(

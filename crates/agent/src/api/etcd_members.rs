@@ -325,27 +325,16 @@ fn local(reader: Option<&mainstay_etcd_member::StatusReader>) -> Value {
 }
 
 fn check_member(new: &NewMember) -> Result<(), String> {
-    let valid_name = !new.name.is_empty()
-        && new.name.len() <= 63
-        && new
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !valid_name {
+    if !crate::config::valid_name(&new.name) {
         return Err(format!(
             "name {:?} is not a node name: use 1-63 letters, digits, '-', '_' or '.' (the \
              new node's `name`)",
             new.name
         ));
     }
-    let address = new
-        .peer_url
-        .strip_prefix("http://")
-        .or_else(|| new.peer_url.strip_prefix("https://"))
-        .and_then(|rest| rest.parse::<std::net::SocketAddr>().ok());
-    match address {
-        Some(a) if a.port() != 0 && !a.ip().is_unspecified() => Ok(()),
-        _ => Err(format!(
+    match crate::config::member_address(&new.peer_url) {
+        Some(_) => Ok(()),
+        None => Err(format!(
             "peer_url {:?} is not http(s)://ADDRESS:PORT: give the new node's etcd.peer_url, \
              e.g. http://10.0.0.4:2380",
             new.peer_url

@@ -152,15 +152,9 @@ fn member_url(key: &'static str, value: Option<&str>, usual_port: &str) -> Resul
             format!("is missing: etcd.member = true needs this member's URL, {example}"),
         ));
     };
-    let rest = value
-        .strip_prefix("http://")
-        .or_else(|| value.strip_prefix("https://"));
-    let address = rest.and_then(|rest| rest.parse::<std::net::SocketAddr>().ok());
-    match address {
-        Some(address) if address.port() != 0 && !address.ip().is_unspecified() => {
-            Ok(value.to_string())
-        }
-        _ => Err((
+    match super::member_address(value) {
+        Some(_) => Ok(value.to_string()),
+        None => Err((
             key,
             format!(
                 "{value:?} is not http(s)://ADDRESS:PORT with this host's IP address (etcd \

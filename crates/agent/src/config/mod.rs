@@ -94,6 +94,27 @@ pub struct AlertThresholds {
     pub replicated_files_lag: Duration,
 }
 
+/// A cluster's, node's or member's name: 1-63 letters, digits, '-', '_' or
+/// '.' (it goes into etcd keys and member names).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// An etcd member's URL as a member needs it, `http(s)://ADDRESS:PORT`
+/// with a real address (etcd listens where it is reached, and only on
+/// addresses): that address.
+pub fn member_address(url: &str) -> Option<SocketAddr> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))?;
+    let address: SocketAddr = rest.parse().ok()?;
+    (address.port() != 0 && !address.ip().is_unspecified()).then_some(address)
+}
+
 /// Where PostgreSQL 15's programs are unless `postgresql.bin_dir` says.
 pub fn default_bin_dir() -> PathBuf {
     PathBuf::from(DEFAULT_BIN_DIR)

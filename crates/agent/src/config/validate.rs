@@ -686,12 +686,7 @@ fn watchdog(section: &WatchdogSection, t: &Timing) -> Result<WatchdogConfig, Ref
 }
 
 pub(super) fn check_name(key: &'static str, value: &str) -> Result<(), (&'static str, String)> {
-    let valid = !value.is_empty()
-        && value.len() <= 63
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-    if valid {
+    if super::valid_name(value) {
         Ok(())
     } else {
         Err((
