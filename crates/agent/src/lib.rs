@@ -17,6 +17,7 @@ pub mod boot_clock;
 pub mod check;
 pub mod config;
 pub mod ctl;
+pub mod etcd_rejoin;
 pub mod files_transport;
 pub mod parameter_guard;
 pub mod proxy;

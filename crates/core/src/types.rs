@@ -186,6 +186,23 @@ pub struct HistoryEntry {
     pub at: String,
 }
 
+/// One `mainstay ctl recover-alone`, recorded in `recoveries` by the node
+/// that forced it once its etcd member was re-formed alone: the cluster's
+/// record of who overrode the quorum, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryRecord {
+    /// The node whose etcd member became the only one.
+    pub node: String,
+    /// Who asked, as the request said (user@host).
+    pub by: String,
+    /// Where the request came from (the API client's address).
+    pub from: String,
+    /// The etcd members it removed (names, or ids of unstarted ones).
+    pub removed: Vec<String>,
+    /// Wall-clock time as an RFC 3339 string.
+    pub at: String,
+}
+
 /// The leader key as read from the DCS.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaderRecord {
@@ -301,6 +318,8 @@ pub struct ClusterView {
     pub leader: Option<LeaderRecord>,
     pub members: BTreeMap<String, MemberRecord>,
     pub history: Vec<HistoryEntry>,
+    /// Every `recover-alone` so far, oldest first.
+    pub recoveries: Vec<RecoveryRecord>,
     pub failover: Option<FailoverRecord>,
     pub sync: Option<SyncRecord>,
     pub failsafe: Option<FailsafeRecord>,

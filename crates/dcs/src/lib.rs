@@ -16,6 +16,7 @@
 //! | `failover` | JSON switchover/failover request | until handled |
 //! | `sync` | JSON [`mainstay_core::SyncState`] | permanent, leader only |
 //! | `failsafe` | JSON [`mainstay_core::FailsafeState`] | permanent, leader only |
+//! | `recoveries` | JSON array of [`mainstay_core::RecoveryRecord`] | permanent, CAS on mod revision |
 //!
 //! Leadership writes are transactions conditioned on the leader key's
 //! current state, so two nodes can never both believe a write made them
@@ -85,6 +86,7 @@ pub enum KeyKind {
     Failover,
     Sync,
     Failsafe,
+    Recoveries,
     /// A key this version of mainstay does not use.
     Other,
 }
@@ -100,6 +102,7 @@ impl KeyKind {
             keys::FAILOVER => KeyKind::Failover,
             keys::SYNC => KeyKind::Sync,
             keys::FAILSAFE => KeyKind::Failsafe,
+            keys::RECOVERIES => KeyKind::Recoveries,
             _ => match key.strip_prefix(keys::MEMBERS) {
                 Some(name) if !name.is_empty() => KeyKind::Member(name.to_string()),
                 _ => KeyKind::Other,
@@ -125,6 +128,7 @@ pub mod keys {
     pub const FAILOVER: &str = "failover";
     pub const SYNC: &str = "sync";
     pub const FAILSAFE: &str = "failsafe";
+    pub const RECOVERIES: &str = "recoveries";
 
     pub fn member(name: &str) -> String {
         format!("{MEMBERS}{name}")
@@ -215,6 +219,13 @@ pub trait Dcs: Send + Sync + 'static {
         holder: Option<(&str, i64)>,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Appends to `recoveries` with a compare-and-swap, retrying a few
+    /// times if another writer got in between.
+    fn append_recovery(
+        &self,
+        record: &mainstay_core::RecoveryRecord,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// Reads `config`; `None` if it has never been written.
     fn read_config(&self) -> impl Future<Output = Result<Option<ConfigValue>>> + Send;
 
@@ -290,6 +301,13 @@ pub trait Dcs: Send + Sync + 'static {
     /// Removes the member of that name (or id, or peer URL while it has
     /// not started).
     fn remove_dcs_member(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// What the DCS member at `client_url` alone believes its cluster is;
+    /// it answers without a quorum.
+    fn dcs_view_at(&self, client_url: &str) -> impl Future<Output = Result<EndpointView>> + Send;
+
+    /// Whether the DCS member at `client_url` answers a status request.
+    fn dcs_answers_at(&self, client_url: &str) -> impl Future<Output = bool> + Send;
 }
 
 /// One member of the DCS itself (an etcd member), as
@@ -308,6 +326,20 @@ pub struct DcsMember {
     /// Whether it answered a status request within the request timeout;
     /// `None` before it started (no client URL yet).
     pub answers: Option<bool>,
+}
+
+/// One member's own view of its cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointView {
+    /// etcd's cluster id: the same on every member of one cluster, also
+    /// after a `--force-new-cluster`.
+    pub cluster_id: u64,
+    /// The id of the member that answered.
+    pub member_id: u64,
+    /// The raft leader it follows; 0 without one (no quorum).
+    pub leader: u64,
+    /// The membership it believes in, `answers` unknown (`None`).
+    pub members: Vec<DcsMember>,
 }
 
 /// Capacity of a watch channel. Events are only hints, so a reader that
@@ -401,6 +433,14 @@ fn build_view<'a>(
                 }
             },
             KeyKind::History => view.history = parse_history(&full_key(), kv.value)?,
+            // A record for people: one written badly by hand must not
+            // blind the agent.
+            KeyKind::Recoveries => match serde_json::from_slice(kv.value) {
+                Ok(records) => view.recoveries = records,
+                Err(e) => {
+                    tracing::warn!(key = %full_key(), error = %e, "skipping an unreadable recoveries key")
+                }
+            },
             KeyKind::Config => {
                 // Validation is the agent's: a bad value must not blind it.
                 view.config = serde_json::from_slice(kv.value)

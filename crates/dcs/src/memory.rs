@@ -501,6 +501,17 @@ impl Dcs for MemoryDcs {
         )
     }
 
+    async fn append_recovery(&self, record: &mainstay_core::RecoveryRecord) -> Result<()> {
+        self.reachable()?;
+        let mut records: Vec<serde_json::Value> = match self.get(keys::RECOVERIES)? {
+            Some((value, _, _)) => serde_json::from_slice(&value).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        records.push(serde_json::to_value(record).map_err(|e| DcsError::Other(e.to_string()))?);
+        self.txn(&[], vec![put(keys::RECOVERIES, to_json(&records)?, 0)])?;
+        Ok(())
+    }
+
     async fn append_history(
         &self,
         entry: &HistoryEntry,
@@ -645,6 +656,38 @@ impl Dcs for MemoryDcs {
             return Err(DcsError::Other(format!("no member named {name:?}")));
         }
         Ok(())
+    }
+
+    async fn dcs_view_at(&self, client_url: &str) -> Result<crate::EndpointView> {
+        let state = self.state();
+        let Some(position) = state
+            .dcs_members
+            .iter()
+            .position(|m| m.client_urls.iter().any(|u| u == client_url))
+        else {
+            return Err(DcsError::Unreachable(format!(
+                "{client_url}: no such member"
+            )));
+        };
+        Ok(crate::EndpointView {
+            cluster_id: 1,
+            member_id: position as u64 + 1,
+            leader: if self.reachable().is_ok() { 1 } else { 0 },
+            members: state
+                .dcs_members
+                .iter()
+                .map(|m| crate::DcsMember {
+                    answers: None,
+                    leader: false,
+                    ..m.clone()
+                })
+                .collect(),
+        })
+    }
+
+    async fn dcs_answers_at(&self, client_url: &str) -> bool {
+        // Only the store's own member runs.
+        self.reachable().is_ok() && client_url == "memory://client"
     }
 
     async fn keep_leader_away(&self, _local: &[std::net::IpAddr]) -> Result<Option<String>> {

@@ -19,4 +19,4 @@ pub mod spec;
 pub mod supervisor;
 
 pub use spec::{ClusterState, MemberSpec, MemberTls, RaftTiming};
-pub use supervisor::{Member, MemberStatus, StatusReader};
+pub use supervisor::{AfterExit, Member, MemberHandle, MemberStatus};

@@ -1,6 +1,9 @@
 //! One thread that keeps the member running: it starts etcd, restarts it
 //! with a growing delay when it exits, and stops it (SIGTERM, then SIGKILL)
-//! when the agent stops. The thread, not an async task, is etcd's parent:
+//! when the agent stops. Before a restart it asks the agent's hook whether
+//! the member must start differently (it was removed from its cluster and
+//! joins again); on request it re-forms the member as a cluster of its own
+//! (`--force-new-cluster`, `mainstay ctl recover-alone`). The thread, not an async task, is etcd's parent:
 //! etcd gets SIGTERM the moment that thread ends, the agent's process
 //! killed included (`PR_SET_PDEATHSIG` follows the forking thread, and a
 //! runtime's pooled threads come and go).
@@ -9,6 +12,7 @@ use crate::command::arguments;
 use crate::spec::MemberSpec;
 use std::io;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -43,10 +47,32 @@ pub struct Member {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Asked after the member exited by itself, before it starts again: the
+/// spec to start it with from now on, if it must change (a member removed
+/// from its cluster joins it again as a new one). Runs on the supervising
+/// thread: it may block, for a few seconds at most.
+pub type AfterExit = Box<dyn FnMut(&MemberSpec, &str) -> Option<MemberSpec> + Send>;
+
 struct Shared {
-    stop: Mutex<bool>,
+    /// What the member runs as now (the hook may have changed it).
+    spec: Mutex<MemberSpec>,
+    control: Mutex<Control>,
     wake: Condvar,
     status: Mutex<MemberStatus>,
+}
+
+#[derive(Default)]
+struct Control {
+    stop: bool,
+    /// Re-form the member alone; the new process's pid goes back.
+    force_new_cluster: Option<mpsc::Sender<io::Result<u32>>>,
+}
+
+/// Why the supervising thread woke up.
+enum Wake {
+    Stop,
+    ForceNewCluster,
+    Timeout,
 }
 
 impl Shared {
@@ -54,18 +80,28 @@ impl Shared {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn stopping(&self) -> bool {
-        *self.stop.lock().unwrap_or_else(|p| p.into_inner())
+    fn control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sleeps up to `delay`; true if a stop was asked meanwhile.
-    fn sleep(&self, delay: Duration) -> bool {
-        let stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
-        let (stop, _) = self
+    fn stopping(&self) -> bool {
+        self.control().stop
+    }
+
+    /// Sleeps up to `delay` or until a stop or a request.
+    fn sleep(&self, delay: Duration) -> Wake {
+        let control = self.control();
+        let (control, _) = self
             .wake
-            .wait_timeout_while(stop, delay, |stop| !*stop)
+            .wait_timeout_while(control, delay, |c| !c.stop && c.force_new_cluster.is_none())
             .unwrap_or_else(|p| p.into_inner());
-        *stop
+        if control.stop {
+            Wake::Stop
+        } else if control.force_new_cluster.is_some() {
+            Wake::ForceNewCluster
+        } else {
+            Wake::Timeout
+        }
     }
 }
 
@@ -74,6 +110,12 @@ impl Member {
     /// when etcd cannot be started at all (the binary missing, the data
     /// directory's parent not creatable): later exits are restarted.
     pub fn start(spec: MemberSpec) -> io::Result<Member> {
+        Member::start_with(spec, None)
+    }
+
+    /// [`Member::start`], with a hook asked after every exit etcd made by
+    /// itself.
+    pub fn start_with(spec: MemberSpec, after_exit: Option<AfterExit>) -> io::Result<Member> {
         if let Some(parent) = spec.data_dir.parent() {
             std::fs::create_dir_all(parent).map_err(|e| {
                 io::Error::new(
@@ -86,7 +128,8 @@ impl Member {
             })?;
         }
         let shared = Arc::new(Shared {
-            stop: Mutex::new(false),
+            spec: Mutex::new(spec.clone()),
+            control: Mutex::new(Control::default()),
             wake: Condvar::new(),
             status: Mutex::new(MemberStatus::default()),
         });
@@ -95,7 +138,7 @@ impl Member {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("etcd-member".into())
-                .spawn(move || supervise(&spec, &shared, first))?
+                .spawn(move || supervise(spec, after_exit, &shared, first))?
         };
         match first_error.recv() {
             Ok(Ok(())) => Ok(Member {
@@ -114,9 +157,9 @@ impl Member {
         self.shared.status().clone()
     }
 
-    /// A handle that reads the status while the member runs (the REST API's).
-    pub fn reader(&self) -> StatusReader {
-        StatusReader(self.shared.clone())
+    /// A handle on the running member (the REST API's).
+    pub fn handle(&self) -> MemberHandle {
+        MemberHandle(self.shared.clone())
     }
 
     /// Stops etcd (SIGTERM, SIGKILL after 10 s) and waits for the thread.
@@ -125,7 +168,7 @@ impl Member {
     }
 
     fn stop_now(&mut self) {
-        *self.shared.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.shared.control().stop = true;
         self.shared.wake.notify_all();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -133,13 +176,55 @@ impl Member {
     }
 }
 
-/// Reads a running member's status; reads the last one once it stopped.
+/// Reads a running member's status (the last one once it stopped), and
+/// re-forms it alone on request.
 #[derive(Clone)]
-pub struct StatusReader(Arc<Shared>);
+pub struct MemberHandle(Arc<Shared>);
 
-impl StatusReader {
+/// How long etcd may take to stop and start again with the new flag.
+const FORCE_NEW_CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl MemberHandle {
     pub fn status(&self) -> MemberStatus {
         self.0.status().clone()
+    }
+
+    /// The member as it runs now.
+    pub fn spec(&self) -> MemberSpec {
+        self.0
+            .spec
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stops etcd and starts it again with `--force-new-cluster`: the
+    /// member keeps its data and becomes the only member of its cluster
+    /// (etcd rewrites the membership). Returns the new process's pid once
+    /// it runs; etcd's own answer is the caller's to wait for. Later
+    /// restarts go without the flag. Blocks: call it off the runtime.
+    pub fn force_new_cluster(&self) -> io::Result<u32> {
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut control = self.0.control();
+            if control.stop {
+                return Err(io::Error::other("the etcd member is stopping"));
+            }
+            if control.force_new_cluster.is_some() {
+                return Err(io::Error::other(
+                    "the etcd member is being re-formed already",
+                ));
+            }
+            control.force_new_cluster = Some(tx);
+        }
+        self.0.wake.notify_all();
+        rx.recv_timeout(FORCE_NEW_CLUSTER_TIMEOUT)
+            .unwrap_or_else(|_| {
+                Err(io::Error::other(format!(
+                    "etcd did not start again within {} s",
+                    FORCE_NEW_CLUSTER_TIMEOUT.as_secs()
+                )))
+            })
     }
 }
 
@@ -149,15 +234,25 @@ impl Drop for Member {
     }
 }
 
-fn supervise(spec: &MemberSpec, shared: &Shared, first: std::sync::mpsc::Sender<io::Result<()>>) {
+fn supervise(
+    mut spec: MemberSpec,
+    mut after_exit: Option<AfterExit>,
+    shared: &Shared,
+    first: mpsc::Sender<io::Result<()>>,
+) {
     let mut first = Some(first);
     let mut backoff = FIRST_BACKOFF;
+    let mut reply: Option<mpsc::Sender<io::Result<u32>>> = None;
     loop {
         let started = Instant::now();
-        let outcome = match spawn(spec) {
+        let alone = reply.is_some();
+        let outcome = match spawn(&spec, alone) {
             Ok(child) => {
                 if let Some(first) = first.take() {
                     let _ = first.send(Ok(()));
+                }
+                if let Some(reply) = reply.take() {
+                    let _ = reply.send(Ok(child.id()));
                 }
                 {
                     let mut status = shared.status();
@@ -165,12 +260,16 @@ fn supervise(spec: &MemberSpec, shared: &Shared, first: std::sync::mpsc::Sender<
                     status.running_since = Some(SystemTime::now());
                     status.starts += 1;
                 }
-                tracing::info!(pid = child.id(), data_dir = %spec.data_dir.display(), "etcd member started");
+                if alone {
+                    tracing::warn!(pid = child.id(), data_dir = %spec.data_dir.display(), "etcd member started with --force-new-cluster: it is now the only member of its cluster");
+                } else {
+                    tracing::info!(pid = child.id(), data_dir = %spec.data_dir.display(), "etcd member started");
+                }
                 let outcome = run(child, shared);
                 let mut status = shared.status();
                 status.pid = None;
                 status.running_since = None;
-                status.last_exit = Some(outcome.clone());
+                status.last_exit = Some(outcome.to_string());
                 outcome
             }
             Err(err) => {
@@ -179,32 +278,71 @@ fn supervise(spec: &MemberSpec, shared: &Shared, first: std::sync::mpsc::Sender<
                     let _ = first.send(Err(io::Error::new(err.kind(), why)));
                     return;
                 }
+                if let Some(reply) = reply.take() {
+                    let _ = reply.send(Err(io::Error::new(err.kind(), why.clone())));
+                }
                 shared.status().last_exit = Some(why.clone());
-                why
+                Outcome::Exited(why)
             }
         };
         if shared.stopping() {
             tracing::info!("etcd member stopped: {outcome}");
             return;
         }
+        if let Outcome::ForNewCluster = outcome {
+            reply = shared.control().force_new_cluster.take();
+            continue;
+        }
+        let mut delay = backoff;
+        if let Some(hook) = after_exit.as_mut()
+            && let Some(changed) = hook(&spec, &outcome.to_string())
+        {
+            *shared.spec.lock().unwrap_or_else(|p| p.into_inner()) = changed.clone();
+            spec = changed;
+            // A member let in again starts now: the cluster waits for it.
+            delay = Duration::ZERO;
+        }
         if started.elapsed() >= STABLE_RUN {
             backoff = FIRST_BACKOFF;
+            delay = delay.min(backoff);
         }
         tracing::warn!(
             "etcd member {outcome}; starting it again in {} s",
-            backoff.as_secs()
+            delay.as_secs()
         );
-        if shared.sleep(backoff) {
-            return;
+        match shared.sleep(delay) {
+            Wake::Stop => return,
+            Wake::ForceNewCluster => reply = shared.control().force_new_cluster.take(),
+            Wake::Timeout => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-fn spawn(spec: &MemberSpec) -> io::Result<Child> {
+/// How a run of etcd ended.
+enum Outcome {
+    /// By itself or by the agent's stop: how.
+    Exited(String),
+    /// Stopped to be started again with `--force-new-cluster`.
+    ForNewCluster,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Exited(how) => f.write_str(how),
+            Outcome::ForNewCluster => f.write_str("stopped to be re-formed alone"),
+        }
+    }
+}
+
+fn spawn(spec: &MemberSpec, force_new_cluster: bool) -> io::Result<Child> {
     let mut command = Command::new(&spec.binary);
+    command.args(arguments(spec));
+    if force_new_cluster {
+        command.arg("--force-new-cluster");
+    }
     command
-        .args(arguments(spec))
         // etcd reads any ETCD_* variable as a flag: only the flags count.
         .env_clear()
         // A member of a handful of agents holds little: collecting at half
@@ -216,16 +354,22 @@ fn spawn(spec: &MemberSpec) -> io::Result<Child> {
     command.spawn()
 }
 
-/// Waits for the process to exit or for a stop; says how it ended.
-fn run(mut child: Child, shared: &Shared) -> String {
+/// Waits for the process to exit, a stop or a request; says how it ended.
+fn run(mut child: Child, shared: &Shared) -> Outcome {
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return format!("exited ({status})"),
+            Ok(Some(status)) => return Outcome::Exited(format!("exited ({status})")),
             Ok(None) => {}
-            Err(err) => return format!("could not be waited for: {err}"),
+            Err(err) => return Outcome::Exited(format!("could not be waited for: {err}")),
         }
-        if shared.sleep(POLL) {
-            return stop(&mut child);
+        match shared.sleep(POLL) {
+            Wake::Stop => return Outcome::Exited(stop(&mut child)),
+            Wake::ForceNewCluster => {
+                let how = stop(&mut child);
+                tracing::warn!("etcd member {how}, to be started alone with --force-new-cluster");
+                return Outcome::ForNewCluster;
+            }
+            Wake::Timeout => {}
         }
     }
 }
@@ -322,6 +466,66 @@ mod tests {
         );
         // Its data stays, for the next start.
         assert!(dir.path().join("etcd/data/member").is_dir());
+    }
+
+    #[test]
+    fn a_member_without_quorum_is_re_formed_alone_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(dir.path());
+        // A second member that never runs: no quorum, /health says false.
+        let gone = format!("http://127.0.0.1:{}", mainstay_testkit::free_port());
+        spec.initial_cluster.push(("gone".into(), gone));
+        let url = spec.client_url.clone();
+        let member = Member::start(spec).unwrap();
+        wait_until("etcd runs", || member.status().pid.is_some());
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(!healthy(&url), "a member of two answered alone");
+        let first = member.status().pid.unwrap();
+        let second = member.handle().force_new_cluster().unwrap();
+        assert_ne!(first, second);
+        wait_until("the member answers alone", || healthy(&url));
+        assert_eq!(member.status().starts, 2);
+        // The next restart goes without the flag and keeps the new cluster.
+        mainstay_sys::process::kill(second as i32, libc::SIGKILL).unwrap();
+        wait_until("a third etcd runs", || {
+            member.status().pid.is_some_and(|pid| pid != second)
+        });
+        wait_until("it answers again, alone", || healthy(&url));
+        let third = member.status().pid.unwrap();
+        let cmdline = std::fs::read(format!("/proc/{third}/cmdline")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("force-new-cluster"),
+            "the flag stayed"
+        );
+        member.stop();
+    }
+
+    #[test]
+    fn the_hook_after_an_exit_changes_how_the_member_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path());
+        let old_url = spec.client_url.clone();
+        let new_url = format!("http://127.0.0.1:{}", mainstay_testkit::free_port());
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let hook: AfterExit = {
+            let (asked, new_url) = (asked.clone(), new_url.clone());
+            Box::new(move |spec: &MemberSpec, how: &str| {
+                asked.lock().unwrap().push(how.to_string());
+                let mut changed = spec.clone();
+                changed.client_url = new_url.clone();
+                Some(changed)
+            })
+        };
+        let member = Member::start_with(spec, Some(hook)).unwrap();
+        wait_until("etcd answers", || healthy(&old_url));
+        let first = member.status().pid.unwrap();
+        mainstay_sys::process::kill(first as i32, libc::SIGKILL).unwrap();
+        wait_until("etcd answers where the hook said", || healthy(&new_url));
+        assert!(!healthy(&old_url));
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert!(asked[0].contains("signal: 9"), "{asked:?}");
+        member.stop();
     }
 
     #[test]

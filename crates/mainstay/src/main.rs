@@ -284,7 +284,7 @@ async fn run_agent(config: Config) -> ExitCode {
     };
     let mut agent = mainstay_agent::agent::Agent::new(&config, dcs);
     if let Some(member) = &etcd_member {
-        agent = agent.with_etcd_member(member.reader());
+        agent = agent.with_etcd_member(member.handle());
     }
     let outcome = agent.run(shutdown).await;
     if let Some(member) = etcd_member {
@@ -315,7 +315,19 @@ async fn start(
     ),
     ExitCode,
 > {
-    let member = match member.map(mainstay_etcd_member::Member::start) {
+    // A member removed from its cluster while away joins it again by
+    // itself; its hook needs the etcd client, made once the member runs.
+    let client = std::sync::Arc::new(std::sync::OnceLock::new());
+    let member = member.map(|spec| {
+        let rejoin = mainstay_agent::etcd_rejoin::Rejoin::new(
+            tokio::runtime::Handle::current(),
+            client.clone(),
+            &spec,
+            &etcd.endpoints,
+        );
+        mainstay_etcd_member::Member::start_with(spec, Some(rejoin.into_hook()))
+    });
+    let member = match member {
         None => None,
         Some(Ok(member)) => Some(member),
         Some(Err(err)) => {
@@ -326,7 +338,10 @@ async fn start(
         }
     };
     let dcs = match mainstay_dcs::EtcdDcs::connect(etcd.clone()).await {
-        Ok(dcs) => dcs,
+        Ok(dcs) => {
+            let _ = client.set(dcs.clone());
+            dcs
+        }
         Err(err) => {
             eprintln!("error: cannot set up the etcd client: {err}");
             return Err(ExitCode::from(1));
@@ -348,7 +363,7 @@ async fn run_witness(config: mainstay_agent::config::WitnessConfig) -> ExitCode 
         Ok(_) => unreachable!("a witness always has its member"),
         Err(code) => return code,
     };
-    let outcome = mainstay_agent::witness::run(&config, dcs, Some(member.reader()), shutdown).await;
+    let outcome = mainstay_agent::witness::run(&config, dcs, Some(member.handle()), shutdown).await;
     tokio::task::spawn_blocking(move || member.stop())
         .await
         .ok();

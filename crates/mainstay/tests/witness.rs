@@ -166,3 +166,174 @@ fn two_data_nodes_and_a_witness_fail_over_and_the_witness_gets_no_slot() {
         h.passed = true;
     });
 }
+
+/// Every `*.removed-*` directory beside `dir/etcd`: a member's data moved
+/// aside when it joined its cluster again.
+fn moved_aside(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|name| name.starts_with("etcd.removed-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn recover_alone_brings_the_last_server_back_and_the_others_rejoin_it() {
+    let mut options = LabOptions::new(2, "default", "");
+    options.managed_etcd = true;
+    options.witness = true;
+    lab_cluster_test("recover_alone", 3, options, async |mut h| {
+        let first = h.healthy(Duration::from_secs(120)).await;
+        let l = h.cluster.node_index(&first).unwrap();
+        let survivor = h.cluster.nodes[1 - l].name.clone();
+        let scope = h.cluster.cluster.clone();
+        let leader = h.client(&first).await;
+        leader
+            .batch_execute("CREATE TABLE log (id int primary key, at text)")
+            .await
+            .unwrap();
+        leader
+            .execute("INSERT INTO log VALUES (1, 'before')", &[])
+            .await
+            .unwrap();
+
+        // Refused, each with its reason, while nothing is wrong.
+        let (code, _, err) = run_ctl(&h, &survivor, &["recover-alone", "--confirm", "shipp"]).await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("not this cluster's name"), "{err}");
+        let (code, _, err) = run_ctl(&h, &survivor, &["recover-alone"]).await;
+        assert_eq!(code, 2, "no terminal, no --confirm: {err}");
+        let (code, _, err) = run_ctl(&h, &survivor, &["pause"]).await;
+        assert_eq!(code, 0, "{err}");
+        h.wait_for("the pause to show", Duration::from_secs(10), async |v| {
+            v.config.as_ref().filter(|c| c["pause"] == true).map(|_| ())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (code, _, err) = run_ctl(&h, &survivor, &["recover-alone", "--confirm", &scope]).await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("paused"), "{err}");
+        let (code, _, err) = run_ctl(&h, &survivor, &["resume"]).await;
+        assert_eq!(code, 0, "{err}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (code, _, err) = run_ctl(&h, &survivor, &["recover-alone", "--confirm", &scope]).await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("answer"), "{err}");
+        let etcd = h.cluster.nodes[1 - l]
+            .api()
+            .get("/etcd/members")
+            .await
+            .unwrap()
+            .body;
+        assert_eq!(
+            etcd["members"].as_array().map(Vec::len),
+            Some(3),
+            "a refusal changed etcd: {etcd}"
+        );
+
+        // The primary's server and the witness die: no quorum, no leader.
+        h.cluster.crash_host(l).unwrap();
+        h.cluster.crash_witness().unwrap();
+        let ttl = mainstay_agent::config::Config::load(&h.cluster.nodes[0].config)
+            .unwrap()
+            .timing
+            .ttl;
+        tokio::time::sleep(ttl * 3).await;
+        let survivor_pg = h.client(&survivor).await;
+        let in_recovery: bool = survivor_pg
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(in_recovery, "{survivor} promoted itself without a quorum");
+        let (_, listing, _) = run_ctl(&h, &survivor, &["list"]).await;
+        assert!(listing.contains("NO QUORUM"), "{listing}");
+
+        // The crew's command.
+        let at = Instant::now();
+        let (code, out, err) =
+            run_ctl(&h, &survivor, &["recover-alone", "--confirm", &scope]).await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("only etcd member"), "{out}");
+        let second = h
+            .wait_for("the survivor to lead", Duration::from_secs(60), async |v| {
+                v.leader_status()
+                    .filter(|s| s.role == mainstay_core::PgRole::Primary && s.name == survivor)
+                    .map(|s| s.name.clone())
+            })
+            .await;
+        let writable_after = at.elapsed();
+        assert_eq!(second, survivor);
+        let survivor_pg = h.client(&survivor).await;
+        survivor_pg
+            .execute("INSERT INTO log VALUES (2, 'alone')", &[])
+            .await
+            .unwrap();
+        let view = h.view().await;
+        let record = view
+            .recoveries
+            .last()
+            .cloned()
+            .expect("no recovery recorded");
+        assert_eq!(record.node, survivor);
+        assert!(record.by.contains('@'), "{record:?}");
+        assert!(!record.from.is_empty(), "{record:?}");
+        assert_eq!(record.removed.len(), 2, "{record:?}");
+        let (code, history, err) = run_ctl(&h, &survivor, &["history"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            history.contains("recover-alone") && history.contains(&survivor),
+            "{history}"
+        );
+
+        // The others come back: their members were removed, they join
+        // again (as learners, then voters), and the old primary follows.
+        h.cluster.start_witness().unwrap();
+        h.cluster.start_agent(l).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let etcd = h.cluster.nodes[1 - l].api().get("/etcd/members").await;
+            let voters = etcd
+                .as_ref()
+                .ok()
+                .and_then(|a| a.body["members"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter(|m| m["learner"] == false && m["answers"] == true)
+                .count();
+            if voters == 3 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd is not back to three voting members: {:?}",
+                etcd.map(|a| a.body)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(h.healthy(Duration::from_secs(120)).await, survivor);
+        let old_primary = h.client(&first).await;
+        let rows: i64 = old_primary
+            .query_one("SELECT count(*) FROM log", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            rows, 2,
+            "the old primary does not have the survivor's write"
+        );
+        assert_eq!(moved_aside(&h.cluster.nodes[l].dir).len(), 1);
+        assert_eq!(
+            moved_aside(&h.cluster.witness.as_ref().unwrap().dir).len(),
+            1
+        );
+        eprintln!(
+            "recover-alone: {survivor} took writes {} ms after the command",
+            writable_after.as_millis()
+        );
+        h.passed = true;
+    });
+}

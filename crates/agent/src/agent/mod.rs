@@ -159,7 +159,7 @@ pub struct Agent<D: Dcs> {
     /// What this leader did about services that gave up here.
     service_moves: std::collections::BTreeMap<String, service_moves::ServiceMove>,
     /// The node's own etcd member, when the agent runs one.
-    etcd_member: Option<mainstay_etcd_member::StatusReader>,
+    etcd_member: Option<mainstay_etcd_member::MemberHandle>,
     /// etcd's members as last asked while this node leads (empty
     /// otherwise): the `etcd_member` alerts.
     etcd_members: Arc<std::sync::Mutex<crate::alerts::EtcdMembers>>,
@@ -167,7 +167,7 @@ pub struct Agent<D: Dcs> {
 
 impl<D: Dcs> Agent<D> {
     /// Shows the node's own etcd member (run beside the agent) in the API.
-    pub fn with_etcd_member(mut self, member: mainstay_etcd_member::StatusReader) -> Agent<D> {
+    pub fn with_etcd_member(mut self, member: mainstay_etcd_member::MemberHandle) -> Agent<D> {
         self.etcd_member = Some(member);
         self
     }

@@ -25,7 +25,7 @@ pub trait EtcdAccess: Send + Sync + 'static {
     fn timing(&self) -> &mainstay_core::Timing;
     fn auth(&self) -> &ApiAuth;
     /// The node's own etcd member, when it runs one.
-    fn local_member(&self) -> Option<&mainstay_etcd_member::StatusReader>;
+    fn local_member(&self) -> Option<&mainstay_etcd_member::MemberHandle>;
 }
 
 impl<D: Dcs> EtcdAccess for super::ApiState<D> {
@@ -39,7 +39,7 @@ impl<D: Dcs> EtcdAccess for super::ApiState<D> {
     fn auth(&self) -> &ApiAuth {
         &self.auth
     }
-    fn local_member(&self) -> Option<&mainstay_etcd_member::StatusReader> {
+    fn local_member(&self) -> Option<&mainstay_etcd_member::MemberHandle> {
         self.etcd_member.as_ref()
     }
 }
@@ -139,18 +139,10 @@ pub async fn add<S: EtcdAccess>(
         }
         Err(err) => return dcs_error(err),
     };
-    let initial_cluster: BTreeMap<String, String> = after
-        .iter()
-        .filter_map(|m| {
-            let url = m.peer_urls.first()?.clone();
-            let name = if m.peer_urls.contains(&new.peer_url) {
-                new.name.clone()
-            } else {
-                m.name.clone()
-            };
-            Some((name, url))
-        })
-        .collect();
+    let initial_cluster: BTreeMap<String, String> =
+        crate::etcd_rejoin::initial_cluster(&after, &new.name, &new.peer_url)
+            .into_iter()
+            .collect();
     tracing::warn!(name = %new.name, peer_url = %new.peer_url, "etcd member added on request; it joins when it starts");
     axum::Json(json!({
         "members": after,
@@ -306,7 +298,7 @@ fn display_name(member: &DcsMember) -> String {
     }
 }
 
-fn local(reader: Option<&mainstay_etcd_member::StatusReader>) -> Value {
+fn local(reader: Option<&mainstay_etcd_member::MemberHandle>) -> Value {
     let Some(reader) = reader else {
         return Value::Null;
     };

@@ -11,6 +11,7 @@ pub mod health;
 mod metrics;
 mod openapi;
 mod param_check;
+mod recover_alone;
 mod serve;
 pub(crate) mod status;
 
@@ -247,7 +248,7 @@ pub struct ApiState<D> {
     /// The replicated directories (`[[replicate]]`), if any.
     pub replication: Option<Arc<mainstay_files::Replication>>,
     /// The node's own etcd member, when the agent runs one.
-    pub etcd_member: Option<mainstay_etcd_member::StatusReader>,
+    pub etcd_member: Option<mainstay_etcd_member::MemberHandle>,
 }
 
 impl<D: Dcs> ApiState<D> {
@@ -396,6 +397,7 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
             "/etcd/members/{name}",
             axum::routing::delete(etcd_members::remove::<ApiState<D>>),
         )
+        .route("/recover-alone", post(recover_alone::recover_alone::<D>))
         .route("/metrics", get(metrics::<D>))
         .route(
             "/openapi.json",

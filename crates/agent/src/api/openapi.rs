@@ -547,6 +547,20 @@ pub fn document() -> Value {
         {"name": "name", "in": "path", "required": true, "description": "The member's name, id, or peer URL while it has not started.", "schema": {"type": "string", "minLength": 1}},
         {"name": "force", "in": "query", "required": false, "description": "Remove a member that answers.", "schema": {"type": "boolean"}}
     ]);
+    let recover_alone = unsafe_op(
+        "The way back when this node is the only server left: re-form its etcd member as the only member of its cluster (etcd --force-new-cluster, data kept) and record who asked in `recoveries`. The node then leads under the usual rules; returning servers join again by themselves. Refused without the cluster's name as confirmation, while the cluster is paused, and while any other etcd member answers.",
+        Some((
+            json!({"type": "object", "additionalProperties": false, "required": ["confirm"], "properties": {"confirm": {"type": "string", "description": "The cluster's name, typed by the operator."}, "by": {"type": "string", "description": "Who asks (user@host), for the record."}}}),
+            true,
+        )),
+        json!({
+            "200": ok("Re-formed; whether the record was written.", json!({"type": "object", "required": ["recovered", "removed", "recorded", "next"]})),
+            "400": err("The body is not {\"confirm\": ..., \"by\": ...}, or the confirmation is not the cluster's name."),
+            "409": err("This node runs no etcd member of its own, the cluster is paused, its member is already alone, or another member answers."),
+            "500": err("etcd could not be restarted alone (see the agent's log)."),
+            "503": err("This node's etcd member does not answer.")
+        }),
+    );
     let mut restart_service = unsafe_op(
         "Restart this node's service now, forgetting its restart history (a failed service gets another chance); it starts again only if it belongs on this node.",
         Some((schema("Empty"), false)),
@@ -705,6 +719,7 @@ pub fn document() -> Value {
             "/members/{name}": {"delete": remove_member},
             "/etcd/members": etcd_members,
             "/etcd/members/{name}": {"delete": remove_etcd_member},
+            "/recover-alone": {"post": recover_alone},
             "/services/{name}/restart": {"post": restart_service}
         },
         "components": components()

@@ -99,11 +99,11 @@ pub async fn serve(
         let connection = async move {
             let _slot = slot;
             match tls {
-                None => serve_connection(tcp, app, limits).await,
+                None => serve_connection(tcp, peer, app, limits).await,
                 Some(tls) => {
                     let handshake = tokio::time::timeout(limits.header_timeout, tls.accept(tcp));
                     match handshake.await {
-                        Ok(Ok(stream)) => serve_connection(stream, app, limits).await,
+                        Ok(Ok(stream)) => serve_connection(stream, peer, app, limits).await,
                         _ => tracing::debug!(%peer, "TLS handshake failed or timed out"),
                     }
                 }
@@ -114,10 +114,21 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection<I>(io: I, app: Router, limits: Limits)
+/// The address a request came from, for handlers that record who asked.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddress(pub std::net::SocketAddr);
+
+async fn serve_connection<I>(io: I, peer: std::net::SocketAddr, app: Router, limits: Limits)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let app = tower::ServiceExt::map_request(
+        app,
+        move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ClientAddress(peer));
+            request
+        },
+    );
     let service = hyper_util::service::TowerToHyperService::new(app);
     // hyper starts this timer whenever the connection waits for a request
     // head, so it bounds a slow header and an idle keep-alive alike.

@@ -147,12 +147,16 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
 /// agent has read the DCS once.
 pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
     let view = node.view.as_ref()?;
-    Some(cluster_of(
-        view,
-        &node.scope,
-        node.paused,
-        node.leader_lsn(),
-    ))
+    let mut doc = cluster_of(view, &node.scope, node.paused, node.leader_lsn());
+    // The view is this node's last read: say when it is old.
+    if !node.dcs_reachable {
+        doc["dcs_reachable"] = json!(false);
+        if let Some(seen) = node.dcs_last_seen {
+            let secs = seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            doc["dcs_last_seen"] = json!(secs);
+        }
+    }
+    Some(doc)
 }
 
 /// `GET /cluster` from a view: the agents' and the witness's.
@@ -228,6 +232,10 @@ pub fn cluster_of(
     let mut doc = json!({ "members": members, "scope": scope });
     if paused {
         doc["pause"] = json!(true);
+    }
+    // mainstay's own key: who overrode the quorum, and when.
+    if !view.recoveries.is_empty() {
+        doc["recoveries"] = json!(view.recoveries);
     }
     if let Some(record) = &view.failover {
         doc["scheduled_switchover"] = match &record.request {

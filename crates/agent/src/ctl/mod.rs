@@ -9,6 +9,7 @@
 
 mod drill;
 mod etcd_member;
+mod recover_alone;
 mod services;
 
 use crate::api_client::{self, Answer, ApiClient};
@@ -134,6 +135,15 @@ enum CtlCommand {
     /// etcd's own members: list them, let a new node's in, remove a dead one.
     #[command(subcommand)]
     EtcdMember(etcd_member::EtcdMemberCommand),
+    /// The way back when this node is the only server left: re-form its
+    /// etcd member alone so that it can lead (docs/ship-guide.md). Only
+    /// when every other server is gone for good; asks for the cluster's
+    /// name.
+    RecoverAlone {
+        /// The cluster's name, instead of typing it when asked.
+        #[arg(long, value_name = "CLUSTER")]
+        confirm: Option<String>,
+    },
     /// Cancel a scheduled switchover.
     CancelSwitchover {
         #[arg(long)]
@@ -286,6 +296,7 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
         CtlCommand::History => ctl.history().await,
         CtlCommand::Services => ctl.services().await,
         CtlCommand::EtcdMember(command) => ctl.etcd_member(command).await,
+        CtlCommand::RecoverAlone { confirm } => ctl.recover_alone(confirm).await,
         CtlCommand::RestartService {
             node,
             service,
@@ -570,6 +581,16 @@ impl Ctl {
             .and_then(|m| m["name"].as_str())
             .unwrap_or("none");
         println!("Cluster {scope}: leader {leader}");
+        if cluster["dcs_reachable"] == false {
+            let ago = cluster["dcs_last_seen"]
+                .as_u64()
+                .map(|t| crate::api::unix_now().saturating_sub(t))
+                .map_or_else(String::new, |s| format!(", last read {s} s ago"));
+            println!(
+                "NO QUORUM: this node cannot read etcd{ago}; the list above is as it was then. \
+                 Nothing takes over until two of the three machines run again (docs/ship-guide.md)"
+            );
+        }
         if cluster["pause"] == true {
             println!("Maintenance mode: on (no automatic failover; `mainstay ctl resume` to end)");
         }
@@ -627,6 +648,7 @@ impl Ctl {
             rows.push([field(0), lsn, field(2), field(3), field(4)]);
         }
         print_table(&rows);
+        recover_alone::print_recoveries(&self.call(Method::GET, "/cluster", None).await?.body);
         Ok(())
     }
 }

@@ -22,7 +22,7 @@ pub(super) struct WitnessState<D> {
     pub timing: mainstay_core::Timing,
     pub dcs: Arc<D>,
     pub auth: ApiAuth,
-    pub member: Option<mainstay_etcd_member::StatusReader>,
+    pub member: Option<mainstay_etcd_member::MemberHandle>,
     pub snapshot: watch::Receiver<WitnessSnapshot>,
 }
 
@@ -37,7 +37,7 @@ impl<D: Dcs> EtcdAccess for WitnessState<D> {
     fn auth(&self) -> &ApiAuth {
         &self.auth
     }
-    fn local_member(&self) -> Option<&mainstay_etcd_member::StatusReader> {
+    fn local_member(&self) -> Option<&mainstay_etcd_member::MemberHandle> {
         self.member.as_ref()
     }
 }

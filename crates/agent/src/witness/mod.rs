@@ -43,7 +43,7 @@ pub enum WitnessError {
 pub async fn run<D: Dcs>(
     config: &WitnessConfig,
     dcs: D,
-    member: Option<mainstay_etcd_member::StatusReader>,
+    member: Option<mainstay_etcd_member::MemberHandle>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WitnessError> {
     let span = info_span!("witness", node = %config.name);
@@ -55,7 +55,7 @@ pub async fn run<D: Dcs>(
 async fn run_in_span<D: Dcs>(
     config: &WitnessConfig,
     dcs: D,
-    member: Option<mainstay_etcd_member::StatusReader>,
+    member: Option<mainstay_etcd_member::MemberHandle>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WitnessError> {
     let dcs = Arc::new(dcs);

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+mod endpoint;
 mod errors;
 mod membership;
 mod watch;
@@ -660,6 +661,36 @@ impl Dcs for EtcdDcs {
         )))
     }
 
+    async fn append_recovery(&self, record: &mainstay_core::RecoveryRecord) -> Result<()> {
+        let key = self.key(keys::RECOVERIES);
+        for _ in 0..HISTORY_ATTEMPTS {
+            let (mut records, mod_revision): (Vec<serde_json::Value>, i64) =
+                match self.get_one(keys::RECOVERIES).await? {
+                    // Whatever is there stays, readable or not.
+                    Some((value, mod_revision, _)) => (
+                        serde_json::from_slice(&value).unwrap_or_else(|_| {
+                            vec![serde_json::Value::String(
+                                String::from_utf8_lossy(&value).into_owned(),
+                            )]
+                        }),
+                        mod_revision,
+                    ),
+                    None => (Vec::new(), 0),
+                };
+            records.push(serde_json::to_value(record).map_err(|e| corrupt(&key, e))?);
+            let value = to_json(&records)?;
+            if self
+                .cas(keys::RECOVERIES, Some(value), mod_revision, Vec::new())
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Err(DcsError::Conflict(format!(
+            "{key} changed under every one of {HISTORY_ATTEMPTS} attempts to append to it"
+        )))
+    }
+
     async fn read_config(&self) -> Result<Option<ConfigValue>> {
         let Some((value, mod_revision, _)) = self.get_one(keys::CONFIG).await? else {
             return Ok(None);
@@ -748,6 +779,14 @@ impl Dcs for EtcdDcs {
 
     async fn remove_dcs_member(&self, name: &str) -> Result<()> {
         self.remove(name).await
+    }
+
+    async fn dcs_view_at(&self, client_url: &str) -> Result<crate::EndpointView> {
+        self.view_at(client_url).await
+    }
+
+    async fn dcs_answers_at(&self, client_url: &str) -> bool {
+        self.answers_at(client_url).await
     }
 
     async fn keep_leader_away(&self, local: &[std::net::IpAddr]) -> Result<Option<String>> {
