@@ -1,19 +1,20 @@
-//! A node's etcd member that was removed from its cluster while its server
-//! was away (`recover-alone` on the survivor, or `ctl etcd-member remove`)
-//! joins it again by itself. etcd stops such a member for good ("the
+//! A node's etcd member that `recover-alone` on the survivor removed from
+//! its cluster while its server was away joins it again by itself. etcd stops such a member for good ("the
 //! member has been permanently removed from the cluster") the moment it
 //! reaches one that knows; the supervisor then asks [`Rejoin`], which looks
 //! at what the other members say:
 //!
 //! - a member of this node's cluster (one of the configured members, at
 //!   its configured peer URL) that has a leader and no longer lists this
-//!   node: removed. The old data is moved aside (never deleted), the node
+//!   node, and whose cluster's `recoveries` record names this node as
+//!   removed (one an operator removed with `ctl etcd-member remove` stays
+//!   out): removed. The old data is moved aside (never deleted), the node
 //!   is added back as a *learner* (outside the quorum, so that a survivor
 //!   alone keeps its quorum whatever happens to the newcomer), etcd starts
 //!   with `initial-cluster-state=existing`, and a task promotes the learner
 //!   to a voting member once it has caught up;
-//! - listed but never started (a learner added by an earlier attempt that
-//!   did not get further): start with the membership as it is;
+//! - listed as a learner that never started (added by an earlier attempt
+//!   that did not get further): start with the membership as it is;
 //! - anything else (nobody answers, a member of another cluster answers,
 //!   this node is listed as started): the member is started again as it
 //!   was, with the supervisor's backoff.
@@ -70,7 +71,7 @@ pub fn verdict(spec: &MemberSpec, answers: &[(String, EndpointView)]) -> Verdict
             .find(|m| m.peer_urls.contains(&spec.peer_url))
         {
             None => return Verdict::Removed { via: url.clone() },
-            Some(me) if me.name.is_empty() => {
+            Some(me) if me.name.is_empty() && me.learner => {
                 let Ok(id) = u64::from_str_radix(&me.id, 16) else {
                     continue;
                 };
@@ -124,6 +125,8 @@ pub struct Rejoin {
     dcs: Arc<OnceLock<EtcdDcs>>,
     /// The other members' client URLs.
     others: Vec<String>,
+    /// Learners a promotion task runs for.
+    promoting: std::collections::BTreeSet<u64>,
 }
 
 impl Rejoin {
@@ -141,6 +144,7 @@ impl Rejoin {
                 .filter(|url| **url != spec.client_url)
                 .cloned()
                 .collect(),
+            promoting: Default::default(),
         }
     }
 
@@ -151,22 +155,37 @@ impl Rejoin {
     fn after_exit(&mut self, spec: &MemberSpec, how: &str) -> Option<MemberSpec> {
         let dcs = self.dcs.get()?.clone();
         let others = self.others.clone();
-        let answers = self.runtime.block_on(async {
-            let asked = futures_util::future::join_all(others.iter().map(|url| {
+        // Each bounded alone: one dead member must not hide the others.
+        let answers = self
+            .runtime
+            .block_on(futures_util::future::join_all(others.iter().map(|url| {
                 let dcs = dcs.clone();
-                async move { (url.clone(), dcs.view_at(url).await) }
-            }));
-            tokio::time::timeout(ASK_WITHIN, asked)
-                .await
-                .unwrap_or_default()
-        });
-        let answers: Vec<(String, EndpointView)> = answers
-            .into_iter()
-            .filter_map(|(url, view)| Some((url, view.ok()?)))
-            .collect();
+                async move {
+                    match tokio::time::timeout(ASK_WITHIN, dcs.view_at(url)).await {
+                        Ok(Ok(view)) => Some((url.clone(), view)),
+                        _ => None,
+                    }
+                }
+            })));
+        let answers: Vec<(String, EndpointView)> = answers.into_iter().flatten().collect();
         let (via, id, members) = match verdict(spec, &answers) {
             Verdict::Keep => return None,
             Verdict::Removed { via } => {
+                let recoveries = self.runtime.block_on(async {
+                    tokio::time::timeout(ASK_WITHIN, dcs.recoveries_at(&via)).await
+                });
+                let by_recovery = matches!(&recoveries, Ok(Ok(records))
+                    if records.iter().any(|r| r.removed.contains(&spec.name)));
+                if !by_recovery {
+                    tracing::error!(
+                        %via,
+                        "this node's etcd member is no longer a member of its cluster, and no \
+                         recover-alone removed it: it stays out (an operator's `ctl etcd-member \
+                         remove`). To let it in again: `mainstay ctl etcd-member add`, then start \
+                         it with an empty etcd.data_dir"
+                    );
+                    return None;
+                }
                 tracing::warn!(
                     %via, exit = how,
                     "this node's etcd member is no longer a member of its cluster (removed while \
@@ -194,9 +213,11 @@ impl Rejoin {
         }
         let joined = joining(spec, &members);
         tracing::warn!(initial_cluster = ?joined.initial_cluster, "etcd member joining its cluster again");
-        let mut endpoints = vec![via];
-        endpoints.extend(self.others.iter().cloned());
-        self.runtime.spawn(promote(dcs, endpoints, id));
+        if self.promoting.insert(id) {
+            let mut endpoints = vec![via];
+            endpoints.extend(self.others.iter().cloned());
+            self.runtime.spawn(promote(dcs, endpoints, id));
+        }
         Some(joined)
     }
 }
@@ -232,9 +253,16 @@ async fn promote(dcs: EtcdDcs, endpoints: Vec<String>, id: u64) {
                     tracing::info!(member = %format!("{id:x}"), "etcd learner promoted: this node's member votes again");
                     return;
                 }
-                // Promoted by an earlier answer that got lost.
-                Err(err) if err.to_string().contains("not a learner") => return,
                 Err(err) => last = err.to_string(),
+            }
+            // Promoted already (an answer lost), or added as a voter.
+            if let Ok(view) = dcs.view_at(url).await
+                && view
+                    .members
+                    .iter()
+                    .any(|m| m.id == format!("{id:x}") && !m.learner)
+            {
+                return;
             }
         }
         tokio::time::sleep(PROMOTE_EVERY).await;

@@ -47,9 +47,10 @@ pub struct Member {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Asked after the member exited by itself, before it starts again: the
-/// spec to start it with from now on, if it must change (a member removed
-/// from its cluster joins it again as a new one). Runs on the supervising
+/// Asked after etcd exited by itself with status 0, which is how it stops
+/// once it learns it was removed from its cluster, before it starts
+/// again: the spec to start it with from now on, if it must change (it
+/// joins its cluster again as a new member). Runs on the supervising
 /// thread: it may block, for a few seconds at most.
 pub type AfterExit = Box<dyn FnMut(&MemberSpec, &str) -> Option<MemberSpec> + Send>;
 
@@ -211,20 +212,36 @@ impl MemberHandle {
                 return Err(io::Error::other("the etcd member is stopping"));
             }
             if control.force_new_cluster.is_some() {
-                return Err(io::Error::other(
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
                     "the etcd member is being re-formed already",
                 ));
             }
             control.force_new_cluster = Some(tx);
         }
         self.0.wake.notify_all();
-        rx.recv_timeout(FORCE_NEW_CLUSTER_TIMEOUT)
-            .unwrap_or_else(|_| {
-                Err(io::Error::other(format!(
-                    "etcd did not start again within {} s",
-                    FORCE_NEW_CLUSTER_TIMEOUT.as_secs()
-                )))
-            })
+        match rx.recv_timeout(FORCE_NEW_CLUSTER_TIMEOUT) {
+            Ok(answer) => answer,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(io::Error::other("the etcd member stopped meanwhile"))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Not picked up (etcd did not stop): withdraw it, so that it
+                // does not happen later on a check made now.
+                let withdrawn = self.0.control().force_new_cluster.take().is_some();
+                Err(io::Error::other(if withdrawn {
+                    format!(
+                        "etcd did not stop within {} s: nothing was changed",
+                        FORCE_NEW_CLUSTER_TIMEOUT.as_secs()
+                    )
+                } else {
+                    format!(
+                        "etcd did not start again alone within {} s; see the log",
+                        FORCE_NEW_CLUSTER_TIMEOUT.as_secs()
+                    )
+                }))
+            }
+        }
     }
 }
 
@@ -286,6 +303,8 @@ fn supervise(
             }
         };
         if shared.stopping() {
+            // A pending request's caller hears "stopped" at once.
+            shared.control().force_new_cluster.take();
             tracing::info!("etcd member stopped: {outcome}");
             return;
         }
@@ -294,13 +313,17 @@ fn supervise(
             continue;
         }
         let mut delay = backoff;
-        if let Some(hook) = after_exit.as_mut()
-            && let Some(changed) = hook(&spec, &outcome.to_string())
+        if let Outcome::ExitedClean(how) = &outcome
+            && let Some(hook) = after_exit.as_mut()
+            && let Some(changed) = hook(&spec, how)
         {
             *shared.spec.lock().unwrap_or_else(|p| p.into_inner()) = changed.clone();
             spec = changed;
-            // A member let in again starts now: the cluster waits for it.
-            delay = Duration::ZERO;
+            // A member let in again starts at once (the cluster waits for
+            // it), unless the last one did not stay up either.
+            if backoff == FIRST_BACKOFF || started.elapsed() >= STABLE_RUN {
+                delay = Duration::ZERO;
+            }
         }
         if started.elapsed() >= STABLE_RUN {
             backoff = FIRST_BACKOFF;
@@ -311,7 +334,10 @@ fn supervise(
             delay.as_secs()
         );
         match shared.sleep(delay) {
-            Wake::Stop => return,
+            Wake::Stop => {
+                shared.control().force_new_cluster.take();
+                return;
+            }
             Wake::ForceNewCluster => reply = shared.control().force_new_cluster.take(),
             Wake::Timeout => {}
         }
@@ -323,6 +349,8 @@ fn supervise(
 enum Outcome {
     /// By itself or by the agent's stop: how.
     Exited(String),
+    /// By itself, with status 0 (e.g. removed from its cluster).
+    ExitedClean(String),
     /// Stopped to be started again with `--force-new-cluster`.
     ForNewCluster,
 }
@@ -330,7 +358,7 @@ enum Outcome {
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Outcome::Exited(how) => f.write_str(how),
+            Outcome::Exited(how) | Outcome::ExitedClean(how) => f.write_str(how),
             Outcome::ForNewCluster => f.write_str("stopped to be re-formed alone"),
         }
     }
@@ -358,6 +386,9 @@ fn spawn(spec: &MemberSpec, force_new_cluster: bool) -> io::Result<Child> {
 fn run(mut child: Child, shared: &Shared) -> Outcome {
     loop {
         match child.try_wait() {
+            Ok(Some(status)) if status.success() => {
+                return Outcome::ExitedClean(format!("exited ({status})"));
+            }
             Ok(Some(status)) => return Outcome::Exited(format!("exited ({status})")),
             Ok(None) => {}
             Err(err) => return Outcome::Exited(format!("could not be waited for: {err}")),
@@ -501,30 +532,35 @@ mod tests {
     }
 
     #[test]
-    fn the_hook_after_an_exit_changes_how_the_member_starts_again() {
+    fn only_a_clean_exit_asks_the_hook_which_may_change_how_etcd_starts() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = spec(dir.path());
-        let old_url = spec.client_url.clone();
-        let new_url = format!("http://127.0.0.1:{}", mainstay_testkit::free_port());
+        let etcd = spec(dir.path());
+        let url = etcd.client_url.clone();
+        // A first "member" that exits with status 0 at once, as etcd does
+        // when it learns it was removed; the hook starts the real one.
+        let mut first = etcd.clone();
+        first.binary = "/bin/true".into();
         let asked = Arc::new(Mutex::new(Vec::new()));
         let hook: AfterExit = {
-            let (asked, new_url) = (asked.clone(), new_url.clone());
-            Box::new(move |spec: &MemberSpec, how: &str| {
+            let asked = asked.clone();
+            Box::new(move |_: &MemberSpec, how: &str| {
                 asked.lock().unwrap().push(how.to_string());
-                let mut changed = spec.clone();
-                changed.client_url = new_url.clone();
-                Some(changed)
+                Some(etcd.clone())
             })
         };
-        let member = Member::start_with(spec, Some(hook)).unwrap();
-        wait_until("etcd answers", || healthy(&old_url));
-        let first = member.status().pid.unwrap();
-        mainstay_sys::process::kill(first as i32, libc::SIGKILL).unwrap();
-        wait_until("etcd answers where the hook said", || healthy(&new_url));
-        assert!(!healthy(&old_url));
+        let member = Member::start_with(first, Some(hook)).unwrap();
+        wait_until("etcd answers as the hook said", || healthy(&url));
+        assert_eq!(member.handle().spec().binary, spec(dir.path()).binary);
+        // Killed by a signal: restarted as it is, the hook not asked.
+        let pid = member.status().pid.unwrap();
+        mainstay_sys::process::kill(pid as i32, libc::SIGKILL).unwrap();
+        wait_until("etcd runs again", || {
+            member.status().pid.is_some_and(|p| p != pid)
+        });
+        wait_until("etcd answers again", || healthy(&url));
         let asked = asked.lock().unwrap().clone();
         assert_eq!(asked.len(), 1, "{asked:?}");
-        assert!(asked[0].contains("signal: 9"), "{asked:?}");
+        assert!(asked[0].contains("exit status: 0"), "{asked:?}");
         member.stop();
     }
 

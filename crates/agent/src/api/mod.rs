@@ -466,7 +466,7 @@ async fn cluster<D: Dcs>(State(state): Shared<D>) -> Response {
         Some(body) => axum::Json(body).into_response(),
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "this agent has not read the DCS yet: ask another node or retry",
+            "this agent has not read the DCS yet (etcd has no quorum here, or does not answer): ask another node or retry",
         ),
     }
 }
@@ -476,7 +476,7 @@ async fn history<D: Dcs>(State(state): Shared<D>) -> Response {
     let Some(view) = &node.view else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "this agent has not read the DCS yet: ask another node or retry",
+            "this agent has not read the DCS yet (etcd has no quorum here, or does not answer): ask another node or retry",
         );
     };
     axum::Json(status::history(&view.history)).into_response()

@@ -29,8 +29,12 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long the re-formed member may take to accept the record.
+/// How long the re-formed member may take to lead alone and accept the
+/// record.
 const RECORD_WITHIN: Duration = Duration::from_secs(30);
+/// Every other member is asked this many times, a second apart: one lost
+/// answer on a lossy link must not make a running server look dead.
+const PROBES: usize = 3;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +51,8 @@ pub(crate) struct Situation<'a> {
     pub cluster: &'a str,
     pub paused: bool,
     pub runs_member: bool,
+    /// This node's member follows a leader: etcd has its quorum here.
+    pub has_quorum: bool,
     /// The other members as this node's member lists them, with whether
     /// each answered.
     pub others: &'a [(DcsMember, bool)],
@@ -80,6 +86,14 @@ pub(crate) fn refusal(confirm: &str, s: &Situation) -> Option<(StatusCode, Strin
             "the cluster is paused (maintenance mode): someone is working on it and no node \
              takes the lead by itself, so a recovered etcd would still leave no primary. Ask \
              whoever paused it; nothing was changed"
+                .into(),
+        ));
+    }
+    if s.has_quorum {
+        return Some((
+            StatusCode::CONFLICT,
+            "this node's etcd member has a leader: etcd has its quorum, there is nothing to \
+             recover (`mainstay ctl list` says why no node leads). Nothing was changed"
                 .into(),
         ));
     }
@@ -125,6 +139,8 @@ pub async fn recover_alone<D: Dcs>(
     let node = state.node();
     let spec = state.etcd_member.as_ref().map(|m| m.spec());
     let mut others = Vec::new();
+    let mut has_quorum = false;
+    let mut own_id = 0;
     if let Some(spec) = &spec
         && request.confirm == node.scope
         && !node.paused
@@ -142,17 +158,27 @@ pub async fn recover_alone<D: Dcs>(
                 );
             }
         };
+        has_quorum = view.leader != 0;
+        own_id = view.member_id;
         let listed: Vec<DcsMember> = view
             .members
             .into_iter()
             .filter(|m| m.id != format!("{:x}", view.member_id))
             .collect();
-        // Polled together: the dead ones each cost one timeout.
+        // Polled together: the dead ones each cost one timeout a round.
         let answers = futures_util::future::join_all(listed.iter().map(|m| async {
-            match m.client_urls.first() {
-                Some(url) => state.dcs.dcs_answers_at(url).await,
-                None => false,
+            let Some(url) = m.client_urls.first() else {
+                return false;
+            };
+            for probe in 0..PROBES {
+                if probe > 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                if state.dcs.dcs_answers_at(url).await {
+                    return true;
+                }
             }
+            false
         }))
         .await;
         others = listed.into_iter().zip(answers).collect();
@@ -161,6 +187,7 @@ pub async fn recover_alone<D: Dcs>(
         cluster: &node.scope,
         paused: node.paused,
         runs_member: spec.is_some(),
+        has_quorum,
         others: &others,
     };
     if let Some((status, why)) = refusal(&request.confirm, &situation) {
@@ -194,6 +221,9 @@ pub async fn recover_alone<D: Dcs>(
     let forced = tokio::task::spawn_blocking(move || handle.force_new_cluster()).await;
     match forced {
         Ok(Ok(_)) => {}
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            return error(StatusCode::CONFLICT, err.to_string());
+        }
         Ok(Err(err)) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -203,6 +233,14 @@ pub async fn recover_alone<D: Dcs>(
         Err(err) => {
             return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{err}"));
         }
+    }
+    let own_url = spec
+        .as_ref()
+        .map(|s| s.client_url.clone())
+        .unwrap_or_default();
+    if let Err(why) = leads_alone(&*state.dcs, &own_url, own_id).await {
+        tracing::error!("recover-alone: {why}");
+        return error(StatusCode::INTERNAL_SERVER_ERROR, why);
     }
     let record = RecoveryRecord {
         node: node.name.clone(),
@@ -226,6 +264,29 @@ pub async fn recover_alone<D: Dcs>(
                  them with the network to this server connected",
     }))
     .into_response()
+}
+
+/// Waits until this node's member is the only one and leads: a forced
+/// etcd that exited at once would be restarted without the flag, back in
+/// the old membership.
+async fn leads_alone<D: Dcs>(dcs: &D, own_url: &str, own_id: u64) -> Result<(), String> {
+    let deadline = Instant::now() + RECORD_WITHIN;
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        match dcs.dcs_view_at(own_url).await {
+            Ok(view) if view.members.len() == 1 && view.leader == own_id => return Ok(()),
+            Ok(view) => {
+                last = format!("{} member(s), leader {:x}", view.members.len(), view.leader)
+            }
+            Err(err) => last = err.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!(
+        "etcd was restarted with --force-new-cluster but is not leading alone after {} s \
+         ({last}): see the agent's log; run recover-alone again once etcd runs",
+        RECORD_WITHIN.as_secs()
+    ))
 }
 
 /// Writes the record once the re-formed member takes writes.
@@ -261,6 +322,7 @@ mod tests {
             cluster: "ship",
             paused: false,
             runs_member: true,
+            has_quorum: false,
             others,
         }
     }
@@ -292,6 +354,14 @@ mod tests {
 
         let (_, why) = refusal("ship", &situation(&[])).unwrap();
         assert!(why.contains("already the only one"), "{why}");
+
+        // Every other member silent, but etcd has its quorum here (their
+        // client ports blocked, say): nothing to recover.
+        let mut quorum = situation(&silent);
+        quorum.has_quorum = true;
+        let (status, why) = refusal("ship", &quorum).unwrap();
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert!(why.contains("has its quorum"), "{why}");
 
         let mut external = situation(&silent);
         external.runs_member = false;

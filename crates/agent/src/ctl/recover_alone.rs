@@ -22,8 +22,12 @@ impl Ctl {
             None => ask_for_the_name()?,
         };
         let body = json!({ "confirm": confirm, "by": who() });
-        let answer = self
-            .call(Method::POST, "/recover-alone", Some(&body))
+        // Probes, etcd's restart and the record take up to about a minute.
+        let api = self
+            .api
+            .clone()
+            .with_timeout(std::time::Duration::from_secs(300));
+        let answer = super::call(&api, Method::POST, "/recover-alone", Some(&body))
             .await?
             .body;
         if self.json {

@@ -11,9 +11,16 @@ use etcd_client::{Client, Member, MemberAddOptions};
 
 impl EtcdDcs {
     /// A client of the member at `client_url` only, without the
-    /// require-leader flag (a member without quorum still answers).
-    async fn client_at(&self, client_url: &str) -> Result<Client> {
-        let options = self.inner.options.clone().with_require_leader(false);
+    /// require-leader flag (a member without quorum still answers), and
+    /// with the credentials only when `login` (etcd checks them through
+    /// its quorum).
+    async fn client_at(&self, client_url: &str, login: bool) -> Result<Client> {
+        let options = if login {
+            &self.inner.options
+        } else {
+            &self.inner.anonymous
+        };
+        let options = options.clone().with_require_leader(false);
         let connect = Client::connect([client_url], Some(options));
         match tokio::time::timeout(self.inner.request_timeout, connect).await {
             Err(_) => Err(DcsError::Timeout),
@@ -23,12 +30,12 @@ impl EtcdDcs {
 
     /// Runs one request on the member at `client_url`, bounded by the
     /// request timeout.
-    async fn at<T, F, Fut>(&self, client_url: &str, request: F) -> Result<T>
+    async fn at<T, F, Fut>(&self, client_url: &str, login: bool, request: F) -> Result<T>
     where
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        let client = self.client_at(client_url).await?;
+        let client = self.client_at(client_url, login).await?;
         match tokio::time::timeout(self.inner.request_timeout, request(client)).await {
             Err(_) => Err(DcsError::Timeout),
             Ok(result) => result.map_err(|e| map_err(e, client_url)),
@@ -38,7 +45,7 @@ impl EtcdDcs {
     /// What the member at `client_url` believes its cluster is.
     pub async fn view_at(&self, client_url: &str) -> Result<EndpointView> {
         let (answer, status) = self
-            .at(client_url, |mut client| async move {
+            .at(client_url, false, |mut client| async move {
                 let members = client.member_list().await?;
                 // Answers without a leader too (the require-leader flag is off).
                 let status = client.status().await?;
@@ -58,10 +65,9 @@ impl EtcdDcs {
 
     /// Whether the member at `client_url` answers a status request.
     pub async fn answers_at(&self, client_url: &str) -> bool {
-        self.at(
-            client_url,
-            |mut client| async move { client.status().await },
-        )
+        self.at(client_url, false, |mut client| async move {
+            client.status().await
+        })
         .await
         .is_ok()
     }
@@ -77,7 +83,7 @@ impl EtcdDcs {
     ) -> Result<(u64, Vec<DcsMember>)> {
         let url = peer_url.to_string();
         let answer = self
-            .at(client_url, |mut client| async move {
+            .at(client_url, true, |mut client| async move {
                 client
                     .member_add([url], Some(MemberAddOptions::new().with_is_learner()))
                     .await
@@ -93,11 +99,33 @@ impl EtcdDcs {
     /// Makes the learner `id` a voting member, through the member at
     /// `client_url`. etcd refuses while the learner is behind its leader.
     pub async fn promote_at(&self, client_url: &str, id: u64) -> Result<()> {
-        self.at(client_url, |mut client| async move {
+        self.at(client_url, true, |mut client| async move {
             client.member_promote(id).await
         })
         .await
         .map(|_| ())
+    }
+}
+
+impl EtcdDcs {
+    /// The `recoveries` key as the member at `client_url` reads it (with
+    /// its quorum): the evidence that a node was removed by
+    /// `recover-alone`, not retired by an operator.
+    pub async fn recoveries_at(
+        &self,
+        client_url: &str,
+    ) -> Result<Vec<mainstay_core::RecoveryRecord>> {
+        let key = self.key(crate::keys::RECOVERIES);
+        let answer = self
+            .at(client_url, true, |mut client| async move {
+                client.get(key, None).await
+            })
+            .await?;
+        Ok(answer
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok())
+            .unwrap_or_default())
     }
 }
 

@@ -117,6 +117,9 @@ struct Inner {
     current: AtomicUsize,
     /// With the credentials, for connects made after construction.
     options: ConnectOptions,
+    /// Without them: etcd's authentication needs a quorum, and a member's
+    /// own view of its cluster must be readable without one.
+    anonymous: ConnectOptions,
     prefix: String,
     request_timeout: Duration,
     /// Open keep-alive streams by lease. An entry is taken out while in use,
@@ -197,6 +200,7 @@ impl EtcdDcs {
             inner: Arc::new(Inner {
                 members,
                 current: AtomicUsize::new(0),
+                anonymous: without_user,
                 options,
                 prefix: format!("/mainstay/{}/", settings.cluster),
                 request_timeout: settings.request_timeout,
