@@ -14,13 +14,15 @@
 # psycopg2 built against libpq, hence gcc, libpq-dev and python3-dev) in a
 # virtualenv shared by every test, /opt/mainstay-synapse.
 # systemd brings systemd-analyze, which checks the units `mainstay init`
-# writes (tests/init.rs).
+# writes (tests/init.rs) and the package installs. The Debian package is
+# built with cargo-deb (crates.io, pinned), which reads library dependencies
+# with dpkg-dev's dpkg-shlibdeps; the package itself needs adduser.
 # Safe to run again and again; it only calls apt-get when something is
 # missing, and pip only when a Python tool is not there in its pinned
 # version.
 set -euo pipefail
 
-packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables python3 python3-venv python3-dev libpq-dev gcc coturn rsync systemd)
+packages=(postgresql-15 postgresql-client-15 etcd-server protobuf-compiler haproxy openssl iproute2 keepalived nftables python3 python3-venv python3-dev libpq-dev gcc coturn rsync systemd procps dpkg-dev adduser)
 missing=()
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -82,6 +84,14 @@ if ! "$synapse_venv/bin/python" -c "import synapse, psycopg2, sys; sys.exit(syna
     [ -x "$synapse_venv/bin/pip" ] || $sudo /usr/bin/python3 -m venv "$synapse_venv"
     $sudo env PIP_DISABLE_PIP_VERSION_CHECK=1 "$synapse_venv/bin/pip" install --quiet --no-input \
         "matrix-synapse[postgres]==$synapse_version"
+fi
+
+# cargo-deb, pinned: `scripts/package.sh` and tests/upgrade.rs build the
+# Debian package with it.
+cargo_deb_version=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $cargo_deb_version" ]; then
+    echo "setup: installing cargo-deb $cargo_deb_version"
+    cargo install --quiet --locked cargo-deb --version "$cargo_deb_version"
 fi
 
 for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/sbin/nft /usr/sbin/tc /usr/bin/setpriv "$venv/bin/schemathesis" /usr/bin/turnserver "$synapse_venv/bin/synapse_homeserver"; do

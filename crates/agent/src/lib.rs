@@ -21,6 +21,8 @@ pub mod etcd_rejoin;
 pub mod files_transport;
 pub mod parameter_guard;
 pub mod proxy;
+pub mod reexec;
+pub mod reload_running;
 pub mod systemd;
 pub mod tls;
 pub mod vip;

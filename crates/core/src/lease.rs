@@ -103,6 +103,22 @@ impl LeaseClock {
         }
     }
 
+    /// The lease the agent this one re-executed from held, confirmed by
+    /// etcd before the exec (never a failsafe deadline: that agent does
+    /// not hand over while its lease rests on members' confirmations). It
+    /// stays the deadline until the next renewal moves it.
+    pub fn resumed(timing: LeaseTiming, lease: Lease) -> LeaseClock {
+        let lease = Lease {
+            members_confirmed: false,
+            ..lease
+        };
+        LeaseClock {
+            timing,
+            lease,
+            etcd_valid_until: lease.valid_until,
+        }
+    }
+
     pub fn lease(&self) -> Lease {
         self.lease
     }
@@ -278,6 +294,31 @@ mod tests {
             "a routine renewal changes nothing else"
         );
         assert_eq!(c.lease().valid_until, Millis(4100));
+    }
+
+    #[test]
+    fn a_resumed_lease_keeps_its_deadline_until_the_next_renewal_moves_it() {
+        let before = leading().lease();
+        let mut c = LeaseClock::resumed(TIMING, before);
+        assert_eq!(c.lease(), before, "the exec changes nothing");
+        c.on_renewal(
+            Millis(1000),
+            Millis(1010),
+            Renewal::Confirmed(7),
+            Some(KeyCheck::Ours),
+            true,
+        );
+        assert_eq!(c.lease().valid_until, Millis(4000));
+        // Lost in the exec: the key went to another node meanwhile.
+        let mut c = LeaseClock::resumed(TIMING, before);
+        let next = c.on_renewal(
+            Millis(1000),
+            Millis(1010),
+            Renewal::Confirmed(7),
+            Some(KeyCheck::NotOurs { absent: false }),
+            true,
+        );
+        assert!(next.fenced.is_some(), "{next:?}");
     }
 
     #[test]

@@ -190,6 +190,22 @@ impl MemberHandle {
         self.0.status().clone()
     }
 
+    /// Stops etcd (SIGTERM, SIGKILL after 10 s) from a handle and waits
+    /// until it is gone: before the agent re-executes itself, whose new
+    /// image starts the member again on the same ports. True if it is.
+    pub fn stop(&self) -> bool {
+        self.0.control().stop = true;
+        self.0.wake.notify_all();
+        let deadline = Instant::now() + STOP_GRACE + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if self.0.status().pid.is_none() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// The member as it runs now.
     pub fn spec(&self) -> MemberSpec {
         self.0

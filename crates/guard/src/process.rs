@@ -177,6 +177,7 @@ fn run(args: GuardArgs, channel: UnixStream) -> Result<(), String> {
         cmd.uid(uid);
     }
     sys::die_with_parent(&mut cmd, libc::SIGQUIT);
+    sys::without_ambient_capabilities(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {

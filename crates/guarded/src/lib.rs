@@ -32,11 +32,22 @@ use tracing::{error, warn};
 /// How long the guard may take to report that the child was forked.
 const GUARD_START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A child started under a guard by this process.
+/// A child started under a guard by this process (or by the agent this
+/// process re-executed from: [`Guarded::adopt`]).
 #[derive(Clone)]
 pub struct Guarded {
     pid: i32,
+    guard_pid: i32,
     shared: Arc<Shared>,
+}
+
+/// What a re-executed agent needs to take a guarded child over: the
+/// guard's socket (kept open across the exec) and both pids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handover {
+    pub fd: i32,
+    pub guard_pid: i32,
+    pub pid: i32,
 }
 
 struct Shared {
@@ -50,80 +61,88 @@ impl Guarded {
     /// and waits until it reports its child's pid. `what` names the child
     /// in the log ("postgres", "service synapse").
     pub async fn spawn(mut guard: Command, what: &str) -> io::Result<Guarded> {
-        let what = what.to_string();
         let (ours, theirs) = UnixStream::pair()?;
         guard.stdin(Stdio::from(OwnedFd::from(theirs)));
-        let mut child = guard.spawn()?;
+        let child = guard.spawn()?;
         // The command holds our copy of the guard's end; a copy left open
         // here would hide the guard's exit from the reader below.
         drop(guard);
-        let reader = ours.try_clone()?;
-        let (status, _) = watch::channel(None);
-        let shared = Arc::new(Shared {
-            link: Mutex::new(Some(ours)),
-            status,
-        });
+        let guard_pid = child.id() as i32;
+        let mut child = Some(child);
+        let reap = move || match child.take() {
+            Some(mut child) => child.wait(),
+            None => Err(io::Error::other("reaped already")),
+        };
         let (started_tx, started) = oneshot::channel();
-        let listener = shared.clone();
-        let guard_pid = child.id();
-        let what2 = what.clone();
-        std::thread::Builder::new()
-            .name(format!("guard-{guard_pid}"))
-            .spawn(move || {
-                let mut started_tx = Some(started_tx);
-                let mut exited = None;
-                for line in BufReader::new(reader).lines() {
-                    let Ok(line) = line else { break };
-                    match FromGuard::parse(&line) {
-                        Some(FromGuard::Started(pid)) => {
-                            if let Some(tx) = started_tx.take() {
-                                let _ = tx.send(Ok(pid));
-                            }
-                        }
-                        Some(FromGuard::Refused(why)) => {
-                            if let Some(tx) = started_tx.take() {
-                                let _ = tx.send(Err(why));
-                            }
-                        }
-                        Some(FromGuard::Fenced(why)) => {
-                            error!(guard = guard_pid, "fencing guard stopped {what}: {why}");
-                        }
-                        Some(FromGuard::Exited(raw)) => exited = Some(ExitStatus::from_raw(raw)),
-                        None => warn!(
-                            guard = guard_pid,
-                            "unknown message from the guard: {line:?}"
-                        ),
-                    }
-                }
-                let guard_status = child.wait();
-                *poison::lock(&listener.link) = None;
-                if let Some(tx) = started_tx.take() {
-                    let _ = tx.send(Err(format!("the guard exited ({guard_status:?})")));
-                }
-                let status = exited.or_else(|| {
-                    error!(
-                        guard = guard_pid,
-                        ?guard_status,
-                        "the fencing guard of {what} died before it; the kernel sends {what} \
-                         SIGQUIT (parent-death signal)"
-                    );
-                    guard_status.ok()
-                });
-                listener
-                    .status
-                    .send_replace(Some(status.unwrap_or(ExitStatus::from_raw(9))));
-            })?;
+        let shared = listen(ours, guard_pid, what, reap, Some(started_tx))?;
         let answer = tokio::time::timeout(GUARD_START_TIMEOUT, started)
             .await
             .map_err(|_| {
-                io::Error::other(format!("the fencing guard did not start {what2} in time"))
+                io::Error::other(format!("the fencing guard did not start {what} in time"))
             })?
             .map_err(|_| io::Error::other("the fencing guard's listener is gone"))?;
         match answer {
-            Ok(pid) => Ok(Guarded { pid, shared }),
+            Ok(pid) => Ok(Guarded {
+                pid,
+                guard_pid,
+                shared,
+            }),
             Err(why) => Err(io::Error::other(format!(
-                "the fencing guard did not start {what2}: {why}"
+                "the fencing guard did not start {what}: {why}"
             ))),
+        }
+    }
+
+    /// Takes over a guarded child that the agent this process re-executed
+    /// from started: the guard is still this process's child (an exec
+    /// keeps the pid) and its socket was kept open across the exec, so the
+    /// guard never noticed. The guard's report of the child's exit, if it
+    /// came during the exec, is lost: the exit is then the guard's own.
+    pub fn adopt(handover: Handover, what: &str) -> io::Result<Guarded> {
+        let Handover { fd, guard_pid, pid } = handover;
+        let fd = adopted_fd(fd)?;
+        let stream = UnixStream::from(fd);
+        rustix::io::fcntl_setfd(&stream, rustix::io::FdFlags::CLOEXEC)?;
+        let guard = rustix::process::Pid::from_raw(guard_pid)
+            .ok_or_else(|| io::Error::other(format!("guard pid {guard_pid} is not a pid")))?;
+        let reap = move || {
+            rustix::process::waitpid(Some(guard), rustix::process::WaitOptions::empty())
+                .map_err(io::Error::from)
+                .map(|status| match status {
+                    Some((_, status)) => ExitStatus::from_raw(status.as_raw()),
+                    None => ExitStatus::from_raw(0),
+                })
+        };
+        let shared = listen(stream, guard_pid, what, reap, None)?;
+        Ok(Guarded {
+            pid,
+            guard_pid,
+            shared,
+        })
+    }
+
+    /// The guard's socket, made to survive an exec of this process, and
+    /// the pids: for [`Guarded::adopt`] in the re-executed agent. `None`
+    /// once the guard is gone.
+    pub fn hand_over(&self) -> io::Result<Option<Handover>> {
+        let link = poison::lock(&self.shared.link);
+        let Some(stream) = link.as_ref() else {
+            return Ok(None);
+        };
+        rustix::io::fcntl_setfd(stream, rustix::io::FdFlags::empty())?;
+        Ok(Some(Handover {
+            fd: std::os::fd::AsRawFd::as_raw_fd(stream),
+            guard_pid: self.guard_pid,
+            pid: self.pid,
+        }))
+    }
+
+    /// Undoes [`Guarded::hand_over`] after a failed exec: a child started
+    /// later must not inherit the guard's socket (it would keep the socket
+    /// open after this process died, and the guard would not fence).
+    pub fn keep_private(&self) {
+        if let Some(stream) = poison::lock(&self.shared.link).as_ref() {
+            let _ = rustix::io::fcntl_setfd(stream, rustix::io::FdFlags::CLOEXEC);
         }
     }
 
@@ -176,6 +195,86 @@ impl Guarded {
             Err(_) => self.exit_status(),
         }
     }
+}
+
+/// Starts the thread that reads the guard's reports until its socket
+/// closes, then reaps the guard (`reap`) and publishes the child's exit.
+fn listen(
+    ours: UnixStream,
+    guard_pid: i32,
+    what: &str,
+    mut reap: impl FnMut() -> io::Result<ExitStatus> + Send + 'static,
+    started_tx: Option<oneshot::Sender<Result<i32, String>>>,
+) -> io::Result<Arc<Shared>> {
+    let what = what.to_string();
+    let reader = ours.try_clone()?;
+    let (status, _) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        link: Mutex::new(Some(ours)),
+        status,
+    });
+    let listener = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("guard-{guard_pid}"))
+        .spawn(move || {
+            let mut started_tx = started_tx;
+            let mut exited = None;
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                match FromGuard::parse(&line) {
+                    Some(FromGuard::Started(pid)) => {
+                        if let Some(tx) = started_tx.take() {
+                            let _ = tx.send(Ok(pid));
+                        }
+                    }
+                    Some(FromGuard::Refused(why)) => {
+                        if let Some(tx) = started_tx.take() {
+                            let _ = tx.send(Err(why));
+                        }
+                    }
+                    Some(FromGuard::Fenced(why)) => {
+                        error!(guard = guard_pid, "fencing guard stopped {what}: {why}");
+                    }
+                    Some(FromGuard::Exited(raw)) => exited = Some(ExitStatus::from_raw(raw)),
+                    None => warn!(
+                        guard = guard_pid,
+                        "unknown message from the guard: {line:?}"
+                    ),
+                }
+            }
+            let guard_status = reap();
+            *poison::lock(&listener.link) = None;
+            if let Some(tx) = started_tx.take() {
+                let _ = tx.send(Err(format!("the guard exited ({guard_status:?})")));
+            }
+            let status = exited.or_else(|| {
+                error!(
+                    guard = guard_pid,
+                    ?guard_status,
+                    "the fencing guard of {what} died before it; the kernel sends {what} \
+                     SIGQUIT (parent-death signal)"
+                );
+                guard_status.ok()
+            });
+            listener
+                .status
+                .send_replace(Some(status.unwrap_or(ExitStatus::from_raw(9))));
+        })?;
+    Ok(shared)
+}
+
+/// The handed-over socket as an owned fd, once it is known to be a socket
+/// (a wrong number in a handover record must not take over a file).
+fn adopted_fd(fd: i32) -> io::Result<OwnedFd> {
+    let fd = mainstay_sys::process::claim_inherited_fd(fd)?;
+    let kind = rustix::fs::fstat(&fd)?.st_mode & libc::S_IFMT;
+    if kind != libc::S_IFSOCK {
+        return Err(io::Error::other(format!(
+            "fd {} is not the guard's socket",
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
+        )));
+    }
+    Ok(fd)
 }
 
 /// Runs `program guard --self-test`: whether the guard can be started at all

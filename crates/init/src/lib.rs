@@ -57,6 +57,12 @@ pub struct InitArgs {
     /// Where the systemd unit goes.
     #[arg(long, default_value = "/etc/systemd/system")]
     pub unit_dir: PathBuf,
+    /// Where the Debian package puts its units: when this node's is there,
+    /// the agent runs as the package's `mainstay` account with that unit
+    /// (init writes none, and gives the account the data and read access
+    /// to the configuration).
+    #[arg(long, default_value = "/lib/systemd/system")]
+    pub packaged_unit_dir: PathBuf,
     /// Ports (first node only; every node uses the same).
     #[arg(long, default_value_t = 5432)]
     pub pg_port: u16,
@@ -304,6 +310,12 @@ fn init(args: &InitArgs, now: u64) -> Result<String, String> {
             "{path} is not installed: apt-get install {package} first (nothing was written)"
         ));
     }
+    let unit_name = if me.witness {
+        "mainstay-witness.service"
+    } else {
+        "mainstay.service"
+    };
+    let runner = Runner::of(args, unit_name)?;
     let (cert, key) =
         pki::node_certificate(&token.cluster, &token.ca_key_pem, &me.name, me.address)?;
     let text = if me.witness {
@@ -314,6 +326,7 @@ fn init(args: &InitArgs, now: u64) -> Result<String, String> {
     write(&layout.ca(), &token.ca_cert_pem, 0o644)?;
     write(&layout.cert(), &cert, 0o644)?;
     write(&layout.key(), &key, 0o600)?;
+    runner.share(&layout.key())?;
     // What is written must be what the agent accepts: checked before the
     // configuration goes in place (it names the certificates just written).
     let checked = if me.witness {
@@ -324,34 +337,42 @@ fn init(args: &InitArgs, now: u64) -> Result<String, String> {
     checked.map_err(|e| format!("the configuration made does not load (a bug): {e}"))?;
     let kept = keep_existing(&config_path, now)?;
     write(&config_path, &text, 0o600)?;
-    if !me.witness {
-        prepare_data_root(&args.data_root)?;
+    runner.share(&config_path)?;
+    match &runner {
+        Runner::Root if !me.witness => prepare_data_root(&args.data_root)?,
+        Runner::Root => {}
+        Runner::Package { uid, gid, .. } => give_data_root(&args.data_root, *uid, *gid)?,
     }
     let shared = serde_json::to_string_pretty(&token).expect("a token serializes");
     write(&shared_file(&args.config_dir), &shared, 0o600)?;
-    let program =
-        std::env::current_exe().map_err(|e| format!("cannot tell where this program is: {e}"))?;
-    let unit_name = if me.witness {
-        "mainstay-witness.service"
-    } else {
-        "mainstay.service"
+    let unit_path = match &runner {
+        Runner::Package { unit, .. } => unit.clone(),
+        Runner::Root => {
+            let program = std::env::current_exe()
+                .map_err(|e| format!("cannot tell where this program is: {e}"))?;
+            let unit_path = args.unit_dir.join(unit_name);
+            write(
+                &unit_path,
+                &render::unit(&program, &config_path, me.witness, None),
+                0o644,
+            )?;
+            unit_path
+        }
     };
-    let unit_path = args.unit_dir.join(unit_name);
-    write(
-        &unit_path,
-        &render::unit(&program, &config_path, me.witness),
-        0o644,
-    )?;
 
     let mut report = String::new();
     if let Some(kept) = kept {
         report += &format!("kept the previous configuration as {}\n", kept.display());
     }
     report += &format!(
-        "wrote {} ({}), its certificate in {}, and {}\n",
+        "wrote {} ({}), its certificate in {}, {} {}\n",
         config_path.display(),
         if me.witness { "witness" } else { "data node" },
         args.config_dir.join("tls").display(),
+        match runner {
+            Runner::Root => "and",
+            Runner::Package { .. } => "for the package's unit",
+        },
         unit_path.display()
     );
     report += &format!(
@@ -394,6 +415,19 @@ fn prepare_data_root(root: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot give {} to postgres: {e}", pg.display()))
 }
 
+/// The packaged agent runs as its own account: the data root (PostgreSQL's
+/// data, etcd's) is that account's, 0750.
+fn give_data_root(root: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [root.to_path_buf(), root.join("postgresql")] {
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::os::unix::fs::chown(&dir, Some(uid), Some(gid)))
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)))
+            .map_err(|e| format!("cannot give {} to {PACKAGE_ACCOUNT}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// The cluster's shared part, kept by `init` on every node (0600, like the
 /// configuration that holds the same passwords).
 fn shared_file(config_dir: &Path) -> PathBuf {
@@ -424,6 +458,48 @@ fn keep_existing(path: &Path, now: u64) -> Result<Option<PathBuf>, String> {
     std::fs::rename(path, &kept)
         .map_err(|e| format!("cannot keep {} as {}: {e}", path.display(), kept.display()))?;
     Ok(Some(kept))
+}
+
+/// The account the packaged agent runs as.
+pub const PACKAGE_ACCOUNT: &str = "mainstay";
+
+/// Who runs the agent: root, with the unit init writes, or the package's
+/// account, with the package's unit.
+enum Runner {
+    Root,
+    Package { unit: PathBuf, uid: u32, gid: u32 },
+}
+
+impl Runner {
+    fn of(args: &InitArgs, unit_name: &str) -> Result<Runner, String> {
+        let unit = args.packaged_unit_dir.join(unit_name);
+        if !unit.exists() {
+            return Ok(Runner::Root);
+        }
+        match mainstay_sys::user::by_name(c"mainstay") {
+            Ok(Some(account)) => Ok(Runner::Package {
+                unit,
+                uid: account.uid,
+                gid: account.gid,
+            }),
+            _ => Err(format!(
+                "{} is installed but the {PACKAGE_ACCOUNT} account is missing (a half-installed \
+                 package): run dpkg --configure mainstay, then init again. Nothing was written",
+                unit.display()
+            )),
+        }
+    }
+
+    /// Gives a file the agent must read to its account's group (0640).
+    fn share(&self, path: &Path) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let Runner::Package { gid, .. } = self else {
+            return Ok(());
+        };
+        std::os::unix::fs::chown(path, None, Some(*gid))
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640)))
+            .map_err(|e| format!("cannot let {PACKAGE_ACCOUNT} read {}: {e}", path.display()))
+    }
 }
 
 fn write(path: &Path, text: &str, mode: u32) -> Result<(), String> {

@@ -168,14 +168,31 @@ profile = "default"
 }
 
 /// The systemd unit that runs `program` as this node's agent or witness.
-pub fn unit(program: &Path, config: &Path, witness: bool) -> String {
+pub fn unit(program: &Path, config: &Path, witness: bool, account: Option<&str>) -> String {
     let (what, command) = if witness {
         ("witness (etcd member, no PostgreSQL)", "witness")
     } else {
         ("agent (PostgreSQL, etcd member, services)", "agent")
     };
+    // Root needs no grant; an account gets exactly what root would use:
+    // the VIP (adding an address, announcing it) and the fencing guard's
+    // real-time priority. PostgreSQL then runs as that account too (the
+    // guard drops these before starting it).
+    let privileges = match account {
+        None => "# The virtual IP: adding an address and announcing it.\n\
+                 AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW\n"
+            .to_string(),
+        Some(user) => format!(
+            "User={user}\nGroup={user}\n\
+             # The virtual IP (adding an address, announcing it) and the fencing\n\
+             # guard's real-time priority, without root. Services that run as\n\
+             # other users need CAP_SETUID CAP_SETGID too (a drop-in).\n\
+             AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_NICE\n\
+             CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_NICE\n"
+        ),
+    };
     format!(
-        r#"# Written by `mainstay init`.
+        r#"# mainstay's unit: `mainstay init` writes it, the Debian package installs it.
 [Unit]
 Description=mainstay {what}
 Documentation=https://github.com/mainstay-ha/mainstay
@@ -187,6 +204,9 @@ Wants=network-online.target
 Type=notify
 NotifyAccess=main
 ExecStart={program} {command} --config {config}
+# Re-executes the binary now installed, in place: PostgreSQL, its fencing
+# guard and the leader's lease carry over (what a package upgrade does).
+ExecReload=/bin/kill -HUP $MAINPID
 # Pinged by the agent's runtime every 30 s: a frozen agent is restarted
 # (its fencing guard stops PostgreSQL the moment it dies).
 WatchdogSec=60
@@ -196,9 +216,7 @@ KillMode=mixed
 TimeoutStopSec=90
 Restart=on-failure
 RestartSec=2
-# The virtual IP: adding an address and announcing it.
-AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW
-LimitNOFILE=65536
+{privileges}LimitNOFILE=65536
 
 [Install]
 WantedBy=multi-user.target

@@ -17,6 +17,9 @@ fn args(dir: &Path, extra: &[&str]) -> InitArgs {
         format!("{dir}/var"),
         "--unit-dir".into(),
         format!("{dir}/units"),
+        // Whatever this machine has installed: init writes its own unit.
+        "--packaged-unit-dir".into(),
+        format!("{dir}/no-package"),
     ];
     all.extend(extra.iter().map(|s| s.to_string()));
     Cli::parse_from(all).init
@@ -258,4 +261,33 @@ fn a_joining_node_checks_the_token_and_an_existing_configuration_is_kept() {
     );
     let kept = dir.path().join(format!("etc/mainstay.toml.{}", NOW + 5));
     assert_eq!(std::fs::read_to_string(kept).unwrap(), before);
+}
+
+/// The units the Debian package installs are init's, for the package's
+/// account: one source of truth. `MAINSTAY_BLESS=1` rewrites them.
+#[test]
+fn the_packaged_units_are_the_ones_init_renders_for_the_package_account() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/systemd");
+    for (file, witness) in [
+        ("mainstay.service", false),
+        ("mainstay-witness.service", true),
+    ] {
+        let rendered = crate::render::unit(
+            Path::new("/usr/bin/mainstay"),
+            Path::new("/etc/mainstay/mainstay.toml"),
+            witness,
+            Some(crate::PACKAGE_ACCOUNT),
+        );
+        let path = root.join(file);
+        if std::env::var_os("MAINSTAY_BLESS").is_some() {
+            std::fs::write(&path, &rendered).unwrap();
+        }
+        let packaged = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(
+            packaged,
+            rendered,
+            "{} differs from init's unit: MAINSTAY_BLESS=1 cargo test -p mainstay-init rewrites it",
+            path.display()
+        );
+    }
 }

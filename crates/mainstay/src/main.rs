@@ -22,17 +22,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent that manages this node's PostgreSQL.
+    /// Run the agent that manages this node's PostgreSQL. SIGHUP
+    /// (`systemctl reload`) re-executes it in place: PostgreSQL keeps
+    /// running (how a package upgrade moves it to the new binary).
     Agent {
         #[arg(long, short)]
         config: PathBuf,
+        /// What the agent this one was re-executed from handed over.
+        #[arg(long = "handover-fd", hide = true)]
+        handover_fd: Option<i32>,
     },
     /// Run a witness: this node's etcd member and a small API, no
-    /// PostgreSQL (the third vote of a two-server cluster).
+    /// PostgreSQL (the third vote of a two-server cluster). SIGHUP
+    /// re-executes it in place.
     Witness {
         #[arg(long, short)]
         config: PathBuf,
+        #[arg(long = "handover-fd", hide = true)]
+        handover_fd: Option<i32>,
     },
+    /// Re-execute every running agent and witness of this binary in place
+    /// (SIGHUP), and wait until each runs the binary now installed: what a
+    /// package upgrade does where systemd does not run the agents.
+    ReloadRunning,
     /// Set this server up: its configuration, certificate and systemd unit
     /// (the first node: --cluster; the others: --join TOKEN).
     Init(mainstay_init::InitArgs),
@@ -149,7 +161,10 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Agent { config } => {
+        Command::Agent {
+            config,
+            handover_fd,
+        } => {
             let config_path = config;
             let config = match Config::load(&config_path) {
                 Ok(config) => config,
@@ -159,6 +174,23 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
+            let handover = match handover_fd.map(mainstay_agent::reexec::read_handover) {
+                None => None,
+                Some(Ok(handover)) => Some(handover),
+                Some(Err(err)) => {
+                    // The guards' sockets, if any, close with this process:
+                    // PostgreSQL is fenced, nothing runs unguarded.
+                    eprintln!("error: {err}");
+                    return ExitCode::from(1);
+                }
+            };
+            if let Some(handover) = handover {
+                // The checks of a start do not apply: the ports are this
+                // agent's own PostgreSQL's.
+                tracing::info!("re-executed in place: taking over from the previous image");
+                mainstay_agent::proxy::raise_open_files_limit();
+                return runtime().block_on(run_agent(config, &config_path, Some(handover)));
+            }
             // What would make every start fail is said once, here, rather
             // than as an error deep in each attempt's log.
             let findings = mainstay_agent::check::at_start(&config);
@@ -176,12 +208,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             mainstay_agent::proxy::raise_open_files_limit();
-            runtime().block_on(run_agent(config))
+            runtime().block_on(run_agent(config, &config_path, None))
         }
         Command::Init(args) => mainstay_init::run(args),
         Command::Check { config, json } => runtime().block_on(check(&config, json)),
-        Command::Witness { config } => {
-            let config = match mainstay_agent::config::WitnessConfig::load(&config) {
+        Command::Witness {
+            config,
+            handover_fd,
+        } => {
+            let config_path = config;
+            let config = match mainstay_agent::config::WitnessConfig::load(&config_path) {
                 Ok(config) => config,
                 Err(err) => {
                     eprintln!("error: {err}");
@@ -189,8 +225,13 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
-            runtime().block_on(run_witness(config))
+            // A witness hands nothing over: its file only closes.
+            if let Some(Err(err)) = handover_fd.map(mainstay_agent::reexec::read_handover) {
+                tracing::warn!("{err}");
+            }
+            runtime().block_on(run_witness(config, &config_path))
         }
+        Command::ReloadRunning => mainstay_agent::reload_running::reload_running(),
         Command::Demo(args) => {
             init_logging();
             runtime().block_on(mainstay_lab::demo::run(args))
@@ -261,13 +302,20 @@ fn runtime() -> tokio::runtime::Runtime {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAINSTAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: journald and log files
+    // would keep the escape codes.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
-async fn run_agent(config: Config) -> ExitCode {
+async fn run_agent(
+    config: Config,
+    config_path: &std::path::Path,
+    handover: Option<mainstay_agent::reexec::Handover>,
+) -> ExitCode {
     // Before anything else happens: a VIP the agent cannot manage would be
     // a silent hole in the failover.
     if config.vip.is_some()
@@ -285,6 +333,18 @@ async fn run_agent(config: Config) -> ExitCode {
     let mut agent = mainstay_agent::agent::Agent::new(&config, dcs);
     if let Some(member) = &etcd_member {
         agent = agent.with_etcd_member(member.handle());
+    }
+    if let Some(handover) = handover {
+        agent = agent.with_handover(handover);
+    }
+    match (
+        mainstay_agent::reexec::Program::current(config_path),
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()),
+    ) {
+        (Ok(program), Ok(signal)) => agent = agent.with_reexec(program, signal),
+        (Err(err), _) | (_, Err(err)) => {
+            tracing::warn!("SIGHUP will not re-execute this agent: {err}");
+        }
     }
     let outcome = agent.run(shutdown).await;
     if let Some(member) = etcd_member {
@@ -356,17 +416,60 @@ async fn start(
     }
 }
 
-async fn run_witness(config: mainstay_agent::config::WitnessConfig) -> ExitCode {
+async fn run_witness(
+    config: mainstay_agent::config::WitnessConfig,
+    config_path: &std::path::Path,
+) -> ExitCode {
     let (member, dcs, shutdown) = match start(Some(config.etcd_member.clone()), &config.etcd).await
     {
         Ok((Some(member), dcs, shutdown)) => (member, dcs, shutdown),
         Ok(_) => unreachable!("a witness always has its member"),
         Err(code) => return code,
     };
-    let outcome = mainstay_agent::witness::run(&config, dcs, Some(member.handle()), shutdown).await;
+    // SIGHUP re-executes the witness once its successor checked out: it
+    // holds nothing that must outlive the exec (its member key comes back
+    // on a new lease).
+    let program = mainstay_agent::reexec::Program::current(config_path);
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let reexec = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = {
+        let reexec = reexec.clone();
+        let program = program.as_ref().ok().cloned();
+        async move {
+            let (Some(program), Ok(mut hangup)) = (program, hangup) else {
+                return shutdown.await;
+            };
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = hangup.recv() => {
+                        let check = program.clone();
+                        match tokio::task::spawn_blocking(move || check.check_successor(true)).await {
+                            Ok(Ok(())) => {
+                                reexec.store(true, std::sync::atomic::Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(Err(why)) => tracing::error!("re-exec refused, still running this binary: {why}"),
+                            Err(err) => tracing::error!("re-exec refused: {err}"),
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let outcome = mainstay_agent::witness::run(&config, dcs, Some(member.handle()), stop).await;
     tokio::task::spawn_blocking(move || member.stop())
         .await
         .ok();
+    if reexec.load(std::sync::atomic::Ordering::SeqCst)
+        && let Ok(program) = &program
+    {
+        tracing::info!(exe = %program.exe.display(), "re-executing the witness in place");
+        let err = program.exec(&mainstay_agent::reexec::Handover::default());
+        eprintln!("error: cannot re-execute {}: {err}", program.exe.display());
+        return ExitCode::from(1);
+    }
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

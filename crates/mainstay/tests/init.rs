@@ -25,12 +25,12 @@ fn mainstay(ns: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn dirs(base: &Path, host: usize) -> [String; 3] {
+fn dirs(base: &Path, host: usize) -> [String; 4] {
     let host = base.join(format!("host{host}"));
-    ["etc", "var", "units"].map(|d| host.join(d).display().to_string())
+    ["etc", "var", "units", "no-package"].map(|d| host.join(d).display().to_string())
 }
 
-fn init_args(dirs: &[String; 3]) -> Vec<&str> {
+fn init_args(dirs: &[String; 4]) -> Vec<&str> {
     vec![
         "init",
         "--config-dir",
@@ -39,6 +39,9 @@ fn init_args(dirs: &[String; 3]) -> Vec<&str> {
         &dirs[1],
         "--unit-dir",
         &dirs[2],
+        // Whatever this machine has installed: init writes its own unit.
+        "--packaged-unit-dir",
+        &dirs[3],
     ]
 }
 
@@ -262,21 +265,33 @@ fn three_bare_hosts_become_a_cluster_from_init_alone() {
         started.elapsed().as_millis()
     );
 
-    // ctl with the node's file: HTTPS with init's CA and credentials.
-    let out = Command::new(env!("CARGO_BIN_EXE_mainstay"))
-        .args(["ctl", "--config"])
-        .arg(Path::new(&first_dirs[0]).join("mainstay.toml"))
-        .arg("list")
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{listing}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for name in ["node1", "node2", "witness"] {
-        assert!(listing.contains(name), "{listing}");
+    // ctl with the node's file: HTTPS with init's CA and credentials. The
+    // first write may come before the witness's first member key.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_mainstay"))
+            .args(["ctl", "--config"])
+            .arg(Path::new(&first_dirs[0]).join("mainstay.toml"))
+            .arg("list")
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{listing}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if ["node1", "node2", "witness"]
+            .iter()
+            .all(|name| listing.contains(name))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ctl list lacks a member after 30 s: {listing}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
     drop(hosts);
     let _ = std::fs::remove_dir_all(&base);

@@ -85,6 +85,59 @@ pub fn die_with_parent(cmd: &mut Command, signal: c_int) {
     }
 }
 
+/// Takes ownership of descriptor `fd`, inherited across an exec of this
+/// process and named in a handover record (the guards' sockets when the
+/// agent re-executes itself). Fails when no such descriptor is open, or
+/// for 0-2.
+pub fn claim_inherited_fd(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if fd < 3 {
+        return Err(io::Error::other(format!(
+            "{fd} is not a handed-over descriptor"
+        )));
+    }
+    // SAFETY: fcntl(F_GETFD) takes integers and only reads the flags.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and nothing else in
+    // this process owns it: the previous image of this process opened it
+    // and named it only in the handover record, which is read once.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// The child started by `cmd` runs without ambient capabilities: an agent
+/// given some by systemd (the VIP's CAP_NET_ADMIN to a non-root agent)
+/// must not hand them to PostgreSQL or a service, which keep them across
+/// their own exec.
+pub fn without_ambient_capabilities(cmd: &mut Command) {
+    let hook = || {
+        // SAFETY: prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL) takes
+        // integers, no pointer.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        };
+        // Kernels before 4.3 have no ambient set, hence nothing to clear.
+        if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs in the child between fork and exec and makes
+    // one async-signal-safe system call (prctl), reads errno and builds an
+    // `io::Error` from a raw code, which allocates nothing; it captures
+    // nothing.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
 /// Best effort: the child started by `cmd` gets `signal` when the thread
 /// that forked it exits (`PR_SET_PDEATHSIG`). Unlike [`die_with_parent`],
 /// a failing prctl is ignored and the child starts anyway.

@@ -15,6 +15,8 @@ pub(super) struct LeaseKeeper<D> {
     /// No keep-alive while set: the lease runs out as if the host died.
     pub(super) paused: Arc<AtomicBool>,
     pub(super) failsafe: Failsafe,
+    /// The lease the image this agent re-executed from held.
+    pub(super) resume: Option<Lease>,
 }
 
 pub(super) async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
@@ -28,8 +30,12 @@ pub(super) async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         latency_us,
         paused,
         failsafe,
+        resume,
     } = keeper;
-    let mut clock = LeaseClock::new(timing.lease(), boot_clock::now());
+    let mut clock = match resume {
+        Some(lease) => LeaseClock::resumed(timing.lease(), lease),
+        None => LeaseClock::new(timing.lease(), boot_clock::now()),
+    };
     // The members whose confirmation the current failsafe deadline rests on.
     let mut confirmed_by = std::collections::BTreeSet::new();
     // The guard hears of every deadline before anyone acts on it.
@@ -38,6 +44,9 @@ pub(super) async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         fencer.set_deadline(boot_clock::boot_time(lease.valid_until));
         tx.send_replace(lease);
     };
+    if resume.is_some() {
+        publish(&clock);
+    }
     let ttl_secs = timing.lease_ttl_secs();
     let mut ticker = tokio::time::interval(timing.renew_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

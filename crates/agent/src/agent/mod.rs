@@ -48,6 +48,7 @@ mod failsafe;
 mod lease_keeper;
 mod parameters;
 mod publish;
+mod reexec;
 mod rejoin;
 mod run;
 mod service_moves;
@@ -163,12 +164,33 @@ pub struct Agent<D: Dcs> {
     /// etcd's members as last asked while this node leads (empty
     /// otherwise): the `etcd_member` alerts.
     etcd_members: Arc<std::sync::Mutex<crate::alerts::EtcdMembers>>,
+    /// From the image this one re-executed: the postmaster and the lease
+    /// to take over.
+    handover: Option<crate::reexec::Handover>,
+    /// How to re-execute in place on SIGHUP (`systemctl reload`).
+    reexec: Option<(crate::reexec::Program, tokio::signal::unix::Signal)>,
 }
 
 impl<D: Dcs> Agent<D> {
     /// Shows the node's own etcd member (run beside the agent) in the API.
     pub fn with_etcd_member(mut self, member: mainstay_etcd_member::MemberHandle) -> Agent<D> {
         self.etcd_member = Some(member);
+        self
+    }
+
+    /// Takes over what the image this one re-executed from handed over.
+    pub fn with_handover(mut self, handover: crate::reexec::Handover) -> Agent<D> {
+        self.handover = Some(handover);
+        self
+    }
+
+    /// Re-executes `program` in place when `signal` (SIGHUP) comes.
+    pub fn with_reexec(
+        mut self,
+        program: crate::reexec::Program,
+        signal: tokio::signal::unix::Signal,
+    ) -> Agent<D> {
+        self.reexec = Some((program, signal));
         self
     }
 
@@ -274,6 +296,8 @@ impl<D: Dcs> Agent<D> {
             service_moves: Default::default(),
             etcd_member: None,
             etcd_members: Default::default(),
+            handover: None,
+            reexec: None,
             api_auth: ApiAuth {
                 basic: config.api.basic.clone(),
                 token: config.api.token.clone(),

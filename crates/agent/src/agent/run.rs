@@ -2,6 +2,7 @@
 //! watch forwarding, etcd leader placement, watchdog), the HA loop that
 //! drives turns, and the clean shutdown.
 
+use super::reexec::{Exit, reexec_signal};
 use super::*;
 
 /// Why the agent did not start, or stopped on its own; `mainstay agent`
@@ -110,7 +111,8 @@ impl<D: Dcs> Agent<D> {
             .write_pgpass()
             .await
             .map_err(|source| RunError::PasswordFile { source })?;
-        if self.pg.is_running() {
+        let adopted = self.adopt_postmaster();
+        if self.pg.is_running() && !adopted {
             // Not started by this agent, so no guard of ours enforces its
             // deadline (started by hand, or an earlier agent's guard could
             // not stop it): it may be a primary that nobody fences.
@@ -195,6 +197,11 @@ impl<D: Dcs> Agent<D> {
                 auth: self.api_auth.clone(),
                 ca_file: self.api_ca_file.clone(),
             },
+            resume: self.handover.as_ref().and_then(|h| h.lease).map(|l| Lease {
+                id: Some(l.id),
+                valid_until: Millis(l.valid_until_ms),
+                members_confirmed: false,
+            }),
         });
         let span = info_span!(parent: None, "lease_keeper", node = %self.name);
         let keeper = tokio::spawn(keeper.instrument(span));
@@ -284,7 +291,12 @@ impl<D: Dcs> Agent<D> {
                 break Err(RunError::Fatal(reason));
             }
             tokio::select! {
-                _ = &mut shutdown => break Ok(()),
+                _ = &mut shutdown => break Ok(Exit::Stop),
+                _ = reexec_signal(&mut self.reexec) => {
+                    if self.successor_ready().await {
+                        break Ok(Exit::Reexec);
+                    }
+                }
                 Some((command, reply)) = commands.recv() => {
                     let answer = self.run_command(command).await;
                     let _ = reply.send(answer);
@@ -292,6 +304,16 @@ impl<D: Dcs> Agent<D> {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(5))) => {}
             }
+        };
+        let result = match result {
+            Ok(Exit::Reexec) => {
+                // Returns only when the exec failed: then a clean stop.
+                let why = self.reexec_now(&keeper, watchdog.as_ref()).await;
+                error!("{why}: stopping instead");
+                Err(RunError::Fatal(why))
+            }
+            Ok(Exit::Stop) => Ok(()),
+            Err(err) => Err(err),
         };
         if let Some(pinger) = systemd_pinger {
             pinger.abort();

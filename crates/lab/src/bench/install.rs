@@ -222,7 +222,7 @@ fn one_run(dir: &Path, exe: &Path) -> Result<Installed, String> {
     let mut site = Site { lab, hosts };
     let mut commands = [0usize; 3];
     let started = Instant::now();
-    let dirs = |site: &Site, i: usize| -> [String; 6] {
+    let dirs = |site: &Site, i: usize| -> [String; 8] {
         let h = &site.hosts[i];
         [
             "--config-dir".into(),
@@ -231,6 +231,9 @@ fn one_run(dir: &Path, exe: &Path) -> Result<Installed, String> {
             h.var.display().to_string(),
             "--unit-dir".into(),
             h.units.display().to_string(),
+            // Whatever this machine has installed: init writes its own unit.
+            "--packaged-unit-dir".into(),
+            h.units.join("no-package").display().to_string(),
         ]
     };
     let first_dirs = dirs(&site, 0);

@@ -30,9 +30,11 @@ use tracing::{debug, info, warn};
 
 mod datadir;
 mod fencer;
+mod handover;
 
 pub use fencer::Fencer;
 use fencer::Guarded;
+pub use handover::PostmasterHandover;
 
 /// Prefix of every replication slot mainstay manages (see `slot_name`).
 const SLOT_PREFIX: &str = "mainstay_";
