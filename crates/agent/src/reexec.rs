@@ -22,6 +22,16 @@ use std::process::Command;
 
 /// The hidden argument naming the handover's descriptor.
 pub const HANDOVER_ARG: &str = "--handover-fd";
+/// The hidden subcommand that prints [`HANDOVER_VERSION`]: a successor
+/// that does not print ours (an older binary, a changed handover) is not
+/// re-executed into.
+pub const HANDOVER_VERSION_COMMAND: &str = "handover-version";
+pub const HANDOVER_VERSION: &str = "1";
+/// Each check of the successor is a program run: bounded, so that a hung
+/// binary cannot freeze the HA loop.
+const CHECK_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+/// Delivered to the new image, not lost in the exec (blocked meanwhile).
+const HELD_SIGNALS: [i32; 3] = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT];
 
 /// What the agent hands the image it re-executes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -30,7 +40,7 @@ pub struct Handover {
     pub lease: Option<LeaseState>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PostmasterState {
     /// The guard's socket, open across the exec.
     pub fd: i32,
@@ -39,23 +49,37 @@ pub struct PostmasterState {
     pub writable: bool,
     /// The deadline the guard holds, CLOCK_BOOTTIME nanoseconds.
     pub deadline_ns: u64,
+    /// The leader a replica streams from: without it the new image would
+    /// take its own replica for one about to follow a new leader (and
+    /// compare its WAL with the leader's last published position, which
+    /// a streaming replica is always past).
+    #[serde(default)]
+    pub following: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseState {
     pub id: i64,
-    /// Boot-clock milliseconds: the deadline etcd's last confirmation gave.
+    /// Boot-clock milliseconds: the deadline.
     pub valid_until_ms: u64,
+    /// The deadline rests on the members' confirmations (failsafe), not on
+    /// etcd's: the new image trusts no deadline from etcd then.
+    #[serde(default)]
+    pub members_confirmed: bool,
 }
 
 impl PostmasterState {
-    pub fn of(handover: mainstay_pg::PostmasterHandover) -> PostmasterState {
+    pub fn of(
+        handover: mainstay_pg::PostmasterHandover,
+        following: Option<String>,
+    ) -> PostmasterState {
         PostmasterState {
             fd: handover.guard.fd,
             guard_pid: handover.guard.guard_pid,
             pid: handover.guard.pid,
             writable: handover.writable,
             deadline_ns: handover.deadline.0,
+            following,
         }
     }
 
@@ -103,12 +127,21 @@ impl Program {
     /// Whether the binary now at `exe` can take over: it loads the same
     /// configuration and its fencing guard runs here. The reason if not.
     pub fn check_successor(&self, witness: bool) -> Result<(), String> {
-        let config = Command::new(&self.exe)
-            .arg("config")
-            .arg("check")
-            .arg(&self.config)
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.exe.display()))?;
+        let version = run_bounded(Command::new(&self.exe).arg(HANDOVER_VERSION_COMMAND))?;
+        let said = String::from_utf8_lossy(&version.stdout).trim().to_string();
+        if !version.status.success() || said != HANDOVER_VERSION {
+            return Err(format!(
+                "{} does not take this agent's handover (version {HANDOVER_VERSION}; it says \
+                 {said:?}): restart the agent instead (a switchover on the primary)",
+                self.exe.display()
+            ));
+        }
+        let config = run_bounded(
+            Command::new(&self.exe)
+                .arg("config")
+                .arg("check")
+                .arg(&self.config),
+        )?;
         if !config.status.success() {
             return Err(format!(
                 "{} refuses {}: {}",
@@ -120,7 +153,19 @@ impl Program {
         if witness {
             return Ok(());
         }
-        mainstay_pg::check_guard(&self.exe).map_err(|e| e.to_string())
+        let guard = run_bounded(
+            Command::new(&self.exe)
+                .arg0("mainstay")
+                .args([mainstay_guard::GUARD_ARG, mainstay_guard::SELF_TEST_ARG]),
+        )?;
+        if !guard.status.success() {
+            return Err(format!(
+                "the fencing guard of {} cannot run here: {}",
+                self.exe.display(),
+                String::from_utf8_lossy(&guard.stderr).trim()
+            ));
+        }
+        Ok(())
     }
 
     /// Replaces this process with the program at `exe`, handing `handover`
@@ -131,14 +176,54 @@ impl Program {
             Err(err) => return err,
         };
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        if let Err(err) = mainstay_sys::process::mask_signals(&HELD_SIGNALS, true) {
+            return err;
+        }
         let err = Command::new(&self.exe)
             .args(&self.args)
             .arg(HANDOVER_ARG)
             .arg(raw.to_string())
             .exec();
+        let _ = mainstay_sys::process::mask_signals(&HELD_SIGNALS, false);
         drop(fd);
         err
     }
+}
+
+/// After the new image installed its handlers: what the old one held back
+/// during the exec is delivered now.
+pub fn release_held_signals() -> io::Result<()> {
+    mainstay_sys::process::mask_signals(&HELD_SIGNALS, false)
+}
+
+/// Runs a check of the successor, killed if it does not end within
+/// [`CHECK_WITHIN`].
+fn run_bounded(command: &mut Command) -> Result<std::process::Output, String> {
+    use std::process::Stdio;
+    let what = format!("{command:?}");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let deadline = std::time::Instant::now() + CHECK_WITHIN;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{what} did not end within {} s",
+                    CHECK_WITHIN.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(err) => return Err(format!("{what}: {err}")),
+        }
+    }
+    child.wait_with_output().map_err(|e| format!("{what}: {e}"))
 }
 
 /// `args` without a `--handover-fd N` of an earlier re-exec.
@@ -173,16 +258,22 @@ fn write_handover(handover: &Handover) -> io::Result<std::os::fd::OwnedFd> {
 }
 
 /// Reads the handover the previous image wrote, and closes its file.
+/// The guard's socket is made private again at once, before the new
+/// image starts any child (its etcd member).
 pub fn read_handover(fd: i32) -> io::Result<Handover> {
     let fd = mainstay_sys::process::claim_inherited_fd(fd)?;
     let mut file = std::fs::File::from(fd);
     let mut text = String::new();
     file.read_to_string(&mut text)?;
-    serde_json::from_str(&text).map_err(|e| {
+    let handover: Handover = serde_json::from_str(&text).map_err(|e| {
         io::Error::other(format!(
             "the handover from the previous agent is unreadable: {e}"
         ))
-    })
+    })?;
+    if let Some(pm) = &handover.postmaster {
+        mainstay_sys::process::close_on_exec(pm.fd)?;
+    }
+    Ok(handover)
 }
 
 #[cfg(test)]
@@ -216,16 +307,29 @@ mod tests {
                 pid: 101,
                 writable: true,
                 deadline_ns: 5_000_000_000,
+                following: None,
             }),
             lease: Some(LeaseState {
                 id: 0x7a00_0000_0001,
                 valid_until_ms: 5000,
+                members_confirmed: false,
             }),
         };
+        // Stands for the guard's socket the record names.
+        let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let socket = std::os::fd::OwnedFd::from(socket);
+        rustix::io::fcntl_setfd(&socket, rustix::io::FdFlags::empty()).unwrap();
+        let mut handover = handover;
+        handover.postmaster.as_mut().unwrap().fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
         let fd = write_handover(&handover).unwrap();
         // What the next image does with the number it is given.
         let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
         assert_eq!(read_handover(raw).unwrap(), handover);
         assert!(read_handover(raw).is_err(), "read once, then closed");
+        let flags = rustix::io::fcntl_getfd(&socket).unwrap();
+        assert!(
+            flags.contains(rustix::io::FdFlags::CLOEXEC),
+            "the guard's socket stayed inheritable"
+        );
     }
 }

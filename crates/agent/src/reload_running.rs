@@ -38,14 +38,20 @@ pub fn reload_running() -> ExitCode {
         println!("no running agent or witness of {}", exe.display());
         return ExitCode::SUCCESS;
     }
-    for r in &running {
-        if let Err(err) = mainstay_sys::process::kill(r.pid, libc::SIGHUP) {
-            eprintln!("pid {} ({}): cannot signal it: {err}", r.pid, r.what);
-        }
-    }
-    let deadline = Instant::now() + WAIT;
     let mut failed = 0;
-    for r in &running {
+    let signalled: Vec<&Running> = running
+        .iter()
+        .filter(|r| match mainstay_sys::process::kill(r.pid, libc::SIGHUP) {
+            Ok(()) => true,
+            Err(err) => {
+                eprintln!("pid {} ({}): cannot signal it: {err}", r.pid, r.what);
+                failed += 1;
+                false
+            }
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    for r in signalled {
         loop {
             match std::fs::metadata(format!("/proc/{}/exe", r.pid)) {
                 Ok(now) if (now.dev(), now.ino()) == target => {

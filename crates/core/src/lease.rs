@@ -103,19 +103,20 @@ impl LeaseClock {
         }
     }
 
-    /// The lease the agent this one re-executed from held, confirmed by
-    /// etcd before the exec (never a failsafe deadline: that agent does
-    /// not hand over while its lease rests on members' confirmations). It
-    /// stays the deadline until the next renewal moves it.
-    pub fn resumed(timing: LeaseTiming, lease: Lease) -> LeaseClock {
-        let lease = Lease {
-            members_confirmed: false,
-            ..lease
-        };
+    /// The lease the agent this one re-executed from held. It stays the
+    /// deadline until the next renewal moves it. `etcd_valid_until` is what
+    /// etcd itself last confirmed: the caller passes "now" when the deadline
+    /// rested on the members' confirmations (failsafe), so that a change
+    /// of the member list cuts it back at once, as before the exec.
+    pub fn resumed(timing: LeaseTiming, lease: Lease, etcd_valid_until: Millis) -> LeaseClock {
         LeaseClock {
             timing,
             lease,
-            etcd_valid_until: lease.valid_until,
+            etcd_valid_until: if lease.members_confirmed {
+                etcd_valid_until.min(lease.valid_until)
+            } else {
+                lease.valid_until
+            },
         }
     }
 
@@ -299,7 +300,7 @@ mod tests {
     #[test]
     fn a_resumed_lease_keeps_its_deadline_until_the_next_renewal_moves_it() {
         let before = leading().lease();
-        let mut c = LeaseClock::resumed(TIMING, before);
+        let mut c = LeaseClock::resumed(TIMING, before, Millis(0));
         assert_eq!(c.lease(), before, "the exec changes nothing");
         c.on_renewal(
             Millis(1000),
@@ -310,7 +311,7 @@ mod tests {
         );
         assert_eq!(c.lease().valid_until, Millis(4000));
         // Lost in the exec: the key went to another node meanwhile.
-        let mut c = LeaseClock::resumed(TIMING, before);
+        let mut c = LeaseClock::resumed(TIMING, before, Millis(0));
         let next = c.on_renewal(
             Millis(1000),
             Millis(1010),
@@ -319,6 +320,17 @@ mod tests {
             true,
         );
         assert!(next.fenced.is_some(), "{next:?}");
+        // A deadline the members confirmed carries no etcd confirmation
+        // over: a change of the member list cuts it back to what etcd gave.
+        let confirmed = Lease {
+            members_confirmed: true,
+            ..before
+        };
+        let mut c = LeaseClock::resumed(TIMING, confirmed, Millis(1500));
+        assert_eq!(c.lease(), confirmed);
+        c.members_changed();
+        assert_eq!(c.lease().valid_until, Millis(1500));
+        assert!(!c.lease().members_confirmed);
     }
 
     #[test]

@@ -327,6 +327,10 @@ fn init(args: &InitArgs, now: u64) -> Result<String, String> {
     write(&layout.cert(), &cert, 0o644)?;
     write(&layout.key(), &key, 0o600)?;
     runner.share(&layout.key())?;
+    runner.open_dir(&args.config_dir)?;
+    if let Some(tls) = layout.key().parent() {
+        runner.open_dir(tls)?;
+    }
     // What is written must be what the agent accepts: checked before the
     // configuration goes in place (it names the certificates just written).
     let checked = if me.witness {
@@ -361,6 +365,14 @@ fn init(args: &InitArgs, now: u64) -> Result<String, String> {
     };
 
     let mut report = String::new();
+    let shadow = args.unit_dir.join(unit_name);
+    if matches!(runner, Runner::Package { .. }) && shadow.exists() {
+        report += &format!(
+            "warning: {} (an earlier init's) shadows the package's unit: remove it, then \
+             systemctl daemon-reload\n",
+            shadow.display()
+        );
+    }
     if let Some(kept) = kept {
         report += &format!("kept the previous configuration as {}\n", kept.display());
     }
@@ -477,17 +489,50 @@ impl Runner {
             return Ok(Runner::Root);
         }
         match mainstay_sys::user::by_name(c"mainstay") {
-            Ok(Some(account)) => Ok(Runner::Package {
-                unit,
-                uid: account.uid,
-                gid: account.gid,
-            }),
+            Ok(Some(account)) => {
+                // Data of a node set up to run as root (PostgreSQL's
+                // account owns it) is not the package account's to use.
+                use std::os::unix::fs::MetadataExt;
+                for dir in [
+                    args.data_root.join("postgresql/data"),
+                    args.data_root.join("etcd"),
+                ] {
+                    if let Ok(meta) = std::fs::metadata(&dir)
+                        && meta.uid() != account.uid
+                    {
+                        return Err(format!(
+                            "{} belongs to uid {}, not to the package's {PACKAGE_ACCOUNT} \
+                             account the agent now runs as: `chown -R {PACKAGE_ACCOUNT}: {}` \
+                             first (or move it aside). Nothing was written",
+                            dir.display(),
+                            meta.uid(),
+                            args.data_root.display()
+                        ));
+                    }
+                }
+                Ok(Runner::Package {
+                    unit,
+                    uid: account.uid,
+                    gid: account.gid,
+                })
+            }
             _ => Err(format!(
                 "{} is installed but the {PACKAGE_ACCOUNT} account is missing (a half-installed \
                  package): run dpkg --configure mainstay, then init again. Nothing was written",
                 unit.display()
             )),
         }
+    }
+
+    /// Lets the account reach the files of `dir` (0755: they keep their
+    /// own modes).
+    fn open_dir(&self, dir: &Path) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Runner::Root = self {
+            return Ok(());
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("cannot let {PACKAGE_ACCOUNT} into {}: {e}", dir.display()))
     }
 
     /// Gives a file the agent must read to its account's group (0640).

@@ -45,6 +45,10 @@ enum Command {
     /// (SIGHUP), and wait until each runs the binary now installed: what a
     /// package upgrade does where systemd does not run the agents.
     ReloadRunning,
+    /// Prints the version of the re-exec handover this binary takes (an
+    /// agent checks it before re-executing into it).
+    #[command(name = "handover-version", hide = true)]
+    HandoverVersion,
     /// Set this server up: its configuration, certificate and systemd unit
     /// (the first node: --cluster; the others: --join TOKEN).
     Init(mainstay_init::InitArgs),
@@ -232,6 +236,10 @@ fn main() -> ExitCode {
             runtime().block_on(run_witness(config, &config_path))
         }
         Command::ReloadRunning => mainstay_agent::reload_running::reload_running(),
+        Command::HandoverVersion => {
+            println!("{}", mainstay_agent::reexec::HANDOVER_VERSION);
+            ExitCode::SUCCESS
+        }
         Command::Demo(args) => {
             init_logging();
             runtime().block_on(mainstay_lab::demo::run(args))
@@ -324,6 +332,9 @@ async fn run_agent(
         eprintln!("error: {err}");
         return ExitCode::from(1);
     }
+    // Before anything else: a SIGHUP must never find the default action
+    // (which kills), the one held back during a re-exec included.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     // The node's etcd member stops only after the agent has handed its
     // leadership over.
     let (etcd_member, dcs, shutdown) = match start(config.etcd_member.clone(), &config.etcd).await {
@@ -339,7 +350,7 @@ async fn run_agent(
     }
     match (
         mainstay_agent::reexec::Program::current(config_path),
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()),
+        hangup,
     ) {
         (Ok(program), Ok(signal)) => agent = agent.with_reexec(program, signal),
         (Err(err), _) | (_, Err(err)) => {
@@ -375,6 +386,19 @@ async fn start(
     ),
     ExitCode,
 > {
+    // The handlers first (the caller installed SIGHUP's): then what a
+    // previous image held back during its re-exec may come.
+    let shutdown = match shutdown_signal() {
+        Ok(shutdown) => shutdown,
+        Err(err) => {
+            eprintln!("error: cannot install the SIGTERM/SIGINT handlers: {err}");
+            return Err(ExitCode::from(1));
+        }
+    };
+    if let Err(err) = mainstay_agent::reexec::release_held_signals() {
+        eprintln!("error: cannot unblock SIGHUP/SIGTERM/SIGINT: {err}");
+        return Err(ExitCode::from(1));
+    }
     // A member removed from its cluster while away joins it again by
     // itself; its hook needs the etcd client, made once the member runs.
     let client = std::sync::Arc::new(std::sync::OnceLock::new());
@@ -407,19 +431,14 @@ async fn start(
             return Err(ExitCode::from(1));
         }
     };
-    match shutdown_signal() {
-        Ok(shutdown) => Ok((member, dcs, shutdown)),
-        Err(err) => {
-            eprintln!("error: cannot install the SIGTERM/SIGINT handlers: {err}");
-            Err(ExitCode::from(1))
-        }
-    }
+    Ok((member, dcs, shutdown))
 }
 
 async fn run_witness(
     config: mainstay_agent::config::WitnessConfig,
     config_path: &std::path::Path,
 ) -> ExitCode {
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let (member, dcs, shutdown) = match start(Some(config.etcd_member.clone()), &config.etcd).await
     {
         Ok((Some(member), dcs, shutdown)) => (member, dcs, shutdown),
@@ -430,7 +449,6 @@ async fn run_witness(
     // holds nothing that must outlive the exec (its member key comes back
     // on a new lease).
     let program = mainstay_agent::reexec::Program::current(config_path);
-    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let reexec = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = {
         let reexec = reexec.clone();

@@ -126,6 +126,24 @@ fn sighup_re_executes_the_agent_with_postgresql_running_and_no_failover() {
         let (writes, longest) = writes_went_on(&h, writer, &leader, started).await;
         eprintln!("re-exec of the leader and a replica: {writes} writes, longest gap {longest:?}");
 
+        // Two reloads in a row (two upgrades, an impatient operator): a
+        // SIGHUP arriving while the agent re-executes must not find the
+        // default action, which would kill it.
+        let i = h.cluster.node_index(&replica).unwrap();
+        let agent = h.cluster.agent_pid(i).unwrap();
+        let postmaster = h.cluster.nodes[i].postmaster_pid();
+        for delay in [0, 50, 150, 300] {
+            mainstay_sys::process::kill(agent as i32, libc::SIGHUP).unwrap();
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            h.cluster.agent_running(i),
+            "{replica}'s agent died of a SIGHUP during its re-exec"
+        );
+        assert_eq!(h.cluster.nodes[i].postmaster_pid(), postmaster);
+        assert_eq!(h.healthy(Duration::from_secs(30)).await, leader);
+
         // A successor that would not start is refused: the agent goes on.
         let i = h.cluster.node_index(&replica).unwrap();
         let config = h.cluster.nodes[i].config.clone();
@@ -206,6 +224,103 @@ impl Drop for Installed {
     }
 }
 
+/// A line of `/proc/PID/status` (e.g. "Uid:").
+fn status_line(pid: i32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .map(|l| l[key.len()..].trim().to_string())
+        .unwrap_or_default()
+}
+
+fn capabilities(pid: i32, key: &str) -> u64 {
+    u64::from_str_radix(&status_line(pid, key), 16).unwrap_or(u64::MAX)
+}
+
+/// One agent run as the packaged unit runs it: the `mainstay` account
+/// with CAP_NET_ADMIN, CAP_NET_RAW and CAP_SYS_NICE (ambient and
+/// bounding), nothing else. It bootstraps and leads; PostgreSQL runs as
+/// the account without any capability; the fencing guard got its
+/// real-time priority.
+async fn runs_as_the_package_account() {
+    const NET_ADMIN: u64 = 1 << 12;
+    const NET_RAW: u64 = 1 << 13;
+    const SYS_NICE: u64 = 1 << 23;
+    let Ok(Some(account)) = mainstay_sys::user::by_name(c"mainstay") else {
+        panic!("the package made no mainstay account");
+    };
+    let dir = test_dir("package-account");
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = dir.join("as-mainstay");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\n# The packaged unit's User=, AmbientCapabilities= and CapabilityBoundingSet=.\n\
+         exec setpriv --reuid=mainstay --regid=mainstay --init-groups \\\n\
+         --inh-caps=-all,+net_admin,+net_raw,+sys_nice --ambient-caps=+net_admin,+net_raw,+sys_nice \\\n\
+         --bounding-set=-all,+net_admin,+net_raw,+sys_nice /usr/bin/mainstay \"$@\"\n",
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut cluster =
+        mainstay_lab::demo::LocalCluster::prepare(&dir.join("cluster"), 1, &wrapper, "default")
+            .expect("preparing the cluster");
+    // The node's directory is the account's, as init makes /var/lib/mainstay.
+    let node_dir = cluster.nodes[0].dir.clone();
+    for path in [&node_dir, &cluster.nodes[0].config] {
+        std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid)).unwrap();
+    }
+    cluster.start_agent(0).expect("starting the agent");
+    let mut h = Harness::adopt(cluster);
+    let leader = h.healthy(Duration::from_secs(60)).await;
+    let agent = h.cluster.agent_pid(0).unwrap() as i32;
+    let uid = account.uid.to_string();
+    assert!(
+        status_line(agent, "Uid:").starts_with(&uid),
+        "the agent runs as {}",
+        status_line(agent, "Uid:")
+    );
+    let wanted = NET_ADMIN | NET_RAW | SYS_NICE;
+    assert_eq!(
+        capabilities(agent, "CapEff:"),
+        wanted,
+        "the agent's capabilities"
+    );
+    let postmaster = h.cluster.nodes[0].postmaster_pid().unwrap();
+    assert!(
+        status_line(postmaster, "Uid:").starts_with(&uid),
+        "PostgreSQL runs as {}",
+        status_line(postmaster, "Uid:")
+    );
+    for key in ["CapEff:", "CapPrm:", "CapAmb:"] {
+        assert_eq!(
+            capabilities(postmaster, key),
+            0,
+            "PostgreSQL kept capabilities ({key})"
+        );
+    }
+    let guard = mainstay_testkit::crash::parent_of(postmaster).unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{guard}/stat")).unwrap();
+    let policy = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(38))
+        .and_then(|p| p.parse::<u32>().ok());
+    assert_eq!(policy, Some(1), "the guard is not SCHED_FIFO: {stat}");
+    let client = h.client(&leader).await;
+    client
+        .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    h.passed = true;
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn inode(path: &str) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -277,8 +392,10 @@ fn the_package_installs_and_an_upgrade_moves_running_agents_without_a_failover()
         );
     }
 
-    // Three agents of the installed binary, then the upgrade.
+    // The packaged unit's account and capabilities, as systemd would give
+    // them, then three agents of the installed binary and the upgrade.
     cluster_test(async {
+        runs_as_the_package_account().await;
         let dir = test_dir("package");
         let cluster = mainstay_lab::demo::LocalCluster::start(
             &dir,

@@ -85,6 +85,48 @@ pub fn die_with_parent(cmd: &mut Command, signal: c_int) {
     }
 }
 
+/// Blocks (`block`) or unblocks `signals` for the calling thread
+/// (`pthread_sigmask`). Blocked signals stay pending, also across an exec:
+/// the agent blocks SIGHUP/SIGTERM/SIGINT before it re-executes itself so
+/// that one arriving meanwhile is handled by the new image, which unblocks
+/// them once its handlers are installed.
+pub fn mask_signals(signals: &[c_int], block: bool) -> io::Result<()> {
+    // SAFETY: `set` is a local sigset_t, initialized by sigemptyset before
+    // any other use; sigaddset and pthread_sigmask only read or write it
+    // through the pointers given, and the old mask is not asked for.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in signals {
+            libc::sigaddset(&mut set, *signal);
+        }
+        let how = if block {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        let rc = libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+    }
+    Ok(())
+}
+
+/// Sets close-on-exec on descriptor `fd`, inherited across an exec: a
+/// guard's socket must not reach a child the new image starts before it
+/// takes the socket over.
+pub fn close_on_exec(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: fcntl(F_GETFD/F_SETFD) takes integers; on a descriptor that
+    // is not open it fails with EBADF and changes nothing.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) })
+}
+
 /// Takes ownership of descriptor `fd`, inherited across an exec of this
 /// process and named in a handover record (the guards' sockets when the
 /// agent re-executes itself). Fails when no such descriptor is open, or

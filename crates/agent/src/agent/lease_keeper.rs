@@ -33,7 +33,7 @@ pub(super) async fn keep_lease<D: Dcs>(keeper: LeaseKeeper<D>) {
         resume,
     } = keeper;
     let mut clock = match resume {
-        Some(lease) => LeaseClock::resumed(timing.lease(), lease),
+        Some(lease) => LeaseClock::resumed(timing.lease(), lease, boot_clock::now()),
         None => LeaseClock::new(timing.lease(), boot_clock::now()),
     };
     // The members whose confirmation the current failsafe deadline rests on.

@@ -28,11 +28,15 @@ impl<D: Dcs> Agent<D> {
     /// when there was none or it cannot be taken over: a postmaster then
     /// found running is stopped as one this agent did not start.
     pub(super) fn adopt_postmaster(&mut self) -> bool {
-        let Some(pm) = self.handover.as_ref().and_then(|h| h.postmaster) else {
+        let Some(pm) = self.handover.as_ref().and_then(|h| h.postmaster.clone()) else {
             return false;
         };
+        let following = pm.following.clone();
         match self.pg.adopt(pm.into_pg()) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.following = following;
+                true
+            }
             Err(err) => {
                 error!("cannot take over the postmaster of the previous agent: {err}");
                 false
@@ -77,10 +81,24 @@ impl<D: Dcs> Agent<D> {
         &mut self,
         keeper: &tokio::task::JoinHandle<()>,
         watchdog: Option<&tokio::task::JoinHandle<()>>,
+        shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> String {
         let Some((program, _)) = self.reexec.take() else {
             return "no program to re-execute".into();
         };
+        // A SIGTERM now is a stop: the steps before the exec give way to it.
+        tokio::select! {
+            _ = shutdown => "SIGTERM during the re-exec".into(),
+            why = self.prepare_and_exec(program, keeper, watchdog) => why,
+        }
+    }
+
+    async fn prepare_and_exec(
+        &mut self,
+        program: Program,
+        keeper: &tokio::task::JoinHandle<()>,
+        watchdog: Option<&tokio::task::JoinHandle<()>>,
+    ) -> String {
         info!(
             exe = %program.exe.display(),
             "re-executing in place: PostgreSQL and its fencing guard keep running"
@@ -121,7 +139,7 @@ impl<D: Dcs> Agent<D> {
         }
         let lease = *self.lease.borrow();
         let postmaster = match self.pg.hand_over() {
-            Ok(pm) => pm.map(PostmasterState::of),
+            Ok(pm) => pm.map(|pm| PostmasterState::of(pm, self.following.clone())),
             Err(err) => return format!("cannot hand the postmaster over: {err}"),
         };
         let handover = Handover {
@@ -129,6 +147,7 @@ impl<D: Dcs> Agent<D> {
             lease: lease.id.map(|id| LeaseState {
                 id,
                 valid_until_ms: lease.valid_until.0,
+                members_confirmed: lease.members_confirmed,
             }),
         };
         let err = program.exec(&handover);

@@ -200,7 +200,7 @@ impl<D: Dcs> Agent<D> {
             resume: self.handover.as_ref().and_then(|h| h.lease).map(|l| Lease {
                 id: Some(l.id),
                 valid_until: Millis(l.valid_until_ms),
-                members_confirmed: false,
+                members_confirmed: l.members_confirmed,
             }),
         });
         let span = info_span!(parent: None, "lease_keeper", node = %self.name);
@@ -307,8 +307,19 @@ impl<D: Dcs> Agent<D> {
         };
         let result = match result {
             Ok(Exit::Reexec) => {
-                // Returns only when the exec failed: then a clean stop.
-                let why = self.reexec_now(&keeper, watchdog.as_ref()).await;
+                // Nothing but the exec may start a process from here on
+                // (the guard's socket is about to become inheritable).
+                api.abort();
+                watcher.abort();
+                dcs_leader_mover.abort();
+                if let Some(hooks) = &hooks {
+                    hooks.abort();
+                }
+                // Returns only when the exec failed or a SIGTERM came
+                // first: then a clean stop.
+                let why = self
+                    .reexec_now(&keeper, watchdog.as_ref(), shutdown.as_mut())
+                    .await;
                 error!("{why}: stopping instead");
                 Err(RunError::Fatal(why))
             }
