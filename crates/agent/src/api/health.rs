@@ -17,8 +17,16 @@ pub enum Check {
     Replica,
     /// `/read-only`: the primary or a replica as `/replica` would accept.
     ReadOnly,
-    /// `/sync`, `/synchronous`: a replica listed as synchronous.
+    /// `/sync`, `/synchronous`, `/quorum`: a replica listed as
+    /// synchronous (mainstay's synchronous standbys are a quorum: the
+    /// primary waits for `ANY k` of them).
     Sync,
+    /// `/read-only-sync`, `/read-only-synchronous`, `/read-only-quorum`:
+    /// the primary, or a replica as `/sync` would accept.
+    ReadOnlySync,
+    /// `/standby-leader`, `/standby_leader`: the leader of a standby
+    /// cluster, which mainstay does not run: never.
+    StandbyLeader,
     /// `/async`, `/asynchronous`: a replica that is not synchronous.
     Async,
     /// `/health`: PostgreSQL is up.
@@ -64,9 +72,15 @@ impl Filters {
     }
 }
 
-/// Whether this node passes `check` with `filters`.
+/// Whether this node passes `check` with `filters`. As in Patroni, the
+/// leader checks ignore tag filters (a load balancer's primary check must
+/// not depend on them), and so do `/liveness` and `/readiness`.
 pub fn passes(check: Check, node: &NodeSnapshot, filters: &Filters) -> bool {
-    if !tags_match(node, &filters.tags) {
+    let tags_apply = !matches!(
+        check,
+        Check::Primary | Check::StandbyLeader | Check::Liveness | Check::Readiness
+    );
+    if tags_apply && !tags_match(node, &filters.tags) {
         return false;
     }
     match check {
@@ -77,6 +91,10 @@ pub fn passes(check: Check, node: &NodeSnapshot, filters: &Filters) -> bool {
             node.is_primary_leader() || (replica_ok(node, filters) && !node.tags.noloadbalance)
         }
         Check::Sync => replica_ok(node, filters) && node.is_sync_standby(),
+        Check::ReadOnlySync => {
+            node.is_primary_leader() || (replica_ok(node, filters) && node.is_sync_standby())
+        }
+        Check::StandbyLeader => false,
         Check::Async => replica_ok(node, filters) && !node.is_sync_standby(),
         Check::Health => node.pg_running(),
         Check::Liveness => node.loop_is_alive(),
@@ -97,16 +115,20 @@ fn replica_ok(node: &NodeSnapshot, filters: &Filters) -> bool {
     }
 }
 
+/// Each wanted tag must be one the node has, with that value. Boolean
+/// tags the node does not set (false) are tags it does not have, as in
+/// Patroni: `?tag_nofailover=false` matches no node.
 fn tags_match(node: &NodeSnapshot, wanted: &BTreeMap<String, String>) -> bool {
+    let flag = |on: bool| on.then(|| "true".to_string());
     wanted.iter().all(|(name, value)| {
         let actual = match name.as_str() {
-            "nofailover" => node.tags.nofailover.to_string(),
-            "nosync" => node.tags.nosync.to_string(),
-            "noloadbalance" => node.tags.noloadbalance.to_string(),
-            "priority" => node.tags.priority.to_string(),
-            _ => return false,
+            "nofailover" => flag(node.tags.nofailover),
+            "nosync" => flag(node.tags.nosync),
+            "noloadbalance" => flag(node.tags.noloadbalance),
+            "priority" => Some(node.tags.priority.to_string()),
+            _ => None,
         };
-        actual.eq_ignore_ascii_case(value)
+        actual.is_some_and(|actual| actual == *value)
     })
 }
 
@@ -165,6 +187,49 @@ mod tests {
         wanted.tags.insert("noloadbalance".into(), "true".into());
         assert!(passes(Check::Health, &kept_out, &wanted));
         assert!(!passes(Check::Health, &plain, &wanted));
+    }
+
+    #[test]
+    fn tag_filters_follow_patroni() {
+        let plain = streaming_replica(Tags::default());
+        let filter = |name: &str, value: &str| {
+            let mut f = Filters::default();
+            f.tags.insert(name.into(), value.into());
+            f
+        };
+        // A false boolean tag is no tag at all.
+        assert!(!passes(
+            Check::Replica,
+            &plain,
+            &filter("nofailover", "false")
+        ));
+        let marked = streaming_replica(Tags {
+            nofailover: true,
+            ..Tags::default()
+        });
+        assert!(passes(
+            Check::Replica,
+            &marked,
+            &filter("nofailover", "true")
+        ));
+        assert!(!passes(
+            Check::Replica,
+            &marked,
+            &filter("nofailover", "True")
+        ));
+        assert!(!passes(Check::Replica, &plain, &filter("dc", "one")));
+        // Ignored where Patroni ignores them.
+        let any = filter("dc", "one");
+        assert!(passes(Check::Readiness, &plain, &any));
+        assert!(!passes(Check::Replica, &plain, &any));
+    }
+
+    #[test]
+    fn read_only_sync_takes_the_primary_and_synchronous_replicas_only() {
+        let filters = Filters::default();
+        let replica = streaming_replica(Tags::default());
+        assert!(!passes(Check::ReadOnlySync, &replica, &filters));
+        assert!(!passes(Check::StandbyLeader, &replica, &filters));
     }
 
     #[test]

@@ -287,7 +287,19 @@ pub fn router<D: Dcs + 'static>(state: Arc<ApiState<D>>) -> Router {
         ),
         (&["/replica"][..], Check::Replica),
         (&["/read-only"][..], Check::ReadOnly),
-        (&["/sync", "/synchronous"][..], Check::Sync),
+        (&["/sync", "/synchronous", "/quorum"][..], Check::Sync),
+        (
+            &[
+                "/read-only-sync",
+                "/read-only-synchronous",
+                "/read-only-quorum",
+            ][..],
+            Check::ReadOnlySync,
+        ),
+        (
+            &["/standby-leader", "/standby_leader"][..],
+            Check::StandbyLeader,
+        ),
         (&["/async", "/asynchronous"][..], Check::Async),
         (&["/health"][..], Check::Health),
         (&["/liveness"][..], Check::Liveness),
