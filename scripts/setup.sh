@@ -8,7 +8,10 @@
 # packets and cuts hosts off etcd), keepalived (`mainstay bench
 # endpoints` compares the VIP with it), and Python's venv, in which
 # schemathesis (from PyPI) fuzzes the REST API against its OpenAPI document
-# (tests/api_fuzz.rs) from a virtualenv of its own, /opt/mainstay-venv.
+# (tests/api_fuzz.rs) from a virtualenv of its own, /opt/mainstay-venv,
+# and check_patroni (PyPI), Patroni's monitoring plugin, checks the
+# Patroni-compatible API (tests/check_patroni.rs) from another,
+# /opt/mainstay-check-patroni.
 # The platform test and `mainstay bench platform` run the real programs a
 # ship runs: coturn (Debian's) and Synapse (PyPI's matrix-synapse, with
 # psycopg2 built against libpq, hence gcc, libpq-dev and python3-dev) in a
@@ -64,27 +67,42 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     done
 fi
 
-# schemathesis, pinned; tests/api_fuzz.rs runs it from here (or from
-# MAINSTAY_SCHEMATHESIS). Debian's own python3, whatever else is on PATH.
+# A Python tool pinned in a virtualenv of its own, made with Debian's own
+# python3 whatever else is on PATH (its dependencies must not move
+# another tool's): installed when CHECK, run with the venv's python, fails.
+pinned_venv() {
+    local what="$1" venv="$2" check="$3" spec="$4"
+    if ! "$venv/bin/python" -c "$check" 2>/dev/null; then
+        echo "setup: installing $what into $venv"
+        [ -x "$venv/bin/pip" ] || $sudo /usr/bin/python3 -m venv "$venv"
+        $sudo env PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/pip" install --quiet --no-input "$spec"
+    fi
+}
+
+# schemathesis: tests/api_fuzz.rs runs it from here (or from
+# MAINSTAY_SCHEMATHESIS).
 venv=/opt/mainstay-venv
 schemathesis_version=4.32.5
-if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qx "schemathesis, version $schemathesis_version"; then
-    echo "setup: installing schemathesis $schemathesis_version into $venv"
-    [ -x "$venv/bin/pip" ] || $sudo /usr/bin/python3 -m venv "$venv"
-    $sudo env PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/pip" install --quiet --no-input \
-        "schemathesis==$schemathesis_version"
-fi
+pinned_venv "schemathesis $schemathesis_version" "$venv" \
+    "import importlib.metadata as m, sys; sys.exit(m.version('schemathesis') != '$schemathesis_version')" \
+    "schemathesis==$schemathesis_version"
 
-# Synapse, pinned, for the platform test and benchmark (or from
-# MAINSTAY_SYNAPSE_VENV). Debian's own python3 here too.
+# Synapse, for the platform test and benchmark (or from
+# MAINSTAY_SYNAPSE_VENV).
 synapse_venv=/opt/mainstay-synapse
 synapse_version=1.163.2
-if ! "$synapse_venv/bin/python" -c "import synapse, psycopg2, sys; sys.exit(synapse.__version__ != '$synapse_version')" 2>/dev/null; then
-    echo "setup: installing Synapse $synapse_version into $synapse_venv"
-    [ -x "$synapse_venv/bin/pip" ] || $sudo /usr/bin/python3 -m venv "$synapse_venv"
-    $sudo env PIP_DISABLE_PIP_VERSION_CHECK=1 "$synapse_venv/bin/pip" install --quiet --no-input \
-        "matrix-synapse[postgres]==$synapse_version"
-fi
+pinned_venv "Synapse $synapse_version" "$synapse_venv" \
+    "import synapse, psycopg2, sys; sys.exit(synapse.__version__ != '$synapse_version')" \
+    "matrix-synapse[postgres]==$synapse_version"
+
+# check_patroni, Patroni's Nagios/Icinga plugin, which
+# tests/check_patroni.rs points at a mainstay cluster (or
+# MAINSTAY_CHECK_PATRONI).
+check_venv=/opt/mainstay-check-patroni
+check_patroni_version=2.2.0
+pinned_venv "check_patroni $check_patroni_version" "$check_venv" \
+    "import importlib.metadata as m, sys; sys.exit(m.version('check_patroni') != '$check_patroni_version')" \
+    "check_patroni==$check_patroni_version"
 
 # cargo-deb, pinned: `scripts/package.sh` and tests/upgrade.rs build the
 # Debian package with it.
@@ -94,8 +112,8 @@ if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $cargo_deb_version" ]; t
     cargo install --quiet --locked cargo-deb --version "$cargo_deb_version"
 fi
 
-for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/sbin/nft /usr/sbin/tc /usr/bin/setpriv "$venv/bin/schemathesis" /usr/bin/turnserver "$synapse_venv/bin/synapse_homeserver"; do
+for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/sbin/nft /usr/sbin/tc /usr/bin/setpriv "$venv/bin/schemathesis" "$check_venv/bin/check_patroni" /usr/bin/turnserver "$synapse_venv/bin/synapse_homeserver"; do
     [ -x "$tool" ] || { echo "setup: $tool is still missing after the install" >&2; exit 1; }
 done
 id postgres >/dev/null 2>&1 || { echo "setup: the postgres OS user is missing" >&2; exit 1; }
-echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}'), protoc, HAProxy $(/usr/sbin/haproxy -v | head -1 | awk '{print $3}'), schemathesis $schemathesis_version, coturn and Synapse $synapse_version are in place"
+echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}'), protoc, HAProxy $(/usr/sbin/haproxy -v | head -1 | awk '{print $3}'), schemathesis $schemathesis_version, check_patroni $check_patroni_version, coturn and Synapse $synapse_version are in place"

@@ -149,6 +149,8 @@ mod tests {
             replay_lsn: Some(Lsn(replay)),
             sync_state: Some("async".into()),
             replay_lag_secs: lag_secs,
+            usename: None,
+            sync_priority: None,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod poison;
 pub mod published;
 pub mod switchover;
 pub mod sync;
+pub mod tags;
 pub mod timeline;
 pub mod timing;
 pub mod types;

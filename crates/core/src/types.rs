@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
+pub use crate::tags::{TagValue, Tags};
+
 /// A PostgreSQL WAL position (`pg_lsn`), as a plain byte offset.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -45,23 +47,6 @@ impl Millis {
     pub fn since(self, earlier: Millis) -> u64 {
         self.0.saturating_sub(earlier.0)
     }
-}
-
-/// Per-node tags that change how the cluster treats the node.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Tags {
-    /// Never promote this node.
-    pub nofailover: bool,
-    /// Never choose this node as a synchronous standby.
-    #[serde(default)]
-    pub nosync: bool,
-    /// Never send read-only load here: `/replica` answers 503 and the
-    /// read-only proxy skips it (a replica kept for backups or reports).
-    #[serde(default)]
-    pub noloadbalance: bool,
-    /// Higher wins among equally advanced candidates.
-    pub priority: i32,
 }
 
 /// What a node's PostgreSQL is doing, as its agent reports it.
@@ -126,6 +111,9 @@ pub struct MemberStatus {
     /// mode: only nodes that could take over are.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub witness: bool,
+    /// Parameters the server keeps at their old values until a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_restart: Vec<PendingRestart>,
 }
 
 impl MemberRecord {
@@ -157,6 +145,7 @@ impl MemberRecord {
                 files: Default::default(),
                 alerts: Vec::new(),
                 witness: false,
+                pending_restart: Vec::new(),
             },
             mod_revision: 1,
             lease_id: 1,
@@ -376,4 +365,16 @@ mod tests {
         assert_eq!(slot_name("node-1"), "mainstay_node_1");
         assert_eq!(slot_name("Ship.A"), "mainstay_ship_a");
     }
+}
+
+/// A parameter the running server keeps at its old value until a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRestart {
+    pub name: String,
+    /// What the server runs with, as `SHOW` says it (`128MB`, `100`).
+    pub old_value: String,
+    /// What the configuration asks for; `None` when the change came from
+    /// elsewhere (a value removed, a file edited by hand).
+    #[serde(default)]
+    pub new_value: Option<String>,
 }

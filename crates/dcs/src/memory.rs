@@ -773,6 +773,7 @@ mod tests {
             files: Default::default(),
             alerts: Vec::new(),
             witness: false,
+            pending_restart: Vec::new(),
         }
     }
 

@@ -90,6 +90,12 @@ pub struct Health {
     pub replicas: Vec<ReplicationPeer>,
     /// As the server reports it now.
     pub synchronous_standby_names: String,
+    /// `pg_postmaster_start_time()`, Unix seconds.
+    pub postmaster_start_time: Option<f64>,
+    /// Replica only: `pg_last_xact_replay_timestamp()`, Unix seconds.
+    pub replay_timestamp: Option<f64>,
+    /// Replica only: `pg_is_wal_replay_paused()`.
+    pub replay_paused: bool,
 }
 
 impl Health {
@@ -138,6 +144,10 @@ pub struct ReplicationPeer {
     /// Seconds between a commit on the primary and its replay there, as
     /// PostgreSQL measures it (`replay_lag`; none when idle).
     pub replay_lag_secs: Option<f64>,
+    /// The role the replica connected as.
+    pub usename: Option<String>,
+    /// Its place in `synchronous_standby_names` (0: asynchronous).
+    pub sync_priority: Option<i32>,
 }
 
 fn lsn(text: Option<String>) -> Option<Lsn> {
@@ -164,7 +174,10 @@ pub async fn probe(client: &Client) -> Result<Health> {
             current_setting('server_version'),
             current_setting('server_version_num')::int,
             extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8,
-            current_setting('synchronous_standby_names')"
+            current_setting('synchronous_standby_names'),
+            extract(epoch FROM pg_postmaster_start_time())::float8,
+            extract(epoch FROM pg_last_xact_replay_timestamp())::float8,
+            CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END"
     );
     let row = bounded("health query", QUERY_TIMEOUT, client.query_one(&query, &[])).await?;
     let in_recovery: bool = row.get(0);
@@ -188,6 +201,9 @@ pub async fn probe(client: &Client) -> Result<Health> {
         wal_receiver: None,
         replicas: Vec::new(),
         synchronous_standby_names: row.get(12),
+        postmaster_start_time: row.get(13),
+        replay_timestamp: row.get(14),
+        replay_paused: row.get(15),
     };
     if in_recovery {
         health.wal_receiver = wal_receiver(client).await?;
@@ -207,6 +223,7 @@ pub async fn probe(client: &Client) -> Result<Health> {
     } else {
         health.timeline = primary_tli.unwrap_or(0) as u32;
         health.replay_delay_secs = None;
+        health.replay_timestamp = None;
         health.replicas = replicas(client).await?;
     }
     Ok(health)
@@ -240,7 +257,7 @@ async fn replicas(client: &Client) -> Result<Vec<ReplicationPeer>> {
         client.query(
             "SELECT application_name, client_addr::text, state, sent_lsn::text, write_lsn::text,
                     flush_lsn::text, replay_lsn::text, sync_state,
-                    extract(epoch FROM replay_lag)::float8
+                    extract(epoch FROM replay_lag)::float8, usename::text, sync_priority
              FROM pg_stat_replication ORDER BY application_name",
             &[],
         ),
@@ -258,6 +275,8 @@ async fn replicas(client: &Client) -> Result<Vec<ReplicationPeer>> {
             replay_lsn: lsn(row.get(6)),
             sync_state: row.get(7),
             replay_lag_secs: row.get(8),
+            usename: row.get(9),
+            sync_priority: row.get(10),
         })
         .collect())
 }

@@ -116,7 +116,7 @@ pub struct Agent<D: Dcs> {
     /// and what the server says waits for a restart.
     file_parameters: std::collections::BTreeMap<String, String>,
     parameters_dirty: bool,
-    pending_restart: Vec<String>,
+    pending_restart: Vec<mainstay_core::PendingRestart>,
     /// PostgreSQL parameters and what became of them: the set the server
     /// last started with, a set this node's server refused (checked, or
     /// failed to start with), and why, while that lasts.

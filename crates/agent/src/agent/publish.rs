@@ -69,7 +69,18 @@ impl<D: Dcs> Agent<D> {
         let holds_leader = self.holds_leader();
         let latency = self.renew_latency_us.load(Ordering::Relaxed);
         let previous = self.snapshot.borrow().clone();
+        let answering = self.last_health.as_ref().filter(|_| self.pg_answering);
         let snapshot = NodeSnapshot {
+            tags: self.published_tags(),
+            system_identifier: answering
+                .map(|h| h.system_identifier)
+                .or(previous.system_identifier),
+            last_timeline: answering
+                .map(|h| h.timeline)
+                .filter(|t| *t > 0)
+                .or(previous.last_timeline),
+            failsafe_enabled: self.dynamic.failsafe_mode,
+            failsafe_active: holds_leader && self.lease.borrow().members_confirmed,
             data_dir: self.pg.settings().data_dir.clone(),
             running: self.pg.is_running(),
             health: self.last_health.clone().filter(|_| self.pg_answering),
@@ -174,6 +185,7 @@ impl<D: Dcs> Agent<D> {
                 .collect(),
             warning: self.parameters.warning(),
             witness: false,
+            pending_restart: self.pending_restart.clone(),
             services: self
                 .services
                 .as_ref()

@@ -552,7 +552,7 @@ pub async fn change_config<D: Dcs>(
             },
         );
     }
-    let change: Value = match accept(&state.auth, &headers, &body) {
+    let mut change: Value = match accept(&state.auth, &headers, &body) {
         Ok(value) => value,
         Err(refused) => return refused.into_response(),
     };
@@ -561,6 +561,9 @@ pub async fn change_config<D: Dcs>(
             StatusCode::BAD_REQUEST,
             "the configuration is a JSON object, e.g. {\"pause\": true}",
         );
+    }
+    if let Err(refused) = super::effective_config::strip_timing(&mut change, &state.timing) {
+        return error(StatusCode::BAD_REQUEST, format!("refused: {refused}"));
     }
     let current =
         match tokio::time::timeout(state.timing.dcs_timeout, state.dcs.read_config()).await {
@@ -592,7 +595,9 @@ pub async fn change_config<D: Dcs>(
         return refused.into_response();
     }
     match state.dcs.write_config(&new, revision).await {
-        Ok(true) => axum::Json(new).into_response(),
+        Ok(true) => {
+            axum::Json(super::effective_config::effective(&new, &state.timing)).into_response()
+        }
         Ok(false) => error(
             StatusCode::CONFLICT,
             "the configuration changed meanwhile: read it again and retry",

@@ -115,20 +115,14 @@ fn replica_ok(node: &NodeSnapshot, filters: &Filters) -> bool {
     }
 }
 
-/// Each wanted tag must be one the node has, with that value. Boolean
-/// tags the node does not set (false) are tags it does not have, as in
-/// Patroni: `?tag_nofailover=false` matches no node.
+/// Each wanted tag must be one the node has, with that value, compared as
+/// Patroni compares them (`Tags::filter_value`): `?tag_nofailover=false`
+/// matches no node, `?tag_dc=one` the nodes tagged `dc = "one"`.
 fn tags_match(node: &NodeSnapshot, wanted: &BTreeMap<String, String>) -> bool {
-    let flag = |on: bool| on.then(|| "true".to_string());
     wanted.iter().all(|(name, value)| {
-        let actual = match name.as_str() {
-            "nofailover" => flag(node.tags.nofailover),
-            "nosync" => flag(node.tags.nosync),
-            "noloadbalance" => flag(node.tags.noloadbalance),
-            "priority" => Some(node.tags.priority.to_string()),
-            _ => None,
-        };
-        actual.is_some_and(|actual| actual == *value)
+        node.tags
+            .filter_value(name)
+            .is_some_and(|actual| actual == *value)
     })
 }
 
@@ -166,6 +160,7 @@ mod tests {
             }),
             replicas: Vec::new(),
             synchronous_standby_names: String::new(),
+            ..mainstay_pg::Health::default()
         });
         node
     }
@@ -218,6 +213,18 @@ mod tests {
             &filter("nofailover", "True")
         ));
         assert!(!passes(Check::Replica, &plain, &filter("dc", "one")));
+        let mut in_one = Tags::default();
+        in_one
+            .custom
+            .insert("dc".into(), mainstay_core::TagValue::Text("one".into()));
+        in_one
+            .custom
+            .insert("ssd".into(), mainstay_core::TagValue::Bool(false));
+        let in_one = streaming_replica(in_one);
+        assert!(passes(Check::Replica, &in_one, &filter("dc", "one")));
+        assert!(!passes(Check::Replica, &in_one, &filter("dc", "two")));
+        // A custom boolean is a tag even when false, as in Patroni.
+        assert!(passes(Check::Replica, &in_one, &filter("ssd", "false")));
         // Ignored where Patroni ignores them.
         let any = filter("dc", "one");
         assert!(passes(Check::Readiness, &plain, &any));

@@ -22,7 +22,7 @@ impl Out {
 }
 
 /// Label values escaped as the exposition format requires.
-fn label(name: &str, value: &str) -> String {
+pub(super) fn label(name: &str, value: &str) -> String {
     let escaped = value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -37,7 +37,8 @@ fn flag(b: bool) -> f64 {
 /// The node's metrics; `replication` is `GET /replication/files`'s
 /// document when `[[replicate]]` directories are configured.
 pub fn render(node: &NodeSnapshot, replication: Option<&serde_json::Value>) -> String {
-    let mut out = Out(String::with_capacity(4096));
+    let mut out = Out(String::with_capacity(8192));
+    super::patroni_metrics::render(&mut out.0, node);
     if let Some(status) = replication {
         replication_metrics(&mut out, status);
     }

@@ -5,12 +5,14 @@
 //! node to a load balancer). Only `/config` reads the DCS.
 
 mod actions;
+mod effective_config;
 pub mod etcd_members;
 mod files;
 pub mod health;
 mod metrics;
 mod openapi;
 mod param_check;
+mod patroni_metrics;
 mod recover_alone;
 mod serve;
 pub(crate) mod status;
@@ -29,7 +31,7 @@ use health::{Check, Filters};
 use mainstay_core::{ClusterView, Lsn, Tags};
 use mainstay_dcs::Dcs;
 use mainstay_pg::Health;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -65,7 +67,7 @@ pub struct NodeSnapshot {
     pub lease_renew_latency: Option<Duration>,
     pub paused: bool,
     /// PostgreSQL parameters changed that only a restart applies.
-    pub pending_restart: Vec<String>,
+    pub pending_restart: Vec<mainstay_core::PendingRestart>,
     /// Proxy counters per listener and target (filled by `/metrics`).
     pub proxy: Vec<crate::proxy::TargetCounters>,
     /// Per configured proxy listener: connections closed for want of a
@@ -84,6 +86,16 @@ pub struct NodeSnapshot {
     pub services: Vec<mainstay_services::ServiceStatus>,
     /// What this node alerts its operators to now (`[alerts]`).
     pub alerts: Vec<crate::alerts::Alert>,
+    /// The data directory's system identifier, as last read from a
+    /// running server (it does not change while the directory lives).
+    pub system_identifier: Option<u64>,
+    /// The last timeline a running server reported.
+    pub last_timeline: Option<u32>,
+    /// `failsafe_mode` is on in the cluster's dynamic configuration.
+    pub failsafe_enabled: bool,
+    /// This node leads on its members' confirmations because etcd cannot
+    /// be reached (Patroni's "failsafe mode is active").
+    pub failsafe_active: bool,
 }
 
 impl NodeSnapshot {
@@ -121,6 +133,10 @@ impl NodeSnapshot {
             vip: None,
             watchdog_failed: None,
             config_warning: None,
+            system_identifier: None,
+            last_timeline: None,
+            failsafe_enabled: false,
+            failsafe_active: false,
         }
     }
 
@@ -496,8 +512,12 @@ async fn history<D: Dcs>(State(state): Shared<D>) -> Response {
 
 async fn config<D: Dcs>(State(state): Shared<D>) -> Response {
     match tokio::time::timeout(state.timing.dcs_timeout, state.dcs.read_config()).await {
-        Ok(Ok(Some(config))) => axum::Json(config.value).into_response(),
-        Ok(Ok(None)) => axum::Json(Value::Object(Default::default())).into_response(),
+        Ok(Ok(Some(config))) => {
+            axum::Json(effective_config::effective(&config.value, &state.timing)).into_response()
+        }
+        Ok(Ok(None)) => {
+            axum::Json(effective_config::effective(&json!({}), &state.timing)).into_response()
+        }
         Ok(Err(err)) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cannot read the dynamic configuration from the DCS: {err}"),

@@ -319,6 +319,17 @@ fn dynamic_config(patch: bool) -> Value {
         "properties": {"parameters": nullable(parameters)}
     });
     properties.insert("postgresql".into(), nullable(postgresql));
+    // Shown as Patroni shows them; a body may repeat them unchanged.
+    for (key, file_key) in [
+        ("ttl", "ttl"),
+        ("loop_wait", "loop_wait"),
+        ("retry_timeout", "dcs_timeout"),
+    ] {
+        properties.insert(
+            key.into(),
+            nullable(json!({"type": "number", "exclusiveMinimum": 0, "description": format!("Seconds: this node's [timing] {file_key}, set in each node's file. A body may repeat this node's value (GET then PUT works); any other value is refused with 400.")})),
+        );
+    }
     let description = if patch {
         "A JSON merge patch (RFC 7396) of the dynamic configuration: keys given replace, objects merge, null removes a key (back to its default; null for a key that is not there changes nothing). The merged document must be valid as a whole (synchronous_mode_strict needs synchronous_mode)."
     } else {
@@ -333,14 +344,19 @@ fn dynamic_config(patch: bool) -> Value {
 }
 
 fn tags_schema() -> Value {
-    json!({"type": "object", "properties": {
-        "nofailover": {"type": "boolean"}, "nosync": {"type": "boolean"},
-        "noloadbalance": {"type": "boolean"}, "priority": {"type": "integer"}
-    }})
+    json!({"type": "object", "description": "The built-in tags when set, and the node's own ([tags] dc = \"one\"): a string, a number or a boolean each.",
+        "properties": {
+            "nofailover": {"type": "boolean"}, "nosync": {"type": "boolean"},
+            "noloadbalance": {"type": "boolean"}, "priority": {"type": "integer"}
+        },
+        "additionalProperties": {"type": ["string", "number", "boolean"]}
+    })
 }
 
 fn components() -> Value {
     let lsn = json!({"type": ["integer", "null"], "minimum": 0});
+    // PostgreSQL's text form, as Patroni writes LSNs in /cluster.
+    let pg_lsn = json!({"anyOf": [{"type": "string", "pattern": "^[0-9A-F]+/[0-9A-F]+$"}, {"const": "unknown"}]});
     json!({
         "securitySchemes": {
             "basic": {"type": "http", "scheme": "basic"},
@@ -361,7 +377,8 @@ fn components() -> Value {
                 "required": ["state", "role", "patroni", "mainstay"],
                 "properties": {
                     "state": {"enum": ["running", "starting", "stopped"]},
-                    "role": {"enum": ["primary", "replica", "unknown"]},
+                    "postmaster_start_time": {"type": "string", "description": "When the postmaster started, as Patroni writes it (2026-12-07 10:02:55.355211+00:00)."},
+                    "role": {"enum": ["primary", "replica"], "description": "What PostgreSQL runs as; when it does not run, what it would run as."},
                     "server_version": {"type": "integer"},
                     "timeline": {"type": "integer", "minimum": 0},
                     "database_system_identifier": {"type": "string"},
@@ -371,10 +388,12 @@ fn components() -> Value {
                     }}},
                     "xlog": {"type": "object", "properties": {
                         "location": lsn, "received_location": lsn, "replayed_location": lsn,
-                        "replayed_timestamp": {"type": "null"}, "paused": {"type": "boolean"}
+                        "replayed_timestamp": {"type": ["string", "null"]}, "paused": {"type": "boolean"}
                     }},
                     "replication": {"type": "array", "items": {"type": "object", "properties": {
+                        "usename": {"type": ["string", "null"]},
                         "application_name": {"type": "string"},
+                        "sync_priority": {"type": ["integer", "null"]},
                         "client_addr": {"type": ["string", "null"]},
                         "state": {"type": ["string", "null"]},
                         "sync_state": {"type": ["string", "null"]},
@@ -385,7 +404,11 @@ fn components() -> Value {
                     "cluster_unlocked": {"type": "boolean"},
                     "pause": {"type": "boolean"},
                     "pending_restart": {"type": "boolean"},
-                    "pending_restart_reason": {"type": "array", "items": {"type": "string"}},
+                    "pending_restart_reason": {"type": "object", "description": "Each parameter the server keeps until a restart: the value it runs and the one it will run.",
+                        "additionalProperties": {"type": "object", "required": ["old_value", "new_value"], "properties": {
+                            "old_value": {"type": "string"}, "new_value": {"type": ["string", "null"]}
+                        }}},
+                    "failsafe_mode_is_active": {"type": "boolean"},
                     "dcs_last_seen": {"type": "integer", "description": "Unix seconds."},
                     "tags": schema("Tags"),
                     "watchdog_failed": {"type": "boolean"},
@@ -395,7 +418,8 @@ fn components() -> Value {
                     "patroni": {"type": "object", "required": ["version", "scope", "name"], "properties": {
                         "version": {"type": "string"}, "scope": {"type": "string"}, "name": {"type": "string"}
                     }},
-                    "mainstay": {"type": "object", "required": ["leader", "dcs_reachable", "last_decision"], "properties": {
+                    "mainstay": {"type": "object", "required": ["version", "leader", "dcs_reachable", "last_decision"], "properties": {
+                        "version": {"type": "string", "description": "mainstay's own version (patroni.version is the Patroni API version its documents follow)."},
                         "leader": {"type": "boolean"}, "dcs_reachable": {"type": "boolean"}, "last_decision": {"type": "string"}
                     }}
                 }
@@ -408,7 +432,7 @@ fn components() -> Value {
                     "pause": {"type": "boolean"},
                     "members": {"type": "array", "items": {
                         "type": "object",
-                        "required": ["name", "role", "state", "api_url", "host", "port", "timeline", "tags"],
+                        "required": ["name", "role", "state", "api_url", "host", "port", "tags"],
                         "properties": {
                             "name": {"type": "string"},
                             "role": {"enum": ["leader", "sync_standby", "replica"]},
@@ -416,8 +440,10 @@ fn components() -> Value {
                             "api_url": {"type": "string"},
                             "host": {"type": "string"},
                             "port": {"type": "integer", "minimum": 0, "maximum": 65535},
-                            "timeline": {"type": "integer", "minimum": 0},
+                            "timeline": {"type": "integer", "minimum": 1, "description": "Absent while the member reports none (stopped)."},
                             "tags": schema("Tags"),
+                            "pending_restart": {"type": "boolean"},
+                            "pending_restart_reason": {"type": "object"},
                             "vip": {"type": "string"},
                             "warning": {"type": "string", "description": "What the member reports wrong with it (e.g. parameters it refused)."},
                             "alerts": {"type": "array", "items": {"type": "string"}, "description": "What the member alerts its operators to ([alerts])."},
@@ -425,11 +451,20 @@ fn components() -> Value {
                             "services": {"type": "object", "description": "The member's supervised services: name to state.", "additionalProperties": {"enum": ["stopped", "waiting", "starting", "running", "backing_off", "failed", "stopping"]}},
                             "lag": {"description": "Bytes behind the leader's last published position, or unknown.",
                                     "anyOf": [{"type": "integer", "minimum": 0}, {"const": "unknown"}]},
-                            "lsn": {"type": "integer", "minimum": 0},
-                            "receive_lsn": {"type": "integer", "minimum": 0},
-                            "replay_lsn": {"type": "integer", "minimum": 0}
+                            "receive_lag": {"anyOf": [{"type": "integer", "minimum": 0}, {"const": "unknown"}]},
+                            "replay_lag": {"anyOf": [{"type": "integer", "minimum": 0}, {"const": "unknown"}]},
+                            "lsn": pg_lsn.clone(),
+                            "receive_lsn": pg_lsn.clone(),
+                            "replay_lsn": pg_lsn
                         }
                     }},
+                    "witnesses": {"type": "array", "description": "Witnesses (etcd members without PostgreSQL), listed apart from the members as Patroni has none.", "items": {
+                        "type": "object", "required": ["name", "api_url", "state"],
+                        "properties": {"name": {"type": "string"}, "api_url": {"type": "string"}, "state": {"const": "running"}, "version": {"type": "string"}}
+                    }},
+                    "recoveries": {"type": "array"},
+                    "dcs_reachable": {"type": "boolean"},
+                    "dcs_last_seen": {"type": "integer"},
                     "scheduled_switchover": {"description": "A pending switchover or failover request.", "anyOf": [
                         {"type": "object", "required": ["kind"], "properties": {
                             "kind": {"enum": ["switchover", "failover"]},
@@ -652,22 +687,22 @@ pub fn document() -> Value {
             "/metrics": read("Prometheus text exposition.", text("Metrics in Prometheus' text format 0.0.4."), None),
             "/openapi.json": read("This document.", ok("This document.", json!({"type": "object", "required": ["openapi", "paths"]})), None),
             "/config": {
-                "get": {"summary": "The dynamic configuration as stored ({} when none is).", "responses": {
-                    "200": ok("The stored configuration.", schema("DynamicConfig")),
+                "get": {"summary": "The dynamic configuration in effect: the stored keys, every default, and this node's ttl, loop_wait and retry_timeout.", "responses": {
+                    "200": ok("The configuration in effect.", schema("DynamicConfig")),
                     "503": err("The DCS did not answer, or not within dcs_timeout.")
                 }},
-                "head": {"summary": "The dynamic configuration as stored ({} when none is).", "responses": {
-                    "200": ok("The stored configuration.", schema("DynamicConfig")),
+                "head": {"summary": "The dynamic configuration in effect: the stored keys, every default, and this node's ttl, loop_wait and retry_timeout.", "responses": {
+                    "200": ok("The configuration in effect.", schema("DynamicConfig")),
                     "503": err("The DCS did not answer, or not within dcs_timeout.")
                 }},
                 "patch": unsafe_op("Change the dynamic configuration (JSON merge patch). Changed PostgreSQL parameters are first checked by every member's own server (POST /config/check).", Some((schema("DynamicConfigPatch"), true)), json!({
-                    "200": ok("The stored configuration after the change.", schema("DynamicConfig")),
+                    "200": ok("The configuration in effect after the change.", schema("DynamicConfig")),
                     "400": err("An empty body, a body that is not a JSON object, a merged configuration that is not valid (the reason names the key), or PostgreSQL parameters a member's server would not accept (the reason names parameter and member). Nothing is stored."),
                     "409": err("The configuration changed between reading and writing it: read it again and retry."),
                     "503": err("The DCS did not answer in time, or a member could not check changed PostgreSQL parameters. Nothing is stored.")
                 })),
                 "put": unsafe_op("Replace the dynamic configuration. Changed PostgreSQL parameters are first checked by every member's own server (POST /config/check).", Some((schema("DynamicConfig"), true)), json!({
-                    "200": ok("The stored configuration.", schema("DynamicConfig")),
+                    "200": ok("The configuration in effect after the change.", schema("DynamicConfig")),
                     "400": err("An empty body, a body that is not a JSON object, a configuration that is not valid (the reason names the key), or PostgreSQL parameters a member's server would not accept (the reason names parameter and member). Nothing is stored."),
                     "409": err("The configuration changed between reading and writing it: read it again and retry."),
                     "503": err("The DCS did not answer in time, or a member could not check changed PostgreSQL parameters. Nothing is stored.")
@@ -794,7 +829,18 @@ mod tests {
     fn the_config_schema_lists_exactly_the_dynamic_configuration_keys() {
         let doc = document();
         let defaults = serde_json::to_value(DynamicConfig::default()).unwrap();
-        let mut expected: Vec<&String> = defaults.as_object().unwrap().keys().collect();
+        // The per-node timing keys `GET /config` shows beside them.
+        let timing = [
+            "loop_wait".to_string(),
+            "retry_timeout".into(),
+            "ttl".into(),
+        ];
+        let mut expected: Vec<&String> = defaults
+            .as_object()
+            .unwrap()
+            .keys()
+            .chain(timing.iter())
+            .collect();
         expected.sort();
         for (name, unknown) in [
             ("DynamicConfig", json!(false)),

@@ -3,10 +3,18 @@
 
 use super::NodeSnapshot;
 use super::health::lag;
-use mainstay_core::{HistoryEntry, PgRole, Tags};
+use mainstay_core::{HistoryEntry, Lsn, MemberStatus, PendingRestart, PgRole, Tags};
 use serde_json::{Map, Value, json};
 use std::time::UNIX_EPOCH;
 
+/// The API version whose documents mainstay's follow. Monitoring reads
+/// `patroni.version` to choose its rules (check_patroni expects a
+/// replica's state to be "streaming" from 3.0.4 on); mainstay's own
+/// version is `mainstay.version`.
+pub const PATRONI_COMPATIBLE_VERSION: &str = "4.1.5";
+
+/// Tags as Patroni shows them: a built-in boolean only when set, the
+/// priority when not the default, custom tags always.
 fn tags(tags: &Tags) -> Value {
     let mut map = Map::new();
     for (name, set) in [
@@ -21,7 +29,47 @@ fn tags(tags: &Tags) -> Value {
     if tags.priority != 0 {
         map.insert("priority".into(), json!(tags.priority));
     }
+    for (name, value) in &tags.custom {
+        map.insert(name.clone(), json!(value));
+    }
     Value::Object(map)
+}
+
+/// A Unix time as Python prints a UTC `datetime`, which is what Patroni's
+/// JSON carries (`2026-12-07 10:02:55.355211+00:00`).
+pub(super) fn python_time(unix_secs: f64) -> Value {
+    if !unix_secs.is_finite() || unix_secs < 0.0 {
+        return Value::Null;
+    }
+    let time = UNIX_EPOCH + std::time::Duration::from_secs_f64(unix_secs);
+    let text = humantime::format_rfc3339_micros(time).to_string();
+    json!(text.replace('T', " ").replace('Z', "+00:00"))
+}
+
+/// Patroni's `pending_restart_reason`: each parameter with the value the
+/// server runs and the one it will run after a restart.
+fn pending_restart_reason(pending: &[PendingRestart]) -> Value {
+    let reasons: Map<String, Value> = pending
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                json!({ "old_value": p.old_value, "new_value": p.new_value }),
+            )
+        })
+        .collect();
+    Value::Object(reasons)
+}
+
+/// Patroni's `role`: what the server runs as, or when it does not run,
+/// what it would run as (Patroni never says "unknown" there).
+pub(super) fn patroni_role(node: &NodeSnapshot) -> &'static str {
+    match node.health.as_ref().filter(|_| node.running) {
+        Some(health) if !health.in_recovery => "primary",
+        Some(_) => "replica",
+        None if node.holds_leader => "primary",
+        None => "replica",
+    }
 }
 
 /// `GET /patroni` and the body of every health check.
@@ -34,26 +82,20 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
     };
     doc.insert("state".into(), json!(state));
     if let Some(health) = node.health.as_ref().filter(|_| node.running) {
-        let role = if health.in_recovery {
-            "replica"
-        } else {
-            "primary"
-        };
-        doc.insert("role".into(), json!(role));
+        if let Some(started) = health.postmaster_start_time {
+            doc.insert("postmaster_start_time".into(), python_time(started));
+        }
+        doc.insert("role".into(), json!(patroni_role(node)));
         doc.insert("server_version".into(), json!(health.server_version_num));
         doc.insert("timeline".into(), json!(health.timeline));
-        doc.insert(
-            "database_system_identifier".into(),
-            json!(health.system_identifier.to_string()),
-        );
         if health.in_recovery {
             doc.insert(
                 "xlog".into(),
                 json!({
-                    "received_location": health.receive_lsn.map(|l| l.0),
+                    "received_location": health.receive_lsn.or(health.replay_lsn).map(|l| l.0),
                     "replayed_location": health.replay_lsn.map(|l| l.0),
-                    "replayed_timestamp": Value::Null,
-                    "paused": false,
+                    "replayed_timestamp": health.replay_timestamp.map(python_time),
+                    "paused": health.replay_paused,
                 }),
             );
             if let Some(receiver) = &health.wal_receiver {
@@ -65,44 +107,55 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
         } else {
             doc.insert(
                 "xlog".into(),
-                json!({ "location": health.current_lsn.map(|l| l.0) }),
+                json!({ "location": health.flush_lsn.or(health.current_lsn).map(|l| l.0) }),
             );
             let replication: Vec<Value> = health
                 .replicas
                 .iter()
                 .map(|r| {
                     json!({
+                        "usename": r.usename,
                         "application_name": r.application_name,
                         "client_addr": r.client_addr,
                         "state": r.state,
                         "sync_state": r.sync_state,
+                        "sync_priority": r.sync_priority,
                         "sent_location": r.sent_lsn.map(|l| l.0),
                         "flush_location": r.flush_lsn.map(|l| l.0),
                         "replay_location": r.replay_lsn.map(|l| l.0),
                     })
                 })
                 .collect();
-            doc.insert("replication".into(), Value::Array(replication));
+            if !replication.is_empty() {
+                doc.insert("replication".into(), Value::Array(replication));
+            }
         }
     } else {
-        doc.insert("role".into(), json!("unknown"));
+        doc.insert("role".into(), json!(patroni_role(node)));
     }
-    if let Some(view) = &node.view
-        && view.leader.is_none()
-    {
+    if let Some(id) = node.system_identifier {
+        doc.insert("database_system_identifier".into(), json!(id.to_string()));
+    }
+    if node.view.as_ref().is_none_or(|view| view.leader.is_none()) {
         doc.insert("cluster_unlocked".into(), json!(true));
+    }
+    if node.failsafe_active {
+        doc.insert("failsafe_mode_is_active".into(), json!(true));
     }
     if node.paused {
         doc.insert("pause".into(), json!(true));
     }
     if !node.pending_restart.is_empty() {
         doc.insert("pending_restart".into(), json!(true));
-        doc.insert("pending_restart_reason".into(), json!(node.pending_restart));
+        doc.insert(
+            "pending_restart_reason".into(),
+            pending_restart_reason(&node.pending_restart),
+        );
     }
-    if let Some(seen) = node.dcs_last_seen {
-        let secs = seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        doc.insert("dcs_last_seen".into(), json!(secs));
-    }
+    let seen = node.dcs_last_seen.map_or(0, |seen| {
+        seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    });
+    doc.insert("dcs_last_seen".into(), json!(seen));
     let tags = tags(&node.tags);
     if tags.as_object().is_some_and(|t| !t.is_empty()) {
         doc.insert("tags".into(), tags);
@@ -115,7 +168,7 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
     if let Some(warning) = &node.config_warning {
         doc.insert("config_warning".into(), json!(warning));
     }
-    if node.is_sync_standby() {
+    if node.is_sync_standby() && node.is_replica() {
         doc.insert("sync_standby".into(), json!(true));
     }
     if !node.services.is_empty() {
@@ -127,7 +180,7 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
     doc.insert(
         "patroni".into(),
         json!({
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": PATRONI_COMPATIBLE_VERSION,
             "scope": node.scope,
             "name": node.name,
         }),
@@ -135,6 +188,7 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
     doc.insert(
         "mainstay".into(),
         json!({
+            "version": env!("CARGO_PKG_VERSION"),
             "leader": node.holds_leader,
             "dcs_reachable": node.dcs_reachable,
             "last_decision": node.note,
@@ -159,7 +213,37 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
     Some(doc)
 }
 
-/// `GET /cluster` from a view: the agents' and the witness's.
+/// Patroni's lag keys of a member that is not the leader: `lsn`,
+/// `receive_lsn` and `replay_lsn` in PostgreSQL's text form, each with its
+/// lag in bytes behind the leader's last published position, or
+/// "unknown" for a member that reports no position (stopped).
+fn lag_keys(member: &mut Map<String, Value>, status: &MemberStatus, leader_lsn: Option<Lsn>) {
+    let (received, replayed) = match status.role {
+        PgRole::Stopped => (None, None),
+        PgRole::Replica => (
+            Some(status.received_lsn.max(status.replayed_lsn)),
+            Some(status.replayed_lsn),
+        ),
+        PgRole::Primary => (Some(status.flush_lsn), Some(status.flush_lsn)),
+    };
+    for (prefix, lsn) in [
+        ("", received),
+        ("receive_", received),
+        ("replay_", replayed),
+    ] {
+        let (lsn_value, lag_value) = match (lsn.filter(|l| l.0 > 0), leader_lsn) {
+            (Some(lsn), Some(leader)) => (json!(lsn.to_string()), json!(lag(leader, lsn))),
+            (Some(lsn), None) => (json!(lsn.to_string()), json!("unknown")),
+            (None, _) => (json!("unknown"), json!("unknown")),
+        };
+        member.insert(format!("{prefix}lsn"), lsn_value);
+        member.insert(format!("{prefix}lag"), lag_value);
+    }
+}
+
+/// `GET /cluster` from a view: the agents' and the witness's. Witnesses
+/// run no PostgreSQL and Patroni has none: they are listed apart, so that
+/// tools written for Patroni count database nodes only.
 pub fn cluster_of(
     view: &mainstay_core::ClusterView,
     scope: &str,
@@ -171,65 +255,75 @@ pub fn cluster_of(
         (Some(record), Some(leader)) => record.members_for(leader),
         _ => &[],
     };
-    let members: Vec<Value> = view
-        .members
-        .values()
-        .map(|record| {
-            let m = &record.status;
-            let is_leader = leader == Some(m.name.as_str());
-            let role = if m.witness {
-                "witness"
-            } else if is_leader {
-                "leader"
-            } else if sync.contains(&m.name) {
-                "sync_standby"
-            } else {
-                "replica"
-            };
-            let state = match m.role {
-                PgRole::Stopped if m.witness => "running",
-                PgRole::Stopped => "stopped",
-                PgRole::Replica if m.streaming => "streaming",
-                _ => "running",
-            };
-            let mut member = json!({
+    let mut members = Vec::new();
+    let mut witnesses = Vec::new();
+    for record in view.members.values() {
+        let m = &record.status;
+        if m.witness {
+            witnesses.push(json!({
                 "name": m.name,
-                "role": role,
-                "state": state,
                 "api_url": m.api_url,
-                "host": m.pg_host,
-                "port": m.pg_port,
-                "timeline": m.timeline,
-                "tags": tags(&m.tags),
-            });
-            if let Some(vip) = &m.vip {
-                member["vip"] = json!(vip);
-            }
-            if let Some(warning) = &m.warning {
-                member["warning"] = json!(warning);
-            }
-            if !m.services.is_empty() {
-                member["services"] = json!(m.services);
-            }
-            if !m.files.is_empty() {
-                member["files"] = json!(m.files);
-            }
-            if !m.alerts.is_empty() {
-                member["alerts"] = json!(m.alerts);
-            }
-            if !is_leader && m.role == PgRole::Replica {
-                let lsn = m.received_lsn.max(m.replayed_lsn);
-                let lag_value = leader_lsn.map_or(json!("unknown"), |l| json!(lag(l, lsn)));
-                let object = member.as_object_mut().expect("a JSON object");
-                object.insert("lag".into(), lag_value);
-                object.insert("lsn".into(), json!(lsn.0));
-                object.insert("receive_lsn".into(), json!(m.received_lsn.0));
-                object.insert("replay_lsn".into(), json!(m.replayed_lsn.0));
-            }
-            member
-        })
-        .collect();
+                "state": "running",
+                "version": m.version,
+            }));
+            continue;
+        }
+        let is_leader = leader == Some(m.name.as_str());
+        let role = if is_leader {
+            "leader"
+        } else if sync.contains(&m.name) {
+            "sync_standby"
+        } else {
+            "replica"
+        };
+        let state = match m.role {
+            PgRole::Stopped => "stopped",
+            PgRole::Replica if m.streaming => "streaming",
+            _ => "running",
+        };
+        let mut member = Map::new();
+        member.insert("name".into(), json!(m.name));
+        member.insert("role".into(), json!(role));
+        member.insert("state".into(), json!(state));
+        member.insert("api_url".into(), json!(m.api_url));
+        member.insert("host".into(), json!(m.pg_host));
+        member.insert("port".into(), json!(m.pg_port));
+        // Patroni leaves out a timeline it does not know.
+        if m.timeline > 0 {
+            member.insert("timeline".into(), json!(m.timeline));
+        }
+        if !m.pending_restart.is_empty() {
+            member.insert("pending_restart".into(), json!(true));
+            member.insert(
+                "pending_restart_reason".into(),
+                pending_restart_reason(&m.pending_restart),
+            );
+        }
+        member.insert("tags".into(), tags(&m.tags));
+        if !is_leader {
+            lag_keys(&mut member, m, leader_lsn);
+        }
+        if let Some(vip) = &m.vip {
+            member.insert("vip".into(), json!(vip));
+        }
+        if let Some(warning) = &m.warning {
+            member.insert("warning".into(), json!(warning));
+        }
+        if !m.services.is_empty() {
+            member.insert("services".into(), json!(m.services));
+        }
+        if !m.files.is_empty() {
+            member.insert("files".into(), json!(m.files));
+        }
+        if !m.alerts.is_empty() {
+            member.insert("alerts".into(), json!(m.alerts));
+        }
+        members.push(Value::Object(member));
+    }
     let mut doc = json!({ "members": members, "scope": scope });
+    if !witnesses.is_empty() {
+        doc["witnesses"] = Value::Array(witnesses);
+    }
     if paused {
         doc["pause"] = json!(true);
     }

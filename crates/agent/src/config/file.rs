@@ -22,7 +22,7 @@ pub(super) struct File {
     #[serde(default)]
     pub timing: TimingSection,
     #[serde(default)]
-    pub tags: mainstay_core::Tags,
+    pub tags: toml::Table,
     #[serde(default)]
     pub watchdog: WatchdogSection,
     #[serde(default, rename = "service")]

@@ -28,6 +28,7 @@ mod file;
 mod replicate;
 mod service;
 mod size;
+mod tags;
 mod validate;
 mod vip;
 mod witness;

@@ -94,7 +94,11 @@ fn bad_files_name_the_key() {
         "not a duration",
     );
     check("bogus = 1\n", None, "unknown field");
-    check("[tags]\npriority = \"high\"\n", None, "invalid type");
+    check(
+        "[tags]\npriority = \"high\"\n",
+        Some("tags.priority"),
+        "whole number",
+    );
     check(
         "[api]\nlisten = \"nowhere\"\n",
         Some("api.listen"),

@@ -96,7 +96,7 @@ impl Config {
             replicate,
             postgresql,
             timing,
-            tags: file.tags,
+            tags: super::tags::tags(file.tags)?,
             cluster: file.cluster,
             name: file.name,
         })

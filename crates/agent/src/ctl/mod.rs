@@ -571,6 +571,20 @@ impl Ctl {
                     .unwrap_or_default(),
             ]);
         }
+        for w in cluster["witnesses"].as_array().into_iter().flatten() {
+            let name = w["name"].as_str().unwrap_or("?").to_string();
+            rows.push([
+                name,
+                String::new(),
+                "witness".into(),
+                w["state"].as_str().unwrap_or("?").to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
         print_table(&rows);
         let scope = cluster["scope"].as_str().unwrap_or("?");
         let leader = cluster["members"]

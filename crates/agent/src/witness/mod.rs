@@ -238,6 +238,7 @@ impl<D: Dcs> Keeper<'_, D> {
             files: Default::default(),
             alerts: Vec::new(),
             witness: true,
+            pending_restart: Vec::new(),
         }
     }
 }

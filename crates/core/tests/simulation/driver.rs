@@ -77,8 +77,7 @@ impl Sim {
                 let tags = Tags {
                     nofailover: count > 2 && i == count - 1 && rng.chance(200_000),
                     priority: rng.below(3) as i32,
-                    nosync: false,
-                    noloadbalance: false,
+                    ..Tags::default()
                 };
                 Node::new(format!("n{i}"), tags, drift(&mut rng), lease_timing)
             })

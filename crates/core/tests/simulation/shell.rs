@@ -305,6 +305,7 @@ impl Sim {
             files: Default::default(),
             alerts: Vec::new(),
             witness: false,
+            pending_restart: Vec::new(),
         };
         let published = view.members.get(&node.name).is_some_and(|record| {
             record.lease_id == lease

@@ -39,6 +39,7 @@ pub fn member(name: &str) -> MemberStatus {
         files: Default::default(),
         alerts: Vec::new(),
         witness: false,
+        pending_restart: Vec::new(),
     }
 }
 

@@ -372,7 +372,7 @@ impl Postgres {
     pub async fn set_parameters(
         &mut self,
         parameters: std::collections::BTreeMap<String, String>,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<mainstay_core::PendingRestart>> {
         if parameters == self.settings.parameters {
             return self.pending_restart().await;
         }
@@ -413,7 +413,7 @@ impl Postgres {
     }
 
     /// Parameters changed in the files that only a restart applies.
-    pub async fn pending_restart(&self) -> Result<Vec<String>> {
+    pub async fn pending_restart(&self) -> Result<Vec<mainstay_core::PendingRestart>> {
         if !self.is_running() {
             return Ok(Vec::new());
         }
@@ -422,12 +422,22 @@ impl Postgres {
             "pg_settings.pending_restart",
             sql::QUERY_TIMEOUT,
             client.query(
-                "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name",
+                "SELECT name, current_setting(name) FROM pg_settings WHERE pending_restart ORDER BY name",
                 &[],
             ),
         )
         .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let name: String = r.get(0);
+                mainstay_core::PendingRestart {
+                    new_value: self.settings.parameters.get(&name).cloned(),
+                    old_value: r.get(1),
+                    name,
+                }
+            })
+            .collect())
     }
 
     /// Sets `synchronous_standby_names` in `mainstay.conf` and reloads; returns
