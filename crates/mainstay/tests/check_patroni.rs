@@ -414,6 +414,21 @@ fn check_patroni_says_of_mainstay_what_it_says_of_patroni() {
             .expect("a postmaster");
         // Fast shutdown, as `pg_ctl stop -m fast` would.
         let _ = mainstay_sys::process::kill(pid, libc::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while mainstay_sys::process::alive(pid) {
+            assert!(Instant::now() < deadline, "the postmaster outlived 30 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The health checks know at once, whatever the HA loop's turn.
+        for path in ["/health", "/replica", "/readiness", "/read-only"] {
+            assert_eq!(
+                status(&h, &stopped, path).await,
+                503,
+                "{path} just after the stop"
+            );
+        }
+        let doc = api(&h, &stopped).get("/patroni").await.unwrap().body;
+        assert_ne!(doc["state"], "running", "{doc}");
         wait_node_state(&h, &stopped, "stopped").await;
         h.wait_for(
             "the stopped member's key",

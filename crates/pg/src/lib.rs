@@ -14,6 +14,7 @@ mod account;
 mod conf;
 mod controldata;
 mod error;
+mod live;
 mod param_check;
 mod pidfile;
 mod postgres;
@@ -23,6 +24,7 @@ mod tool;
 
 pub use controldata::{ClusterState, ControlData, DataDirState, parse_controldata};
 pub use error::{Error, Result};
+pub use live::{Live, LiveProbe};
 pub use mainstay_guard::BootTime;
 pub use mainstay_guarded::Handover as GuardHandover;
 pub use mainstay_guarded::{GuardCheckError, check_guard};

@@ -79,6 +79,7 @@ impl<D: Dcs> Agent<D> {
                 .map(|h| h.timeline)
                 .filter(|t| *t > 0)
                 .or(previous.last_timeline),
+            postmaster_pid: self.pg.pid(),
             failsafe_enabled: self.dynamic.failsafe_mode,
             failsafe_active: holds_leader && self.lease.borrow().members_confirmed,
             data_dir: self.pg.settings().data_dir.clone(),

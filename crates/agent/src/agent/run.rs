@@ -178,6 +178,11 @@ impl<D: Dcs> Agent<D> {
                 ca_file: self.api_ca_file.clone(),
                 replication: self.replication.clone(),
                 etcd_member: self.etcd_member.clone(),
+                live: Arc::new(mainstay_pg::LiveProbe::new(
+                    &self.pg.settings().local_tcp_host(),
+                    self.pg.settings().port,
+                    self.pg.settings().superuser.clone(),
+                )),
             })),
             tls,
             self.api_limits,

@@ -1,14 +1,18 @@
 //! The REST API every agent serves: Patroni-compatible health checks, status
-//! documents, metrics. Handlers never talk to PostgreSQL: they read the
-//! snapshot the HA loop publishes after every turn, so a slow or hung server
-//! cannot make a health check hang (a check that times out looks like a dead
-//! node to a load balancer). Only `/config` reads the DCS.
+//! documents, metrics. Handlers read the snapshot the HA loop publishes
+//! after every turn and never wait on PostgreSQL beyond a bound: the health
+//! checks and `/patroni` overlay a probe at most 100 ms old (`live.rs`),
+//! which gives up after 0.8 s and then keeps the snapshot's answer, so a
+//! slow or hung server cannot make a check hang (a check that times out
+//! looks like a dead node to a load balancer). `/config` and `/cluster`
+//! read the DCS, within `dcs_timeout`.
 
 mod actions;
 mod effective_config;
 pub mod etcd_members;
 mod files;
 pub mod health;
+mod live;
 mod metrics;
 mod openapi;
 mod param_check;
@@ -91,6 +95,8 @@ pub struct NodeSnapshot {
     pub system_identifier: Option<u64>,
     /// The last timeline a running server reported.
     pub last_timeline: Option<u32>,
+    /// The postmaster's pid, while one runs.
+    pub postmaster_pid: Option<i32>,
     /// `failsafe_mode` is on in the cluster's dynamic configuration.
     pub failsafe_enabled: bool,
     /// This node leads on its members' confirmations because etcd cannot
@@ -135,6 +141,7 @@ impl NodeSnapshot {
             config_warning: None,
             system_identifier: None,
             last_timeline: None,
+            postmaster_pid: None,
             failsafe_enabled: false,
             failsafe_active: false,
         }
@@ -265,6 +272,8 @@ pub struct ApiState<D> {
     pub replication: Option<Arc<mainstay_files::Replication>>,
     /// The node's own etcd member, when the agent runs one.
     pub etcd_member: Option<mainstay_etcd_member::MemberHandle>,
+    /// Asks PostgreSQL on a health check's request (see `live.rs`).
+    pub live: Arc<mainstay_pg::LiveProbe>,
 }
 
 impl<D: Dcs> ApiState<D> {
@@ -459,7 +468,11 @@ async fn health_check<D>(State(state): Shared<D>, query: QueryResult, check: Che
         Ok(filters) => filters,
         Err(health::BadQuery(reason)) => return error(StatusCode::BAD_REQUEST, reason),
     };
-    let node = state.node();
+    let node = match check {
+        // Neither reads PostgreSQL.
+        Check::Liveness | Check::StandbyLeader => state.node(),
+        _ => state.node_now().await,
+    };
     let code = if health::passes(check, &node, &filters) {
         StatusCode::OK
     } else {
@@ -469,7 +482,22 @@ async fn health_check<D>(State(state): Shared<D>, query: QueryResult, check: Che
 }
 
 async fn patroni<D>(State(state): Shared<D>) -> Response {
-    axum::Json(status::node_status(&state.node())).into_response()
+    let node = state.node_now().await;
+    axum::Json(status::node_status(&node)).into_response()
+}
+
+impl<D> ApiState<D> {
+    /// The snapshot with PostgreSQL as a probe at most
+    /// `LiveProbe::MAX_AGE` old found it.
+    async fn node_now(&self) -> Arc<NodeSnapshot> {
+        let node = self.node();
+        if !node.running {
+            return node;
+        }
+        let live = self.live.now().await;
+        let alive = node.postmaster_pid.is_none_or(mainstay_sys::process::alive);
+        Arc::new(live::overlay(&node, &live, alive))
+    }
 }
 
 impl<D: Dcs> ApiState<D> {
