@@ -10,6 +10,7 @@
 #![recursion_limit = "256"]
 
 pub mod agent;
+pub mod agent_check;
 pub mod alerts;
 pub mod api;
 pub mod api_client;

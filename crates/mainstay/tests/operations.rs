@@ -634,3 +634,97 @@ fn ctl_drill_reports_switchover_and_crash_failover() {
         h.passed = true;
     });
 }
+
+/// A patronictl runbook, each line as written for Patroni with
+/// `patronictl` replaced by `mainstay ctl` (docs/operations.md has the
+/// table): the cluster's name first, `--primary`, `-s`, `--pg`, `--wait`,
+/// several members at once, `flush`. A runbook for another cluster is
+/// refused before anything is done.
+#[test]
+fn patronictl_runbooks_run_word_for_word() {
+    cluster_test(async {
+        let mut h = Harness::start("patronictl", 3);
+        let leader = h.healthy(Duration::from_secs(60)).await;
+        let candidate = h.other_than(&leader);
+        let third = h
+            .names()
+            .into_iter()
+            .find(|n| *n != leader && *n != candidate)
+            .unwrap();
+        let run = async |args: &[&str]| {
+            let (code, out, err) = ctl(&h, &leader, true, args).await;
+            assert_eq!(code, 0, "{args:?}: {out} {err}");
+            out
+        };
+
+        let out = run(&["list", "demo"]).await;
+        assert!(out.contains(&format!("leader {leader}")), "{out}");
+        let out = run(&["topology", "demo", "-e", "-t"]).await;
+        assert!(out.contains("Pending restart"), "{out}");
+
+        // Another cluster's runbook changes nothing here.
+        for args in [
+            &["switchover", "other", "--force"][..],
+            &["pause", "other"],
+            &["edit-config", "other", "-s", "pause=true", "--force"],
+            &["restart", "other", &candidate, "--force"],
+        ] {
+            let (code, _, err) = ctl(&h, &leader, true, args).await;
+            assert_ne!(code, 0, "{args:?} was accepted");
+            assert!(
+                err.contains("not \"other\"") || err.contains("neither a member"),
+                "{args:?}: {err}"
+            );
+        }
+        let (code, _, err) = ctl(&h, &leader, true, &["remove", "demo", "--force"]).await;
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("cluster's name"), "{err}");
+        assert_eq!(h.healthy(Duration::from_secs(10)).await, leader);
+
+        run(&[
+            "switchover",
+            "demo",
+            "--primary",
+            &leader,
+            "--candidate",
+            &candidate,
+            "--force",
+        ])
+        .await;
+        assert_eq!(h.healthy(Duration::from_secs(60)).await, candidate);
+        let (code, _, err) = ctl(&h, &leader, true, &["flush", "demo", "restart"]).await;
+        assert_eq!(code, 1, "{err}");
+
+        run(&["pause", "demo", "--wait"]).await;
+        for node in h.names() {
+            let status = api(&h, &node).get("/patroni").await.unwrap().body;
+            assert_eq!(status["pause"], true, "{node} after pause --wait: {status}");
+        }
+        run(&["resume", "demo", "--wait"]).await;
+
+        let out = run(&[
+            "edit-config",
+            "demo",
+            "-s",
+            "maximum_lag_on_failover=2097152",
+            "--pg",
+            "work_mem=17MB",
+            "--force",
+            "-q",
+        ])
+        .await;
+        assert!(out.trim().is_empty(), "-q prints nothing: {out}");
+        let shown = run(&["show-config", "demo"]).await;
+        assert!(
+            shown.contains("2097152") && shown.contains("17MB"),
+            "{shown}"
+        );
+        let out = run(&["history", "demo"]).await;
+        assert!(out.contains(&candidate), "{out}");
+
+        run(&["restart", "demo", &leader, &third, "--force"]).await;
+        run(&["reinit", "demo", &third, "--force", "--wait"]).await;
+        assert_eq!(h.healthy(Duration::from_secs(60)).await, candidate);
+        h.passed = true;
+    });
+}

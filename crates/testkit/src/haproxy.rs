@@ -7,6 +7,36 @@ use std::process::{Child, Command, Stdio};
 
 pub const HAPROXY: &str = "/usr/sbin/haproxy";
 
+/// The `global` and `defaults` sections of Patroni's haproxy.cfg (TCP,
+/// long client and server timeouts), with a stats socket at `socket`
+/// when given and the log on standard output.
+pub fn config_head(maxconn: u32, socket: Option<&Path>) -> String {
+    let socket = socket.map_or(String::new(), |s| {
+        format!(
+            "    stats socket {} mode 600 level admin\n    log stdout format raw local0\n",
+            s.display()
+        )
+    });
+    let log = if socket.is_empty() {
+        ""
+    } else {
+        "    log global\n"
+    };
+    format!(
+        "global
+    maxconn {maxconn}
+{socket}
+defaults
+{log}    mode tcp
+    retries 2
+    timeout client 30m
+    timeout connect 4s
+    timeout server 30m
+    timeout check 5s
+"
+    )
+}
+
 /// `server` lines as Patroni's documentation writes them: traffic to each
 /// node's PostgreSQL port, health checked on its REST API port.
 pub fn health_checked_servers<'a>(nodes: impl IntoIterator<Item = (&'a str, u16, u16)>) -> String {

@@ -15,7 +15,7 @@ mod relay;
 mod skip;
 
 pub use etcd::Etcd;
-pub use haproxy::{HAPROXY, Haproxy, health_checked_servers};
+pub use haproxy::{HAPROXY, Haproxy, config_head as haproxy_config_head, health_checked_servers};
 pub use relay::Relay;
 pub use skip::{ALLOW_SKIP_ENV, SKIP_LOG_ENV, skip, skipping_allowed};
 

@@ -240,14 +240,26 @@ impl<D: Dcs> Agent<D> {
                 failover_revision,
             } => {
                 let lease = lease_id()?;
+                // Load balancers polling the agent check hear "down" before
+                // this server stops, so none sends a client to it once it
+                // runs again as a read-only replica. Writes go on meanwhile;
+                // the services' stop counts towards the wait.
+                let stepping_down = self
+                    .agent_check
+                    .as_ref()
+                    .map(|(config, check)| (config.step_down_wait, check.step_down()));
                 // The candidate starts its with-leader services right after
                 // its promotion: ours stop first. Whatever happens next, they
                 // may run again once this node leads (an aborted switchover).
                 self.stop_with_leader_services().await;
+                if let Some((wait, stepping)) = &stepping_down {
+                    stepping.heard(*wait).await;
+                }
                 let handed_over = self
                     .switchover(view, candidate, *failover_revision, lease)
                     .await;
                 self.allow_with_leader_services();
+                drop(stepping_down);
                 handed_over?
             }
             Action::WriteSync {

@@ -106,6 +106,11 @@ pub struct Agent<D: Dcs> {
     snapshot: watch::Sender<Arc<NodeSnapshot>>,
     api_listen: std::net::SocketAddr,
     api_limits: crate::api::Limits,
+    /// HAProxy's agent-check port and its state, when configured.
+    agent_check: Option<(
+        crate::config::AgentCheckConfig,
+        Arc<crate::agent_check::AgentCheck>,
+    )>,
     /// The last valid dynamic configuration read from the DCS, and the
     /// revision of the `config` key last looked at.
     dynamic: DynamicConfig,
@@ -253,6 +258,10 @@ impl<D: Dcs> Agent<D> {
                 )
             })),
             api_listen: config.api.listen,
+            agent_check: config
+                .api
+                .agent_check
+                .map(|c| (c, Arc::new(crate::agent_check::AgentCheck::default()))),
             api_limits: crate::api::Limits {
                 header_timeout: config.api.header_timeout,
                 max_connections: config.api.max_connections,

@@ -29,6 +29,14 @@ pub enum RunError {
     Proxy(#[from] crate::proxy::ProxyError),
     #[error("cannot start replicating the [[replicate]] directories: {source}")]
     Replication { source: std::io::Error },
+    #[error(
+        "cannot listen on api.agent_check_listen = \"{listen}\": {source}; choose a free \
+         address and port in the [api] section"
+    )]
+    AgentCheck {
+        listen: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     /// Continuing could damage data (a fatal turn, the lease keeper gone).
     #[error("{0}")]
     Fatal(String),
@@ -131,6 +139,15 @@ impl<D: Dcs> Agent<D> {
             None => None,
         };
         let listener = crate::api::bind(self.api_listen).await?;
+        let agent_check_listener = match &self.agent_check {
+            Some((config, _)) => Some(tokio::net::TcpListener::bind(config.listen).await.map_err(
+                |source| RunError::AgentCheck {
+                    listen: config.listen,
+                    source,
+                },
+            )?),
+            None => None,
+        };
         let mut listeners = Vec::new();
         for (access, key, listen) in &self.proxy_listens {
             listeners.push((*access, crate::proxy::bind(key, *listen)?));
@@ -154,6 +171,22 @@ impl<D: Dcs> Agent<D> {
         // One command at a time: a second caller waits its turn.
         let (command_tx, mut commands) = tokio::sync::mpsc::channel(1);
         info!(listen = %self.api_listen, "REST API listening");
+        let live = Arc::new(mainstay_pg::LiveProbe::new(
+            &self.pg.settings().local_tcp_host(),
+            self.pg.settings().port,
+            self.pg.settings().superuser.clone(),
+        ));
+        let agent_check = match (&self.agent_check, agent_check_listener) {
+            (Some((config, check)), Some(listener)) => {
+                info!(listen = %config.listen, "HAProxy agent check listening");
+                Some(
+                    check
+                        .clone()
+                        .serve(listener, self.snapshot.subscribe(), live.clone()),
+                )
+            }
+            _ => None,
+        };
         let api = crate::api::serve(
             listener,
             crate::api::router(Arc::new(ApiState {
@@ -178,15 +211,20 @@ impl<D: Dcs> Agent<D> {
                 ca_file: self.api_ca_file.clone(),
                 replication: self.replication.clone(),
                 etcd_member: self.etcd_member.clone(),
-                live: Arc::new(mainstay_pg::LiveProbe::new(
-                    &self.pg.settings().local_tcp_host(),
-                    self.pg.settings().port,
-                    self.pg.settings().superuser.clone(),
-                )),
+                live,
             })),
             tls,
             self.api_limits,
         );
+        // One task: what stops the API stops the agent check.
+        let api = async move {
+            match agent_check {
+                Some(agent_check) => {
+                    tokio::join!(api, agent_check);
+                }
+                None => api.await,
+            }
+        };
         let api = tokio::spawn(api.instrument(info_span!(parent: None, "api", node = %self.name)));
         let keeper = keep_lease(LeaseKeeper {
             dcs: self.dcs.clone(),

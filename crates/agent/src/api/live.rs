@@ -51,28 +51,7 @@ pub fn overlay(node: &NodeSnapshot, live: &Live, postmaster_alive: bool) -> Node
 mod tests {
     use super::super::health::{Check, Filters, passes};
     use super::*;
-    use mainstay_core::{Lsn, Tags, Timing};
-
-    fn running(in_recovery: bool, leader: bool) -> NodeSnapshot {
-        let mut node = NodeSnapshot::new("n", "c", "", &Tags::default(), Timing::DEFAULT);
-        node.running = true;
-        node.holds_leader = leader;
-        node.health = Some(mainstay_pg::Health {
-            in_recovery,
-            timeline: 1,
-            receive_lsn: in_recovery.then_some(Lsn(1)),
-            wal_receiver: in_recovery.then(|| WalReceiver {
-                status: "streaming".into(),
-                received_tli: 1,
-                flushed_lsn: Some(Lsn(1)),
-                sender_host: None,
-                sender_port: None,
-                slot_name: None,
-            }),
-            ..mainstay_pg::Health::default()
-        });
-        node
-    }
+    use crate::api::running_node as running;
 
     #[test]
     fn a_server_that_stopped_fails_every_check_at_once() {

@@ -190,6 +190,36 @@ impl NodeSnapshot {
 
 pub use actions::ApiAuth;
 
+/// A node whose PostgreSQL runs: a primary, or a replica streaming;
+/// holding the leader key or not. A fixture for the API's tests.
+#[cfg(test)]
+pub(crate) fn running_node(in_recovery: bool, leader: bool) -> NodeSnapshot {
+    let mut node = NodeSnapshot::new(
+        "n",
+        "c",
+        "",
+        &Tags::default(),
+        mainstay_core::Timing::DEFAULT,
+    );
+    node.running = true;
+    node.holds_leader = leader;
+    node.health = Some(mainstay_pg::Health {
+        in_recovery,
+        timeline: 1,
+        receive_lsn: in_recovery.then_some(mainstay_core::Lsn(1)),
+        wal_receiver: in_recovery.then(|| mainstay_pg::WalReceiver {
+            status: "streaming".into(),
+            received_tli: 1,
+            flushed_lsn: Some(mainstay_core::Lsn(1)),
+            sender_host: None,
+            sender_port: None,
+            slot_name: None,
+        }),
+        ..mainstay_pg::Health::default()
+    });
+    node
+}
+
 /// Work the API hands to the HA loop, which alone touches PostgreSQL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -486,17 +516,23 @@ async fn patroni<D>(State(state): Shared<D>) -> Response {
     axum::Json(status::node_status(&node)).into_response()
 }
 
+/// `node` with PostgreSQL as a probe at most `LiveProbe::MAX_AGE` old
+/// found it.
+pub(crate) async fn live_node(
+    node: Arc<NodeSnapshot>,
+    probe: &mainstay_pg::LiveProbe,
+) -> Arc<NodeSnapshot> {
+    if !node.running {
+        return node;
+    }
+    let found = probe.now().await;
+    let alive = node.postmaster_pid.is_none_or(mainstay_sys::process::alive);
+    Arc::new(live::overlay(&node, &found, alive))
+}
+
 impl<D> ApiState<D> {
-    /// The snapshot with PostgreSQL as a probe at most
-    /// `LiveProbe::MAX_AGE` old found it.
     async fn node_now(&self) -> Arc<NodeSnapshot> {
-        let node = self.node();
-        if !node.running {
-            return node;
-        }
-        let live = self.live.now().await;
-        let alive = node.postmaster_pid.is_none_or(mainstay_sys::process::alive);
-        Arc::new(live::overlay(&node, &live, alive))
+        live_node(self.node(), &self.live).await
     }
 }
 

@@ -92,6 +92,8 @@ pub(super) struct ApiSection {
     pub ca_file: Option<PathBuf>,
     pub header_timeout: Option<f64>,
     pub max_connections: Option<usize>,
+    pub agent_check_listen: Option<String>,
+    pub agent_check_wait: Option<f64>,
 }
 
 /// A size in bytes, written as a number or with a unit ("16MB").

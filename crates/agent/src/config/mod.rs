@@ -146,6 +146,17 @@ pub struct ApiConfig {
     pub header_timeout: Duration,
     /// Connections open at once; more are closed as they arrive.
     pub max_connections: usize,
+    /// HAProxy's `agent-check` port, when configured.
+    pub agent_check: Option<AgentCheckConfig>,
+}
+
+/// `[api] agent_check_listen`: where load balancers ask this node "up or
+/// down for this role?", and how long a leader handing over says "down"
+/// before it stops PostgreSQL.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentCheckConfig {
+    pub listen: SocketAddr,
+    pub step_down_wait: Duration,
 }
 
 #[derive(Clone, Debug)]

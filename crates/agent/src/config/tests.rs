@@ -329,10 +329,32 @@ fn api_client_limits_are_bounded() {
         ("header_timeout = 301", "api.header_timeout"),
         ("header_timeout = nan", "api.header_timeout"),
         ("max_connections = 0", "api.max_connections"),
+        ("agent_check_wait = 1", "api.agent_check_wait"),
+        ("agent_check_listen = \"8009\"", "api.agent_check_listen"),
+        (
+            "listen = \"0.0.0.0:8008\"\nagent_check_listen = \"127.0.0.1:8008\"",
+            "api.agent_check_listen",
+        ),
+        (
+            "agent_check_listen = \"127.0.0.1:8009\"\nagent_check_wait = 11",
+            "api.agent_check_wait",
+        ),
+        (
+            "agent_check_listen = \"127.0.0.1:8009\"\nagent_check_wait = nan",
+            "api.agent_check_wait",
+        ),
     ] {
         let refused = Config::parse(Path::new("t"), &with(extra)).unwrap_err();
         assert_eq!(refused.key.as_deref(), Some(key), "{extra}");
     }
+    let config = Config::parse(
+        Path::new("t"),
+        &with("agent_check_listen = \"0.0.0.0:8009\""),
+    )
+    .unwrap();
+    let agent = config.api.agent_check.expect("the agent check");
+    assert_eq!(agent.listen.port(), 8009);
+    assert_eq!(agent.step_down_wait, Duration::from_secs(1));
 }
 
 /// A node file with `services` appended, its data directory in `dir`.

@@ -23,6 +23,11 @@ const DEFAULT_RUN_AS: &str = "postgres";
 const DEFAULT_API_LISTEN: &str = "127.0.0.1:8008";
 const DEFAULT_HEADER_TIMEOUT_SECS: f64 = 10.0;
 const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// HAProxy's default `agent-inter` is 2 s; the documented configuration
+/// polls every 0.5 s, which this covers twice over.
+const DEFAULT_AGENT_CHECK_WAIT_SECS: f64 = 1.0;
+/// A longer wait delays every switchover by as much.
+const MAX_AGENT_CHECK_WAIT_SECS: f64 = 10.0;
 const DEFAULT_REPLICA_MAX_LAG: u64 = 16 << 20;
 const DEFAULT_WAIT_FOR_LEADER_SECS: f64 = 10.0;
 /// A replica more than 10 s behind is what a ship's operators are told to
@@ -376,6 +381,48 @@ pub(super) fn api(section: ApiSection) -> Result<ApiConfig, Refusal> {
         section.listen.as_deref().unwrap_or(DEFAULT_API_LISTEN),
         "0.0.0.0:8008",
     )?;
+    let agent_check = match section.agent_check_listen {
+        None => {
+            if section.agent_check_wait.is_some() {
+                return Err((
+                    "api.agent_check_wait",
+                    "is set without api.agent_check_listen: set the port too, or remove it".into(),
+                ));
+            }
+            None
+        }
+        Some(text) => {
+            let agent_listen = socket_address("api.agent_check_listen", &text, "0.0.0.0:8009")?;
+            if agent_listen == listen
+                || (agent_listen.port() == listen.port()
+                    && (agent_listen.ip().is_unspecified() || listen.ip().is_unspecified()))
+            {
+                return Err((
+                    "api.agent_check_listen",
+                    format!(
+                        "{agent_listen} is the REST API's own address ({listen}): give the \
+                         agent check a port of its own, e.g. \"0.0.0.0:8009\""
+                    ),
+                ));
+            }
+            let wait = section
+                .agent_check_wait
+                .unwrap_or(DEFAULT_AGENT_CHECK_WAIT_SECS);
+            if !(0.0..=MAX_AGENT_CHECK_WAIT_SECS).contains(&wait) {
+                return Err((
+                    "api.agent_check_wait",
+                    format!(
+                        "{wait} is out of range: give seconds from 0 to {MAX_AGENT_CHECK_WAIT_SECS}, \
+                         at least HAProxy's agent-inter (default {DEFAULT_AGENT_CHECK_WAIT_SECS})"
+                    ),
+                ));
+            }
+            Some(AgentCheckConfig {
+                listen: agent_listen,
+                step_down_wait: Duration::from_secs_f64(wait),
+            })
+        }
+    };
     let tls = section
         .cert_file
         .zip(section.key_file)
@@ -396,6 +443,7 @@ pub(super) fn api(section: ApiSection) -> Result<ApiConfig, Refusal> {
         ca_file: section.ca_file,
         header_timeout: Duration::from_secs_f64(header_timeout),
         max_connections,
+        agent_check,
     })
 }
 

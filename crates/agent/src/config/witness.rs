@@ -76,6 +76,13 @@ impl WitnessConfig {
                     .into(),
             ));
         }
+        if file.api.agent_check_listen.is_some() {
+            return Err((
+                "api.agent_check_listen",
+                "a witness runs no PostgreSQL, so no load balancer routes to it: remove the key"
+                    .into(),
+            ));
+        }
         let etcd_member =
             super::etcd_member::member(&file.etcd, &file.name, &file.cluster, timing.ttl, &[])?
                 .expect("member = true was checked");

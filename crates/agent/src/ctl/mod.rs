@@ -9,6 +9,7 @@
 
 mod drill;
 mod etcd_member;
+mod patroni;
 mod recover_alone;
 mod services;
 
@@ -24,7 +25,13 @@ use std::time::Duration;
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
     /// A node's configuration file: its API address and credentials.
-    #[arg(long, short, global = true, env = "MAINSTAY_CONFIG")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "MAINSTAY_CONFIG",
+        visible_alias = "config-file"
+    )]
     config: Option<PathBuf>,
     /// An agent's REST API, e.g. http://10.0.0.1:8008 (overrides --config).
     #[arg(long, global = true, env = "MAINSTAY_URL")]
@@ -61,11 +68,23 @@ pub struct CtlArgs {
 #[derive(clap::Subcommand, Debug)]
 enum CtlCommand {
     /// Members, roles, timelines and lag; who leads; pause.
-    List,
+    #[command(visible_alias = "topology")]
+    List {
+        /// The cluster's name, as patronictl takes it (checked).
+        cluster: Option<String>,
+        /// Also show each member's pending restart.
+        #[arg(long, short)]
+        extended: bool,
+        /// Print the time first.
+        #[arg(long, short)]
+        timestamp: bool,
+    },
     /// Planned switchover to the best replica or to --candidate.
     Switchover {
+        /// The cluster's name, as patronictl takes it (checked).
+        cluster: Option<String>,
         /// The current leader (checked; default: whoever leads).
-        #[arg(long)]
+        #[arg(long, visible_alias = "primary")]
         leader: Option<String>,
         #[arg(long)]
         candidate: Option<String>,
@@ -78,43 +97,94 @@ enum CtlCommand {
     },
     /// Manual failover: promote --candidate, with or without a leader.
     Failover {
+        /// The cluster's name, as patronictl takes it (checked).
+        cluster: Option<String>,
         #[arg(long)]
         candidate: String,
         #[arg(long)]
         force: bool,
     },
-    /// Restart PostgreSQL on NODE in its current role.
+    /// Restart PostgreSQL on each NODE in its current role, one after the
+    /// other (patronictl's `restart CLUSTER [MEMBER...]`: the cluster's
+    /// name alone restarts every member, the leader last).
     Restart {
-        node: String,
+        #[arg(required = true, value_name = "[CLUSTER] NODE")]
+        nodes: Vec<String>,
         #[arg(long)]
         force: bool,
     },
-    /// Re-clone NODE (a replica) from the leader; its data is moved aside.
+    /// Re-clone each NODE (a replica) from the leader; its data is moved
+    /// aside (patronictl's `reinit CLUSTER MEMBER...`).
     Reinit {
-        node: String,
+        #[arg(required = true, value_name = "[CLUSTER] NODE")]
+        nodes: Vec<String>,
         #[arg(long)]
         force: bool,
+        /// Accepted for patronictl's runbooks: ctl always waits until the
+        /// re-clone is done.
+        #[arg(long)]
+        wait: bool,
     },
     /// Maintenance mode: no automatic failover or restart.
-    Pause,
+    Pause {
+        /// The cluster's name, as patronictl takes it (checked).
+        cluster: Option<String>,
+        /// Wait until every member reports it.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Leave maintenance mode.
-    Resume,
+    Resume {
+        /// The cluster's name, as patronictl takes it (checked).
+        cluster: Option<String>,
+        /// Wait until every member reports it.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Timeline switches: when, where, why, who.
-    History,
+    History {
+        /// The cluster's name, as patronictl takes it (checked).
+        cluster: Option<String>,
+    },
     /// The cluster-wide dynamic configuration.
-    ShowConfig,
+    ShowConfig {
+        /// The cluster's name, as patronictl takes it (checked).
+        cluster: Option<String>,
+    },
     /// Change the dynamic configuration: --set key=value (dotted keys for
-    /// nesting, e.g. postgresql.parameters.work_mem=16MB; value null deletes).
+    /// nesting, e.g. postgresql.parameters.work_mem=16MB; value null deletes)
+    /// or --pg name=value for a PostgreSQL parameter.
     EditConfig {
-        #[arg(long = "set", value_name = "KEY=VALUE", required = true)]
+        /// The cluster's name, as patronictl takes it (checked).
+        cluster: Option<String>,
+        #[arg(
+            long = "set",
+            short = 's',
+            value_name = "KEY=VALUE",
+            required_unless_present = "pg"
+        )]
         set: Vec<String>,
+        #[arg(long = "pg", short = 'p', value_name = "NAME=VALUE")]
+        pg: Vec<String>,
         #[arg(long)]
         force: bool,
+        /// Print nothing on success.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Forget a member whose agent is gone for good: the leader drops its
     /// replication slot now instead of after member_slots_ttl.
     Remove {
         node: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// patronictl's `flush CLUSTER switchover`: cancel a scheduled
+    /// switchover.
+    Flush {
+        cluster: String,
+        #[arg(value_enum)]
+        target: FlushTarget,
         #[arg(long)]
         force: bool,
     },
@@ -198,6 +268,13 @@ struct Ctl {
     /// reinit, remove).
     auth: Option<Auth>,
     ca_file: Option<PathBuf>,
+}
+
+/// What `flush` discards.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FlushTarget {
+    Switchover,
+    Restart,
 }
 
 #[derive(Clone)]
@@ -290,10 +367,21 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
         auth,
         ca_file,
     };
+    let pause = matches!(args.command, CtlCommand::Pause { .. });
     match args.command {
-        CtlCommand::List => ctl.list().await,
+        CtlCommand::List {
+            cluster,
+            extended,
+            timestamp,
+        } => {
+            ctl.check_cluster(cluster.as_deref()).await?;
+            ctl.list(extended, timestamp).await
+        }
         CtlCommand::Drill(drill) => ctl.drill(drill, config.as_ref()).await,
-        CtlCommand::History => ctl.history().await,
+        CtlCommand::History { cluster } => {
+            ctl.check_cluster(cluster.as_deref()).await?;
+            ctl.history().await
+        }
         CtlCommand::Services => ctl.services().await,
         CtlCommand::EtcdMember(command) => ctl.etcd_member(command).await,
         CtlCommand::RecoverAlone { confirm } => ctl.recover_alone(confirm).await,
@@ -305,7 +393,8 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
             confirm(force, &format!("Restart service {service} on {node}?"))?;
             ctl.restart_service(&node, &service).await
         }
-        CtlCommand::ShowConfig => {
+        CtlCommand::ShowConfig { cluster } => {
+            ctl.check_cluster(cluster.as_deref()).await?;
             let answer = ctl.call(Method::GET, "/config", None).await?;
             println!(
                 "{}",
@@ -313,9 +402,23 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
             );
             Ok(())
         }
-        CtlCommand::Pause => ctl.set_pause(true).await,
-        CtlCommand::Resume => ctl.set_pause(false).await,
-        CtlCommand::EditConfig { set, force } => {
+        CtlCommand::Pause { cluster, wait } | CtlCommand::Resume { cluster, wait } => {
+            ctl.check_cluster(cluster.as_deref()).await?;
+            ctl.set_pause(pause).await?;
+            if wait {
+                ctl.wait_for_pause(pause).await?;
+            }
+            Ok(())
+        }
+        CtlCommand::EditConfig {
+            cluster,
+            mut set,
+            pg,
+            force,
+            quiet,
+        } => {
+            ctl.check_cluster(cluster.as_deref()).await?;
+            set.extend(patroni::pg_settings(&pg));
             let patch = settings_patch(&set)?;
             confirm(
                 force,
@@ -325,15 +428,19 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
                 ),
             )?;
             let answer = ctl.call(Method::PATCH, "/config", Some(&patch)).await?;
-            ctl.report(&answer.body, "configuration changed");
+            if !quiet {
+                ctl.report(&answer.body, "configuration changed");
+            }
             Ok(())
         }
         CtlCommand::Switchover {
+            cluster,
             leader,
             candidate,
             scheduled,
             force,
         } => {
+            ctl.check_cluster(cluster.as_deref()).await?;
             let mut body = json!({});
             if let Some(leader) = &leader {
                 body["leader"] = json!(leader);
@@ -351,7 +458,12 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
             ctl.report(&answer.body, "switchover requested");
             Ok(())
         }
-        CtlCommand::Failover { candidate, force } => {
+        CtlCommand::Failover {
+            cluster,
+            candidate,
+            force,
+        } => {
+            ctl.check_cluster(cluster.as_deref()).await?;
             confirm(
                 force,
                 &format!(
@@ -369,23 +481,71 @@ async fn execute(args: CtlArgs) -> Result<(), Failure> {
             ctl.report(&answer.body, "cancelled");
             Ok(())
         }
+        CtlCommand::Flush {
+            cluster,
+            target,
+            force,
+        } => {
+            ctl.check_cluster(Some(&cluster)).await?;
+            match target {
+                FlushTarget::Switchover => {
+                    confirm(force, "Cancel the pending switchover?")?;
+                    let answer = ctl.call(Method::DELETE, "/switchover", None).await?;
+                    ctl.report(&answer.body, "cancelled");
+                    Ok(())
+                }
+                FlushTarget::Restart => Err(Failure::Refused(
+                    "mainstay schedules no restarts: there is nothing to flush".into(),
+                )),
+            }
+        }
         CtlCommand::Remove { node, force } => {
+            let (scope, _) = ctl.scope_and_members().await?;
+            if node == scope {
+                return Err(Failure::Usage(format!(
+                    "{node} is the cluster's name: patronictl's `remove CLUSTER` wipes a \
+                     cluster from the DCS, mainstay's `remove NODE` forgets one member gone \
+                     for good. To retire the whole cluster, stop every agent; nothing was done"
+                )));
+            }
             confirm(
                 force,
                 &format!("Remove {node} from the cluster (its replication slot is dropped)?"),
             )?;
             ctl.on_leader(&format!("/members/{node}")).await
         }
-        CtlCommand::Restart { node, force } => {
-            confirm(force, &format!("Restart PostgreSQL on {node}?"))?;
-            ctl.on_node(&node, "/restart").await
-        }
-        CtlCommand::Reinit { node, force } => {
+        CtlCommand::Restart { nodes, force } => {
+            let (scope, members) = ctl.scope_and_members().await?;
+            let nodes =
+                patroni::members_meant(&nodes, &scope, &members, true).map_err(Failure::Usage)?;
             confirm(
                 force,
-                &format!("Re-clone {node} from the leader (its data directory is moved aside)?"),
+                &format!("Restart PostgreSQL on {}?", nodes.join(", ")),
             )?;
-            ctl.on_node(&node, "/reinitialize").await
+            for node in &nodes {
+                ctl.on_node(node, "/restart").await?;
+            }
+            Ok(())
+        }
+        CtlCommand::Reinit {
+            nodes,
+            force,
+            wait: _,
+        } => {
+            let (scope, members) = ctl.scope_and_members().await?;
+            let nodes =
+                patroni::members_meant(&nodes, &scope, &members, false).map_err(Failure::Usage)?;
+            confirm(
+                force,
+                &format!(
+                    "Re-clone {} from the leader (the data directory is moved aside)?",
+                    nodes.join(", ")
+                ),
+            )?;
+            for node in &nodes {
+                ctl.on_node(node, "/reinitialize").await?;
+            }
+            Ok(())
         }
     }
 }
@@ -519,13 +679,19 @@ impl Ctl {
         Ok(())
     }
 
-    async fn list(&self) -> Result<(), Failure> {
+    async fn list(&self, extended: bool, timestamp: bool) -> Result<(), Failure> {
         let cluster = self.call(Method::GET, "/cluster", None).await?.body;
+        if timestamp && !self.json {
+            println!(
+                "{}",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            );
+        }
         if self.json {
             println!("{cluster}");
             return Ok(());
         }
-        let mut rows = vec![[
+        let mut rows: Vec<Vec<String>> = vec![vec![
             "Member".to_string(),
             "Host".into(),
             "Role".into(),
@@ -551,7 +717,7 @@ impl Ctl {
                         .join(",")
                 })
                 .unwrap_or_default();
-            rows.push([
+            rows.push(vec![
                 text(&m["name"]),
                 format!("{}:{}", text(&m["host"]), text(&m["port"])),
                 text(&m["role"]),
@@ -570,10 +736,21 @@ impl Ctl {
                     })
                     .unwrap_or_default(),
             ]);
+            if extended {
+                let pending = if m["pending_restart"] == true {
+                    "*"
+                } else {
+                    ""
+                };
+                rows.last_mut().expect("just pushed").push(pending.into());
+            }
+        }
+        if extended {
+            rows[0].push("Pending restart".into());
         }
         for w in cluster["witnesses"].as_array().into_iter().flatten() {
             let name = w["name"].as_str().unwrap_or("?").to_string();
-            rows.push([
+            rows.push(vec![
                 name,
                 String::new(),
                 "witness".into(),
@@ -684,15 +861,19 @@ async fn call(
     Err(Failure::Refused(format!("{} ({})", reason, answer.status)))
 }
 
-fn print_table<const N: usize>(rows: &[[String; N]]) {
-    let mut widths = [0usize; N];
+fn print_table<R: AsRef<[String]>>(rows: &[R]) {
+    let mut widths: Vec<usize> = Vec::new();
     for row in rows {
-        for (i, cell) in row.iter().enumerate() {
+        for (i, cell) in row.as_ref().iter().enumerate() {
+            if widths.len() <= i {
+                widths.push(0);
+            }
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
     for (r, row) in rows.iter().enumerate() {
         let line: Vec<String> = row
+            .as_ref()
             .iter()
             .enumerate()
             .map(|(i, cell)| format!("{cell:<width$}", width = widths[i]))

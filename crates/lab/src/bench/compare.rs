@@ -655,23 +655,14 @@ impl PatroniCluster {
         let haproxy = Haproxy::start(
             &dir.join("haproxy"),
             &format!(
-                "global
-    maxconn 1000
-
-defaults
-    mode tcp
-    retries 2
-    timeout client 30m
-    timeout connect 4s
-    timeout server 30m
-    timeout check 5s
-
+                "{}
 listen primary
     bind 127.0.0.1:{}
     option httpchk OPTIONS /primary
     http-check expect status 200
     default-server inter 1s fall 2 rise 1 on-marked-down shutdown-sessions
 {servers}",
+                mainstay_testkit::haproxy_config_head(1000, None),
                 cluster.haproxy_port
             ),
         )

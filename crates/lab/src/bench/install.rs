@@ -377,7 +377,8 @@ impl Checks<'_> {
         None
     }
 
-    /// Every data node running, the replica streaming from `leader`.
+    /// Every data node running, the replica streaming from `leader`, and
+    /// the witness listed (apart from the data nodes).
     async fn healthy(&self, timeout: Duration) -> Option<usize> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -389,7 +390,8 @@ impl Checks<'_> {
                     .cloned()
                     .unwrap_or_default();
                 let streaming = members.iter().filter(|m| m["state"] == "streaming").count();
-                if streaming == 1 && members.len() == 3 {
+                let witnesses = answer.body["witnesses"].as_array().map_or(0, Vec::len);
+                if streaming == 1 && members.len() == 2 && witnesses == 1 {
                     return Some(leader);
                 }
             }

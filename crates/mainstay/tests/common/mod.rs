@@ -705,3 +705,29 @@ pub async fn missing_acked(h: &Harness, node: &str, table: &str, acked: &[i64]) 
         .filter(|id| !present.contains(id))
         .collect()
 }
+
+/// A new connection to 127.0.0.1:`port` (a load balancer's frontend) as
+/// the demo superuser: the client, whether the server it landed on is in
+/// recovery, and that server's port. Bounded to 3 s.
+pub async fn through_port(port: u16) -> Result<(Client, bool, u16), String> {
+    let conninfo = format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname=postgres connect_timeout=2",
+        mainstay_lab::demo::SUPERUSER,
+        mainstay_lab::demo::SUPERUSER_PASSWORD
+    );
+    let attempt = async {
+        let client = connect(&conninfo)
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        let row = client
+            .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+            .await
+            .map_err(|e| format!("querying: {e}"))?;
+        let in_recovery: bool = row.get(0);
+        let server_port: i32 = row.get(1);
+        Ok((client, in_recovery, server_port as u16))
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .map_err(|_| "no answer within 3 s".to_string())?
+}
