@@ -19,8 +19,10 @@ use tracing::{debug, info, warn};
 /// The longest role line an `agent-send` carries here.
 const MAX_REQUEST: usize = 64;
 /// How long to wait for an `agent-send` line before answering for the
-/// primary: HAProxy sends it at once when it is configured.
-const REQUEST_WAIT: Duration = Duration::from_millis(50);
+/// primary: HAProxy sends it at once when it is configured, and a
+/// retransmitted segment must not turn a replica backend's question into
+/// the primary's.
+const REQUEST_WAIT: Duration = Duration::from_millis(300);
 /// A connection that lasts longer is dropped (a scanner, a stuck peer).
 const CONNECTION_LIMIT: Duration = Duration::from_secs(2);
 /// Connections handled at once; more wait their turn.
@@ -196,8 +198,15 @@ impl AgentCheck {
         let line = line.split('\n').next().unwrap_or("").trim_end_matches('\r');
         *mainstay_core::poison::lock(&self.last_poll) = Some(Instant::now());
         let node = snapshot.borrow().clone();
-        let node = crate::api::live_node(node, live).await;
-        let reply = answer(line, &node, self.stepping_down.load(Ordering::SeqCst));
+        // A leader handing over answers "down" for the primary at once: a
+        // probe of a busy server could take longer than the step-down wait.
+        let stepping_down = self.stepping_down.load(Ordering::SeqCst);
+        let node = if stepping_down && node.holds_leader {
+            node
+        } else {
+            crate::api::live_node(node, live).await
+        };
+        let reply = answer(line, &node, stepping_down);
         let _ = stream.write_all(reply.as_bytes()).await;
         let _ = stream.shutdown().await;
     }

@@ -1,7 +1,10 @@
 //! Per-node tags: the four that change how the cluster treats a node, and
 //! the operator's own ("dc", "rack"), which only the REST API's tag filters
-//! read. Published in the member key as one flat object, as Patroni's are,
-//! so that `/cluster` and `/patroni` show them the way Patroni users expect.
+//! read. The member key carries the operator's tags in a field of their own
+//! (`custom_tags`), which agents that predate them ignore and which is read
+//! leniently (a value that is no string, number or boolean is dropped, not
+//! the whole record); `/cluster` and `/patroni` show both as one flat
+//! object, as Patroni does.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -20,10 +23,8 @@ pub struct Tags {
     pub noloadbalance: bool,
     /// Higher wins among equally advanced candidates.
     pub priority: i32,
-    /// The operator's own tags. Flattened: an agent that predates custom
-    /// tags refuses a member record carrying one, so set them once every
-    /// node runs a version that knows them.
-    #[serde(flatten)]
+    /// The operator's own tags (published as `MemberStatus::custom_tags`).
+    #[serde(skip)]
     pub custom: BTreeMap<String, TagValue>,
 }
 
@@ -76,6 +77,30 @@ impl fmt::Display for TagValue {
     }
 }
 
+/// `custom_tags` as read from a member key someone else may have written:
+/// the string, number and boolean values, the rest dropped.
+pub fn lenient<'de, D>(deserializer: D) -> Result<BTreeMap<String, TagValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    let serde_json::Value::Object(map) = value else {
+        return Ok(BTreeMap::new());
+    };
+    Ok(map
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let tag = match value {
+                serde_json::Value::Bool(b) => TagValue::Bool(b),
+                serde_json::Value::Number(n) => TagValue::Number(n),
+                serde_json::Value::String(s) => TagValue::Text(s),
+                _ => return None,
+            };
+            Some((name, tag))
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,12 +120,10 @@ mod tests {
             "weight".into(),
             TagValue::Number(serde_json::Number::from_f64(1.5).unwrap()),
         );
-        let json = serde_json::to_value(&tags).unwrap();
+        let json = serde_json::to_value(&tags.custom).unwrap();
         assert_eq!(json["dc"], "one");
         assert_eq!(json["rack"], 7);
-        assert_eq!(json["nofailover"], true);
-        let back: Tags = serde_json::from_value(json).unwrap();
-        assert_eq!(back, tags);
+        let back = tags.clone();
         assert_eq!(back.filter_value("dc").as_deref(), Some("one"));
         assert_eq!(back.filter_value("rack").as_deref(), Some("7"));
         // A custom false is a tag (Patroni keeps it); a built-in false is not.
@@ -108,6 +131,21 @@ mod tests {
         assert_eq!(back.filter_value("nosync"), None);
         assert_eq!(back.filter_value("weight").as_deref(), Some("1.5"));
         assert_eq!(back.filter_value("absent"), None);
+    }
+
+    #[test]
+    fn custom_tags_written_by_someone_else_are_read_leniently() {
+        #[derive(Deserialize)]
+        struct Holder {
+            #[serde(deserialize_with = "lenient")]
+            tags: BTreeMap<String, TagValue>,
+        }
+        let read: Holder =
+            serde_json::from_str(r#"{"tags": {"dc": "one", "n": 2, "bad": [1], "none": null}}"#)
+                .unwrap();
+        assert_eq!(read.tags.len(), 2);
+        let read: Holder = serde_json::from_str(r#"{"tags": "not a map"}"#).unwrap();
+        assert!(read.tags.is_empty());
     }
 
     #[test]

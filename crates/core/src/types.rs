@@ -114,6 +114,13 @@ pub struct MemberStatus {
     /// Parameters the server keeps at their old values until a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_restart: Vec<PendingRestart>,
+    /// The operator's own tags (`[tags] dc = "one"`).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "crate::tags::lenient"
+    )]
+    pub custom_tags: BTreeMap<String, TagValue>,
 }
 
 impl MemberRecord {
@@ -146,6 +153,7 @@ impl MemberRecord {
                 alerts: Vec::new(),
                 witness: false,
                 pending_restart: Vec::new(),
+                custom_tags: BTreeMap::new(),
             },
             mod_revision: 1,
             lease_id: 1,

@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+mod migrate;
+
 use clap::{Parser, Subcommand};
 use mainstay_agent::check::Severity;
 use mainstay_agent::config::Config;
@@ -68,6 +70,11 @@ enum Command {
     },
     /// Operate a running cluster through any agent's REST API.
     Ctl(mainstay_agent::ctl::CtlArgs),
+    /// Move to mainstay from another HA manager.
+    Migrate {
+        #[command(subcommand)]
+        command: migrate::MigrateCommand,
+    },
     /// Start etcd and N agents with PostgreSQL on this machine (loopback).
     Demo(mainstay_lab::demo::DemoArgs),
     /// Benchmarks on a local cluster (see README for the figures).
@@ -246,6 +253,7 @@ fn main() -> ExitCode {
         }
         Command::Bench { command } => runtime().block_on(mainstay_lab::bench::run(command)),
         Command::Ctl(args) => runtime().block_on(mainstay_agent::ctl::run(args)),
+        Command::Migrate { command } => migrate::run(command),
     }
 }
 

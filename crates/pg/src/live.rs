@@ -10,16 +10,18 @@
 use crate::settings::Credentials;
 use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
+use tracing::debug;
 
 /// PostgreSQL as a probe just found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Live {
-    /// It refused the connection or the query: nothing listens, it is
-    /// shutting down or starting up.
+    /// Nothing listens, or it is starting up or shutting down.
     Down,
-    /// No answer within [`LiveProbe::ANSWER_WITHIN`], or "too many
-    /// connections": a busy server is no dead one, so the HA loop's last
-    /// probe stands (a load balancer must not drop a loaded primary).
+    /// No answer within [`LiveProbe::ANSWER_WITHIN`], or an error that
+    /// says nothing about the server (too many connections, a password,
+    /// pg_hba): a busy or misconfigured check is no dead server, so the HA
+    /// loop's last probe stands (a load balancer must not drop a primary
+    /// for it).
     Unanswered,
     Up {
         in_recovery: bool,
@@ -76,9 +78,16 @@ impl LiveProbe {
             .password(&self.who.password)
             .dbname("postgres")
             .application_name("mainstay api");
+        // The server gives up on the query too, so an abandoned probe
+        // leaves no backend behind.
+        config.options(format!(
+            "-c statement_timeout={}",
+            Self::ANSWER_WITHIN.as_millis()
+        ));
+        let mut connection_task = None;
         let asking = async {
             let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-            tokio::spawn(connection);
+            connection_task = Some(tokio::spawn(connection));
             let row = client
                 .query_one(
                     "SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver)",
@@ -90,11 +99,48 @@ impl LiveProbe {
                 receiver: row.get(1),
             })
         };
-        match tokio::time::timeout(Self::ANSWER_WITHIN, asking).await {
+        let found = match tokio::time::timeout(Self::ANSWER_WITHIN, asking).await {
             Ok(Ok(live)) => live,
-            Ok(Err(err)) if err.code() == Some(&SqlState::TOO_MANY_CONNECTIONS) => Live::Unanswered,
-            Ok(Err(_)) => Live::Down,
+            Ok(Err(err)) if says_down(&err) => Live::Down,
+            Ok(Err(err)) => {
+                debug!("health probe: {err}; keeping the last turn's answer");
+                Live::Unanswered
+            }
             Err(_) => Live::Unanswered,
+        };
+        // A connection left waiting for a server that does not answer would
+        // hold a backend and a socket: it goes with the probe.
+        if let Some(task) = connection_task {
+            task.abort();
         }
+        found
     }
+}
+
+/// Whether `err` says PostgreSQL is not there for clients: nothing
+/// listens, or it is starting up or shutting down. Anything else (a
+/// password, pg_hba, this process out of file descriptors) says nothing
+/// about the server, and must not take a healthy primary out of every load
+/// balancer.
+fn says_down(err: &tokio_postgres::Error) -> bool {
+    if let Some(code) = err.code() {
+        return [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+        ]
+        .contains(code);
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+            );
+        }
+        source = cause.source();
+    }
+    // The server closed the connection before answering (it stopped).
+    err.is_closed()
 }

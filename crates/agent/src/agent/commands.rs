@@ -181,6 +181,16 @@ impl<D: Dcs> Agent<D> {
                         ),
                     );
                 }
+                // A restart right after `edit-config` starts with the change:
+                // the stored configuration is read now, not at the next turn.
+                if let Ok(Ok(view)) =
+                    tokio::time::timeout(self.timing.dcs_timeout, self.dcs.read_cluster()).await
+                {
+                    self.absorb_dynamic_config(&view);
+                }
+                if std::mem::take(&mut self.parameters_dirty) {
+                    self.apply_parameters().await;
+                }
                 warn!(primary, "restart requested through the REST API");
                 self.stop(StopMode::Fast).await.map_err(internal)?;
                 let role = if primary {

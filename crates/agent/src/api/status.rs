@@ -3,8 +3,9 @@
 
 use super::NodeSnapshot;
 use super::health::lag;
-use mainstay_core::{HistoryEntry, Lsn, MemberStatus, PendingRestart, PgRole, Tags};
+use mainstay_core::{HistoryEntry, Lsn, MemberStatus, PendingRestart, PgRole, TagValue, Tags};
 use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
 use std::time::UNIX_EPOCH;
 
 /// The API version whose documents mainstay's follow. Monitoring reads
@@ -15,7 +16,7 @@ pub const PATRONI_COMPATIBLE_VERSION: &str = "4.1.5";
 
 /// Tags as Patroni shows them: a built-in boolean only when set, the
 /// priority when not the default, custom tags always.
-fn tags(tags: &Tags) -> Value {
+fn tags(tags: &Tags, custom: &BTreeMap<String, TagValue>) -> Value {
     let mut map = Map::new();
     for (name, set) in [
         ("nofailover", tags.nofailover),
@@ -29,7 +30,7 @@ fn tags(tags: &Tags) -> Value {
     if tags.priority != 0 {
         map.insert("priority".into(), json!(tags.priority));
     }
-    for (name, value) in &tags.custom {
+    for (name, value) in custom {
         map.insert(name.clone(), json!(value));
     }
     Value::Object(map)
@@ -38,10 +39,15 @@ fn tags(tags: &Tags) -> Value {
 /// A Unix time as Python prints a UTC `datetime`, which is what Patroni's
 /// JSON carries (`2026-12-07 10:02:55.355211+00:00`).
 pub(super) fn python_time(unix_secs: f64) -> Value {
-    if !unix_secs.is_finite() || unix_secs < 0.0 {
+    // RFC 3339 (and humantime) end with the year 9999; a server's clock
+    // may say anything.
+    const YEAR_10000: f64 = 253_402_300_800.0;
+    if !unix_secs.is_finite() || !(0.0..YEAR_10000).contains(&unix_secs) {
         return Value::Null;
     }
-    let time = UNIX_EPOCH + std::time::Duration::from_secs_f64(unix_secs);
+    // To the microsecond, as PostgreSQL keeps it (f64 seconds are not exact).
+    let micros = (unix_secs * 1e6).round() as u64;
+    let time = UNIX_EPOCH + std::time::Duration::from_micros(micros);
     let text = humantime::format_rfc3339_micros(time).to_string();
     json!(text.replace('T', " ").replace('Z', "+00:00"))
 }
@@ -156,7 +162,7 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
         seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
     });
     doc.insert("dcs_last_seen".into(), json!(seen));
-    let tags = tags(&node.tags);
+    let tags = tags(&node.tags, &node.tags.custom);
     if tags.as_object().is_some_and(|t| !t.is_empty()) {
         doc.insert("tags".into(), tags);
     }
@@ -299,7 +305,7 @@ pub fn cluster_of(
                 pending_restart_reason(&m.pending_restart),
             );
         }
-        member.insert("tags".into(), tags(&m.tags));
+        member.insert("tags".into(), tags(&m.tags, &m.custom_tags));
         if !is_leader {
             lag_keys(&mut member, m, leader_lsn);
         }
@@ -379,4 +385,20 @@ pub fn history(entries: &[HistoryEntry]) -> Value {
 /// `GET /services`: this node's supervised services.
 pub fn services(node: &NodeSnapshot) -> Value {
     json!({ "name": node.name, "services": node.services })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_python_prints_them_and_never_panic() {
+        assert_eq!(
+            python_time(1_796_664_389.913_436),
+            json!("2026-12-07 17:26:29.913436+00:00")
+        );
+        for odd in [f64::NAN, -1.0, 1e300, 253_402_300_800.0] {
+            assert_eq!(python_time(odd), Value::Null, "{odd}");
+        }
+    }
 }

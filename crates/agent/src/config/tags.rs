@@ -68,12 +68,49 @@ pub(super) fn tags(table: toml::Table) -> Result<Tags, (String, String)> {
                     ));
                 }
                 check_custom_name(&name).map_err(|why| (key.clone(), why))?;
+                check_not_a_typo(&name).map_err(|why| (key.clone(), why))?;
                 let value = custom_value(&name, value).map_err(|why| (key.clone(), why))?;
                 tags.custom.insert(name, value);
             }
         }
     }
     Ok(tags)
+}
+
+/// Letters changed, added or removed to turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// A custom tag that looks like a built-in one is a typo: `no_failover =
+/// true` must not leave a node electable.
+fn check_not_a_typo(name: &str) -> Result<(), String> {
+    let folded: String = name
+        .chars()
+        .filter(|c| !matches!(c, '_' | '-' | '.'))
+        .flat_map(char::to_lowercase)
+        .collect();
+    match Tags::BUILT_IN
+        .iter()
+        .find(|built_in| edit_distance(&folded, built_in) <= 2)
+    {
+        Some(built_in) => Err(format!(
+            "looks like the built-in tag `{built_in}` misspelt, which would be taken as a tag \
+             of your own and change nothing: write `{built_in}`"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A name a health check can ask for as `?tag_<name>=` without escaping.
@@ -168,6 +205,15 @@ mod tests {
                 "`priority`",
             ),
             ("nostream = true", "tags.nostream", "Patroni's tag"),
+            ("no_failover = true", "tags.no_failover", "`nofailover`"),
+            ("noFailover = true", "tags.noFailover", "`nofailover`"),
+            ("nofailovr = true", "tags.nofailovr", "`nofailover`"),
+            (
+                "no-load-balance = true",
+                "tags.no-load-balance",
+                "`noloadbalance`",
+            ),
+            ("Priority = 3", "tags.Priority", "`priority`"),
         ] {
             let (got_key, message) = parse(text).expect_err(text);
             assert_eq!(got_key, key, "{text}");

@@ -24,6 +24,12 @@ pub fn members_meant(
     members: &[(String, String)],
     all_allowed: bool,
 ) -> Result<Vec<String>, String> {
+    if names == [scope] && members.iter().any(|(member, _)| member == scope) {
+        return Err(format!(
+            "{scope} is both the cluster's name and a member's: name the members after the \
+             cluster (`{scope} {scope}` for that member alone)"
+        ));
+    }
     let named: &[String] = match names.split_first() {
         Some((first, rest)) if first == scope => rest,
         _ => names,
@@ -108,31 +114,46 @@ impl Ctl {
             .collect();
         let deadline = Instant::now() + WAIT_FOR_MEMBERS;
         let mut waiting: Vec<String> = urls.iter().map(|(n, _)| n.clone()).collect();
+        let mut unreachable = Vec::new();
         while !waiting.is_empty() {
             let mut still = Vec::new();
+            unreachable.clear();
             for (name, url) in &urls {
                 if !waiting.contains(name) {
                     continue;
                 }
-                let api = client_for(url, Duration::from_secs(5), &self.auth, &self.ca_file)?;
-                let reports = call(&api, Method::GET, "/patroni", None)
-                    .await
-                    .map(|a| a.body["pause"] == Value::Bool(true))
-                    .unwrap_or(!paused);
-                if reports != paused {
-                    still.push(name.clone());
+                // Each request within what is left of the wait.
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(200), Duration::from_secs(5));
+                let api = client_for(url, left, &self.auth, &self.ca_file)?;
+                match call(&api, Method::GET, "/patroni", None).await {
+                    Ok(answer) if (answer.body["pause"] == Value::Bool(true)) == paused => {}
+                    Ok(_) => still.push(name.clone()),
+                    Err(_) => {
+                        still.push(name.clone());
+                        unreachable.push(name.clone());
+                    }
                 }
             }
             waiting = still;
             if waiting.is_empty() {
                 break;
             }
-            if Instant::now() > deadline {
-                return Err(Failure::Refused(format!(
+            if Instant::now() >= deadline {
+                let why = format!(
                     "{} did not report the change within {WAIT_FOR_MEMBERS:?} (it is stored; \
                      they apply it at their next turn)",
                     waiting.join(", ")
-                )));
+                );
+                return Err(if unreachable.len() == waiting.len() {
+                    Failure::Unreachable(format!(
+                        "{why}: {} did not answer",
+                        unreachable.join(", ")
+                    ))
+                } else {
+                    Failure::Refused(why)
+                });
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -181,6 +202,14 @@ mod tests {
         assert!(members_meant(&names(&["demo"]), "demo", &m, false).is_err());
         let refused = members_meant(&names(&["other", "node2"]), "demo", &m, true).unwrap_err();
         assert!(refused.contains("other"), "{refused}");
+        // A member named like the cluster: ambiguous, refused.
+        let mut named_like = members();
+        named_like.push(("demo".into(), "replica".into()));
+        assert!(members_meant(&names(&["demo"]), "demo", &named_like, true).is_err());
+        assert_eq!(
+            members_meant(&names(&["demo", "demo"]), "demo", &named_like, true).unwrap(),
+            names(&["demo"])
+        );
     }
 
     #[test]

@@ -306,6 +306,7 @@ impl Sim {
             alerts: Vec::new(),
             witness: false,
             pending_restart: Vec::new(),
+            custom_tags: Default::default(),
         };
         let published = view.members.get(&node.name).is_some_and(|record| {
             record.lease_id == lease
