@@ -86,8 +86,7 @@ fn from_patroni_files(args: &FromPatroniArgs) -> Result<(), (u8, String)> {
         )
     })?;
     let dynamic = serde_json::to_string_pretty(&migration.dynamic).unwrap_or_default();
-    mainstay_core_check(&migration.dynamic)
-        .map_err(|e| (1, format!("{source}: bootstrap.dcs: {e}")))?;
+    check_dynamic(&migration.dynamic).map_err(|e| (1, format!("{source}: bootstrap.dcs: {e}")))?;
     for path in [&args.output, &args.dynamic_output] {
         if path.exists() {
             return Err((
@@ -111,7 +110,7 @@ fn from_patroni_files(args: &FromPatroniArgs) -> Result<(), (u8, String)> {
 }
 
 /// The dynamic configuration must be one the agents accept.
-fn mainstay_core_check(dynamic: &serde_json::Value) -> Result<(), String> {
+fn check_dynamic(dynamic: &serde_json::Value) -> Result<(), String> {
     mainstay_core::DynamicConfig::from_json(dynamic)
         .map(|_| ())
         .map_err(|e| e.to_string())

@@ -193,10 +193,9 @@ pub fn apply(
             }
         }
         [
-            dcs @ ("consul" | "zookeeper" | "kubernetes" | "exhibitor" | "raft"),
+            "consul" | "zookeeper" | "kubernetes" | "exhibitor" | "raft",
             ..,
         ] => {
-            let _ = dcs;
             unmapped("mainstay keeps its state in etcd only: run etcd (or `[etcd] member = true`)")
         }
 

@@ -175,6 +175,12 @@ impl NodeSnapshot {
             .is_some_and(|at| at.elapsed() <= limit)
     }
 
+    /// When the DCS was last read, in Unix seconds; 0 if never (Patroni's
+    /// `dcs_last_seen`).
+    pub fn dcs_last_seen_secs(&self) -> u64 {
+        self.dcs_last_seen.map_or(0, unix_secs)
+    }
+
     /// The leader's last published WAL position.
     pub fn leader_lsn(&self) -> Option<Lsn> {
         let status = self.view.as_ref()?.leader_status()?;
@@ -320,8 +326,12 @@ impl<D: Dcs> ApiState<D> {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    unix_secs(SystemTime::now())
+}
+
+/// `time` in Unix seconds (0 before 1970).
+pub fn unix_secs(time: SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 

@@ -169,15 +169,11 @@ pub fn render(out: &mut String, node: &NodeSnapshot) {
         "Postgres timeline of this node (if running), 0 otherwise.",
         health.map_or(0, |h| h.timeline).to_string(),
     );
-    let seen = node.dcs_last_seen.map_or(0, |seen| {
-        seen.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    });
     family(
         "dcs_last_seen",
         "gauge",
         "Epoch timestamp when DCS was last contacted successfully by Patroni.",
-        seen.to_string(),
+        node.dcs_last_seen_secs().to_string(),
     );
     family(
         "pending_restart",

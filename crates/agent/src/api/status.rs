@@ -158,10 +158,7 @@ pub fn node_status(node: &NodeSnapshot) -> Value {
             pending_restart_reason(&node.pending_restart),
         );
     }
-    let seen = node.dcs_last_seen.map_or(0, |seen| {
-        seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-    });
-    doc.insert("dcs_last_seen".into(), json!(seen));
+    doc.insert("dcs_last_seen".into(), json!(node.dcs_last_seen_secs()));
     let tags = tags(&node.tags, &node.tags.custom);
     if tags.as_object().is_some_and(|t| !t.is_empty()) {
         doc.insert("tags".into(), tags);
@@ -211,9 +208,8 @@ pub fn cluster(node: &NodeSnapshot) -> Option<Value> {
     // The view is this node's last read: say when it is old.
     if !node.dcs_reachable {
         doc["dcs_reachable"] = json!(false);
-        if let Some(seen) = node.dcs_last_seen {
-            let secs = seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            doc["dcs_last_seen"] = json!(secs);
+        if node.dcs_last_seen.is_some() {
+            doc["dcs_last_seen"] = json!(node.dcs_last_seen_secs());
         }
     }
     Some(doc)
