@@ -22,6 +22,12 @@ pub enum Action {
         system_id: String,
         initialize_revision: i64,
     },
+    /// The first leader on registered data accepts writes: clear
+    /// `awaiting_first_leader` in `initialize` if unchanged, so that any
+    /// eligible member may take over from now on.
+    RecordFirstLeader {
+        initialize_revision: i64,
+    },
     /// Rename the data directory out of the way (never delete).
     MoveAside {
         reason: String,

@@ -130,6 +130,7 @@ mod tests {
                 system_id: Some("42".into()),
                 by: "a".into(),
                 at: String::new(),
+                awaiting_first_leader: false,
             }),
             initialize_revision: 1,
             // a's key expired with its lease; b and c publish theirs.
@@ -174,6 +175,7 @@ mod tests {
             data: DataDir::Initialized {
                 system_id: "42".into(),
                 was_primary: false,
+                timeline: 1,
             },
             role: PgRole::Replica,
             timeline: 1,
@@ -319,6 +321,7 @@ mod tests {
             data: DataDir::Initialized {
                 system_id: "42".into(),
                 was_primary: true,
+                timeline: 1,
             },
             role: PgRole::Primary,
             timeline: 1,

@@ -10,6 +10,7 @@ pub mod candidate;
 pub mod decide;
 pub mod dynamic;
 pub mod failsafe;
+pub mod first_leader;
 pub mod lease;
 pub mod observation;
 pub mod poison;

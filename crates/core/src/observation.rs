@@ -41,6 +41,10 @@ pub enum DataDir {
         /// "in production" or "shut down"); such a node needs crash recovery
         /// before its WAL position can be compared with a leader's.
         was_primary: bool,
+        /// The newest timeline this data holds: `pg_controldata`'s, or a
+        /// later one whose history file is in pg_wal (a promotion writes it
+        /// before the first checkpoint on that timeline).
+        timeline: u32,
     },
 }
 

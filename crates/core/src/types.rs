@@ -169,6 +169,15 @@ pub struct InitializeRecord {
     pub by: String,
     /// Wall-clock time as an RFC 3339 string, for humans only.
     pub at: String,
+    /// The record was made from data that existed before mainstay's keys
+    /// did (etcd's data was lost, or another manager such as Patroni ran
+    /// the cluster), and no node has led on it yet. Until one has, only a
+    /// node whose own data last ran as the primary may take the leader
+    /// key: a standby's data may lack commits that primary acknowledged,
+    /// and it cannot know whether that primary still runs. Cleared by the
+    /// first leader once its primary accepts writes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaiting_first_leader: bool,
 }
 
 /// One timeline switch recorded in `history`.

@@ -659,7 +659,26 @@ fn a_wiped_dcs_is_rebuilt_from_the_data_never_reinitialized() {
             registered, system_id,
             "re-registered from the data, same system"
         );
+        let old_primary = leader;
         let leader = h.healthy(Duration::from_secs(60)).await;
+        // Only the old primary's data may lead first: a replica cannot
+        // know what it acknowledged. Once it leads, the mark is cleared.
+        assert_eq!(
+            leader, old_primary,
+            "a replica led first on registered data"
+        );
+        let record = h
+            .wait_for(
+                "the first leader to clear the mark",
+                Duration::from_secs(10),
+                async |view: &ClusterView| {
+                    view.initialize
+                        .clone()
+                        .filter(|init| !init.awaiting_first_leader)
+                },
+            )
+            .await;
+        assert_eq!(record.system_id.as_deref(), Some(system_id.as_str()));
         let client = h.client(&leader).await;
         assert_eq!(count_rows(&client, "keep").await, 3);
         let initdbs: usize = h

@@ -20,12 +20,15 @@ impl<D: Dcs> Agent<D> {
             Action::RegisterExistingData { system_id } => {
                 warn!(
                     system_id,
-                    "the DCS holds no cluster record: registering the existing data, never re-initializing"
+                    "the DCS holds no cluster record: registering the existing data, never \
+                     re-initializing; until a leader runs on it, only a node whose data last ran \
+                     as the primary may lead"
                 );
                 let record = InitializeRecord {
                     system_id: Some(system_id.clone()),
                     by: self.name.clone(),
                     at: now_text(),
+                    awaiting_first_leader: true,
                 };
                 self.dcs
                     .create_initialize(&record)
@@ -52,6 +55,7 @@ impl<D: Dcs> Agent<D> {
                     system_id: None,
                     by: self.name.clone(),
                     at: now_text(),
+                    awaiting_first_leader: false,
                 };
                 if !self
                     .dcs
@@ -81,18 +85,27 @@ impl<D: Dcs> Agent<D> {
                     system_id: Some(system_id.clone()),
                     by: self.name.clone(),
                     at: now_text(),
+                    awaiting_first_leader: false,
                 };
-                if !self
-                    .dcs
-                    .update_initialize(&record, *initialize_revision)
-                    .await
-                    .map_err(dcs_failed)?
-                {
-                    return Err(TurnError::Failed(
-                        "the cluster record changed under us".into(),
-                    ));
-                }
+                self.rewrite_initialize(&record, *initialize_revision)
+                    .await?;
                 info!(system_id, "cluster bootstrapped");
+            }
+            Action::RecordFirstLeader {
+                initialize_revision,
+            } => {
+                let Some(record) = view.and_then(|v| v.initialize.clone()) else {
+                    return Err(TurnError::Failed("no cluster record to update".into()));
+                };
+                let record = InitializeRecord {
+                    awaiting_first_leader: false,
+                    ..record
+                };
+                self.rewrite_initialize(&record, *initialize_revision)
+                    .await?;
+                info!(
+                    "first leader on the registered data: any eligible member may take over from now on"
+                );
             }
             Action::MoveAside { reason } => {
                 let moved = self
@@ -476,5 +489,26 @@ impl<D: Dcs> Agent<D> {
             "bootstrap failed: {reason}; this node claims it again in {} s at the earliest",
             retry_in.as_secs()
         )))
+    }
+}
+
+impl<D: Dcs> Agent<D> {
+    /// Replaces the `initialize` record if it is still at `revision`.
+    async fn rewrite_initialize(
+        &self,
+        record: &InitializeRecord,
+        revision: i64,
+    ) -> Result<(), TurnError> {
+        let updated = self
+            .dcs
+            .update_initialize(record, revision)
+            .await
+            .map_err(|err| TurnError::Failed(format!("DCS: {err}")))?;
+        if !updated {
+            return Err(TurnError::Failed(
+                "the cluster record changed under us".into(),
+            ));
+        }
+        Ok(())
     }
 }

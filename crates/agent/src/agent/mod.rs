@@ -52,6 +52,7 @@ mod reexec;
 mod rejoin;
 mod run;
 mod service_moves;
+mod stray;
 mod turn;
 mod watch_forward;
 

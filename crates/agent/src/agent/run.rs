@@ -120,19 +120,6 @@ impl<D: Dcs> Agent<D> {
             .await
             .map_err(|source| RunError::PasswordFile { source })?;
         let adopted = self.adopt_postmaster();
-        if self.pg.is_running() && !adopted {
-            // Not started by this agent, so no guard of ours enforces its
-            // deadline (started by hand, or an earlier agent's guard could
-            // not stop it): it may be a primary that nobody fences.
-            warn!(
-                "a PostgreSQL not started by this agent runs on the data directory: stopping it \
-                 (immediate) so that it runs under a fencing guard"
-            );
-            self.pg
-                .stop(StopMode::Immediate)
-                .await
-                .map_err(|source| RunError::StrayPostgres { source })?;
-        }
         let lease_tx = self.lease_tx.take().ok_or(RunError::AlreadyRan)?;
         let tls = match &self.api_tls_files {
             Some(files) => Some(crate::tls::acceptor(&files.cert_file, &files.key_file)?),
@@ -248,6 +235,12 @@ impl<D: Dcs> Agent<D> {
         });
         let span = info_span!(parent: None, "lease_keeper", node = %self.name);
         let keeper = tokio::spawn(keeper.instrument(span));
+        // Before the first turn, but after the listeners and the lease
+        // keeper started: a takeover's write pause then holds no start-up
+        // work, as the lease is granted while PostgreSQL stops.
+        if self.pg.is_running() && !adopted {
+            self.stop_stray_postgres().await?;
+        }
         let watcher = forward_watch(
             self.dcs.clone(),
             self.member_interest.clone(),

@@ -155,6 +155,7 @@ impl<D: Dcs> Agent<D> {
                         | ClusterState::ShuttingDown
                         | ClusterState::InCrashRecovery
                 ),
+                timeline: control.timeline.max(self.pg.newest_history_timeline()),
             },
             DataDirState::Unusable(reason) => {
                 return Err(TurnError::Fatal(format!(

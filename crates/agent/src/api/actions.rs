@@ -297,6 +297,11 @@ pub async fn failover<D: Dcs>(
         );
     }
     let config = state.config_now().await;
+    if leader.is_none()
+        && let Some(reason) = mainstay_core::first_leader::candidate_behind(&view, &candidate)
+    {
+        return error(StatusCode::PRECONDITION_FAILED, reason);
+    }
     match &leader {
         Some(leader) => {
             if let Some(reason) = unfit_candidate(&view, leader, Lag::Unknown, &candidate, &config)

@@ -124,7 +124,7 @@ pub(super) fn lead(state: &mut CoreState, obs: &Observation<'_>, view: &ClusterV
                 actions.push(Action::StartPrimary);
                 decision(
                     actions,
-                    "the primary is down: restarting it (crash recovery)",
+                    "the primary is not running: starting it (with crash recovery if it stopped uncleanly)",
                 )
             }
             Some(_) => {

@@ -71,6 +71,23 @@ pub(super) fn leaderless(
     if obs.config.pause && manual.is_none() {
         return wait("no leader, and the cluster is paused: no automatic failover");
     }
+    let awaiting_first_leader = view
+        .initialize
+        .as_ref()
+        .is_some_and(|init| init.awaiting_first_leader);
+    if awaiting_first_leader && manual.is_none() {
+        match first_leader(obs, view) {
+            FirstLeader::TakeKey => {
+                return decision(
+                    vec![Action::AcquireLeader],
+                    "the cluster was registered from existing data and this node's data last \
+                     ran as its primary: taking the leader key to start it as the primary again",
+                );
+            }
+            FirstLeader::Wait(why) => return wait(why),
+            FirstLeader::StartStandby => {}
+        }
+    }
     match (&pg.data, pg.role) {
         (DataDir::Empty, _) => return wait("no leader to clone from"),
         (DataDir::Initialized { .. }, PgRole::Stopped) => {
@@ -181,4 +198,53 @@ pub(super) fn leaderless(
             pg.timeline, pg.lsn
         ),
     )
+}
+
+enum FirstLeader {
+    TakeKey,
+    /// Standby data: start it read-only (so that it is ready to follow),
+    /// then wait for the first leader.
+    StartStandby,
+    Wait(String),
+}
+
+/// Who may lead first on data registered after the DCS lost its keys or
+/// another manager ran the cluster: only data that last ran as the
+/// primary, and not if a member's data reached a later timeline (this
+/// would be an old primary left behind by a failover). A standby's data
+/// waits for that primary's node, or for an operator's manual failover.
+fn first_leader(obs: &Observation<'_>, view: &ClusterView) -> FirstLeader {
+    let waiting = "the cluster was registered from existing data and no node whose data last \
+                   ran as the primary has led yet: waiting for it (start the agent on the old \
+                   primary's node; if that node is lost, `mainstay ctl failover --candidate` \
+                   names the node to promote)";
+    let DataDir::Initialized {
+        was_primary,
+        timeline,
+        ..
+    } = &obs.pg.data
+    else {
+        return FirstLeader::Wait(waiting.into());
+    };
+    match obs.pg.role {
+        PgRole::Stopped if *was_primary => {}
+        PgRole::Stopped => return FirstLeader::StartStandby,
+        _ => return FirstLeader::Wait(waiting.into()),
+    }
+    let ahead = view
+        .members
+        .iter()
+        .filter(|(name, _)| *name != obs.name)
+        .find(|(_, m)| m.status.timeline > *timeline);
+    if let Some((name, member)) = ahead {
+        return FirstLeader::Wait(format!(
+            "this node's data last ran as a primary on timeline {timeline}, but {name} is on \
+             timeline {}: this data was left behind by a failover; not leading ({waiting})",
+            member.status.timeline
+        ));
+    }
+    if obs.now >= obs.lease.valid_until {
+        return FirstLeader::Wait("first leader: waiting for a lease renewal".into());
+    }
+    FirstLeader::TakeKey
 }

@@ -203,7 +203,13 @@ fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
     match &view.leader {
         Some(leader) if holds_key(&leader.name, leader.lease_id) => {
             state.no_leader_since = None;
-            leader::lead(state, obs, view)
+            let mut result = leader::lead(state, obs, view);
+            if init.awaiting_first_leader && pg.accepts_writes() {
+                result.actions.push(Action::RecordFirstLeader {
+                    initialize_revision: view.initialize_revision,
+                });
+            }
+            result
         }
         Some(leader) if leader.name == obs.name => {
             state.primary_restart_at = None;

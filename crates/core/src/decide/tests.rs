@@ -33,6 +33,7 @@ fn view(leader: Option<(&str, i64)>, members: Vec<MemberRecord>) -> ClusterView 
             system_id: Some("42".into()),
             by: "a".into(),
             at: String::new(),
+            awaiting_first_leader: false,
         }),
         initialize_revision: 1,
         leader: leader.map(|(name, lease_id)| LeaderRecord {
@@ -53,6 +54,7 @@ fn pg(role: PgRole, lsn: u64) -> LocalPg {
         data: DataDir::Initialized {
             system_id: "42".into(),
             was_primary: role == PgRole::Primary,
+            timeline: 1,
         },
         role,
         timeline: 1,
@@ -414,6 +416,7 @@ fn foreign_data_stops_the_agent_and_wiped_dcs_is_re_registered() {
     foreign.data = DataDir::Initialized {
         system_id: "999".into(),
         was_primary: false,
+        timeline: 1,
     };
     assert!(matches!(
         check(
@@ -621,4 +624,181 @@ fn a_replica_too_far_behind_the_last_leader_position_does_not_take_over() {
         check(&mut state, 200, &close, Some(&gone), 5000),
         vec![Action::AcquireLeader]
     );
+}
+
+/// Data registered after mainstay's keys were lost, or taken over from
+/// Patroni: only the old primary's data may lead first.
+fn registered(leader: Option<(&str, i64)>, members: Vec<MemberRecord>) -> ClusterView {
+    let mut v = view(leader, members);
+    if let Some(init) = v.initialize.as_mut() {
+        init.awaiting_first_leader = true;
+    }
+    v
+}
+
+fn stopped(was_primary: bool, timeline: u32) -> LocalPg {
+    let mut local = pg(PgRole::Stopped, 0);
+    local.timeline = 0;
+    local.data = DataDir::Initialized {
+        system_id: "42".into(),
+        was_primary,
+        timeline,
+    };
+    local
+}
+
+#[test]
+fn on_registered_data_only_the_old_primary_takes_the_key_first() {
+    let members = || vec![status("b", PgRole::Replica, 100, 50, false)];
+    // The old primary's node (stopped by its agent at start-up) takes the
+    // key at once, without an election against the standbys.
+    assert_eq!(
+        check(
+            &mut CoreState::default(),
+            0,
+            &stopped(true, 1),
+            Some(&registered(None, members())),
+            3000
+        ),
+        vec![Action::AcquireLeader]
+    );
+    // Not without a lease it can count on.
+    assert!(
+        check(
+            &mut CoreState::default(),
+            5000,
+            &stopped(true, 1),
+            Some(&registered(None, members())),
+            3000
+        )
+        .is_empty()
+    );
+    // A standby's data starts read-only and then waits, however far
+    // ahead it is: the old primary may still be writable under Patroni.
+    assert_eq!(
+        check(
+            &mut CoreState::default(),
+            0,
+            &stopped(false, 1),
+            Some(&registered(None, members())),
+            3000
+        ),
+        vec![Action::StartReplica { leader: None }]
+    );
+    let mut state = CoreState::default();
+    for now in [0, 10_000, 60_000] {
+        assert!(
+            check(
+                &mut state,
+                now,
+                &pg(PgRole::Replica, 500),
+                Some(&registered(None, members())),
+                now + 3000
+            )
+            .is_empty()
+        );
+    }
+    // The same replica on a cluster that had a leader since runs for it.
+    assert!(
+        !check(
+            &mut CoreState::default(),
+            0,
+            &pg(PgRole::Replica, 500),
+            Some(&view(None, members())),
+            3000
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn an_old_primary_left_behind_by_a_failover_does_not_lead_first() {
+    let mut ahead = status("b", PgRole::Replica, 100, 50, false);
+    ahead.status.timeline = 3;
+    assert!(
+        check(
+            &mut CoreState::default(),
+            0,
+            &stopped(true, 2),
+            Some(&registered(None, vec![ahead.clone()])),
+            3000
+        )
+        .is_empty()
+    );
+    // Its timeline counts the history files in pg_wal, not only
+    // pg_control's (which lags until the first checkpoint).
+    assert_eq!(
+        check(
+            &mut CoreState::default(),
+            0,
+            &stopped(true, 3),
+            Some(&registered(None, vec![ahead])),
+            3000
+        ),
+        vec![Action::AcquireLeader]
+    );
+}
+
+#[test]
+fn an_operator_names_a_standby_first_leader_with_a_manual_failover() {
+    let mut cluster = registered(
+        None,
+        vec![
+            status("a", PgRole::Replica, 500, 50, false),
+            status("b", PgRole::Replica, 100, 50, false),
+        ],
+    );
+    cluster.failover = Some(crate::types::FailoverRecord {
+        request: Ok(crate::types::FailoverRequest {
+            kind: crate::types::FailoverKind::Failover,
+            leader: None,
+            candidate: Some("a".into()),
+            scheduled_at: None,
+            requested_at: 0,
+        }),
+        mod_revision: 1,
+    });
+    assert_eq!(
+        check(
+            &mut CoreState::default(),
+            0,
+            &pg(PgRole::Replica, 500),
+            Some(&cluster),
+            3000
+        ),
+        vec![Action::AcquireLeader]
+    );
+    // Behind another member, the API refuses to name it; once a leader
+    // ran, the usual checks apply instead.
+    assert!(crate::first_leader::candidate_behind(&cluster, "b").is_some());
+    assert!(crate::first_leader::candidate_behind(&cluster, "a").is_none());
+    let members = cluster.members.values().cloned().collect();
+    assert!(crate::first_leader::candidate_behind(&view(None, members), "b").is_none());
+}
+
+#[test]
+fn the_first_leader_clears_the_mark_once_its_primary_accepts_writes() {
+    let members = vec![status("b", PgRole::Replica, 100, 50, true)];
+    let actions = check(
+        &mut CoreState::default(),
+        0,
+        &pg(PgRole::Primary, 100),
+        Some(&registered(Some(("a", 7)), members.clone())),
+        3000,
+    );
+    assert_eq!(
+        actions.last(),
+        Some(&Action::RecordFirstLeader {
+            initialize_revision: 1
+        })
+    );
+    // Starting (still stopped): not yet.
+    let starting = check(
+        &mut CoreState::default(),
+        0,
+        &stopped(true, 1),
+        Some(&registered(Some(("a", 7)), members)),
+        3000,
+    );
+    assert_eq!(starting, vec![Action::StartPrimary]);
 }

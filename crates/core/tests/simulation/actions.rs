@@ -110,6 +110,7 @@ impl Sim {
                         system_id: Some(system_id.clone()),
                         by: name,
                         at: String::new(),
+                        awaiting_first_leader: true,
                     };
                     sim.dcs.initialize = Some((record, rev));
                     sim.recorded_ids.extend(system_id.parse::<u64>());
@@ -125,6 +126,7 @@ impl Sim {
                     system_id: None,
                     by: name,
                     at: String::new(),
+                    awaiting_first_leader: false,
                 };
                 sim.dcs.initialize = Some((record, rev));
                 sim.wake_all();
@@ -158,6 +160,21 @@ impl Sim {
                     _ => return false,
                 }
                 sim.recorded_ids.extend(system_id.parse::<u64>());
+                sim.dcs.bump();
+                sim.wake_all();
+                true
+            }),
+            Action::RecordFirstLeader {
+                initialize_revision,
+            } => self.dcs_write(i, |sim| {
+                let rev = sim.dcs.revision + 1;
+                match &mut sim.dcs.initialize {
+                    Some((record, at)) if *at == *initialize_revision => {
+                        record.awaiting_first_leader = false;
+                        *at = rev;
+                    }
+                    _ => return false,
+                }
                 sim.dcs.bump();
                 sim.wake_all();
                 true

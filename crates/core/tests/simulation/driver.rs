@@ -179,6 +179,8 @@ impl Sim {
                 self.inject_faults();
             } else if self.now < FAULT_WINDOW_MS + STEP_MS {
                 self.heal();
+            } else if self.now == FAULT_WINDOW_MS + SETTLE_MS / 4 {
+                self.operator_names_first_leader();
             }
             self.etcd_back();
             self.lifecycle();

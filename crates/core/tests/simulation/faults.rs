@@ -37,10 +37,11 @@ pub(crate) enum Fault {
     FailsafeAsk,
     SwitchoverRun,
     OperatorMovedAside,
+    EtcdKeysLost,
 }
 
 impl Fault {
-    pub(crate) const ALL: [Fault; 26] = [
+    pub(crate) const ALL: [Fault; 27] = [
         Fault::AgentCrash,
         Fault::PgCrash,
         Fault::DcsCut,
@@ -67,6 +68,7 @@ impl Fault {
         Fault::FailsafeAsk,
         Fault::SwitchoverRun,
         Fault::OperatorMovedAside,
+        Fault::EtcdKeysLost,
     ];
 }
 
@@ -87,6 +89,7 @@ pub(crate) struct FaultPlan {
     pub(crate) sync_count_above_one: bool,
     pub(crate) peer_cut: bool,
     pub(crate) fast_timing: bool,
+    pub(crate) keys_lost: bool,
 }
 
 /// The member-rejoins-during-outage sequence, step by step.
@@ -129,6 +132,7 @@ impl FaultPlan {
             sync_count_above_one: nodes > 2 && pick(400_000),
             peer_cut: pick(400_000),
             fast_timing: pick(250_000),
+            keys_lost: pick(300_000),
         }
     }
 }
@@ -237,6 +241,12 @@ impl Sim {
                 }
             }
         }
+        if self.plan.keys_lost && self.settled() && self.dcs.up(now) && self.rng.chance(2_000) {
+            self.log(|| "FAULT every key of the cluster is deleted from etcd".into());
+            self.count(Fault::EtcdKeysLost);
+            self.dcs.lose_every_key();
+            self.wake_all();
+        }
         if self.plan.switchover && self.rng.chance(1_500) {
             self.operator_request(FailoverKind::Switchover);
         }
@@ -308,6 +318,11 @@ impl Sim {
                     {
                         true
                     }
+                    None if mainstay_core::first_leader::candidate_behind(&view, &pick)
+                        .is_some() =>
+                    {
+                        true
+                    }
                     None => view
                         .members
                         .get(&pick)
@@ -327,6 +342,76 @@ impl Sim {
             }
         };
         self.log(|| format!("REQUEST {request:?}"));
+        let revision = self.dcs.bump();
+        self.dcs.failover = Some((request, revision));
+        self.wake_all();
+    }
+
+    /// Every node runs, the leader's a writable primary and every other
+    /// node a replica on its timeline: the state an operator's slip
+    /// (`etcdctl del --prefix`) may strike. Not earlier: with the keys gone,
+    /// nothing in the DCS says which data is newest, so keys lost while a
+    /// failover is under way can let an old primary's data lead (if every
+    /// node with the newer timeline is out of reach), and a node without
+    /// data bootstraps a new cluster, as with Patroni. Nor in failsafe
+    /// mode: the `failsafe` key, which tells who promised the primary not
+    /// to take over, goes with the others.
+    fn settled(&self) -> bool {
+        if self.config.failsafe_mode {
+            return false;
+        }
+        let Some(leader) = &self.dcs.leader else {
+            return false;
+        };
+        let Some(primary) = self.nodes.iter().find(|n| n.name == leader.name) else {
+            return false;
+        };
+        let timeline = primary.data.as_ref().map(|w| w.timeline);
+        primary.role == Role::Primary
+            && self.nodes.iter().all(|n| {
+                n.agent_alive
+                    && n.data.as_ref().map(|w| w.timeline) == timeline
+                    && (n.name == leader.name
+                        || (n.role == Role::Replica
+                            && n.following.as_deref() == Some(leader.name.as_str())))
+            })
+    }
+
+    /// After the keys were lost with no old primary's data left to lead
+    /// (a failover was under way, say), the agents wait for an operator:
+    /// this one reads the members' positions and names the furthest ahead
+    /// with a manual failover, as docs/operations.md tells them to.
+    pub(crate) fn operator_names_first_leader(&mut self) {
+        let awaiting = self
+            .dcs
+            .initialize
+            .as_ref()
+            .is_some_and(|(record, _)| record.awaiting_first_leader);
+        if !awaiting || self.dcs.leader.is_some() || self.dcs.failover.is_some() {
+            return;
+        }
+        let view = self.dcs.view();
+        let furthest = view
+            .members
+            .values()
+            .filter(|m| !m.status.witness)
+            .max_by_key(|m| {
+                (
+                    m.status.timeline,
+                    m.status.received_lsn.max(m.status.replayed_lsn),
+                )
+            });
+        let Some(candidate) = furthest.map(|m| m.status.name.clone()) else {
+            return;
+        };
+        let request = FailoverRequest {
+            kind: FailoverKind::Failover,
+            leader: None,
+            candidate: Some(candidate),
+            scheduled_at: None,
+            requested_at: self.now / 1000,
+        };
+        self.log(|| format!("OPERATOR names the first leader: {request:?}"));
         let revision = self.dcs.bump();
         self.dcs.failover = Some((request, revision));
         self.wake_all();

@@ -159,6 +159,7 @@ mod tests {
                 system_id: system_id.map(Into::into),
                 by: "c".into(),
                 at: String::new(),
+                awaiting_first_leader: false,
             }),
             initialize_revision: 1,
             leader: leader.map(|(name, rev)| LeaderRecord {
@@ -175,6 +176,7 @@ mod tests {
             data: DataDir::Initialized {
                 system_id: "42".into(),
                 was_primary: false,
+                timeline: 1,
             },
             role: PgRole::Replica,
             timeline: 1,

@@ -322,6 +322,20 @@ impl Dcs {
         leader_gone
     }
 
+    /// Someone deleted every key under the cluster's prefix (`etcdctl del
+    /// --prefix`; leases and revisions go on): the agents must register
+    /// their data again, and only the old primary's data may lead first.
+    pub(crate) fn lose_every_key(&mut self) {
+        self.initialize = None;
+        self.leader = None;
+        self.members.clear();
+        self.history.clear();
+        self.sync = None;
+        self.failsafe = None;
+        self.failover = None;
+        self.bump();
+    }
+
     /// etcd regained its quorum: the new leader's lessor extends every
     /// lease by a full ttl.
     pub(crate) fn recover(&mut self, now: u64) {
@@ -561,6 +575,7 @@ impl Node {
                 Some(wal) => DataDir::Initialized {
                     system_id: wal.system_id.to_string(),
                     was_primary: self.was_primary,
+                    timeline: wal.timeline.max(wal.newest_history),
                 },
             },
             role: match self.role {

@@ -232,6 +232,7 @@ pub async fn check_initialize(dcs: &impl Dcs) {
         system_id: None,
         by: "a".into(),
         at: "2024-01-01T00:00:00Z".into(),
+        awaiting_first_leader: false,
     };
     assert!(dcs.create_initialize(&rec).await.unwrap());
     let other = InitializeRecord {
@@ -452,6 +453,7 @@ pub async fn revision_trace(dcs: &impl Dcs) -> Vec<String> {
         system_id: None,
         by: "a".into(),
         at: "now".into(),
+        awaiting_first_leader: false,
     };
     step!("create init", dcs.create_initialize(&rec).await);
     step!("create init again", dcs.create_initialize(&rec).await);
