@@ -104,6 +104,14 @@ pinned_venv "check_patroni $check_patroni_version" "$check_venv" \
     "import importlib.metadata as m, sys; sys.exit(m.version('check_patroni') != '$check_patroni_version')" \
     "check_patroni==$check_patroni_version"
 
+# Patroni itself, for tests/takeover.rs (a running Patroni cluster taken
+# over) and `mainstay bench compare`: bench/patroni/install.sh pins it.
+patroni_venv=/var/tmp/mainstay-bench/patroni-venv
+if ! "$patroni_venv/bin/patroni" --version 2>/dev/null | grep -qx "patroni 4.1.5"; then
+    echo "setup: installing Patroni 4.1.5 into $patroni_venv"
+fi
+"$(dirname "$0")/../bench/patroni/install.sh" "$patroni_venv" >/dev/null
+
 # cargo-deb, pinned: `scripts/package.sh` and tests/upgrade.rs build the
 # Debian package with it.
 cargo_deb_version=3.8.0
@@ -112,8 +120,8 @@ if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $cargo_deb_version" ]; t
     cargo install --quiet --locked cargo-deb --version "$cargo_deb_version"
 fi
 
-for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/sbin/nft /usr/sbin/tc /usr/bin/setpriv "$venv/bin/schemathesis" "$check_venv/bin/check_patroni" /usr/bin/turnserver "$synapse_venv/bin/synapse_homeserver"; do
+for tool in /usr/lib/postgresql/15/bin/postgres /usr/bin/etcd /usr/bin/protoc /usr/sbin/haproxy /usr/sbin/keepalived /usr/sbin/nft /usr/sbin/tc /usr/bin/setpriv "$venv/bin/schemathesis" "$check_venv/bin/check_patroni" "$patroni_venv/bin/patroni" /usr/bin/turnserver "$synapse_venv/bin/synapse_homeserver"; do
     [ -x "$tool" ] || { echo "setup: $tool is still missing after the install" >&2; exit 1; }
 done
 id postgres >/dev/null 2>&1 || { echo "setup: the postgres OS user is missing" >&2; exit 1; }
-echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}'), protoc, HAProxy $(/usr/sbin/haproxy -v | head -1 | awk '{print $3}'), schemathesis $schemathesis_version, check_patroni $check_patroni_version, coturn and Synapse $synapse_version are in place"
+echo "setup: PostgreSQL 15, etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}'), protoc, HAProxy $(/usr/sbin/haproxy -v | head -1 | awk '{print $3}'), schemathesis $schemathesis_version, check_patroni $check_patroni_version, Patroni 4.1.5, coturn and Synapse $synapse_version are in place"

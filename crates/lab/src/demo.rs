@@ -178,7 +178,7 @@ pub const LAB_ETCD_PEER_PORT: u16 = 12380;
 
 /// `mainstay SUBCOMMAND --config FILE` (an agent, a witness), in a lab
 /// host's namespace if given, its output appended to `log`.
-pub(crate) fn spawn_mainstay(
+pub fn spawn_mainstay(
     exe: &Path,
     netns: Option<&str>,
     subcommand: &str,
@@ -213,7 +213,7 @@ pub(crate) fn spawn_mainstay(
 }
 
 /// SIGTERM, then SIGKILL after `timeout`; whether it exited cleanly.
-pub(crate) fn stop_child(mut child: Child, timeout: Duration) -> bool {
+pub fn stop_child(mut child: Child, timeout: Duration) -> bool {
     let _ = process::kill(child.id() as i32, libc::SIGTERM);
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {

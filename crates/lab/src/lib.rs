@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod certificates;
 pub mod demo;
+pub mod patroni;
 pub mod platform;
 pub mod replicated;
 pub mod witness;

@@ -1,6 +1,7 @@
 //! One rule per Patroni setting: where it goes in mainstay, or why it
 //! goes nowhere. A key no rule knows is unmapped.
 
+use crate::params::{self, ClusterParameter, Local, Origin};
 use crate::values::{boolean, host_and_port, seconds, toml_scalar};
 use crate::{MigrateError, Table, words};
 use serde_json::{Map, Value as Json, json};
@@ -38,7 +39,11 @@ pub struct Output {
     watchdog: Table,
     tags: Table,
     callbacks: Table,
-    pub dynamic: Map<String, Json>,
+    dynamic: Map<String, Json>,
+    /// What Patroni ran for the parameters it takes only cluster-wide.
+    pub cluster: Vec<ClusterParameter>,
+    /// Where the dynamic configuration comes from, as notes name it.
+    source: &'static str,
 }
 
 fn bad(key: &str, reason: impl Into<String>) -> MigrateError {
@@ -228,12 +233,19 @@ pub fn apply(
     }
 }
 
-fn dcs_setting(
+/// A setting of the cluster-wide configuration: `bootstrap.dcs` in the
+/// file, or Patroni's running one (`GET /config`).
+pub fn dcs_setting(
     key: &str,
     rest: &[&str],
     value: &Json,
     out: &mut Output,
 ) -> Result<Outcome, MigrateError> {
+    // Unset (a merge patch's null) or empty: nothing to carry.
+    let empty = value.is_null() || value.as_object().is_some_and(Map::is_empty);
+    if empty && matches!(rest, [] | ["postgresql"] | ["postgresql", "parameters"]) {
+        return Ok(Outcome::Mapped);
+    }
     match rest {
         ["ttl" | "loop_wait" | "retry_timeout"] => dropped(
             "timing is set per node in [timing] (mainstay's default profile: ttl 4 s, \
@@ -271,6 +283,9 @@ fn dcs_setting(
             let on = boolean(value).ok_or_else(|| bad(key, format!("{value} is not a boolean")))?;
             out.dynamic.insert("synchronous_mode".into(), json!(on));
             Ok(Outcome::Mapped)
+        }
+        ["postgresql", "parameters", name] if params::is_command_line(name) => {
+            Ok(cluster_wide(name, value, out))
         }
         ["postgresql", "parameters", name] => {
             let params = out
@@ -376,6 +391,18 @@ fn postgresql_setting(
             "mainstay connects with a user name and password only (no client certificates or \
              sslmode)",
         ),
+        ["parameters", name] if params::is_command_line(name) => {
+            let ignored = match params::local(name, &out.cluster) {
+                Some(Local::Ran(ran)) => format!(
+                    "Patroni takes it only from the cluster-wide configuration and ignored this \
+                     node's {value}: it ran {}, which the dynamic configuration carries",
+                    ran.describe(out.source)
+                ),
+                Some(Local::Derived(why)) => why.to_string(),
+                None => "Patroni ignored it".to_string(),
+            };
+            Ok(Outcome::Note(Disposition::Dropped, ignored))
+        }
         ["parameters", name] => {
             let scalar = toml_scalar(value)
                 .ok_or_else(|| bad(key, format!("{value} is not a parameter value")))?;
@@ -425,6 +452,33 @@ fn postgresql_setting(
     }
 }
 
+/// A cluster-wide value of a parameter Patroni passes on the postmaster's
+/// command line: what ran is in `out.cluster`, written out at the end.
+fn cluster_wide(name: &str, value: &Json, out: &Output) -> Outcome {
+    let ran = |wanted: &str| out.cluster.iter().find(|p| p.name == wanted);
+    let lower = name.to_ascii_lowercase();
+    let reason = if let Some(why) = params::derived(&lower) {
+        why.to_string()
+    } else if lower == "wal_keep_segments" {
+        let size = ran("wal_keep_size").map(|p| p.describe(out.source));
+        format!(
+            "PostgreSQL 15 has no wal_keep_segments: Patroni ran {}, which the dynamic \
+             configuration carries",
+            size.unwrap_or_default()
+        )
+    } else {
+        match ran(&lower) {
+            Some(p) if p.origin == Origin::Configured => return Outcome::Mapped,
+            Some(p) => format!(
+                "Patroni refused {value}: it ran {}, which the dynamic configuration carries",
+                p.describe(out.source)
+            ),
+            None => "Patroni ignored it".to_string(),
+        }
+    };
+    Outcome::Note(Disposition::Dropped, reason)
+}
+
 /// Patroni's tags: the ones mainstay shares, its `failover_priority`, and
 /// the operator's own.
 fn tag(key: &str, name: &str, value: &Json, out: &mut Output) -> Result<Outcome, MigrateError> {
@@ -466,6 +520,28 @@ fn tag(key: &str, name: &str, value: &Json, out: &mut Output) -> Result<Outcome,
 }
 
 impl Output {
+    pub fn new(cluster: Vec<ClusterParameter>, source: &'static str) -> Output {
+        Output {
+            cluster,
+            source,
+            ..Output::default()
+        }
+    }
+
+    /// The dynamic configuration, with every parameter Patroni takes only
+    /// cluster-wide set to what it ran: mainstay's own defaults may differ
+    /// one day, and an explicit value keeps what runs.
+    pub fn into_dynamic(mut self) -> Map<String, Json> {
+        let section = self
+            .dynamic
+            .entry("postgresql")
+            .or_insert_with(|| json!({"parameters": {}}));
+        for ran in &self.cluster {
+            section["parameters"][ran.name] = ran.value.clone();
+        }
+        self.dynamic
+    }
+
     /// The node file, in the order an operator reads it.
     pub fn node_file(&self, top: &Map<String, Json>) -> Result<String, MigrateError> {
         for role in ["superuser", "replication"] {
@@ -493,12 +569,17 @@ impl Output {
             text.push_str(&format!("{key} = {}\n", toml_text(value)));
         }
         let mut postgresql = self.postgresql.clone();
-        if !self.parameters.is_empty() {
-            postgresql.insert(
-                "parameters".into(),
-                toml::Value::Table(self.parameters.clone().into_iter().collect()),
-            );
-        }
+        // Patroni ran every node with the scope as cluster_name (process
+        // titles, the default application_name); mainstay sets none.
+        let mut parameters = self.parameters.clone();
+        parameters.insert(
+            "cluster_name".into(),
+            toml_text(top["scope"].as_str().unwrap_or_default()),
+        );
+        postgresql.insert(
+            "parameters".into(),
+            toml::Value::Table(parameters.into_iter().collect()),
+        );
         for (section, table) in [
             ("etcd", &self.etcd),
             ("postgresql", &postgresql),

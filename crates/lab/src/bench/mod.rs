@@ -340,12 +340,12 @@ fn rss_bytes(pid: u32) -> u64 {
 }
 
 #[derive(Default)]
-struct WriterLog {
+pub struct WriterLog {
     /// (id, acknowledged at, port of the server that acknowledged it)
-    acked: Vec<(i64, Instant, u16)>,
+    pub acked: Vec<(i64, Instant, u16)>,
     /// INSERTs refused because the server was read-only (SQLSTATE 25006):
     /// a write routed to a node that is not the primary.
-    read_only: usize,
+    pub read_only: usize,
 }
 
 async fn one_run(
@@ -585,7 +585,7 @@ async fn connect_rw(
 /// One connection, one INSERT at a time; reconnects through the multi-host
 /// string on any error. A write whose commit was in flight when the server
 /// died is an unknown outcome: it is neither acknowledged nor counted.
-async fn write_loop(
+pub async fn write_loop(
     conninfo: String,
     log: Arc<Mutex<WriterLog>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
