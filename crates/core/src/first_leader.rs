@@ -20,7 +20,7 @@ pub fn candidate_behind(view: &ClusterView, candidate: &str) -> Option<String> {
     let position = |name: &str| {
         let status = &view.members.get(name)?.status;
         Some((
-            status.timeline,
+            status.timeline.max(status.data_timeline),
             status.received_lsn.max(status.replayed_lsn),
         ))
     };

@@ -114,6 +114,11 @@ pub struct MemberStatus {
     /// Parameters the server keeps at their old values until a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_restart: Vec<PendingRestart>,
+    /// The newest timeline this node's data holds, also while PostgreSQL
+    /// is stopped (`timeline` is then 0): what a first leader on
+    /// registered data compares with (`decide::leaderless`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub data_timeline: u32,
     /// The operator's own tags (`[tags] dc = "one"`).
     #[serde(
         default,
@@ -153,6 +158,7 @@ impl MemberRecord {
                 alerts: Vec::new(),
                 witness: false,
                 pending_restart: Vec::new(),
+                data_timeline: 1,
                 custom_tags: BTreeMap::new(),
             },
             mod_revision: 1,
@@ -394,4 +400,8 @@ pub struct PendingRestart {
     /// elsewhere (a value removed, a file edited by hand).
     #[serde(default)]
     pub new_value: Option<String>,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }

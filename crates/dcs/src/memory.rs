@@ -774,6 +774,7 @@ mod tests {
             alerts: Vec::new(),
             witness: false,
             pending_restart: Vec::new(),
+            data_timeline: 0,
             custom_tags: Default::default(),
         }
     }

@@ -403,9 +403,9 @@ fn print_takeover(healthy: &Healthy, paused: bool) {
         );
     }
     println!(
-        "next: stop Patroni on every node (paused, it leaves PostgreSQL running), then start \
-         the agents in any order: the others wait for {}'s, Patroni's leader, which restarts \
-         its primary under a fencing guard (the takeover's one pause in writes)",
+        "next: once Patroni is paused, stop it and start mainstay on {}, Patroni's leader, \
+         first (its agent restarts the primary under a fencing guard: the one pause in \
+         writes), then on each other node",
         healthy.leader
     );
     if healthy.slots.is_empty() {

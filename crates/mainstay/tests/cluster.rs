@@ -638,6 +638,10 @@ fn a_wiped_dcs_is_rebuilt_from_the_data_never_reinitialized() {
             .await
             .unwrap();
         drop(client);
+        // The dynamic configuration goes with the keys; the agents keep
+        // what they ran with and write it back.
+        common::patch_config(&h, &leader, serde_json::json!({ "synchronous_mode": true })).await;
+        common::wait_sync_standby(&h, Duration::from_secs(30)).await;
         let dcs = h.cluster.dcs().await.unwrap();
         let mut raw = dcs.client().await.unwrap();
         raw.delete(
@@ -679,6 +683,12 @@ fn a_wiped_dcs_is_rebuilt_from_the_data_never_reinitialized() {
             )
             .await;
         assert_eq!(record.system_id.as_deref(), Some(system_id.as_str()));
+        let config = h.view().await.config;
+        assert_eq!(
+            config.as_ref().map(|c| c["synchronous_mode"].clone()),
+            Some(serde_json::json!(true)),
+            "the dynamic configuration written back: {config:?}"
+        );
         let client = h.client(&leader).await;
         assert_eq!(count_rows(&client, "keep").await, 3);
         let initdbs: usize = h

@@ -2,9 +2,10 @@
 //! etcd and HAProxy) taken over by mainstay as docs/migrating-from-patroni.md
 //! tells an operator to, while a client writes every few milliseconds:
 //! `migrate from-patroni` on each node against the live cluster, Patroni
-//! paused and stopped (PostgreSQL keeps running), one replica's agent
-//! started first (it must not take over while Patroni's primary still
-//! writes), then the old primary's, then the last replica's. The same data
+//! paused, then on each node Patroni stopped (PostgreSQL keeps running)
+//! and mainstay started: a replica's first, the wrong order (it must not
+//! take over while Patroni's primary still writes), then the old
+//! primary's, then the last replica's. The same data
 //! directories carry on: no initdb, no base backup, no rewind, no promotion,
 //! no acknowledged write lost. The longest gap between acknowledged writes
 //! is the takeover's write unavailability (the README quotes it), printed
@@ -303,7 +304,8 @@ async fn take_over(patroni: PathBuf) {
         "the slots Patroni made for its replicas"
     );
 
-    // 2. Patroni paused, then stopped everywhere: PostgreSQL runs on.
+    // 2. Patroni paused. Then, node by node, Patroni stopped (paused, it
+    //    leaves PostgreSQL running) and mainstay started in its place.
     let patronictl = patroni.with_file_name("patronictl");
     let status = Command::new(&patronictl)
         .arg("-c")
@@ -314,16 +316,6 @@ async fn take_over(patroni: PathBuf) {
         .unwrap();
     assert!(status.success(), "patronictl pause --wait: {status}");
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
-    for name in &names {
-        cluster.stop_agent(name, Duration::from_secs(30)).unwrap();
-    }
-    let writes_before = acked();
-    wait_for(
-        "writes on Patroni's primary with Patroni stopped",
-        Duration::from_secs(10),
-        || async { (acked() > writes_before + 50).then_some(()) },
-    )
-    .await;
 
     let mut agents = Agents::default();
     let node_dirs: Vec<PathBuf> = cluster.nodes.iter().map(|n| n.dir.clone()).collect();
@@ -342,6 +334,9 @@ async fn take_over(patroni: PathBuf) {
     //    under its guard but must not take over while Patroni's primary is
     //    writable.
     let early = replicas[0];
+    cluster
+        .stop_agent(&names[early], Duration::from_secs(30))
+        .unwrap();
     agents.0.push(start_agent(early));
     let early_port = pg_port(early);
     wait_for(
@@ -371,6 +366,9 @@ async fn take_over(patroni: PathBuf) {
 
     // 4. The old primary's agent: stops the unguarded postmaster, takes
     //    the leader key and starts the same data as primary under its guard.
+    cluster
+        .stop_agent(&names[leader_i], Duration::from_secs(30))
+        .unwrap();
     let takeover_started = Instant::now();
     agents.0.push(start_agent(leader_i));
     let leader_api = api(api_port(leader_i));
@@ -387,6 +385,9 @@ async fn take_over(patroni: PathBuf) {
     )
     .await;
     let primary_after = takeover_started.elapsed();
+    cluster
+        .stop_agent(&names[replicas[1]], Duration::from_secs(30))
+        .unwrap();
     agents.0.push(start_agent(replicas[1]));
     wait_for(
         "both replicas streaming from the leader under mainstay",

@@ -30,10 +30,14 @@ impl<D: Dcs> Agent<D> {
                     at: now_text(),
                     awaiting_first_leader: true,
                 };
-                self.dcs
+                let created = self
+                    .dcs
                     .create_initialize(&record)
                     .await
                     .map_err(dcs_failed)?;
+                if created && view.is_some_and(|v| v.config.is_none()) {
+                    self.write_back_dynamic_config().await;
+                }
             }
             Action::ClaimInitialize | Action::AcquireLeader
                 if let Some(reason) = self.parameters.fallback() =>
@@ -510,5 +514,32 @@ impl<D: Dcs> Agent<D> {
             ));
         }
         Ok(())
+    }
+}
+
+impl<D: Dcs> Agent<D> {
+    /// After the cluster's keys were lost, the dynamic configuration this
+    /// agent last ran with goes back into the DCS (only if still absent),
+    /// so that no node falls back to the defaults: asynchronous
+    /// replication where the operator chose synchronous, say.
+    async fn write_back_dynamic_config(&self) {
+        if self.dynamic == DynamicConfig::default() {
+            return;
+        }
+        let value = match serde_json::to_value(&self.dynamic) {
+            Ok(value) => value,
+            Err(err) => {
+                warn!("cannot write the dynamic configuration back: {err}");
+                return;
+            }
+        };
+        match self.dcs.write_config(&value, 0).await {
+            Ok(true) => warn!(
+                synchronous_mode = self.dynamic.synchronous_mode,
+                "wrote the last dynamic configuration back into the DCS"
+            ),
+            Ok(false) => {}
+            Err(err) => warn!("cannot write the dynamic configuration back: {err}"),
+        }
     }
 }

@@ -123,6 +123,9 @@ pub struct Agent<D: Dcs> {
     file_parameters: std::collections::BTreeMap<String, String>,
     parameters_dirty: bool,
     pending_restart: Vec<mainstay_core::PendingRestart>,
+    /// The newest timeline the data directory holds, as last observed (0:
+    /// no data), published also while PostgreSQL is stopped.
+    data_timeline: u32,
     /// PostgreSQL parameters and what became of them: the set the server
     /// last started with, a set this node's server refused (checked, or
     /// failed to start with), and why, while that lasts.
@@ -273,6 +276,7 @@ impl<D: Dcs> Agent<D> {
             parameters_dirty: false,
             parameters: Default::default(),
             pending_restart: Vec::new(),
+            data_timeline: 0,
             failsafe_contact: Arc::default(),
             failsafe_peers: Arc::default(),
             api_tls_files: config.api.tls.clone(),

@@ -13,6 +13,16 @@ impl<D: Dcs> Agent<D> {
         }
         self.dynamic_revision = Some(view.config_revision);
         let parsed = match &view.config {
+            // Gone with the cluster record: the cluster's keys were lost,
+            // not reset. The last valid configuration stays (synchronous
+            // mode above all), and registering the data writes it back.
+            None if view.initialize.is_none() && self.dynamic != DynamicConfig::default() => {
+                warn!(
+                    "the dynamic configuration vanished from the DCS with the cluster record: \
+                     keeping the last valid one, to be written back"
+                );
+                return;
+            }
             None => Ok(DynamicConfig::default()),
             Some(value) => DynamicConfig::from_json(value),
         };

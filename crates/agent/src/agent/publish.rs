@@ -187,6 +187,7 @@ impl<D: Dcs> Agent<D> {
             warning: self.parameters.warning(),
             witness: false,
             pending_restart: self.pending_restart.clone(),
+            data_timeline: self.data_timeline,
             custom_tags: self.tags.custom.clone(),
             services: self
                 .services

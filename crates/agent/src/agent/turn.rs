@@ -148,13 +148,16 @@ impl<D: Dcs> Agent<D> {
             DataDirState::Missing | DataDirState::Empty => DataDir::Empty,
             DataDirState::Initialized(control) => DataDir::Initialized {
                 system_id: control.system_identifier.to_string(),
+                // A clone whose first start failed keeps the source's
+                // "in production" beside its backup_label: a standby's
+                // data, which PostgreSQL may not start as a primary.
                 was_primary: matches!(
                     control.state,
                     ClusterState::InProduction
                         | ClusterState::ShutDown
                         | ClusterState::ShuttingDown
                         | ClusterState::InCrashRecovery
-                ),
+                ) && !self.pg.settings().data_dir.join("backup_label").exists(),
                 timeline: control.timeline.max(self.pg.newest_history_timeline()),
             },
             DataDirState::Unusable(reason) => {
@@ -164,6 +167,10 @@ impl<D: Dcs> Agent<D> {
                     self.pg.settings().data_dir.display()
                 )));
             }
+        };
+        self.data_timeline = match &data {
+            DataDir::Initialized { timeline, .. } => *timeline,
+            DataDir::Empty => 0,
         };
         let mut local = LocalPg {
             data,

@@ -239,6 +239,7 @@ impl<D: Dcs> Keeper<'_, D> {
             alerts: Vec::new(),
             witness: true,
             pending_restart: Vec::new(),
+            data_timeline: 0,
             custom_tags: Default::default(),
         }
     }

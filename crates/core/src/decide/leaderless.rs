@@ -216,8 +216,8 @@ enum FirstLeader {
 fn first_leader(obs: &Observation<'_>, view: &ClusterView) -> FirstLeader {
     let waiting = "the cluster was registered from existing data and no node whose data last \
                    ran as the primary has led yet: waiting for it (start the agent on the old \
-                   primary's node; if that node is lost, `mainstay ctl failover --candidate` \
-                   names the node to promote)";
+                   primary's node; if that node is lost or its agent cannot lead, `mainstay ctl \
+                   failover --candidate` names the node to promote)";
     let DataDir::Initialized {
         was_primary,
         timeline,
@@ -235,12 +235,13 @@ fn first_leader(obs: &Observation<'_>, view: &ClusterView) -> FirstLeader {
         .members
         .iter()
         .filter(|(name, _)| *name != obs.name)
-        .find(|(_, m)| m.status.timeline > *timeline);
-    if let Some((name, member)) = ahead {
+        .map(|(name, m)| (name, m.status.timeline.max(m.status.data_timeline)))
+        .find(|(_, theirs)| theirs > timeline);
+    if let Some((name, theirs)) = ahead {
         return FirstLeader::Wait(format!(
-            "this node's data last ran as a primary on timeline {timeline}, but {name} is on \
-             timeline {}: this data was left behind by a failover; not leading ({waiting})",
-            member.status.timeline
+            "this node's data last ran as a primary on timeline {timeline}, but {name}'s data \
+             reached timeline {theirs}: this data was left behind by a failover; not leading \
+             (if {name}'s node cannot lead, `mainstay ctl failover --candidate` names a node)"
         ));
     }
     if obs.now >= obs.lease.valid_until {

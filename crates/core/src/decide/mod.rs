@@ -204,7 +204,11 @@ fn decide_inner(state: &mut CoreState, obs: &Observation<'_>) -> Decision {
         Some(leader) if holds_key(&leader.name, leader.lease_id) => {
             state.no_leader_since = None;
             let mut result = leader::lead(state, obs, view);
-            if init.awaiting_first_leader && pg.accepts_writes() {
+            let fencing = result
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::Fence { .. }));
+            if init.awaiting_first_leader && pg.accepts_writes() && !fencing {
                 result.actions.push(Action::RecordFirstLeader {
                     initialize_revision: view.initialize_revision,
                 });

@@ -725,6 +725,28 @@ fn an_old_primary_left_behind_by_a_failover_does_not_lead_first() {
         )
         .is_empty()
     );
+    // A stopped member (the newer primary, fenced when the keys went)
+    // publishes no running timeline, but its data's.
+    let mut fenced = status("b", PgRole::Stopped, 0, 50, false);
+    fenced.status.timeline = 0;
+    fenced.status.data_timeline = 3;
+    assert!(
+        check(
+            &mut CoreState::default(),
+            0,
+            &stopped(true, 2),
+            Some(&registered(None, vec![fenced.clone()])),
+            3000
+        )
+        .is_empty()
+    );
+    let mut named = registered(
+        None,
+        vec![fenced, status("a", PgRole::Replica, 900, 50, false)],
+    );
+    assert!(crate::first_leader::candidate_behind(&named, "a").is_some());
+    named.members.get_mut("b").unwrap().status.data_timeline = 1;
+    assert!(crate::first_leader::candidate_behind(&named, "a").is_none());
     // Its timeline counts the history files in pg_wal, not only
     // pg_control's (which lags until the first checkpoint).
     assert_eq!(
@@ -792,6 +814,15 @@ fn the_first_leader_clears_the_mark_once_its_primary_accepts_writes() {
             initialize_revision: 1
         })
     );
+    // Not when the turn fences it (its lease ran out).
+    let fenced = check(
+        &mut CoreState::default(),
+        5000,
+        &pg(PgRole::Primary, 100),
+        Some(&registered(Some(("a", 7)), members.clone())),
+        3000,
+    );
+    assert!(is_fence(&fenced), "{fenced:?}");
     // Starting (still stopped): not yet.
     let starting = check(
         &mut CoreState::default(),

@@ -306,6 +306,10 @@ impl Sim {
             alerts: Vec::new(),
             witness: false,
             pending_restart: Vec::new(),
+            data_timeline: node
+                .data
+                .as_ref()
+                .map_or(0, |w| w.timeline.max(w.newest_history)),
             custom_tags: Default::default(),
         };
         let published = view.members.get(&node.name).is_some_and(|record| {

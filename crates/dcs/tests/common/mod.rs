@@ -40,6 +40,7 @@ pub fn member(name: &str) -> MemberStatus {
         alerts: Vec::new(),
         witness: false,
         pending_restart: Vec::new(),
+        data_timeline: 0,
         custom_tags: Default::default(),
     }
 }
