@@ -247,11 +247,9 @@ async fn take_over(patroni: PathBuf) {
 
     // A cluster that is not ready to be taken over (here: a switchover
     // scheduled in Patroni) is refused, and nothing is written.
-    let patroni_api = mainstay_agent::api_client::ApiClient::new(&format!(
-        "http://127.0.0.1:{}",
-        api_port(leader_i)
-    ))
-    .with_timeout(Duration::from_secs(10));
+    let patroni_api =
+        mainstay_agent::api_client::ApiClient::new(&cluster.api_url(&leader).unwrap())
+            .with_timeout(Duration::from_secs(10));
     let at =
         humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
             .to_string();

@@ -105,6 +105,11 @@ impl<D: Dcs> Agent<D> {
                     awaiting_first_leader: false,
                     ..record
                 };
+                // Whoever registered the data may have had no
+                // configuration to write back (an agent just restarted).
+                if view.is_some_and(|v| v.config.is_none()) {
+                    self.write_back_dynamic_config().await;
+                }
                 self.rewrite_initialize(&record, *initialize_revision)
                     .await?;
                 info!(

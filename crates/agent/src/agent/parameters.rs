@@ -15,8 +15,15 @@ impl<D: Dcs> Agent<D> {
         let parsed = match &view.config {
             // Gone with the cluster record: the cluster's keys were lost,
             // not reset. The last valid configuration stays (synchronous
-            // mode above all), and registering the data writes it back.
-            None if view.initialize.is_none() && self.dynamic != DynamicConfig::default() => {
+            // mode above all) until the first leader on the registered
+            // data ran; registering the data, and that leader, write it
+            // back.
+            None if view
+                .initialize
+                .as_ref()
+                .is_none_or(|init| init.awaiting_first_leader)
+                && self.dynamic != DynamicConfig::default() =>
+            {
                 warn!(
                     "the dynamic configuration vanished from the DCS with the cluster record: \
                      keeping the last valid one, to be written back"
